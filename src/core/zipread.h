@@ -38,7 +38,7 @@
 #define CK_ZIP_METHOD_DEFLATE 8
 
 typedef struct ck_zip_entry {
-    const char *name;       /* full name inside the buffer, not NUL-terminated */
+    const char *name; /* full name inside the buffer, not NUL-terminated */
     size_t name_len;
     uint16_t method;        /* 0 stored, 8 deflate, other: libzip decides */
     uint16_t flags;         /* general purpose bit flags from the central entry */
@@ -54,13 +54,16 @@ typedef struct ck_zip {
     size_t len;
     ck_zip_entry *entries; /* in central directory order */
     size_t n_entries;
-    size_t prefix_len;     /* top folder = entries[0].name[0 .. prefix_len) */
+    size_t prefix_len; /* top folder = entries[0].name[0 .. prefix_len) */
     uint64_t cd_offset;
     uint64_t cd_size;
-    int zip64;             /* 1 when a zip64 end record was used */
+    int zip64; /* 1 when a zip64 end record was used */
     /* private: open-addressing index over names relative to the prefix */
     uint32_t *index_;
     size_t index_cap_;
+    /* private: libzip's handle on the same buffer, opened on the first
+     * compressed record and reused */
+    void *libzip_;
 } ck_zip;
 
 /* Parses and validates the archive in buf[0 .. len). On success *zip owns

@@ -1,0 +1,399 @@
+"""python -m ckptio bench: ckptio against torch, safetensors and the machine's
+limits, in one run, as ratios.
+
+Every method runs in its own child process (so peak memory is its own): the
+file is read once to warm the page cache, the peak-RSS counter is reset, one
+run measures the extra peak RSS (and the private, anonymous part of it),
+then the best of N runs gives the time. Loads are timed to the object in
+hand (ckptio and torch.load(mmap=True) map the file lazily); the end-to-end
+rows copy every tensor into a model, touching every byte.
+"""
+import argparse
+import collections
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+DEFAULT_DIR = "bench-data"
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def vit_l_spec():
+    """(name, shape) of an mmseg ViT-L/16 (UperNet-style heads, ADE20K),
+    ~310M parameters in ~300 tensors."""
+    d, hidden, layers = 1024, 4096, 24
+    spec = [
+        ("backbone.cls_token", (1, 1, d)),
+        ("backbone.pos_embed", (1, 1025, d)),
+        ("backbone.patch_embed.projection.weight", (d, 3, 16, 16)),
+        ("backbone.patch_embed.projection.bias", (d,)),
+    ]
+    for i in range(layers):
+        p = f"backbone.layers.{i}."
+        spec += [
+            (p + "ln1.weight", (d,)),
+            (p + "ln1.bias", (d,)),
+            (p + "attn.attn.in_proj_weight", (3 * d, d)),
+            (p + "attn.attn.in_proj_bias", (3 * d,)),
+            (p + "attn.attn.out_proj.weight", (d, d)),
+            (p + "attn.attn.out_proj.bias", (d,)),
+            (p + "ln2.weight", (d,)),
+            (p + "ln2.bias", (d,)),
+            (p + "ffn.layers.0.0.weight", (hidden, d)),
+            (p + "ffn.layers.0.0.bias", (hidden,)),
+            (p + "ffn.layers.1.weight", (d, hidden)),
+            (p + "ffn.layers.1.bias", (d,)),
+        ]
+    spec += [("backbone.ln1.weight", (d,)), ("backbone.ln1.bias", (d,))]
+    for name, c in (("decode_head", 256), ("auxiliary_head", 128)):
+        spec += [
+            (f"{name}.conv_seg.weight", (150, c, 1, 1)),
+            (f"{name}.conv_seg.bias", (150,)),
+            (f"{name}.bottleneck.conv.weight", (c, d, 3, 3)),
+            (f"{name}.bottleneck.bn.weight", (c,)),
+            (f"{name}.bottleneck.bn.bias", (c,)),
+            (f"{name}.bottleneck.bn.running_mean", (c,)),
+            (f"{name}.bottleneck.bn.running_var", (c,)),
+            (f"{name}.bottleneck.bn.num_batches_tracked", ()),
+        ]
+    return spec
+
+
+def small_spec(n=4000):
+    """n small tensors (biases and norms of a deep network)."""
+    return [(f"blocks.{i // 4}.unit{i % 4}.weight", (64,)) for i in range(n)]
+
+
+class SpecModel:
+    """Builds an nn.Module whose state_dict has exactly the given keys."""
+
+    @staticmethod
+    def build(spec):
+        import torch
+
+        root = torch.nn.Module()
+        for name, shape in spec:
+            *path, leaf = name.split(".")
+            mod = root
+            for part in path:
+                if not hasattr(mod, part):
+                    mod.add_module(part, torch.nn.Module())
+                mod = getattr(mod, part)
+            dtype = torch.long if leaf == "num_batches_tracked" else torch.float32
+            tensor = torch.zeros(shape, dtype=dtype)
+            if leaf.startswith(("running_", "num_batches")):
+                mod.register_buffer(leaf, tensor)
+            else:
+                mod.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+        return root
+
+
+def ade_meta():
+    import numpy as np
+
+    classes = tuple(f"class_{i}" for i in range(150))
+    return {
+        "mmseg_version": "1.2.2",
+        "config": "model = dict(type='EncoderDecoder', backbone=dict(type='VisionTransformer'))\n" * 120,
+        "CLASSES": classes,
+        "PALETTE": [[i % 256, (7 * i) % 256, (13 * i) % 256] for i in range(150)],
+        "epoch": 40,
+        "iter": 160000,
+        "seed": np.int64(1234),
+        "hook_msgs": {"best_score": np.float64(0.4851), "best_ckpt": "work_dirs/best_mIoU_iter_160000.pth"},
+        "message_hub": {
+            "log_scalars": {"train/loss": np.array([0.52, 0.48, 0.41], dtype=np.float32)},
+            "runtime_info": {"epoch": 40, "iter": 160000, "lr": np.float64(6e-6)},
+        },
+    }
+
+
+def make_checkpoint(spec, with_meta=True, seed=0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = collections.OrderedDict()
+    for name, shape in spec:
+        if name.endswith("num_batches_tracked"):
+            sd[name] = torch.tensor(160000)
+        else:
+            sd[name] = torch.randn(shape, generator=gen) * 0.02
+    sd._metadata = collections.OrderedDict({"": {"version": 1}})
+    if not with_meta:
+        return {"state_dict": sd}
+    head = [i for i, (n, _) in enumerate(spec) if "head" in n and "num_batches" not in n]
+    names = [n for n, _ in spec]
+    optimizer = {
+        "state": {i: {"momentum_buffer": torch.zeros_like(sd[names[i]])} for i in head},
+        "param_groups": [
+            {"lr": 6e-6, "momentum": 0.9, "dampening": 0, "weight_decay": 0.01, "nesterov": False,
+             "maximize": False, "foreach": None, "differentiable": False,
+             "params": list(range(len(spec)))}
+        ],
+    }
+    return {"meta": ade_meta(), "state_dict": sd, "optimizer": optimizer}
+
+
+def ensure_files(directory):
+    """The big and the small checkpoint (and a safetensors file of the same
+    tensors), written with torch.save once and kept."""
+    import torch
+
+    os.makedirs(directory, exist_ok=True)
+    files = {
+        "big": os.path.join(directory, "vit_l_ade20k.pth"),
+        "small": os.path.join(directory, "small_4000.pth"),
+    }
+    if not os.path.exists(files["big"]):
+        print(f"writing {files['big']} (ViT-L-sized, ~1.3 GB) ...", file=sys.stderr)
+        ckpt = make_checkpoint(vit_l_spec())
+        torch.save(ckpt, files["big"] + ".part")
+        os.replace(files["big"] + ".part", files["big"])
+        del ckpt
+    if not os.path.exists(files["small"]):
+        torch.save(make_checkpoint(small_spec(), with_meta=False), files["small"] + ".part")
+        os.replace(files["small"] + ".part", files["small"])
+    return files
+
+
+def safetensors_twin(path):
+    """The tensors of a checkpoint as a .safetensors file (flattened keys)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = path + ".safetensors"
+    if os.path.exists(out):
+        return out
+    ckpt = torch.load(path, weights_only=False)
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            flat[prefix] = obj.contiguous()
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", ckpt)
+    save_file(flat, out + ".part")
+    os.replace(out + ".part", out)
+    return out
+
+
+# --------------------------------------------------------------- child side
+
+
+def _status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _warm(path):
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+
+
+def _methods(path, st_path):
+    import numpy as np
+    import torch
+
+    import ckptio
+
+    size = os.path.getsize(path)
+    src = np.empty(size, dtype=np.uint8)
+    dst = np.empty(size, dtype=np.uint8)
+    src[:] = 1
+    dst[:] = 1
+    rbuf = bytearray(size)
+
+    def read_file():
+        with open(path, "rb", buffering=0) as f:
+            view = memoryview(rbuf)
+            got = 0
+            while got < size:
+                got += f.readinto(view[got:])
+        return rbuf
+
+    state = {}
+
+    def model():
+        if "model" not in state:
+            sd = torch.load(path, weights_only=False, mmap=True)["state_dict"]
+            state["model"] = SpecModel.build([(k, tuple(v.shape)) for k, v in sd.items()])
+            del sd
+        return state["model"]
+
+    def e2e(loader):
+        def run():
+            m = model()
+            sd = loader()["state_dict"]
+            m.load_state_dict(sd)
+            return m
+
+        return run
+
+    return {
+        "read": read_file,
+        "memcpy": lambda: np.copyto(dst, src),
+        "torch.load": lambda: torch.load(path, weights_only=False),
+        "torch.load(mmap)": lambda: torch.load(path, weights_only=False, mmap=True),
+        "safetensors": (lambda: __import__("safetensors.torch").torch.load_file(st_path))
+        if st_path
+        else None,
+        "ckptio.load": lambda: ckptio.load(path, weights_only=False),
+        "ckptio.load(mmap=False)": lambda: ckptio.load(path, weights_only=False, mmap=False),
+        "e2e torch.load": e2e(lambda: torch.load(path, weights_only=False)),
+        "e2e ckptio.load": e2e(lambda: ckptio.load(path, weights_only=False)),
+    }
+
+
+def child(method, path, st_path, runs):
+    fns = _methods(path, st_path)
+    fn = fns[method]
+    _warm(path)
+    if st_path:
+        _warm(st_path)
+    if method.startswith("e2e"):
+        fn()  # builds the model once, outside the measurement
+        gc.collect()
+    gc.collect()
+    base = _status()
+    reset = _reset_peak()
+    result = fn()
+    after = _status()
+    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
+    mem = {
+        "peak_extra": max(0, peak - base["VmRSS"]),
+        "anon_extra": max(0, after["RssAnon"] - base["RssAnon"]),
+    }
+    del result
+    gc.collect()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+        del result
+        gc.collect()
+    print(json.dumps({"time": min(times), "times": times, **mem}))
+
+
+# -------------------------------------------------------------- parent side
+
+
+def run_child(method, path, st_path, runs):
+    cmd = [sys.executable, "-m", "ckptio.bench", "--child", method, path, st_path or "", str(runs)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+LOAD_ROWS = [
+    "read",
+    "memcpy",
+    "torch.load",
+    "torch.load(mmap)",
+    "safetensors",
+    "ckptio.load",
+    "ckptio.load(mmap=False)",
+    "e2e torch.load",
+    "e2e ckptio.load",
+]
+
+
+def measure(files, runs, quick=False):
+    big = files["big"]
+    size = os.path.getsize(big)
+    st_path = safetensors_twin(big)
+    results = {"file": big, "bytes": size, "rows": {}}
+    for method in LOAD_ROWS:
+        r = run_child(method, big, st_path if method == "safetensors" else None, runs)
+        results["rows"][method] = r
+        print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
+    small = files["small"]
+    n_small = 4000
+    results["small"] = {"file": small, "tensors": n_small, "rows": {}}
+    for method in ("torch.load", "torch.load(mmap)", "ckptio.load"):
+        r = run_child(method, small, None, max(runs, 10))
+        r["per_tensor_us"] = r["time"] / n_small * 1e6
+        results["small"]["rows"][method] = r
+    return results
+
+
+def render(results):
+    size = results["bytes"]
+    rows = results["rows"]
+    torch_t = rows["torch.load"]["time"]
+    lines = [
+        f"checkpoint: {results['file']} ({size / 1e9:.2f} GB)",
+        "",
+        f"{'method':<26}{'time ms':>10}{'GB/s':>8}{'vs torch.load':>15}{'peak extra RSS':>16}{'private':>10}",
+    ]
+    for name, r in rows.items():
+        t = r["time"]
+        lines.append(
+            f"{name:<26}{t * 1e3:>10.1f}{size / t / 1e9:>8.2f}{torch_t / t:>14.1f}x"
+            f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
+            f"{100 * r['anon_extra'] / size:>9.0f}%"
+        )
+    c = rows["ckptio.load"]["time"]
+    lines += [
+        "",
+        "ratios:",
+        f"  ckptio.load vs torch.load:          {torch_t / c:8.1f}x faster",
+        f"  ckptio.load vs torch.load(mmap):    {rows['torch.load(mmap)']['time'] / c:8.1f}x faster",
+    ]
+    if "safetensors" in rows:
+        lines.append(f"  ckptio.load vs safetensors:         {rows['safetensors']['time'] / c:8.1f}x faster")
+    lines += [
+        f"  e2e ckptio / one memcpy:            {rows['e2e ckptio.load']['time'] / rows['memcpy']['time']:8.2f}x",
+        f"  e2e torch / e2e ckptio:             {rows['e2e torch.load']['time'] / rows['e2e ckptio.load']['time']:8.2f}x",
+    ]
+    small = results["small"]
+    lines += ["", f"per-tensor cost ({small['tensors']} small tensors):"]
+    for name, r in small["rows"].items():
+        lines.append(f"  {name:<22}{r['time'] * 1e3:8.2f} ms  {r['per_tensor_us']:6.2f} us/tensor")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ckptio bench", description=__doc__.splitlines()[0])
+    parser.add_argument("file", nargs="?", help="checkpoint to measure (default: generated)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--runs", type=int, default=5, help="runs per method (best is kept)")
+    parser.add_argument("--dir", default=DEFAULT_DIR, help="where generated files are kept")
+    args = parser.parse_args(argv)
+    files = ensure_files(args.dir)
+    if args.file:
+        files["big"] = args.file
+    results = measure(files, args.runs)
+    print(json.dumps(results, indent=2) if args.json else render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, method, path, st_path, runs = sys.argv
+        child(method, path, st_path or None, int(runs))
+    else:
+        sys.exit(main())

@@ -1,0 +1,191 @@
+"""ckptio.load: torch.load's meaning and result, decoded in C.
+
+The bytes are held by one owner (a private file mapping, or one heap
+buffer for bytes-like objects and streams); tensors are built over them
+without copying and keep the owner alive.
+"""
+import io
+import os
+import warnings
+
+import torch
+
+from . import _native
+from ._config import ensure_configured
+from ._safe_globals import user_allowed_globals
+
+# how map_location is applied (ck_map_kind in src/binding/session.h)
+_MAP_NONE, _MAP_CPU, _MAP_DICT, _MAP_CALL = 0, 1, 2, 3
+
+_TRUE_VALUES = ("1", "y", "yes", "true")
+
+
+def _weights_only_default(weights_only):
+    """torch.load's rules: True unless given, with the same two environment
+    variables forcing it either way."""
+    not_set = weights_only is None
+    if not_set:
+        weights_only = True
+    force = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    force_no = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    if force and force_no:
+        raise RuntimeError(
+            "Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` "
+            "should be set, but both were set."
+        )
+    if force:
+        return True
+    if force_no and not_set:
+        warnings.warn(
+            "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the "
+            "`weights_only` argument was not explicitly passed to `ckptio.load`, forcing "
+            "weights_only=False.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    return bool(weights_only)
+
+
+def _map_kind(map_location):
+    """(kind, restore): how the C side applies map_location, and torch's own
+    restore_location function where a storage needs it."""
+    if isinstance(map_location, (str, bytes)):
+        target = map_location.decode() if isinstance(map_location, bytes) else map_location
+        if target == "cpu":
+            return _MAP_CPU, None
+    elif isinstance(map_location, torch.device):
+        if str(map_location) == "cpu":
+            return _MAP_CPU, None
+    restore = torch.serialization._get_restore_location(map_location)
+    if map_location is None:
+        return _MAP_NONE, restore
+    if isinstance(map_location, dict):
+        return _MAP_DICT, restore
+    return _MAP_CALL, restore
+
+
+def _read_stream(f):
+    """The rest of a binary stream in one Mapping, read in place when its
+    size is known (one copy), else in chunks."""
+    try:
+        start = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(start)
+        size = end - start
+    except (AttributeError, OSError, ValueError):
+        size = None
+    if size is not None and hasattr(f, "readinto"):
+        mapping = _native.alloc(size)
+        view = memoryview(mapping)
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        view.release()
+        if got == size and not f.read(1):
+            return mapping
+        f.seek(start)
+    data = f.read()
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"expected a binary file object, read() returned {type(data).__name__}")
+    return _native.copy_buffer(data)
+
+
+def _source(f, mmap):
+    """(mapping, name for messages, path or None) for the accepted kinds of f."""
+    if isinstance(f, (str, os.PathLike)):
+        path = os.fspath(f)
+        name = os.fsdecode(path)
+        mapping = _native.map_file(path) if mmap is not False else _native.read_file(path)
+        return mapping, name, path
+    if mmap:
+        raise ValueError("f must be a file path in order to use the mmap argument")
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        return _native.copy_buffer(f), f"<{type(f).__name__} of {len(f)} bytes>", None
+    if hasattr(f, "read"):
+        name = getattr(f, "name", None)
+        name = os.fsdecode(name) if isinstance(name, (str, bytes)) else f"<{type(f).__name__}>"
+        return _read_stream(f), name, None
+    try:
+        memoryview(f)
+    except TypeError:
+        raise TypeError(
+            "ckptio.load takes a path, a bytes-like object or a binary file object, "
+            f"not {type(f).__name__}"
+        ) from None
+    return _native.copy_buffer(f), f"<{type(f).__name__}>", None
+
+
+def _load_safetensors(path, map_location):
+    """torch.load hands *.safetensors paths to safetensors; so does ckptio."""
+    device = "cpu"
+    if map_location is not None:
+        if isinstance(map_location, (str, bytes, torch.device)):
+            device = str(map_location)
+        elif isinstance(map_location, dict):
+            raise RuntimeError(
+                "Loading safetensors file with dict map_location is not supported. "
+                "Use a device string or torch.device instead."
+            )
+        elif callable(map_location):
+            raise RuntimeError(
+                "Loading safetensors file with callable map_location is not supported. "
+                "Use a device string or torch.device instead."
+            )
+    try:
+        import safetensors.torch
+    except ImportError as exc:
+        raise RuntimeError(
+            "Attempting to load a safetensors file but safetensors is not installed. "
+            "Please install safetensors with: pip install safetensors"
+        ) from exc
+    return safetensors.torch.load_file(path, device=device)
+
+
+def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"):
+    """Loads what torch.save wrote, with torch.load's meaning and result.
+
+    f: a path (str or os.PathLike), a bytes-like object, or a binary file
+    object (read from its current position). map_location: None, a device
+    string, a torch.device, a dict remapping location tags, or a callable
+    (storage, location) -> storage, as for torch.load.
+    weights_only (default True, as torch >= 2.6): only allowlisted globals
+    are resolved; see add_safe_globals. False resolves any global: only for
+    trusted files.
+    mmap (default: True for paths): tensors are views of a private mapping
+    of the file (copy-on-write: writing a tensor never changes the file);
+    False reads the file into one buffer. Either way no tensor is copied.
+    encoding: how Python 2 byte strings are decoded ('bytes' keeps bytes).
+    """
+    ensure_configured()
+    weights_only = _weights_only_default(weights_only)
+    if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
+        return _load_safetensors(os.fspath(f), map_location)
+    mapping, name, path = _source(f, mmap)
+    kind, restore = _map_kind(map_location)
+    user_globals = user_allowed_globals() if weights_only else None
+    tls = torch.serialization._serialization_tls
+    previous = tls.map_location
+    tls.map_location = map_location
+    try:
+        result = _native.load(
+            mapping,
+            name,
+            weights_only=weights_only,
+            encoding=encoding,
+            map_kind=kind,
+            map_location=map_location,
+            restore=restore,
+            user_globals=user_globals,
+        )
+    finally:
+        tls.map_location = previous
+    if result is _native.TORCHSCRIPT:
+        if path is None:
+            return torch.jit.load(io.BytesIO(memoryview(mapping)), map_location=map_location)
+        return torch.jit.load(path, map_location=map_location)
+    torch._utils._validate_loaded_sparse_tensors()
+    return result

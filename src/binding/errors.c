@@ -1,0 +1,158 @@
+#include "errors.h"
+
+#include <stdarg.h>
+
+int ck_errors_init(PyObject *m, ck_state *st) {
+    st->CheckpointError = PyErr_NewExceptionWithDoc(
+        "ckptio.CheckpointError",
+        "A checkpoint could not be read or written: the message names the file and the problem.",
+        PyExc_RuntimeError, NULL);
+    if (st->CheckpointError == NULL)
+        return -1;
+    PyObject *pickle = PyImport_ImportModule("pickle");
+    if (pickle == NULL)
+        return -1;
+    PyObject *base = PyObject_GetAttrString(pickle, "UnpicklingError");
+    Py_DECREF(pickle);
+    if (base == NULL)
+        return -1;
+    PyObject *bases = PyTuple_Pack(2, base, st->CheckpointError);
+    Py_DECREF(base);
+    if (bases == NULL)
+        return -1;
+    st->UnpicklingError = PyErr_NewExceptionWithDoc(
+        "ckptio.UnpicklingError",
+        "A checkpoint's pickle names a global or an operation that the loader refuses.", bases,
+        NULL);
+    Py_DECREF(bases);
+    if (st->UnpicklingError == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(m, "CheckpointError", st->CheckpointError) < 0)
+        return -1;
+    if (PyModule_AddObjectRef(m, "UnpicklingError", st->UnpicklingError) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *raise_with_prefix(PyObject *exc_type, PyObject *filename, const char *msg) {
+    if (filename != NULL && filename != Py_None)
+        PyErr_Format(exc_type, "%U: %s", filename, msg);
+    else
+        PyErr_SetString(exc_type, msg);
+    return NULL;
+}
+
+PyObject *ck_raise_core(ck_state *st, PyObject *filename, const ck_error *err) {
+    if (err->status == CK_E_NOMEM)
+        return PyErr_NoMemory();
+    if (err->status == CK_E_IO && err->os_errno != 0) {
+        PyObject *args =
+            Py_BuildValue("(isO)", err->os_errno, err->msg, filename ? filename : Py_None);
+        if (args == NULL)
+            return NULL;
+        /* OSError(errno, msg, filename) picks the errno's subclass */
+        PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL);
+        Py_DECREF(args);
+        if (exc == NULL)
+            return NULL;
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+        return NULL;
+    }
+    return raise_with_prefix(st->CheckpointError, filename, err->msg);
+}
+
+PyObject *ck_raise(PyObject *exc_type, PyObject *filename, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    PyObject *msg = PyUnicode_FromFormatV(fmt, ap);
+    va_end(ap);
+    if (msg == NULL)
+        return NULL;
+    if (filename != NULL && filename != Py_None)
+        PyErr_Format(exc_type, "%U: %U", filename, msg);
+    else
+        PyErr_SetObject(exc_type, msg);
+    Py_DECREF(msg);
+    return NULL;
+}
+
+/* The pending exception, normalized, as one object (NULL if none). */
+static PyObject *fetch_exception(void) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL)
+        return NULL;
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+static void restore_exception(PyObject *exc) {
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+}
+
+static int is_kept_as_is(PyObject *exc) {
+    return PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt) ||
+           PyErr_GivenExceptionMatches(exc, PyExc_SystemExit) ||
+           PyErr_GivenExceptionMatches(exc, PyExc_MemoryError);
+}
+
+static void add_note(ck_state *st, PyObject *exc, PyObject *filename, const char *context) {
+    PyObject *note = PyUnicode_FromFormat("while loading %U: %s", filename, context);
+    if (note == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    PyObject *r = PyObject_CallMethodOneArg(exc, st->s_add_note, note);
+    Py_DECREF(note);
+    if (r == NULL)
+        PyErr_Clear();
+    Py_XDECREF(r);
+}
+
+PyObject *ck_note_pending(ck_state *st, PyObject *filename, const char *context) {
+    PyObject *exc = fetch_exception();
+    if (exc == NULL)
+        return NULL;
+    add_note(st, exc, filename, context);
+    restore_exception(exc);
+    return NULL;
+}
+
+PyObject *ck_wrap_pending(ck_state *st, PyObject *exc_type, PyObject *filename,
+                          const char *context) {
+    PyObject *exc = fetch_exception();
+    if (exc == NULL)
+        return NULL;
+    if (is_kept_as_is(exc) || PyErr_GivenExceptionMatches(exc, st->CheckpointError)) {
+        if (!PyErr_GivenExceptionMatches(exc, st->CheckpointError))
+            add_note(st, exc, filename, context);
+        restore_exception(exc);
+        return NULL;
+    }
+    PyObject *text = PyObject_Str(exc);
+    if (text == NULL) {
+        PyErr_Clear();
+        text = PyUnicode_FromString("(message unavailable)");
+        if (text == NULL) {
+            Py_DECREF(exc);
+            return NULL;
+        }
+    }
+    PyErr_Format(exc_type, "%U: %s: %s: %U", filename, context, Py_TYPE(exc)->tp_name, text);
+    Py_DECREF(text);
+    PyObject *wrapped = fetch_exception();
+    if (wrapped != NULL) {
+        PyException_SetCause(wrapped, exc); /* steals exc */
+        PyException_SetContext(wrapped, Py_NewRef(exc));
+        restore_exception(wrapped);
+    } else {
+        Py_DECREF(exc);
+    }
+    return NULL;
+}

@@ -1,0 +1,399 @@
+/* ckptio._native: module definition (multi-phase init, per-module state),
+ * configuration with torch's tables, and the load entry point. */
+#define CKPTIO_IMPORT_ARRAY
+#include "state.h"
+
+#include "errors.h"
+#include "load.h"
+#include "mapping.h"
+#include "npy.h"
+#include "tensors.h"
+
+ck_state *ck_get_state(PyObject *module) {
+    return (ck_state *)PyModule_GetState(module);
+}
+
+/* Names of the dtype codes, in ck_dtype_code order, and the NumPy type with
+ * the same bytes where one exists (-1: no NumPy equivalent, the tensor is
+ * made over an integer array of the element size and viewed as the dtype;
+ * -2: quantized, never built natively). */
+static const struct {
+    const char *name;
+    int npy;
+} dtype_table[CK_DT_COUNT] = {
+    [CK_DT_FLOAT64] = {"float64", NPY_FLOAT64},
+    [CK_DT_FLOAT32] = {"float32", NPY_FLOAT32},
+    [CK_DT_FLOAT16] = {"float16", NPY_FLOAT16},
+    [CK_DT_BFLOAT16] = {"bfloat16", -1},
+    [CK_DT_COMPLEX128] = {"complex128", NPY_COMPLEX128},
+    [CK_DT_COMPLEX64] = {"complex64", NPY_COMPLEX64},
+    [CK_DT_COMPLEX32] = {"complex32", -1},
+    [CK_DT_INT64] = {"int64", NPY_INT64},
+    [CK_DT_INT32] = {"int32", NPY_INT32},
+    [CK_DT_INT16] = {"int16", NPY_INT16},
+    [CK_DT_INT8] = {"int8", NPY_INT8},
+    [CK_DT_UINT8] = {"uint8", NPY_UINT8},
+    [CK_DT_BOOL] = {"bool", NPY_BOOL},
+    [CK_DT_UINT16] = {"uint16", NPY_UINT16},
+    [CK_DT_UINT32] = {"uint32", NPY_UINT32},
+    [CK_DT_UINT64] = {"uint64", NPY_UINT64},
+    [CK_DT_FLOAT8_E5M2] = {"float8_e5m2", -1},
+    [CK_DT_FLOAT8_E4M3FN] = {"float8_e4m3fn", -1},
+    [CK_DT_FLOAT8_E5M2FNUZ] = {"float8_e5m2fnuz", -1},
+    [CK_DT_FLOAT8_E4M3FNUZ] = {"float8_e4m3fnuz", -1},
+    [CK_DT_FLOAT8_E8M0FNU] = {"float8_e8m0fnu", -1},
+    [CK_DT_FLOAT4_E2M1FN_X2] = {"float4_e2m1fn_x2", -1},
+    [CK_DT_QINT8] = {"qint8", -2},
+    [CK_DT_QUINT8] = {"quint8", -2},
+    [CK_DT_QINT32] = {"qint32", -2},
+    [CK_DT_QUINT4X2] = {"quint4x2", -2},
+    [CK_DT_QUINT2X4] = {"quint2x4", -2},
+    [CK_DT_BITS1X8] = {"bits1x8", -1},
+    [CK_DT_BITS2X4] = {"bits2x4", -1},
+    [CK_DT_BITS4X2] = {"bits4x2", -1},
+    [CK_DT_BITS8] = {"bits8", -1},
+    [CK_DT_BITS16] = {"bits16", -1},
+    [CK_DT_UINT1] = {"uint1", -1},
+    [CK_DT_UINT2] = {"uint2", -1},
+    [CK_DT_UINT3] = {"uint3", -1},
+    [CK_DT_UINT4] = {"uint4", -1},
+    [CK_DT_UINT5] = {"uint5", -1},
+    [CK_DT_UINT6] = {"uint6", -1},
+    [CK_DT_UINT7] = {"uint7", -1},
+    [CK_DT_INT1] = {"int1", -1},
+    [CK_DT_INT2] = {"int2", -1},
+    [CK_DT_INT3] = {"int3", -1},
+    [CK_DT_INT4] = {"int4", -1},
+    [CK_DT_INT5] = {"int5", -1},
+    [CK_DT_INT6] = {"int6", -1},
+    [CK_DT_INT7] = {"int7", -1},
+};
+
+static int view_type_for(int elsize) {
+    switch (elsize) {
+    case 1:
+        return NPY_UINT8;
+    case 2:
+        return NPY_UINT16;
+    case 4:
+        return NPY_UINT32;
+    case 8:
+        return NPY_UINT64;
+    default:
+        return -1;
+    }
+}
+
+/* ---- configure ------------------------------------------------------------ */
+
+static int take(PyObject *config, const char *key, PyObject **slot) {
+    PyObject *v = PyDict_GetItemString(config, key);
+    if (v == NULL) {
+        PyErr_Format(PyExc_KeyError, "configure: missing %s", key);
+        return -1;
+    }
+    Py_XSETREF(*slot, Py_NewRef(v));
+    return 0;
+}
+
+static int take_dict(PyObject *config, const char *key, PyObject **slot) {
+    if (take(config, key, slot) < 0)
+        return -1;
+    if (!PyDict_Check(*slot)) {
+        PyErr_Format(PyExc_TypeError, "configure: %s must be a dict", key);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_configure(PyObject *module, PyObject *config) {
+    ck_state *st = ck_get_state(module);
+    if (!PyDict_Check(config)) {
+        PyErr_SetString(PyExc_TypeError, "configure takes a dict");
+        return NULL;
+    }
+    st->torch_ready = 0;
+    static const struct {
+        const char *key;
+        size_t offset;
+    } objects[] = {
+#define O(k, f) {k, offsetof(ck_state, f)}
+        O("from_numpy", from_numpy),
+        O("empty", torch_empty),
+        O("Tensor", Tensor),
+        O("Parameter", Parameter),
+        O("make_subclass", make_subclass),
+        O("tensor_setstate", tensor_setstate),
+        O("set_tensor_metadata", set_tensor_metadata),
+        O("set_obj_state", set_obj_state),
+        O("rebuild_tensor", rebuild_tensor),
+        O("rebuild_tensor_v2", rebuild_tensor_v2),
+        O("rebuild_tensor_v3", rebuild_tensor_v3),
+        O("rebuild_parameter", rebuild_parameter),
+        O("rebuild_parameter_with_state", rebuild_parameter_with_state),
+        O("rebuild_from_type_v2", rebuild_from_type_v2),
+        O("TypedStorage", TypedStorage),
+        O("UntypedStorage", UntypedStorage),
+        O("OrderedDict", OrderedDict),
+        O("Counter", Counter),
+#undef O
+    };
+    for (size_t i = 0; i < sizeof objects / sizeof objects[0]; i++)
+        if (take(config, objects[i].key, (PyObject **)((char *)st + objects[i].offset)) < 0)
+            return NULL;
+    static const struct {
+        const char *key;
+        size_t offset;
+    } dicts[] = {
+#define D(k, f) {k, offsetof(ck_state, f)}
+        D("storage_dtype", storage_dtype),
+        D("storage_by_name", storage_by_name),
+        D("allowed", allowed),
+        D("wo_name_mapping", wo_name_mapping),
+        D("wo_import_mapping", wo_import_mapping),
+        D("compat_name_mapping", compat_name_mapping),
+        D("compat_import_mapping", compat_import_mapping),
+        D("extension_registry", extension_registry),
+#undef D
+    };
+    for (size_t i = 0; i < sizeof dicts / sizeof dicts[0]; i++)
+        if (take_dict(config, dicts[i].key, (PyObject **)((char *)st + dicts[i].offset)) < 0)
+            return NULL;
+
+    /* dtypes: a list aligned with DTYPE_NAMES of (dtype or None, elsize,
+     * cpu template or None) */
+    PyObject *dtypes = PyDict_GetItemString(config, "dtypes");
+    if (dtypes == NULL || !PyList_Check(dtypes) || PyList_GET_SIZE(dtypes) != CK_DT_COUNT) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure: dtypes must be a list aligned with DTYPE_NAMES");
+        return NULL;
+    }
+    Py_XSETREF(st->dtype_code, PyDict_New());
+    if (st->dtype_code == NULL)
+        return NULL;
+    for (int i = 0; i < CK_DT_COUNT; i++) {
+        ck_dtype_info *di = &st->dtypes[i];
+        Py_CLEAR(di->dtype);
+        Py_CLEAR(di->cpu_template);
+        PyObject *row = PyList_GET_ITEM(dtypes, i);
+        PyObject *dtype, *tmpl;
+        int elsize;
+        if (!PyArg_ParseTuple(row, "OiO", &dtype, &elsize, &tmpl))
+            return NULL;
+        if (dtype == Py_None)
+            continue;
+        di->dtype = Py_NewRef(dtype);
+        di->cpu_template = tmpl == Py_None ? NULL : Py_NewRef(tmpl);
+        di->elsize = elsize;
+        int npy = dtype_table[i].npy;
+        di->needs_view = npy == -1;
+        di->npy_type = npy >= 0 ? npy : (npy == -1 ? view_type_for(elsize) : -1);
+        if (di->cpu_template == NULL)
+            di->npy_type = -1;
+        PyObject *code = PyLong_FromLong(i);
+        if (code == NULL || PyDict_SetItem(st->dtype_code, dtype, code) < 0) {
+            Py_XDECREF(code);
+            return NULL;
+        }
+        Py_DECREF(code);
+    }
+    Py_XSETREF(st->allowed_ids, PySet_New(NULL));
+    if (st->allowed_ids == NULL)
+        return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(st->allowed, &pos, &key, &value)) {
+        PyObject *id = PyLong_FromVoidPtr(value);
+        if (id == NULL || PySet_Add(st->allowed_ids, id) < 0) {
+            Py_XDECREF(id);
+            return NULL;
+        }
+        Py_DECREF(id);
+    }
+    st->torch_ready = 1;
+    Py_RETURN_NONE;
+}
+
+int ck_torch_ready(ck_state *st) {
+    if (st->torch_ready)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError,
+                    "ckptio._native is not configured: import ckptio, not ckptio._native");
+    return -1;
+}
+
+/* ---- module ---------------------------------------------------------------- */
+
+static PyMethodDef module_methods[] = {
+    {"configure", py_configure, METH_O,
+     "configure(tables): torch's objects and tables, given once by ckptio."},
+    {"map_file", ck_py_map_file, METH_O,
+     "map_file(path) -> Mapping: the file mapped privately (copy-on-write)."},
+    {"read_file", ck_py_read_file, METH_O,
+     "read_file(path) -> Mapping: the file read into one heap buffer."},
+    {"copy_buffer", ck_py_copy_buffer, METH_O,
+     "copy_buffer(obj) -> Mapping: a bytes-like object copied into one heap buffer."},
+    {"alloc", ck_py_alloc, METH_O,
+     "alloc(n) -> Mapping: an uninitialised writable heap buffer of n bytes."},
+    {"load", (PyCFunction)(void (*)(void))ck_py_load, METH_VARARGS | METH_KEYWORDS, ck_load_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int intern(PyObject **slot, const char *s) {
+    *slot = PyUnicode_InternFromString(s);
+    return *slot == NULL ? -1 : 0;
+}
+
+static int module_exec(PyObject *m) {
+    ck_state *st = ck_get_state(m);
+    import_array1(-1);
+    if (ck_errors_init(m, st) < 0 || ck_mapping_init(m, st) < 0 || ck_tensors_init(m, st) < 0)
+        return -1;
+    st->torchscript_marker = PyUnicode_InternFromString("<ckptio torchscript archive>");
+    if (st->torchscript_marker == NULL ||
+        PyModule_AddObjectRef(m, "TORCHSCRIPT", st->torchscript_marker) < 0)
+        return -1;
+    if (intern(&st->s_new, "new") || intern(&st->s_set_, "set_") || intern(&st->s_view, "view") ||
+        intern(&st->s_detach, "detach") || intern(&st->s_requires_grad_, "requires_grad_") ||
+        intern(&st->s_untyped_storage, "untyped_storage") ||
+        intern(&st->s_setstate, "__setstate__") || intern(&st->s_dict, "__dict__") ||
+        intern(&st->s_dunder_new, "__new__") || intern(&st->s_extend, "extend") ||
+        intern(&st->s_append, "append") || intern(&st->s_add, "add") ||
+        intern(&st->s_device, "device") || intern(&st->s_dtype, "dtype") ||
+        intern(&st->s_as_subclass, "as_subclass") ||
+        intern(&st->s_untyped_attr, "_untyped_storage") ||
+        intern(&st->s_wrap_storage, "wrap_storage") || intern(&st->s_internal, "_internal") ||
+        intern(&st->s_cpu, "cpu") || intern(&st->s_get, "get") ||
+        intern(&st->s_add_note, "add_note") || intern(&st->s_storage_word, "Storage") ||
+        intern(&st->s_torch_tensor_module, "torch._tensor"))
+        return -1;
+    PyObject *names = PyTuple_New(CK_DT_COUNT);
+    if (names == NULL)
+        return -1;
+    for (int i = 0; i < CK_DT_COUNT; i++) {
+        PyObject *n = PyUnicode_FromString(dtype_table[i].name);
+        if (n == NULL) {
+            Py_DECREF(names);
+            return -1;
+        }
+        PyTuple_SET_ITEM(names, i, n);
+    }
+    int rc = PyModule_AddObjectRef(m, "DTYPE_NAMES", names);
+    Py_DECREF(names);
+    return rc;
+}
+
+/* Every PyObject * in the state, for traverse and clear. */
+#define CK_STATE_OBJECTS(X)                                                                        \
+    X(CheckpointError)                                                                             \
+    X(UnpicklingError)                                                                             \
+    X(torchscript_marker)                                                                          \
+    X(from_numpy)                                                                                  \
+    X(torch_empty)                                                                                 \
+    X(Tensor)                                                                                      \
+    X(Parameter)                                                                                   \
+    X(make_subclass)                                                                               \
+    X(tensor_setstate)                                                                             \
+    X(set_tensor_metadata)                                                                         \
+    X(set_obj_state)                                                                               \
+    X(rebuild_tensor)                                                                              \
+    X(rebuild_tensor_v2)                                                                           \
+    X(rebuild_tensor_v3)                                                                           \
+    X(rebuild_parameter)                                                                           \
+    X(rebuild_parameter_with_state)                                                                \
+    X(rebuild_from_type_v2)                                                                        \
+    X(TypedStorage)                                                                                \
+    X(UntypedStorage)                                                                              \
+    X(OrderedDict)                                                                                 \
+    X(Counter)                                                                                     \
+    X(storage_dtype)                                                                               \
+    X(storage_by_name)                                                                             \
+    X(dtype_code)                                                                                  \
+    X(allowed)                                                                                     \
+    X(allowed_ids)                                                                                 \
+    X(wo_name_mapping)                                                                             \
+    X(wo_import_mapping)                                                                           \
+    X(compat_name_mapping)                                                                         \
+    X(compat_import_mapping)                                                                       \
+    X(extension_registry)                                                                          \
+    X(s_new)                                                                                       \
+    X(s_set_)                                                                                      \
+    X(s_view)                                                                                      \
+    X(s_detach)                                                                                    \
+    X(s_requires_grad_)                                                                            \
+    X(s_untyped_storage)                                                                           \
+    X(s_setstate)                                                                                  \
+    X(s_dict)                                                                                      \
+    X(s_dunder_new)                                                                                \
+    X(s_extend)                                                                                    \
+    X(s_append)                                                                                    \
+    X(s_add)                                                                                       \
+    X(s_device)                                                                                    \
+    X(s_dtype)                                                                                     \
+    X(s_as_subclass)                                                                               \
+    X(s_untyped_attr)                                                                              \
+    X(s_wrap_storage)                                                                              \
+    X(s_internal)                                                                                  \
+    X(s_cpu)                                                                                       \
+    X(s_get)                                                                                       \
+    X(s_add_note)                                                                                  \
+    X(s_storage_word)                                                                              \
+    X(s_torch_tensor_module)
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg) {
+    ck_state *st = ck_get_state(m);
+    if (st == NULL)
+        return 0;
+#define VISIT(f) Py_VISIT(st->f);
+    CK_STATE_OBJECTS(VISIT)
+#undef VISIT
+    Py_VISIT(st->MappingType);
+    Py_VISIT(st->StorageRefType);
+    for (int i = 0; i < CK_DT_COUNT; i++) {
+        Py_VISIT(st->dtypes[i].dtype);
+        Py_VISIT(st->dtypes[i].cpu_template);
+    }
+    return 0;
+}
+
+static int module_clear(PyObject *m) {
+    ck_state *st = ck_get_state(m);
+    if (st == NULL)
+        return 0;
+#define CLEAR(f) Py_CLEAR(st->f);
+    CK_STATE_OBJECTS(CLEAR)
+#undef CLEAR
+    Py_CLEAR(st->MappingType);
+    Py_CLEAR(st->StorageRefType);
+    for (int i = 0; i < CK_DT_COUNT; i++) {
+        Py_CLEAR(st->dtypes[i].dtype);
+        Py_CLEAR(st->dtypes[i].cpu_template);
+    }
+    st->torch_ready = 0;
+    return 0;
+}
+
+static void module_free(void *m) {
+    module_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "ckptio._native",
+    .m_doc = "The C core of ckptio: zero-copy readers and writers of torch checkpoints.",
+    .m_size = sizeof(ck_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    return PyModuleDef_Init(&module_def);
+}

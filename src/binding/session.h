@@ -1,0 +1,75 @@
+/* One load: the bytes, the container's record table, the storages met so
+ * far, and the options. Lives on the C stack of ck_py_load for the length
+ * of the call; nothing outside the call keeps a pointer to it. */
+#ifndef CKPTIO_BINDING_SESSION_H
+#define CKPTIO_BINDING_SESSION_H
+
+#include "state.h"
+#include "core/zipread.h"
+
+/* How map_location is applied to a storage saved at `location`. */
+typedef enum ck_map_kind {
+    CK_MAP_NONE, /* map_location=None: 'cpu' stays, others via restore() */
+    CK_MAP_CPU,  /* every storage to the CPU: nothing to call */
+    CK_MAP_DICT, /* location = map_location.get(location, location), then as NONE */
+    CK_MAP_CALL  /* always restore(storage, location) */
+} ck_map_kind;
+
+/* Where a storage's bytes stand once placed. */
+typedef enum ck_place {
+    CK_PLACE_UNSET = 0,
+    CK_PLACE_CPU,  /* bytes at ptr (owned by owner): NumPy arrays over them */
+    CK_PLACE_OTHER /* restore() gave `ustorage` (any device) */
+} ck_place;
+
+typedef struct ck_storage {
+    int used;             /* a persistent id named it */
+    const uint8_t *src;   /* its bytes in the file (NULL: a compressed zip entry) */
+    uint64_t src_size;    /* bytes available at src (or the entry's inflated size) */
+    ptrdiff_t zip_index;  /* the zip entry, to inflate when src is NULL; else -1 */
+    ptrdiff_t view_of;    /* legacy views: the root storage's slot; else -1 */
+    uint64_t view_offset; /* legacy views: byte offset into the root */
+    int dtype;            /* ck_dtype_code of the first persistent id naming it */
+    int untyped;          /* saved as UntypedStorage (bytes): never byte-swapped */
+    uint64_t nbytes;      /* from the first persistent id */
+    uint8_t *ptr;         /* its bytes once placed on the CPU */
+    PyObject *owner;      /* strong: owner of ptr's memory (Mapping) */
+    PyObject *location;   /* strong: the saved location tag (str) */
+    PyObject *first;      /* strong: a tensor built directly over the whole storage */
+    PyObject *ustorage;   /* strong: its UntypedStorage, once needed */
+    PyObject *typed;      /* strong: the TypedStorage handed to Python code, once needed */
+    PyObject *ref;        /* strong: the StorageRef pushed by persistent loads */
+    ck_place place;
+} ck_storage;
+
+typedef struct ck_session {
+    ck_state *st;
+    PyObject *filename; /* str, for messages */
+    PyObject *owner;    /* the Mapping owning buf */
+    const uint8_t *buf;
+    size_t len;
+    ck_zip zip; /* zip archives */
+    int is_zip;
+    PyObject *legacy_slots; /* legacy stream: dict storage key -> slot */
+    ck_storage *storages;   /* zip: one per entry (indexed like zip.entries);
+                               legacy: one per storage key */
+    size_t n_storages;
+
+    /* options */
+    int weights_only;
+    PyObject *encoding; /* str; NULL means 'bytes' (keep bytes) */
+    PyObject *errors;   /* str */
+    ck_map_kind map_kind;
+    PyObject *map_location;  /* borrowed: the dict for CK_MAP_DICT */
+    PyObject *restore;       /* borrowed: restore_location(storage, location) */
+    PyObject *user_globals;  /* borrowed dict "module.name" -> object, or NULL */
+    PyObject *user_ids;      /* strong set of id() of user_globals values */
+    int byteswap;            /* stored byte order differs from the host's */
+    uint64_t inflate_budget; /* bytes compressed records may still inflate to */
+
+    /* storage references handed to Python code (not yet consumed natively) */
+    Py_ssize_t live_refs;
+    int refs_escaped; /* a reference was memoized or passed on: walk the result */
+} ck_session;
+
+#endif

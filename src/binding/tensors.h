@@ -1,0 +1,53 @@
+/* Storages and tensors of one load.
+ *
+ * A persistent id names a storage; ck_persistent_load returns a StorageRef
+ * (a small object naming the storage's slot) instead of a torch storage,
+ * so that the common case builds no storage object at all. The native
+ * rebuild functions turn a StorageRef into a tensor:
+ *   - a tensor that covers its whole storage from offset 0 (nearly every
+ *     state-dict entry) is one torch.from_numpy call on a NumPy array over
+ *     the mapped bytes, with the tensor's own shape and strides;
+ *   - any other tensor (views, shared storages) is template.new().set_(
+ *     untyped_storage, offset, size, stride), exactly as torch does, so it
+ *     is not an autograd view and shares the storage with the others.
+ * Where Python code (a user global, _rebuild_qtensor, ...) receives a
+ * StorageRef, it is first turned into the TypedStorage torch.load would
+ * have passed (ck_storage_materialize).
+ */
+#ifndef CKPTIO_BINDING_TENSORS_H
+#define CKPTIO_BINDING_TENSORS_H
+
+#include "session.h"
+
+/* Creates the StorageRef type in st. */
+int ck_tensors_init(PyObject *m, ck_state *st);
+
+/* 1 if obj is a StorageRef. */
+int ck_is_storage_ref(ck_state *st, PyObject *obj);
+
+/* Allocates the session's storage slots (one per zip entry). */
+int ck_storages_alloc(ck_session *s, size_t n);
+
+/* Releases every reference the slots hold and frees them. */
+void ck_storages_release(ck_session *s);
+
+/* Resolves a persistent id ('storage', storage_type, key, location, numel)
+ * to a new reference to the storage's StorageRef. */
+PyObject *ck_persistent_load(ck_session *s, PyObject *pid);
+
+/* If func (called with args) is one of torch's tensor rebuild functions
+ * that ckptio builds natively, and args name a StorageRef, builds the
+ * result and returns a new reference; *handled is set to 1. Otherwise
+ * returns NULL with *handled 0 and no exception. */
+PyObject *ck_native_call(ck_session *s, PyObject *func, PyObject *args, int *handled);
+
+/* The TypedStorage torch.load gives for the storage behind ref (cached per
+ * storage, so repeated references give the same object). */
+PyObject *ck_storage_materialize(ck_session *s, PyObject *ref);
+
+/* Returns obj with every StorageRef inside tuples, lists, dicts and sets
+ * replaced by its materialized storage (containers other than tuples are
+ * changed in place; a tuple is rebuilt when it changes). New reference. */
+PyObject *ck_materialize_refs(ck_session *s, PyObject *obj);
+
+#endif
