@@ -34,7 +34,6 @@ $(DEPS_STAMP): requirements-dev.txt | apt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation mmcv==1.7.2
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(DEPS_STAMP)

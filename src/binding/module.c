@@ -239,6 +239,12 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* Each binding unit that adds Python functions exports one table; the
+ * module adds them all at exec time. */
+static PyMethodDef *const method_groups[] = {
+    NULL, /* sentinel: units add their tables before it */
+};
+
 static int intern(PyObject **slot, const char *s) {
     *slot = PyUnicode_InternFromString(s);
     return *slot == NULL ? -1 : 0;
@@ -247,6 +253,9 @@ static int intern(PyObject **slot, const char *s) {
 static int module_exec(PyObject *m) {
     ck_state *st = ck_get_state(m);
     import_array1(-1);
+    for (size_t i = 0; method_groups[i] != NULL; i++)
+        if (PyModule_AddFunctions(m, method_groups[i]) < 0)
+            return -1;
     if (ck_errors_init(m, st) < 0 || ck_mapping_init(m, st) < 0 || ck_tensors_init(m, st) < 0)
         return -1;
     st->torchscript_marker = PyUnicode_InternFromString("<ckptio torchscript archive>");
