@@ -35,10 +35,10 @@ def tensor_bytes(t):
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    c = t.contiguous()
-    if c.numel() == 0:
+    if t.numel() == 0:
         return b""
-    return bytes(c.view(-1).view(torch.uint8).numpy()) if c.element_size() else b""
+    flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
+    return bytes(flat.view(torch.uint8).numpy())
 
 
 def storage_bytes(t):

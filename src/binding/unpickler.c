@@ -884,6 +884,9 @@ static int do_global(vm *v, PyObject *module, PyObject *name) {
             PyUnicode_Check(name) ? PyDict_GetItemWithError(v->st->storage_by_name, name) : NULL;
         if (hit == NULL && PyErr_Occurred())
             return -1;
+        if (hit == NULL && PyUnicode_Check(name) &&
+            PyUnicode_CompareWithASCIIString(name, "UntypedStorage") == 0)
+            hit = v->st->UntypedStorage; /* newer dtypes are saved as bytes */
         return push(v, Py_NewRef(hit != NULL ? hit : Py_None));
     }
     PyObject *obj = ck_resolve_global(v->s, module, name, v->proto);
