@@ -422,3 +422,50 @@ def test_sparse_and_quantized_go_through_torch(tmp_path):
     assert torch.equal(ours["sparse"].to_dense(), theirs["sparse"].to_dense())
     assert torch.equal(ours["q"].int_repr(), theirs["q"].int_repr())
     assert ours["q"].q_scale() == theirs["q"].q_scale()
+
+
+OLD_TORCH = "/usr/bin/python3"
+
+
+def _old_torch_available():
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [OLD_TORCH, "-c", "import torch; print(torch.__version__)"],
+            capture_output=True, text=True, timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0
+
+
+@pytest.mark.skipif(not _old_torch_available(), reason="Debian's python3-torch (1.13) not installed")
+@pytest.mark.parametrize("zipfile_format", [True, False], ids=["zip", "legacy"])
+def test_files_written_by_torch_1_13(tmp_path, zipfile_format):
+    """An independent old writer: Debian's torch 1.13 (pointer-valued storage
+    keys, keys sorted as strings, no byteorder record in legacy files)."""
+    import subprocess
+
+    path = tmp_path / "old.pth"
+    script = f"""
+import torch, collections
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 4))
+base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+obj = {{
+    "state_dict": m.state_dict(),
+    "view": base[1:4, 2:7], "base": base, "t": base.t(),
+    "half": torch.randn(5).half(), "bf16": torch.randn(5).bfloat16(),
+    "c64": torch.randn(3, dtype=torch.complex64), "i8": torch.arange(-4, 4, dtype=torch.int8),
+    "bool": torch.tensor([True, False, True]), "p": torch.nn.Parameter(torch.randn(2, 2)),
+    "meta": {{"epoch": 3, "CLASSES": ("a", "b"), "lr": 0.1}},
+}}
+for i in range(12):
+    obj["k%d" % i] = torch.randn(i + 1)
+torch.save(obj, {str(path)!r}, _use_new_zipfile_serialization={zipfile_format})
+"""
+    subprocess.run([OLD_TORCH, "-c", script], check=True, timeout=300)
+    theirs = torch.load(path)
+    for mmap in (True, False):
+        assert_same(ckptio.load(path, mmap=mmap), theirs)

@@ -663,8 +663,7 @@ static PyObject *build_tensor(ck_session *s, Py_ssize_t slot, int dtype, PyObjec
         if (t == NULL)
             return NULL;
         PyObject *args[5] = {t, us, offset, size, stride};
-        PyObject *r =
-            PyObject_VectorcallMethod(st->s_set_, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        PyObject *r = PyObject_VectorcallMethod(st->s_set_, args, 5, NULL);
         Py_DECREF(t);
         return r;
     }
@@ -676,8 +675,7 @@ static PyObject *build_tensor(ck_session *s, Py_ssize_t slot, int dtype, PyObjec
     if (t == NULL)
         return NULL;
     PyObject *args[5] = {t, e->ustorage, offset, size, stride};
-    PyObject *r =
-        PyObject_VectorcallMethod(st->s_set_, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *r = PyObject_VectorcallMethod(st->s_set_, args, 5, NULL);
     Py_DECREF(t);
     return r;
 }

@@ -813,9 +813,6 @@ static int append_items(vm *v, PyObject *target, Py_ssize_t k) {
         return 0;
     }
     if (PyList_CheckExact(target)) {
-        Py_ssize_t n = PyList_GET_SIZE(target);
-        if (PyList_SetSlice(target, n, n, NULL) < 0)
-            return -1;
         for (Py_ssize_t i = k; i < v->sp; i++)
             if (PyList_Append(target, v->stack[i]) < 0)
                 return -1;
