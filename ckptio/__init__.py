@@ -3,6 +3,7 @@ and a drop-in replacement for mmcv's checkpoint helpers."""
 from ._native import CheckpointError, UnpicklingError
 from ._safe_globals import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
 from .serialization import load
+from .patching import patch, unpatch
 from .checkpoint import (CheckpointLoader, _load_checkpoint, _load_checkpoint_with_prefix,
                          load_checkpoint, load_state_dict)
 
@@ -18,6 +19,8 @@ __all__ = [
     "clear_safe_globals",
     "get_safe_globals",
     "load",
+    "patch",
+    "unpatch",
     "safe_globals",
 ]
 
