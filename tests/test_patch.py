@@ -128,3 +128,68 @@ def test_epoch_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
     resumed.run([data()], [("train", 1)])
     assert (tmp_path / "epoch_3.pth").is_file()
     assert torch.load(str(tmp_path / "epoch_3.pth"))["meta"]["epoch"] == 3
+
+
+def test_mmengine_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
+    """mmengine's Runner after patch(): its checkpoint names are ckptio's,
+    and a run saved by it resumes through them."""
+    mm_runner = pytest.importorskip("mmengine.runner")
+    import mmengine.runner.runner as runner_module
+    from mmengine.model import BaseModel
+
+    import ckptio.mmengine as ours_mmengine
+
+    assert runner_module._load_checkpoint is ours_mmengine._load_checkpoint
+    assert runner_module._load_checkpoint_to_model is ours_mmengine._load_checkpoint_to_model
+    assert mm_runner.load_checkpoint is ours_mmengine.load_checkpoint
+    # mmengine stores HistoryBuffer objects and numpy arrays in its checkpoints,
+    # which torch's weights-only default refuses (for mmengine as for ckptio)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+    class Net(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, y, mode="loss"):
+            return {"loss": nn.functional.mse_loss(self.fc(x), y)}
+
+    calls = []
+    real = ours_mmengine._load_checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "_load_checkpoint", spy)
+
+    def collate(batch):
+        x, y = zip(*batch)
+        return {"x": torch.stack(x), "y": torch.stack(y)}
+
+    def make(seed, **kw):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(0)
+        ds = TensorDataset(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g))
+        return mm_runner.Runner(
+            model=Net(), work_dir=str(tmp_path),
+            train_dataloader=DataLoader(ds, batch_size=4, collate_fn=collate),
+            optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)),
+            train_cfg=dict(by_epoch=True, max_epochs=2),
+            default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1)),
+            default_scope="mmengine", experiment_name=f"ckptio-{seed}-{id(kw)}", **kw)
+
+    first = make(1)
+    first.train()
+    saved = tmp_path / "epoch_2.pth"
+    assert saved.is_file()
+    ckpt = torch.load(str(saved), weights_only=False)
+    assert ckpt["meta"]["epoch"] == 2
+    trained = {k: v.clone() for k, v in first.model.state_dict().items()}
+
+    second = make(2, load_from=str(saved), resume=True)
+    second.train()  # resumes at epoch 2 of 2: loads, then has nothing left to train
+    assert calls == [str(saved)]
+    assert second.epoch == 2
+    state = second.model.state_dict()
+    assert all(torch.equal(state[k], trained[k]) for k in trained)
