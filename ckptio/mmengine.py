@@ -30,6 +30,7 @@ from mmengine.dist import get_dist_info
 from mmengine.fileio import get_file_backend
 from mmengine.logging import print_log
 from mmengine.model import BaseTTAModel, is_model_wrapper
+import mmengine.runner.checkpoint as _mmengine_checkpoint
 from mmengine.runner.checkpoint import (
     DEFAULT_CACHE_DIR,
     ENV_MMENGINE_HOME,
@@ -285,6 +286,9 @@ def find_latest_checkpoint(path: str) -> Optional[str]:
 
 
 _SAVE_NAMES = ("weights_to_cpu", "_save_to_state_dict", "get_state_dict", "save_checkpoint")
+# mmengine's own, taken before patch() can replace them: used for the save
+# names ckptio's saver does not provide (they do no file I/O)
+_MMENGINE_SAVE = {name: getattr(_mmengine_checkpoint, name) for name in _SAVE_NAMES}
 
 
 def __getattr__(name):
@@ -293,9 +297,9 @@ def __getattr__(name):
     if name in _SAVE_NAMES:
         try:
             from . import _mmengine_save
-        except ImportError as exc:
-            raise AttributeError(f"{name}: ckptio._mmengine_save is not available ({exc})") from exc
-        return getattr(_mmengine_save, name)
+        except ImportError:
+            _mmengine_save = None
+        return getattr(_mmengine_save, name, None) or _MMENGINE_SAVE[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

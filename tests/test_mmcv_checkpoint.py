@@ -2,6 +2,7 @@
 the oracle: the same inputs give the same results, printed and logged text,
 warnings and exceptions."""
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -492,3 +493,11 @@ def test_http_distributed_order(zoo, monkeypatch):
         side_by_side("load_from_http", "https://example.invalid/m.pth")
         url = ("load_url", "https://example.invalid/m.pth", None, None)
         assert calls == ([url, "barrier"] * 2 if rank == 0 else ["barrier", url] * 2)
+
+
+def test_save_names_once_the_saver_is_present():
+    pytest.importorskip("ckptio._mmsave")
+    for name in ours._SAVE_NAMES:
+        assert getattr(ours, name) is getattr(importlib.import_module("ckptio._mmsave"), name)
+    with pytest.raises(AttributeError):
+        ours.no_such_name

@@ -179,3 +179,14 @@ def test_zoo_schemes_and_http(monkeypatch, tmp_path):
 def test_pavi_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "pavi", None)
     side_by_side("load_from_pavi", "pavi://x/y.pth")
+
+
+def test_save_names_are_offered():
+    model = fresh(Model, 12)
+    for name in ours._SAVE_NAMES:
+        assert callable(getattr(ours, name))
+    cpu = ours.weights_to_cpu(OrderedDict(a={"b": torch.ones(2)}))  # nested, as mmengine takes
+    assert torch.equal(cpu["a"]["b"], torch.ones(2))
+    assert list(ours.get_state_dict(nn.DataParallel(model))) == list(model.state_dict())
+    with pytest.raises(AttributeError):
+        ours.no_such_name
