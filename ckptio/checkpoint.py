@@ -25,6 +25,8 @@ Deliberate differences from mmcv 1.7.2:
   object or a binary file instead of a dict; ckptio decodes it with
   ckptio.load (mmcv would return it unchanged).
 - http(s) downloads go through ckptio._hub.load_url (libcurl).
+- s3:// without mmcv installed goes straight to the petrel (or ceph)
+  client, with mmcv's ImportError messages when neither is installed.
 """
 import io
 import json
@@ -348,7 +350,10 @@ def load_from_ceph(
         raise ValueError(f"Load from Backend {backend} is not supported.")
     if backend == "ceph":
         warnings.warn("CephBackend will be deprecated, please use PetrelBackend instead", DeprecationWarning)
-    from mmcv.fileio import FileClient
+    try:
+        from mmcv.fileio import FileClient
+    except ImportError:  # no mmcv: the storage clients themselves
+        FileClient = _S3Client
 
     # the petrel and ceph clients share 's3://'; petrel unless it is missing
     try:
@@ -359,6 +364,29 @@ def load_from_ceph(
     with io.BytesIO(file_client.get(filename)) as buffer:
         checkpoint = _load_file(buffer, map_location)
     return checkpoint
+
+
+class _S3Client:
+    """What load_from_ceph needs of mmcv's FileClient when mmcv is absent:
+    get(path) through the petrel or ceph client, and mmcv's ImportError
+    when that client is missing."""
+
+    def __init__(self, backend):
+        if backend == "petrel":
+            try:
+                from petrel_client import client
+            except ImportError:
+                raise ImportError("Please install petrel_client to enable PetrelBackend.")
+            self._get = client.Client().Get
+        else:
+            try:
+                import ceph
+            except ImportError:
+                raise ImportError("Please install ceph to enable CephBackend.")
+            self._get = ceph.S3Client().Get
+
+    def get(self, filepath):
+        return memoryview(self._get(filepath.replace("\\", "/")))
 
 
 @_builtin_scheme(("modelzoo://", "torchvision://"))

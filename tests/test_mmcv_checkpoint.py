@@ -501,3 +501,30 @@ def test_save_names_once_the_saver_is_present():
         assert getattr(ours, name) is getattr(importlib.import_module("ckptio._mmsave"), name)
     with pytest.raises(AttributeError):
         ours.no_such_name
+
+
+def test_ceph_without_mmcv_uses_the_clients(monkeypatch, tmp_path):
+    for name in ("petrel_client", "petrel_client.client", "ceph"):
+        monkeypatch.setitem(sys.modules, name, None)
+    theirs = run(mmcv_ckpt.load_from_ceph, "s3://bucket/x.pth")[0][1]
+    monkeypatch.setitem(sys.modules, "mmcv.fileio", None)  # as if mmcv were absent
+    mine = run(ours.load_from_ceph, "s3://bucket/x.pth")[0][1]
+    same_exception(mine, theirs)
+
+    src = fresh(Model, 13)
+    path = tmp_path / "p.pth"
+    torch.save(src.state_dict(), str(path))
+    asked = []
+
+    class Client:
+        def Get(self, filepath):
+            asked.append(filepath)
+            return path.read_bytes()
+
+    petrel = MagicMock()
+    petrel.client.Client = Client
+    monkeypatch.setitem(sys.modules, "petrel_client", petrel)
+    monkeypatch.setitem(sys.modules, "petrel_client.client", petrel.client)
+    m = fresh(Model, 0)
+    ours.load_checkpoint(m, "s3://bucket/p.pth")
+    assert asked == ["s3://bucket/p.pth"] and params_equal(m, src)
