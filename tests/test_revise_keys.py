@@ -122,3 +122,19 @@ def test_str_subclass_keys_take_the_general_path():
     sd = OrderedDict([(Key("module.a"), 1), (Key("b"), 2)])
     out = _native.revise_keys(sd, [(r"^module\.", "")])
     assert list(out.items()) == list(oracle(sd, [(r"^module\.", "")]).items())
+
+
+def test_replacement_that_changes_the_dict_fails_as_mmcv():
+    def grow(sd):
+        def repl(match):
+            sd["added"] = 0
+            return "x"
+
+        return repl
+
+    a, b = {"k1": 1, "k2": 2}, {"k1": 1, "k2": 2}
+    with pytest.raises(RuntimeError) as want:
+        oracle(a, [("k", grow(a))])
+    with pytest.raises(RuntimeError) as got:
+        _native.revise_keys(b, [("k", grow(b))])
+    assert str(got.value) == str(want.value)

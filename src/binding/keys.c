@@ -140,11 +140,15 @@ static PyObject *apply_rule(rule *r, PyObject *src) {
     PyObject *out = PyDict_New();
     if (out == NULL)
         return NULL;
-    if (PyDict_CheckExact(src)) {
+    /* A plain dict walked in place when no Python code can run meanwhile
+     * (a callable replacement could change it: items() then raises as
+     * mmcv's loop does) */
+    if (PyDict_CheckExact(src) && r->literal != NULL) {
         Py_ssize_t pos = 0;
         PyObject *k, *v; /* borrowed from src */
         while (PyDict_Next(src, &pos, &k, &v)) {
-            /* hold them: re.sub may run Python code that changes src */
+            /* held across the call: nothing may drop them from src, but
+             * a key that is not a str goes through re */
             Py_INCREF(k);
             Py_INCREF(v);
             int rc = put(r, out, k, v);
