@@ -7,6 +7,7 @@ at call time: a registered module wrapper, a patched print_log or a
 configured logger behave as they do for mmcv itself. Otherwise a plain
 equivalent with the same behaviour runs, so ckptio works without either.
 """
+
 import logging
 import os
 import os.path as osp

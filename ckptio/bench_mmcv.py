@@ -13,6 +13,7 @@ the same variable.
 
     python -m ckptio.bench_mmcv FILE [--runs N] [--json]
 """
+
 import argparse
 import gc
 import json
@@ -127,7 +128,9 @@ def render(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ckptio.bench_mmcv", description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="checkpoint to load (a dict with 'state_dict', or a state dict)")
+    parser.add_argument(
+        "file", help="checkpoint to load (a dict with 'state_dict', or a state dict)"
+    )
     parser.add_argument("--runs", type=int, default=5, help="runs per method (best is kept)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)

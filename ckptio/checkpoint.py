@@ -28,6 +28,7 @@ Deliberate differences from mmcv 1.7.2:
 - s3:// without mmcv installed goes straight to the petrel (or ceph)
   client, with mmcv's ImportError messages when neither is installed.
 """
+
 import io
 import json
 import logging
@@ -83,7 +84,9 @@ def load_url(url, model_dir=None, map_location=None, **kwargs):
 
 def _get_mmcv_home() -> str:
     mmcv_home = os.path.expanduser(
-        os.getenv(ENV_MMCV_HOME, os.path.join(os.getenv(ENV_XDG_CACHE_HOME, DEFAULT_CACHE_DIR), "mmcv"))
+        os.getenv(
+            ENV_MMCV_HOME, os.path.join(os.getenv(ENV_XDG_CACHE_HOME, DEFAULT_CACHE_DIR), "mmcv")
+        )
     )
     mkdir_or_exist(mmcv_home)
     return mmcv_home
@@ -162,7 +165,9 @@ def get_torchvision_models():
     model_urls = _load_json(_model_zoo_file("torchvision_0.12.json"))
     if version_before(torchvision.__version__, "0.14.0a0"):
         weights_list = [
-            cls for cls_name, cls in torchvision.models.__dict__.items() if cls_name.endswith("_Weights")
+            cls
+            for cls_name, cls in torchvision.models.__dict__.items()
+            if cls_name.endswith("_Weights")
         ]
     else:
         weights_list = [
@@ -227,7 +232,9 @@ class CheckpointLoader:
     _builtin: set = set()
 
     @classmethod
-    def _register_scheme(cls, prefixes: Union[str, List, Tuple], loader: Callable, force: bool = False) -> None:
+    def _register_scheme(
+        cls, prefixes: Union[str, List, Tuple], loader: Callable, force: bool = False
+    ) -> None:
         if isinstance(prefixes, str):
             prefixes = [prefixes]
         else:
@@ -275,7 +282,10 @@ class CheckpointLoader:
 
     @classmethod
     def load_checkpoint(
-        cls, filename: str, map_location: Union[str, Callable, None] = None, logger: Optional[logging.Logger] = None
+        cls,
+        filename: str,
+        map_location: Union[str, Callable, None] = None,
+        logger: Optional[logging.Logger] = None,
     ) -> Union[dict, OrderedDict]:
         """The checkpoint at filename, through the loader of its scheme."""
         checkpoint_loader = cls._get_checkpoint_loader(filename)
@@ -297,7 +307,9 @@ def _builtin_scheme(prefixes):
 
 
 @_builtin_scheme("")
-def load_from_local(filename: str, map_location: Union[str, Callable, None] = None) -> Union[dict, OrderedDict]:
+def load_from_local(
+    filename: str, map_location: Union[str, Callable, None] = None
+) -> Union[dict, OrderedDict]:
     """The checkpoint in a local file (~ expanded)."""
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
@@ -322,10 +334,14 @@ def load_from_http(
 
 
 @_builtin_scheme("pavi://")
-def load_from_pavi(filename: str, map_location: Union[str, Callable, None] = None) -> Union[dict, OrderedDict]:
+def load_from_pavi(
+    filename: str, map_location: Union[str, Callable, None] = None
+) -> Union[dict, OrderedDict]:
     """The checkpoint at pavi://<model path> (needs the pavi client),
     downloaded to a temporary directory."""
-    assert filename.startswith("pavi://"), f"Expected filename startswith `pavi://`, but get {filename}"
+    assert filename.startswith(
+        "pavi://"
+    ), f"Expected filename startswith `pavi://`, but get {filename}"
     model_path = filename[7:]
     try:
         from pavi import modelcloud
@@ -349,7 +365,9 @@ def load_from_ceph(
     if backend not in allowed_backends:
         raise ValueError(f"Load from Backend {backend} is not supported.")
     if backend == "ceph":
-        warnings.warn("CephBackend will be deprecated, please use PetrelBackend instead", DeprecationWarning)
+        warnings.warn(
+            "CephBackend will be deprecated, please use PetrelBackend instead", DeprecationWarning
+        )
     try:
         from mmcv.fileio import FileClient
     except ImportError:  # no mmcv: the storage clients themselves
@@ -390,7 +408,9 @@ class _S3Client:
 
 
 @_builtin_scheme(("modelzoo://", "torchvision://"))
-def load_from_torchvision(filename: str, map_location: Union[str, Callable, None] = None) -> Union[dict, OrderedDict]:
+def load_from_torchvision(
+    filename: str, map_location: Union[str, Callable, None] = None
+) -> Union[dict, OrderedDict]:
     """torchvision://<model>, also as 'ResNet50_Weights.IMAGENET1K_V1' or
     'resnet50.imagenet1k_v1'; modelzoo:// is the deprecated spelling."""
     model_urls = get_torchvision_models()
@@ -407,7 +427,9 @@ def load_from_torchvision(filename: str, map_location: Union[str, Callable, None
 
 
 @_builtin_scheme(("open-mmlab://", "openmmlab://"))
-def load_from_openmmlab(filename: str, map_location: Union[str, Callable, None] = None) -> Union[dict, OrderedDict]:
+def load_from_openmmlab(
+    filename: str, map_location: Union[str, Callable, None] = None
+) -> Union[dict, OrderedDict]:
     """open-mmlab://<name>: a URL from the open_mmlab table (extended by
     $MMCV_HOME/open_mmlab.json), or a file relative to $MMCV_HOME."""
     model_urls = get_external_models()
@@ -420,7 +442,8 @@ def load_from_openmmlab(filename: str, map_location: Union[str, Callable, None] 
     deprecated_urls = get_deprecated_model_names()
     if model_name in deprecated_urls:
         warnings.warn(
-            f"{prefix_str}{model_name} is deprecated in favor of {prefix_str}{deprecated_urls[model_name]}",
+            f"{prefix_str}{model_name} is deprecated in favor "
+            f"of {prefix_str}{deprecated_urls[model_name]}",
             DeprecationWarning,
         )
         model_name = deprecated_urls[model_name]
@@ -436,7 +459,9 @@ def load_from_openmmlab(filename: str, map_location: Union[str, Callable, None] 
 
 
 @_builtin_scheme("mmcls://")
-def load_from_mmcls(filename: str, map_location: Union[str, Callable, None] = None) -> Union[dict, OrderedDict]:
+def load_from_mmcls(
+    filename: str, map_location: Union[str, Callable, None] = None
+) -> Union[dict, OrderedDict]:
     """mmcls://<name>: the backbone of an mmcls model-zoo checkpoint."""
     model_urls = get_mmcls_models()
     model_name = filename[8:]
@@ -445,7 +470,9 @@ def load_from_mmcls(filename: str, map_location: Union[str, Callable, None] = No
 
 
 def _load_checkpoint(
-    filename: str, map_location: Union[str, Callable, None] = None, logger: Optional[logging.Logger] = None
+    filename: str,
+    map_location: Union[str, Callable, None] = None,
+    logger: Optional[logging.Logger] = None,
 ) -> Union[dict, OrderedDict]:
     """The checkpoint at a local path, URL, torchvision://, open-mmlab://,
     mmcls://, pavi://, s3:// name or registered scheme."""

@@ -17,6 +17,7 @@ Deliberate differences from mmengine 0.10.7:
   object or a binary file; ckptio decodes it with ckptio.load.
 - http(s) downloads go through ckptio._hub.load_url (libcurl).
 """
+
 import io
 import logging
 import os
@@ -54,7 +55,9 @@ def load_url(url, model_dir=None, map_location=None, progress=True, **kwargs):
     into model_dir (the torch hub cache by default) and loaded."""
     from ._hub import load_url as hub_load_url
 
-    return hub_load_url(url, model_dir=model_dir, map_location=map_location, progress=progress, **kwargs)
+    return hub_load_url(
+        url, model_dir=model_dir, map_location=map_location, progress=progress, **kwargs
+    )
 
 
 def load_state_dict(module, state_dict, strict=False, logger=None):
@@ -80,7 +83,9 @@ def load_state_dict(module, state_dict, strict=False, logger=None):
         for name, child in module._modules.items():
             if child is not None:
                 child_prefix = prefix + name + "."
-                child_state_dict = {k: v for k, v in local_state_dict.items() if k.startswith(child_prefix)}
+                child_state_dict = {
+                    k: v for k, v in local_state_dict.items() if k.startswith(child_prefix)
+                }
                 load(child, child_state_dict, child_prefix)
         # hooks may change missing_keys and unexpected_keys in place
         incompatible_keys = _IncompatibleKeys(missing_keys, unexpected_keys)
@@ -122,7 +127,9 @@ class CheckpointLoader(_mmcv_surface.CheckpointLoader):
     def load_checkpoint(cls, filename, map_location=None, logger="current"):
         checkpoint_loader = cls._get_checkpoint_loader(filename)
         class_name = checkpoint_loader.__name__
-        print_log(f"Loads checkpoint by {class_name[10:]} backend from path: {filename}", logger=logger)
+        print_log(
+            f"Loads checkpoint by {class_name[10:]} backend from path: {filename}", logger=logger
+        )
         checkpoint = checkpoint_loader(filename, map_location)
         if checkpoint_loader not in cls._builtin and _decodable(checkpoint):
             checkpoint = _ckptio_load(checkpoint, map_location=map_location)
@@ -153,18 +160,24 @@ def load_from_http(filename, map_location=None, model_dir=None, progress=os.isat
     downloads first, the others load after a barrier."""
     rank, world_size = get_dist_info()
     if rank == 0:
-        checkpoint = load_url(filename, model_dir=model_dir, map_location=map_location, progress=progress)
+        checkpoint = load_url(
+            filename, model_dir=model_dir, map_location=map_location, progress=progress
+        )
     if world_size > 1:
         torch.distributed.barrier()
         if rank > 0:
-            checkpoint = load_url(filename, model_dir=model_dir, map_location=map_location, progress=progress)
+            checkpoint = load_url(
+                filename, model_dir=model_dir, map_location=map_location, progress=progress
+            )
     return checkpoint
 
 
 @_builtin_scheme("pavi://")
 def load_from_pavi(filename, map_location=None):
     """The checkpoint at pavi://<model path> (needs the pavi client)."""
-    assert filename.startswith("pavi://"), f"Expected filename startswith `pavi://`, but get {filename}"
+    assert filename.startswith(
+        "pavi://"
+    ), f"Expected filename startswith `pavi://`, but get {filename}"
     model_path = filename[7:]
     try:
         from pavi import modelcloud
@@ -217,7 +230,8 @@ def load_from_openmmlab(filename, map_location=None):
     deprecated_urls = get_deprecated_model_names()
     if model_name in deprecated_urls:
         print_log(
-            f"{prefix_str}{model_name} is deprecated in favor of {prefix_str}{deprecated_urls[model_name]}",
+            f"{prefix_str}{model_name} is deprecated in favor "
+            f"of {prefix_str}{deprecated_urls[model_name]}",
             logger="current",
             level=logging.WARNING,
         )
@@ -259,7 +273,9 @@ def _load_checkpoint_with_prefix(prefix, filename, map_location=None):
     return state_dict
 
 
-def _load_checkpoint_to_model(model, checkpoint, strict=False, logger=None, revise_keys=[(r"^module\.", "")]):
+def _load_checkpoint_to_model(
+    model, checkpoint, strict=False, logger=None, revise_keys=[(r"^module\.", "")]
+):
     """Loads a checkpoint already in memory into model (revise_keys in C)."""
     state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
     state_dict = _revise(state_dict, revise_keys)
@@ -267,7 +283,9 @@ def _load_checkpoint_to_model(model, checkpoint, strict=False, logger=None, revi
     return checkpoint
 
 
-def load_checkpoint(model, filename, map_location=None, strict=False, logger=None, revise_keys=[(r"^module\.", "")]):
+def load_checkpoint(
+    model, filename, map_location=None, strict=False, logger=None, revise_keys=[(r"^module\.", "")]
+):
     """Loads the checkpoint at filename into model and returns it."""
     checkpoint = _load_checkpoint(filename, map_location, logger)
     if not isinstance(checkpoint, dict):

@@ -11,6 +11,7 @@ is touched. Schemes registered with mmcv's or mmengine's CheckpointLoader
 before patch() are registered with ckptio's too. unpatch() puts every
 original back. Both are idempotent.
 """
+
 import sys
 from importlib import import_module
 
@@ -36,9 +37,17 @@ def _surface(ours):
         except AttributeError:
             continue
         names.append(name)
-    return names + [n for n in ("_load_checkpoint", "_load_checkpoint_with_prefix",
-                                "_load_checkpoint_to_model", "_process_mmcls_checkpoint",
-                                "_get_mmcv_home") if hasattr(ours, n)]
+    return names + [
+        n
+        for n in (
+            "_load_checkpoint",
+            "_load_checkpoint_with_prefix",
+            "_load_checkpoint_to_model",
+            "_process_mmcls_checkpoint",
+            "_get_mmcv_home",
+        )
+        if hasattr(ours, n)
+    ]
 
 
 def _import(name):

@@ -6,6 +6,7 @@ test imports mmcv.runner. It carries what mmcv's and ckptio's model-zoo code
 reads (a version >= 0.14, list_models, get_model_weights and weights enums
 with a DEFAULT alias), with URLs under the reserved example.invalid domain.
 """
+
 import enum
 import sys
 import types

@@ -1,6 +1,7 @@
 """ckptio.checkpoint side by side with mmcv 1.7.2's runner/checkpoint.py,
 the oracle: the same inputs give the same results, printed and logged text,
 warnings and exceptions."""
+
 import contextlib
 import importlib
 import io
@@ -68,11 +69,7 @@ def same_values(a, b):
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, dict):
-        return (
-            type(a) is type(b)
-            and list(a) == list(b)
-            and all(same_values(a[k], b[k]) for k in a)
-        )
+        return type(a) is type(b) and list(a) == list(b) and all(same_values(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(same_values, a, b))
     return a == b
@@ -439,8 +436,13 @@ def zoo(tmp_path, monkeypatch):
 
 
 def test_model_zoo_tables_are_mmcv_s(zoo):
-    for name in ("get_external_models", "get_mmcls_models", "get_deprecated_model_names",
-                 "get_torchvision_models", "_get_mmcv_home"):
+    for name in (
+        "get_external_models",
+        "get_mmcls_models",
+        "get_deprecated_model_names",
+        "get_torchvision_models",
+        "_get_mmcv_home",
+    ):
         side_by_side(name)
 
 
@@ -468,11 +470,22 @@ def test_open_mmlab_urls_deprecations_and_local(zoo):
 
 def test_torchvision_modelzoo_and_mmcls(zoo):
     _, _, calls = zoo
-    for name in ("torchvision://resnet50", "modelzoo://resnet50", "torchvision://ResNet50_Weights.IMAGENET1K_V2",
-                 "torchvision://resnet18.default", "torchvision://nope", "mmcls://resnet50",
-                 "mmcls://nope"):
+    for name in (
+        "torchvision://resnet50",
+        "modelzoo://resnet50",
+        "torchvision://ResNet50_Weights.IMAGENET1K_V2",
+        "torchvision://resnet18.default",
+        "torchvision://nope",
+        "mmcls://resnet50",
+        "mmcls://nope",
+    ):
         side_by_side("_load_checkpoint", name, "cpu")
-    assert calls[0] == ("load_url", "https://download.pytorch.org/models/resnet50-0676ba61.pth", None, "cpu")
+    assert calls[0] == (
+        "load_url",
+        "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+        None,
+        "cpu",
+    )
 
 
 def test_load_checkpoint_from_url_and_its_log(zoo):

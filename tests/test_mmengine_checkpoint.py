@@ -1,5 +1,6 @@
 """ckptio.mmengine side by side with mmengine 0.10.7's runner/checkpoint.py,
 the oracle: same results, printed text, warnings and exceptions."""
+
 import logging
 import sys
 from collections import OrderedDict
@@ -118,7 +119,9 @@ def test_load_state_dict_post_hooks_and_children():
 
 
 def test_routes_and_registry():
-    routes = dict(ROUTES, **{"petrel://b/x.pth": "load_from_ceph", "a:petrel://b/x": "load_from_ceph"})
+    routes = dict(
+        ROUTES, **{"petrel://b/x.pth": "load_from_ceph", "a:petrel://b/x": "load_from_ceph"}
+    )
     for filename, fn_name in routes.items():
         theirs = mm_ckpt.CheckpointLoader._get_checkpoint_loader(filename)
         mine = ours.CheckpointLoader._get_checkpoint_loader(filename)
@@ -136,7 +139,11 @@ def test_prefix_and_to_model(tmp_path):
     torch.save({"state_dict": fresh(Model, 4).state_dict()}, path)
     side_by_side("_load_checkpoint_with_prefix", "block", path)
     side_by_side("_load_checkpoint_with_prefix", "nope", path)
-    ckpt = {"state_dict": OrderedDict(("module." + k, v) for k, v in fresh(Model, 5).state_dict().items())}
+    ckpt = {
+        "state_dict": OrderedDict(
+            ("module." + k, v) for k, v in fresh(Model, 5).state_dict().items()
+        )
+    }
     side_by_side("_load_checkpoint_to_model", fresh(Model, 0), ckpt)
 
 
@@ -158,17 +165,29 @@ def test_zoo_schemes_and_http(monkeypatch, tmp_path):
     monkeypatch.setenv("MMENGINE_HOME", str(tmp_path))
     logged = []  # the 'current' MMLogger writes to a stream fixed at its creation: record instead
     for mod in (mm_ckpt, ours):
-        monkeypatch.setattr(mod, "print_log", lambda msg, logger=None, level=logging.INFO: logged.append(
-            (msg, logger, level)))
-    for name in ("open-mmlab://resnet50_caffe", "openmmlab://resnet50_caffe_bgr", "mmcls://resnet50",
-                 "torchvision://resnet50", "modelzoo://resnet50", "open-mmlab://none"):
+        monkeypatch.setattr(
+            mod,
+            "print_log",
+            lambda msg, logger=None, level=logging.INFO: logged.append((msg, logger, level)),
+        )
+    for name in (
+        "open-mmlab://resnet50_caffe",
+        "openmmlab://resnet50_caffe_bgr",
+        "mmcls://resnet50",
+        "torchvision://resnet50",
+        "modelzoo://resnet50",
+        "open-mmlab://none",
+    ):
         before = len(logged)
         side_by_side("_load_checkpoint", name, "cpu", logger="silent")
         lines = logged[before:]
-        assert lines[: len(lines) // 2] == lines[len(lines) // 2:]
+        assert lines[: len(lines) // 2] == lines[len(lines) // 2 :]
     assert calls and calls[0::2] == calls[1::2]
-    assert ('The URL scheme of "modelzoo://" is deprecated, please use "torchvision://" instead', "current",
-            logging.WARNING) in logged
+    assert (
+        'The URL scheme of "modelzoo://" is deprecated, please use "torchvision://" instead',
+        "current",
+        logging.WARNING,
+    ) in logged
     monkeypatch.setattr(mm_ckpt, "get_dist_info", lambda: (1, 2))
     monkeypatch.setattr(ours, "get_dist_info", lambda: (1, 2))
     monkeypatch.setattr(torch.distributed, "barrier", MagicMock())

@@ -1,5 +1,6 @@
 """ckptio.patch()/unpatch(): mmcv's runner trains, saves and resumes with
 ckptio's functions in place, and everything is restored afterwards."""
+
 import logging
 
 import pytest
@@ -46,8 +47,9 @@ def make_runner(work_dir, seed):
         model, optimizer=optimizer, work_dir=str(work_dir), logger=logger, max_epochs=2
     )
     runner.register_training_hooks(
-        lr_config=dict(policy="fixed"), optimizer_config=dict(grad_clip=None),
-        checkpoint_config=dict(interval=1)
+        lr_config=dict(policy="fixed"),
+        optimizer_config=dict(grad_clip=None),
+        checkpoint_config=dict(interval=1),
     )
     return runner
 
@@ -59,8 +61,13 @@ def data():
 
 
 def test_patch_replaces_and_unpatch_restores():
-    originals = (mmcv_ckpt.load_checkpoint, mmcv_runner.load_checkpoint, base_runner.load_checkpoint,
-                 mmcv_runner.CheckpointLoader, mmcv_ckpt.load_state_dict)
+    originals = (
+        mmcv_ckpt.load_checkpoint,
+        mmcv_runner.load_checkpoint,
+        base_runner.load_checkpoint,
+        mmcv_runner.CheckpointLoader,
+        mmcv_ckpt.load_state_dict,
+    )
     ckptio.patch()
     try:
         ckptio.patch()  # idempotent
@@ -74,8 +81,13 @@ def test_patch_replaces_and_unpatch_restores():
     finally:
         ckptio.unpatch()
     ckptio.unpatch()
-    assert (mmcv_ckpt.load_checkpoint, mmcv_runner.load_checkpoint, base_runner.load_checkpoint,
-            mmcv_runner.CheckpointLoader, mmcv_ckpt.load_state_dict) == originals
+    assert (
+        mmcv_ckpt.load_checkpoint,
+        mmcv_runner.load_checkpoint,
+        base_runner.load_checkpoint,
+        mmcv_runner.CheckpointLoader,
+        mmcv_ckpt.load_state_dict,
+    ) == originals
 
 
 def test_schemes_registered_with_mmcv_before_patch_are_kept():
@@ -172,12 +184,16 @@ def test_mmengine_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
         g = torch.Generator().manual_seed(0)
         ds = TensorDataset(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g))
         return mm_runner.Runner(
-            model=Net(), work_dir=str(tmp_path),
+            model=Net(),
+            work_dir=str(tmp_path),
             train_dataloader=DataLoader(ds, batch_size=4, collate_fn=collate),
             optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)),
             train_cfg=dict(by_epoch=True, max_epochs=2),
             default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1)),
-            default_scope="mmengine", experiment_name=f"ckptio-{seed}-{id(kw)}", **kw)
+            default_scope="mmengine",
+            experiment_name=f"ckptio-{seed}-{id(kw)}",
+            **kw,
+        )
 
     first = make(1)
     first.train()

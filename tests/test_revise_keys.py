@@ -1,4 +1,5 @@
 """ckptio._native.revise_keys against mmcv's loop of re.sub, the oracle."""
+
 import re
 from collections import OrderedDict
 
@@ -39,8 +40,12 @@ state_dicts = st.lists(st.tuples(keys, st.integers()), max_size=8).map(OrderedDi
 literal_prefixes = st.text(alphabet=KEY_CHARS, max_size=5).map(lambda s: "^" + re.escape(s))
 raw_patterns = st.text(alphabet=KEY_CHARS + "\\dwsA1", max_size=6)
 anchored_raw = raw_patterns.map(lambda s: "^" + s)
-patterns = st.one_of(literal_prefixes, raw_patterns, anchored_raw,
-                     st.sampled_from([r"^module\.", r"^", r"", r"a*", r"(a)\.", r"\.", r"$", r"^b|m"]))
+patterns = st.one_of(
+    literal_prefixes,
+    raw_patterns,
+    anchored_raw,
+    st.sampled_from([r"^module\.", r"^", r"", r"a*", r"(a)\.", r"\.", r"$", r"^b|m"]),
+)
 replacements = st.one_of(
     st.text(alphabet="ab.xé_-$ ", max_size=5),
     st.sampled_from([r"\1", r"\g<0>", "\\", r"\n", r"x\\y", "backbone."]),
