@@ -8,7 +8,8 @@ Names are looked up at call time where mmcv's own tests patch them, so the
 same patches work here: ``ckptio.__path__`` (mmcv: ``mmcv.__path__``) locates
 the model-zoo tables, and ``load_from_http``, ``load_url``, ``get_dist_info``
 are module globals; a replaced ``torch.load`` (a mock in a test) is called as
-mmcv would call it.
+mmcv would call it. After ckptio.patch(), patches of ``mmcv.__path__`` and of
+those three names in mmcv.runner.checkpoint take effect here too.
 
 Deliberate differences from mmcv 1.7.2:
 - Files are decoded by ckptio.load, with torch.load's default: weights_only
@@ -43,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import _native
+from . import _native, patching
 from ._mmcompat import get_dist_info, is_module_wrapper, mkdir_or_exist, print_log, version_before
 from .serialization import load as _ckptio_load
 
@@ -66,7 +67,14 @@ def _load_file(f, map_location):
 def _model_zoo_file(name):
     import ckptio
 
-    return osp.join(ckptio.__path__[0], "model_zoo", name)
+    path = patching.override("mmcv", "__path__") or ckptio.__path__
+    return osp.join(path[0], "model_zoo", name)
+
+
+def _resolve(name):
+    """The module-level function name, or what a test put in its place in
+    mmcv.runner.checkpoint while ckptio is patched in."""
+    return patching.override("mmcv.runner.checkpoint", name) or globals()[name]
 
 
 def _load_json(path):
@@ -133,7 +141,7 @@ def load_state_dict(
     if missing_keys:
         err_msg.append(f'missing keys in source state_dict: {", ".join(missing_keys)}\n')
 
-    rank, _ = get_dist_info()
+    rank, _ = _resolve("get_dist_info")()
     if len(err_msg) > 0 and rank == 0:
         err_msg.insert(0, "The model and loaded state dict do not match exactly\n")
         text = "\n".join(err_msg)
@@ -323,13 +331,15 @@ def load_from_http(
 ) -> Union[dict, OrderedDict]:
     """The checkpoint at an http(s) URL, cached in model_dir. In distributed
     runs rank 0 downloads first; the others load after a barrier."""
-    rank, world_size = get_dist_info()
+    rank, world_size = _resolve("get_dist_info")()
     if rank == 0:
-        checkpoint = load_url(filename, model_dir=model_dir, map_location=map_location)
+        checkpoint = _resolve("load_url")(filename, model_dir=model_dir, map_location=map_location)
     if world_size > 1:
         torch.distributed.barrier()
         if rank > 0:
-            checkpoint = load_url(filename, model_dir=model_dir, map_location=map_location)
+            checkpoint = _resolve("load_url")(
+                filename, model_dir=model_dir, map_location=map_location
+            )
     return checkpoint
 
 
@@ -423,7 +433,7 @@ def load_from_torchvision(
     else:
         model_name = filename[14:]
     model_name = model_name.lower().replace("_weights", "")
-    return load_from_http(model_urls[model_name], map_location=map_location)
+    return _resolve("load_from_http")(model_urls[model_name], map_location=map_location)
 
 
 @_builtin_scheme(("open-mmlab://", "openmmlab://"))
@@ -449,7 +459,7 @@ def load_from_openmmlab(
         model_name = deprecated_urls[model_name]
     model_url = model_urls[model_name]
     if model_url.startswith(("http://", "https://")):
-        checkpoint = load_from_http(model_url, map_location=map_location)
+        checkpoint = _resolve("load_from_http")(model_url, map_location=map_location)
     else:
         filename = osp.join(_get_mmcv_home(), model_url)
         if not osp.isfile(filename):
@@ -465,7 +475,7 @@ def load_from_mmcls(
     """mmcls://<name>: the backbone of an mmcls model-zoo checkpoint."""
     model_urls = get_mmcls_models()
     model_name = filename[8:]
-    checkpoint = load_from_http(model_urls[model_name], map_location=map_location)
+    checkpoint = _resolve("load_from_http")(model_urls[model_name], map_location=map_location)
     return _process_mmcls_checkpoint(checkpoint)
 
 

@@ -46,8 +46,15 @@ from mmengine.runner.checkpoint import (
 )
 
 from . import checkpoint as _mmcv_surface
+from . import patching
 from .checkpoint import _decodable, _load_file, _revise
 from .serialization import load as _ckptio_load
+
+
+def _resolve(name):
+    """The module-level function name, or what a test put in its place in
+    mmengine.runner.checkpoint while ckptio is patched in."""
+    return patching.override("mmengine.runner.checkpoint", name) or globals()[name]
 
 
 def load_url(url, model_dir=None, map_location=None, progress=True, **kwargs):
@@ -107,13 +114,13 @@ def load_state_dict(module, state_dict, strict=False, logger=None):
     if missing_keys:
         err_msg.append(f'missing keys in source state_dict: {", ".join(missing_keys)}\n')
 
-    rank, _ = get_dist_info()
+    rank, _ = _resolve("get_dist_info")()
     if len(err_msg) > 0 and rank == 0:
         err_msg.insert(0, "The model and loaded state dict do not match exactly\n")
         text = "\n".join(err_msg)
         if strict:
             raise RuntimeError(text)
-        print_log(text, logger=logger, level=logging.WARNING)
+        _resolve("print_log")(text, logger=logger, level=logging.WARNING)
 
 
 class CheckpointLoader(_mmcv_surface.CheckpointLoader):
@@ -127,7 +134,7 @@ class CheckpointLoader(_mmcv_surface.CheckpointLoader):
     def load_checkpoint(cls, filename, map_location=None, logger="current"):
         checkpoint_loader = cls._get_checkpoint_loader(filename)
         class_name = checkpoint_loader.__name__
-        print_log(
+        _resolve("print_log")(
             f"Loads checkpoint by {class_name[10:]} backend from path: {filename}", logger=logger
         )
         checkpoint = checkpoint_loader(filename, map_location)
@@ -158,15 +165,15 @@ def load_from_local(filename, map_location):
 def load_from_http(filename, map_location=None, model_dir=None, progress=os.isatty(0)):
     """The checkpoint at an http(s) URL; in distributed runs rank 0
     downloads first, the others load after a barrier."""
-    rank, world_size = get_dist_info()
+    rank, world_size = _resolve("get_dist_info")()
     if rank == 0:
-        checkpoint = load_url(
+        checkpoint = _resolve("load_url")(
             filename, model_dir=model_dir, map_location=map_location, progress=progress
         )
     if world_size > 1:
         torch.distributed.barrier()
         if rank > 0:
-            checkpoint = load_url(
+            checkpoint = _resolve("load_url")(
                 filename, model_dir=model_dir, map_location=map_location, progress=progress
             )
     return checkpoint
@@ -205,7 +212,7 @@ def load_from_torchvision(filename, map_location=None):
     """torchvision://<model>; modelzoo:// is the deprecated spelling."""
     model_urls = get_torchvision_models()
     if filename.startswith("modelzoo://"):
-        print_log(
+        _resolve("print_log")(
             'The URL scheme of "modelzoo://" is deprecated, please use "torchvision://" instead',
             logger="current",
             level=logging.WARNING,
@@ -213,7 +220,7 @@ def load_from_torchvision(filename, map_location=None):
         model_name = filename[11:]
     else:
         model_name = filename[14:]
-    return load_from_http(model_urls[model_name], map_location=map_location)
+    return _resolve("load_from_http")(model_urls[model_name], map_location=map_location)
 
 
 @_builtin_scheme(("open-mmlab://", "openmmlab://"))
@@ -229,7 +236,7 @@ def load_from_openmmlab(filename, map_location=None):
         prefix_str = "openmmlab://"
     deprecated_urls = get_deprecated_model_names()
     if model_name in deprecated_urls:
-        print_log(
+        _resolve("print_log")(
             f"{prefix_str}{model_name} is deprecated in favor "
             f"of {prefix_str}{deprecated_urls[model_name]}",
             logger="current",
@@ -238,7 +245,7 @@ def load_from_openmmlab(filename, map_location=None):
         model_name = deprecated_urls[model_name]
     model_url = model_urls[model_name]
     if model_url.startswith(("http://", "https://")):
-        checkpoint = load_from_http(model_url, map_location=map_location)
+        checkpoint = _resolve("load_from_http")(model_url, map_location=map_location)
     else:
         filename = osp.join(_get_mmengine_home(), model_url)
         if not osp.isfile(filename):
@@ -252,7 +259,7 @@ def load_from_mmcls(filename, map_location=None):
     """mmcls://<name>: the backbone of an mmcls model-zoo checkpoint."""
     model_urls = get_mmcls_models()
     model_name = filename[8:]
-    checkpoint = load_from_http(model_urls[model_name], map_location=map_location)
+    checkpoint = _resolve("load_from_http")(model_urls[model_name], map_location=map_location)
     return _process_mmcls_checkpoint(checkpoint)
 
 
@@ -299,7 +306,7 @@ def find_latest_checkpoint(path: str) -> Optional[str]:
     if os.path.exists(save_file):
         with open(save_file) as f:
             return f.read().strip()
-    print_log("Did not find last_checkpoint to be resumed.")
+    _resolve("print_log")("Did not find last_checkpoint to be resumed.")
     return None
 
 

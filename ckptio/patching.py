@@ -10,6 +10,12 @@ import load_checkpoint``): the replacement goes by identity, so nothing else
 is touched. Schemes registered with mmcv's or mmengine's CheckpointLoader
 before patch() are registered with ckptio's too. unpatch() puts every
 original back. Both are idempotent.
+
+While patched, the names mmcv's and mmengine's own tests replace with
+unittest.mock.patch (``mmcv.__path__``; ``load_from_http``, ``load_url`` and
+``get_dist_info`` of both checkpoint modules; mmengine's ``print_log``) are
+watched: a value put there after patch() is what ckptio's functions use (see
+override), so those tests run unchanged against ckptio.
 """
 
 import sys
@@ -25,6 +31,24 @@ _TARGETS = (
 
 # (module, attribute name, original object): what patch() replaced
 _replaced = []
+
+_WATCHED = {
+    "mmcv": ("__path__",),
+    "mmcv.runner.checkpoint": ("load_from_http", "load_url", "get_dist_info"),
+    "mmengine.runner.checkpoint": ("load_from_http", "load_url", "get_dist_info", "print_log"),
+}
+# (module name, attribute) -> its value right after patch()
+_snapshot = {}
+
+
+def override(module_name, attr):
+    """What was set at module_name.attr since patch() (a test's mock), or
+    None when nothing was or ckptio is not patched in."""
+    key = (module_name, attr)
+    if key not in _snapshot:
+        return None
+    value = getattr(sys.modules.get(module_name), attr, None)
+    return None if value is _snapshot[key] else value
 
 
 def _surface(ours):
@@ -102,10 +126,16 @@ def patch():
             swap = swaps.get(id(value))
             if swap is not None and swap[0] is value:
                 _set(module, name, swap[1])
+    for module_name, attrs in _WATCHED.items():
+        module = sys.modules.get(module_name)
+        for attr in attrs:
+            if module is not None and hasattr(module, attr):
+                _snapshot[(module_name, attr)] = getattr(module, attr)
 
 
 def unpatch():
     """Puts back everything patch() replaced."""
+    _snapshot.clear()
     while _replaced:
         module, name, original = _replaced.pop()
         setattr(module, name, original)

@@ -4,7 +4,7 @@ torchvision does not import beside torch 2.13, and mmcv.runner imports it
 at module level: a stand-in `torchvision` goes into sys.modules before any
 test imports mmcv.runner. It carries what mmcv's and ckptio's model-zoo code
 reads (a version >= 0.14, list_models, get_model_weights and weights enums
-with a DEFAULT alias), with URLs under the reserved example.invalid domain.
+with a DEFAULT alias) and torchvision's URLs for them (nothing is downloaded).
 """
 
 import enum
@@ -23,12 +23,12 @@ def _stand_in_torchvision():
             return self.value
 
     class ResNet18_Weights(WeightsEnum):
-        IMAGENET1K_V1 = "https://example.invalid/resnet18-v1.pth"
+        IMAGENET1K_V1 = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
         DEFAULT = IMAGENET1K_V1
 
     class ResNet50_Weights(WeightsEnum):
-        IMAGENET1K_V1 = "https://example.invalid/resnet50-v1.pth"
-        IMAGENET1K_V2 = "https://example.invalid/resnet50-v2.pth"
+        IMAGENET1K_V1 = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+        IMAGENET1K_V2 = "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
         DEFAULT = IMAGENET1K_V2
 
     weights = {"resnet18": ResNet18_Weights, "resnet50": ResNet50_Weights}
