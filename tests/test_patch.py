@@ -209,3 +209,43 @@ def test_mmengine_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
     assert second.epoch == 2
     state = second.model.state_dict()
     assert all(torch.equal(state[k], trained[k]) for k in trained)
+
+
+def test_mocks_of_mmcv_names_reach_ckptio_while_patched(patched, tmp_path, monkeypatch):
+    """What mmcv's own tests do with unittest.mock.patch after patch()."""
+    import json
+    import os
+
+    import mmcv
+
+    zoo = tmp_path / "model_zoo"
+    zoo.mkdir()
+    for name in ("deprecated.json", "mmcls.json", "torchvision_0.12.json"):
+        src = os.path.join(os.path.dirname(ckptio.__file__), "model_zoo", name)
+        (zoo / name).write_bytes(open(src, "rb").read())
+    (zoo / "open_mmlab.json").write_text(json.dumps({"net": "https://example.invalid/net.pth"}))
+    monkeypatch.setattr(mmcv, "__path__", [str(tmp_path)])
+    monkeypatch.setenv("MMCV_HOME", str(tmp_path / "home"))
+    assert ours.get_external_models() == {"net": "https://example.invalid/net.pth"}
+
+    seen = []
+    monkeypatch.setattr(mmcv_ckpt, "load_from_http", lambda url, map_location=None: "http:" + url)
+    assert (
+        mmcv_runner._load_checkpoint("open-mmlab://net") == "http:https://example.invalid/net.pth"
+    )
+    monkeypatch.setattr(
+        mmcv_ckpt, "load_url", lambda url, model_dir=None, map_location=None: seen.append(url) or {}
+    )
+    monkeypatch.setattr(mmcv_ckpt, "get_dist_info", lambda: (0, 1))
+    assert ours.load_from_http("https://example.invalid/x.pth") == {}
+    assert seen == ["https://example.invalid/x.pth"]
+    monkeypatch.undo()
+    # mocks gone: ckptio's own names again (nothing is downloaded here)
+    assert ours._resolve("load_from_http") is ours.load_from_http
+    assert ours._resolve("load_url") is ours.load_url
+
+
+def test_mmcv_names_are_ignored_when_not_patched(monkeypatch):
+    monkeypatch.setattr(mmcv_ckpt, "load_url", lambda *a, **k: "mmcv's")
+    assert not ckptio.patching.patched()
+    assert ours._resolve("load_url") is ours.load_url
