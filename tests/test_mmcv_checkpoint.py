@@ -15,6 +15,8 @@ from collections import OrderedDict
 from unittest.mock import MagicMock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 
@@ -541,3 +543,32 @@ def test_ceph_without_mmcv_uses_the_clients(monkeypatch, tmp_path):
     m = fresh(Model, 0)
     ours.load_checkpoint(m, "s3://bucket/p.pth")
     assert asked == ["s3://bucket/p.pth"] and params_equal(m, src)
+
+
+KEYS = list(Model().state_dict())
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    keep=st.lists(st.sampled_from(KEYS), unique=True),
+    extra=st.lists(st.sampled_from(["head.w", "block.conv.extra", "module.x"]), unique=True),
+    prefix=st.sampled_from(["", "module.", "backbone.", "module.module."]),
+    revise=st.lists(
+        st.sampled_from(
+            [(r"^module\.", ""), (r"^backbone\.", ""), (r"^", "block."), (r"conv", "norm")]
+        ),
+        max_size=2,
+    ),
+    wrap=st.booleans(),
+    strict=st.booleans(),
+)
+def test_random_state_dicts_load_as_mmcv(tmp_path, keep, extra, prefix, revise, wrap, strict):
+    src = fresh(Model, 14).state_dict()
+    sd = OrderedDict((prefix + k, src[k]) for k in keep)
+    for k in extra:
+        sd[prefix + k] = torch.zeros(2)
+    path = str(tmp_path / "r.pth")
+    torch.save({"state_dict": sd} if wrap else sd, path)
+    load_both(path, Model, strict=strict, revise_keys=revise)

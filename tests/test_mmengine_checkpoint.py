@@ -7,6 +7,8 @@ from collections import OrderedDict
 from unittest.mock import MagicMock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 
@@ -209,3 +211,24 @@ def test_save_names_are_offered():
     assert list(ours.get_state_dict(nn.DataParallel(model))) == list(model.state_dict())
     with pytest.raises(AttributeError):
         ours.no_such_name
+
+
+KEYS = list(Model().state_dict())
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    keep=st.lists(st.sampled_from(KEYS), unique=True),
+    prefix=st.sampled_from(["", "module.", "backbone."]),
+    revise=st.lists(
+        st.sampled_from([(r"^module\.", ""), (r"^backbone\.", ""), (r"^", "x.")]), max_size=2
+    ),
+    strict=st.booleans(),
+)
+def test_random_state_dicts_load_as_mmengine(tmp_path, keep, prefix, revise, strict):
+    src = fresh(Model, 15).state_dict()
+    path = str(tmp_path / "r.pth")
+    torch.save({"state_dict": OrderedDict((prefix + k, src[k]) for k in keep)}, path)
+    load_both(path, Model, strict=strict, revise_keys=revise)
