@@ -87,11 +87,12 @@ def _set(module, name, value):
 
 
 def _adopt_schemes(theirs, ours):
-    """Registers with ours the loaders users registered with theirs."""
+    """Registers with ours the loaders users registered with theirs (also
+    those registered with force=True over a built-in prefix)."""
     originals = {id(v) for v in vars(sys.modules[theirs.__module__]).values()}
     for prefix, loader in list(theirs._schemes.items()):
-        if id(loader) not in originals and prefix not in ours._schemes:
-            ours.register_scheme(prefix, loader)
+        if id(loader) not in originals:  # the user's, also where it overrides a built-in
+            ours.register_scheme(prefix, loader, force=True)
 
 
 def patch():

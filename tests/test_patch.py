@@ -94,17 +94,21 @@ def test_schemes_registered_with_mmcv_before_patch_are_kept():
     def load_from_ckptiotest(filename, map_location):
         return {"state_dict": {}, "name": filename}
 
+    saved = (dict(mmcv_ckpt.CheckpointLoader._schemes), dict(ours.CheckpointLoader._schemes))
     mmcv_ckpt.CheckpointLoader.register_scheme("ckptiotest://", load_from_ckptiotest)
+    mmcv_ckpt.CheckpointLoader.register_scheme("mmcls://", load_from_ckptiotest, force=True)
     try:
         ckptio.patch()
         try:
             got = mmcv_runner._load_checkpoint("ckptiotest://x")
             assert got == {"state_dict": {}, "name": "ckptiotest://x"}
+            assert mmcv_runner._load_checkpoint("mmcls://y")["name"] == "mmcls://y"
+            assert ours.CheckpointLoader._schemes["http://"] is ours.load_from_http
         finally:
             ckptio.unpatch()
     finally:
-        mmcv_ckpt.CheckpointLoader._schemes.pop("ckptiotest://")
-        ours.CheckpointLoader._schemes.pop("ckptiotest://", None)
+        mmcv_ckpt.CheckpointLoader._schemes = saved[0]
+        ours.CheckpointLoader._schemes = saved[1]
 
 
 def test_epoch_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
