@@ -572,3 +572,15 @@ def test_random_state_dicts_load_as_mmcv(tmp_path, keep, extra, prefix, revise, 
     path = str(tmp_path / "r.pth")
     torch.save({"state_dict": sd} if wrap else sd, path)
     load_both(path, Model, strict=strict, revise_keys=revise)
+
+
+@pytest.mark.parametrize(
+    "map_location",
+    ["cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda storage, loc: storage, None],
+    ids=["str", "device", "dict", "callable", "none"],
+)
+def test_map_locations(tmp_path, map_location):
+    path = str(tmp_path / "m.pth")
+    torch.save({"state_dict": fresh(Model, 16).state_dict(), "meta": {"step": 1}}, path)
+    load_both(path, Model, map_location=map_location)
+    side_by_side("load_from_local", path, map_location)
