@@ -147,8 +147,8 @@ static PyObject *apply_rule(rule *r, PyObject *src) {
         Py_ssize_t pos = 0;
         PyObject *k, *v; /* borrowed from src */
         while (PyDict_Next(src, &pos, &k, &v)) {
-            /* held across the call: nothing may drop them from src, but
-             * a key that is not a str goes through re */
+            /* src's references, held while put() runs in case anything
+             * it calls reaches src */
             Py_INCREF(k);
             Py_INCREF(v);
             int rc = put(r, out, k, v);
