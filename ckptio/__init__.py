@@ -2,6 +2,7 @@
 and a drop-in replacement for mmcv's checkpoint helpers."""
 from ._native import CheckpointError, UnpicklingError
 from ._safe_globals import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
+from ._save import save
 from .serialization import load
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "get_safe_globals",
     "load",
     "safe_globals",
+    "save",
 ]
 
 __version__ = "0.1.0"

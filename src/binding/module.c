@@ -7,6 +7,7 @@
 #include "load.h"
 #include "mapping.h"
 #include "npy.h"
+#include "save.h"
 #include "tensors.h"
 
 ck_state *ck_get_state(PyObject *module) {
@@ -242,6 +243,7 @@ static PyMethodDef module_methods[] = {
 /* Each binding unit that adds Python functions exports one table; the
  * module adds them all at exec time. */
 static PyMethodDef *const method_groups[] = {
+    ck_save_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 
