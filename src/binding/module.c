@@ -4,6 +4,7 @@
 #include "state.h"
 
 #include "errors.h"
+#include "hostcopy.h"
 #include "load.h"
 #include "mapping.h"
 #include "npy.h"
@@ -242,6 +243,7 @@ static PyMethodDef module_methods[] = {
 /* Each binding unit that adds Python functions exports one table; the
  * module adds them all at exec time. */
 static PyMethodDef *const method_groups[] = {
+    ck_hostcopy_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 
