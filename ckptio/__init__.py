@@ -4,16 +4,20 @@ from ._native import CheckpointError, UnpicklingError
 from ._safe_globals import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
 from ._save import save
 from .serialization import load
+from ._mmsave import get_state_dict, save_checkpoint, weights_to_cpu
 
 __all__ = [
     "CheckpointError",
     "UnpicklingError",
     "add_safe_globals",
     "clear_safe_globals",
+    "get_state_dict",
     "get_safe_globals",
     "load",
     "safe_globals",
     "save",
+    "save_checkpoint",
+    "weights_to_cpu",
 ]
 
 __version__ = "0.1.0"

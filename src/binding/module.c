@@ -4,6 +4,7 @@
 #include "state.h"
 
 #include "errors.h"
+#include "hostcopy.h"
 #include "load.h"
 #include "mapping.h"
 #include "npy.h"
@@ -244,6 +245,7 @@ static PyMethodDef module_methods[] = {
  * module adds them all at exec time. */
 static PyMethodDef *const method_groups[] = {
     ck_save_methods,
+    ck_hostcopy_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 
