@@ -5,8 +5,16 @@ from ._safe_globals import add_safe_globals, clear_safe_globals, get_safe_global
 from ._save import save
 from .serialization import load
 from ._mmsave import get_state_dict, save_checkpoint, weights_to_cpu
+from .patching import patch, unpatch
+from .checkpoint import (CheckpointLoader, _load_checkpoint, _load_checkpoint_with_prefix,
+                         load_checkpoint, load_state_dict)
 
 __all__ = [
+    "CheckpointLoader",
+    "_load_checkpoint",
+    "_load_checkpoint_with_prefix",
+    "load_checkpoint",
+    "load_state_dict",
     "CheckpointError",
     "UnpicklingError",
     "add_safe_globals",
@@ -14,6 +22,8 @@ __all__ = [
     "get_state_dict",
     "get_safe_globals",
     "load",
+    "patch",
+    "unpatch",
     "safe_globals",
     "save",
     "save_checkpoint",

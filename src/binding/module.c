@@ -5,6 +5,7 @@
 
 #include "errors.h"
 #include "hostcopy.h"
+#include "keys.h"
 #include "load.h"
 #include "mapping.h"
 #include "npy.h"
@@ -246,6 +247,7 @@ static PyMethodDef module_methods[] = {
 static PyMethodDef *const method_groups[] = {
     ck_save_methods,
     ck_hostcopy_methods,
+    ck_keys_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 
