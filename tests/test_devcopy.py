@@ -142,6 +142,41 @@ def test_one_stream_per_device_and_current_device_restored(fake):
         assert bytes(view[off:off + n]) == a.tobytes()
 
 
+def test_many_segments_of_random_sizes_on_several_devices(fake):
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(0, 5000, size=300)
+    arrays = [rng.integers(0, 256, size=int(n), dtype=np.uint8) for n in sizes]
+    devices = rng.integers(0, 4, size=300)
+    segs = [(a.ctypes.data if a.size else 0, a.size, int(d)) for a, d in zip(arrays, devices)]
+    before = fake.calls()
+    arena, offsets = _native.copy_to_host(segs, fake.path)
+    view = memoryview(arena)
+    end = 0
+    for a, off in zip(arrays, offsets):
+        assert off % 64 == 0 and off >= end
+        assert bytes(view[off:off + a.size]) == a.tobytes()
+        end = off + a.size
+    assert arena.size == end
+    d = delta(before, fake.calls())
+    assert d["memcpy_async"] == sum(1 for a in arrays if a.size)
+    assert d["stream_create"] == d["stream_destroy"] == len(set(devices.tolist()))
+
+
+def test_invalid_device_fails_cleanly(fake):
+    bufs = buffers(10, 10)
+    segs = [bufs[0][1], (bufs[1][1][0], 10, 9)]  # the fake has devices 0..7
+    before = fake.calls()
+    with pytest.raises(ckptio.CheckpointError,
+                       match=r"cudaSetDevice failed: invalid device ordinal \(CUDA error 101\)"):
+        _native.copy_to_host(segs, fake.path)
+    d = delta(before, fake.calls())
+    assert d["malloc_host"] == d["free_host"] == 1
+    assert d["stream_create"] == d["stream_destroy"] == 1
+    assert "memcpy_async" not in d
+    assert fake.live_bytes() == 0
+    assert fake.var("fake_current_device", ctypes.c_int).value == 0
+
+
 def test_empty_batch_and_empty_segments_allocate_nothing(fake):
     before = fake.calls()
     arena, offsets = _native.copy_to_host([], fake.path)
