@@ -4,6 +4,7 @@ _save_to_state_dict, get_state_dict, save_checkpoint) and mmengine 0.10.7
 the same messages, and files that torch.load reads back equal to mmcv's
 (except meta['time'])."""
 import collections
+import io
 import os
 import sys
 import types
@@ -96,6 +97,8 @@ def test_weights_to_cpu_plain_dict_and_bad_values_as_mmcv():
     bad = collections.OrderedDict(a=torch.ones(1), n=3)
     assert outcome(ckptio.weights_to_cpu, bad)[1] == outcome(mmcv_ckpt.weights_to_cpu, bad)[1]
     assert outcome(ckptio.weights_to_cpu, bad)[1][0] is AttributeError
+    not_a_dict = [torch.ones(1)]
+    assert outcome(ckptio.weights_to_cpu, not_a_dict)[1] == outcome(mmcv_ckpt.weights_to_cpu, not_a_dict)[1]
 
 
 # ---- _save_to_state_dict and get_state_dict ---------------------------------------------
@@ -266,8 +269,6 @@ def test_save_checkpoint_to_a_storage_backend(monkeypatch, tmp_path):
     monkeypatch.setattr(HTTPBackend, "put", lambda self, obj, filepath: stored.setdefault(filepath, obj),
                         raising=False)
     ckptio.save_checkpoint(fresh_net(), "http://example.invalid/c.pth")
-    import io
-
     ckpt = torch.load(io.BytesIO(stored["http://example.invalid/c.pth"]), weights_only=True)
     assert_same(ckpt["state_dict"], mmcv_ckpt.get_state_dict(fresh_net()))
 
@@ -344,3 +345,38 @@ def test_mmengine_save_errors_as_mmengine(tmp_path, monkeypatch, filename, fca, 
     assert ours[1] == theirs[1]
     assert os.listdir(tmp_path) == []
 
+
+
+def test_save_checkpoint_to_petrel_as_mmcv_tests_do(monkeypatch):
+    """mmcv's own test: petrel_client mocked, PetrelBackend.put patched."""
+    from unittest.mock import MagicMock, patch
+
+    from mmcv.fileio.file_client import PetrelBackend
+
+    monkeypatch.setitem(sys.modules, "petrel_client", MagicMock())
+    monkeypatch.setitem(sys.modules, "petrel_client.client", MagicMock())
+    for fca in (None, {"backend": "petrel"}):
+        with patch.object(PetrelBackend, "put") as put:
+            ckptio.save_checkpoint(fresh_net(), "s3://bucket/dir/c.pth", file_client_args=fca)
+        put.assert_called_once()
+        data, filename = put.call_args[0]
+        assert filename == "s3://bucket/dir/c.pth"
+        ckpt = torch.load(io.BytesIO(data), weights_only=True)
+        assert_same(ckpt["state_dict"], mmcv_ckpt.get_state_dict(fresh_net()))
+
+
+def test_mmengine_save_to_petrel_as_mmengine_tests_do(monkeypatch):
+    from unittest.mock import MagicMock, patch
+
+    from mmengine.fileio.backends import PetrelBackend
+
+    monkeypatch.setitem(sys.modules, "petrel_client", MagicMock())
+    monkeypatch.setitem(sys.modules, "petrel_client.client", MagicMock())
+    ckpt = {"state_dict": collections.OrderedDict(w=torch.arange(4.0))}
+    for fca, ba in ((None, {"backend": "petrel"}), (None, None)):
+        with patch.object(PetrelBackend, "put") as put:
+            _mmengine_save.save_checkpoint(ckpt, "s3://bucket/e.pth", fca, ba)
+        put.assert_called_once()
+        data, filename = put.call_args[0]
+        assert filename == "s3://bucket/e.pth"
+        assert_same(torch.load(io.BytesIO(data), weights_only=True), ckpt)
