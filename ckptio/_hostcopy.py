@@ -36,6 +36,13 @@ def _library():
     return os.environ.get("CKPTIO_CUDART") or None
 
 
+def _pinned():
+    """Whether the arena is page-locked (the default) or, with
+    $CKPTIO_PINNED=0, pageable heap memory: cheaper to allocate, slower to
+    fill (the driver stages the copies)."""
+    return os.environ.get("CKPTIO_PINNED", "1") != "0"
+
+
 def _batchable(val) -> bool:
     """Whether val.cpu() is a plain dense copy that the batch reproduces
     exactly. Tensors that need autograd (requires_grad), subclasses other
@@ -98,7 +105,7 @@ def batch_to_cpu(values) -> dict:
         device, address, _ = key
         lo, hi, _ = spans[key]
         segments.append((address + lo, hi - lo, device))
-    copied = _native.copy_to_host(segments, _library())
+    copied = _native.copy_to_host(segments, _library(), pinned=_pinned())
     if copied is None:
         return {}
     arena, offsets = copied

@@ -105,6 +105,7 @@ def test_plan_offsets_are_aligned_in_order_and_bytes_arrive(fake):
     bufs = buffers(1, 63, 64, 65, 1000, 7)
     before = fake.calls()
     arena, offsets = _native.copy_to_host([seg for _, seg in bufs], fake.path)
+    assert arena.pinned and "pinned" in repr(arena)
     assert len(offsets) == len(bufs)
     end = 0
     for (a, (_, n, _)), off in zip(bufs, offsets):
@@ -175,6 +176,39 @@ def test_invalid_device_fails_cleanly(fake):
     assert "memcpy_async" not in d
     assert fake.live_bytes() == 0
     assert fake.var("fake_current_device", ctypes.c_int).value == 0
+
+
+def test_pageable_arena_needs_no_pinned_allocation(fake):
+    bufs = buffers(5, 500, 50)
+    before = fake.calls()
+    arena, offsets = _native.copy_to_host([seg for _, seg in bufs], fake.path, pinned=False)
+    assert not arena.pinned and "pageable" in repr(arena)
+    view = memoryview(arena)
+    for (a, (_, n, _)), off in zip(bufs, offsets):
+        assert off % 64 == 0 and bytes(view[off:off + n]) == a.tobytes()
+    del view, arena
+    gc.collect()
+    d = delta(before, fake.calls())
+    assert "malloc_host" not in d and "free_host" not in d
+    assert d["memcpy_async"] == 3 and d["stream_synchronize"] == 1
+    assert fake.live_bytes() == 0
+
+
+def test_pageable_arena_failing_copy(fake):
+    bufs = buffers(100, 200)
+    fake.var("fake_fail_memcpy_async").value = fake.calls()["memcpy_async"] + 2
+    with pytest.raises(ckptio.CheckpointError, match="cudaMemcpyAsync failed"):
+        _native.copy_to_host([seg for _, seg in bufs], fake.path, pinned=False)
+
+
+def test_weights_to_cpu_with_pageable_arena(fake, monkeypatch):
+    monkeypatch.setenv("CKPTIO_PINNED", "0")
+    sd = mixed_state()
+    before = fake.calls()
+    got = ckptio.weights_to_cpu(sd)
+    for k in sd:
+        assert tensor_bytes(got[k]) == tensor_bytes(sd[k]), k
+    assert "malloc_host" not in delta(before, fake.calls())
 
 
 def test_empty_batch_and_empty_segments_allocate_nothing(fake):
