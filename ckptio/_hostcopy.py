@@ -60,10 +60,12 @@ def _batchable(val) -> bool:
     )
 
 
-def _byte_extent(t):
-    """[start, end) of the bytes of t's storage that t can reach."""
-    size = t.element_size()
+def _byte_extent(t, size):
+    """[start, end) of the bytes of t's storage that t can reach; size is
+    t's element size."""
     start = t.storage_offset() * size
+    if t.is_contiguous():
+        return start, start + t.numel() * size
     last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
     return start, start + (last + 1) * size
 
@@ -75,20 +77,21 @@ def batch_to_cpu(values) -> dict:
     tensors already on the CPU, tensors _batchable rejects) are left to the
     caller. Returns {} when there is nothing to batch or no CUDA runtime.
     """
-    spans = {}  # (device index, storage address, dtype) -> [lo, hi, tensors]
+    # (device index, storage address, dtype) -> [lo, hi, element size, [(tensor, start)]]
+    spans = {}
     for val in values:
         if not isinstance(val, torch.Tensor) or not _batchable(val):
             continue
-        device = val.device.index or 0
-        key = (device, val.untyped_storage().data_ptr(), val.dtype)
-        start, end = _byte_extent(val)
+        size = val.element_size()
+        start, end = _byte_extent(val, size)
+        key = (max(val.get_device(), 0), val.untyped_storage().data_ptr(), val.dtype)
         span = spans.get(key)
         if span is None:
-            spans[key] = [start, end, {id(val): val}]
+            spans[key] = [start, end, size, [(val, start)]]
         else:
             span[0] = min(span[0], start)
             span[1] = max(span[1], end)
-            span[2][id(val)] = val
+            span[3].append((val, start))
     if not spans:
         return {}
     for span in spans.values():
@@ -100,11 +103,7 @@ def batch_to_cpu(values) -> dict:
             torch.cuda.current_stream(device).synchronize()
 
     keys = list(spans)
-    segments = []
-    for key in keys:
-        device, address, _ = key
-        lo, hi, _ = spans[key]
-        segments.append((address + lo, hi - lo, device))
+    segments = [(key[1] + spans[key][0], spans[key][1] - spans[key][0], key[0]) for key in keys]
     copied = _native.copy_to_host(segments, _library(), pinned=_pinned())
     if copied is None:
         return {}
@@ -112,12 +111,12 @@ def batch_to_cpu(values) -> dict:
 
     out = {}
     for key, offset in zip(keys, offsets):
-        lo, hi, tensors = spans[key]
-        span = torch.frombuffer(arena, dtype=torch.uint8, count=hi - lo, offset=offset)
-        storage = span.untyped_storage()
-        for t in tensors.values():
-            start, _ = _byte_extent(t)
-            out[id(t)] = torch.empty(0, dtype=t.dtype).set_(
-                storage, (start - lo) // t.element_size(), t.shape, t.stride()
-            )
+        lo, hi, size, tensors = spans[key]
+        # one tensor of the span's dtype over its bytes (lo is 64-aligned and
+        # hi ends an element, so the span holds whole elements); every tensor
+        # of the span is a strided view of it, sharing its storage
+        whole = torch.frombuffer(arena, dtype=torch.uint8, count=hi - lo, offset=offset)
+        whole = whole.view(key[2])
+        for t, start in tensors:
+            out[id(t)] = whole.as_strided(t.shape, t.stride(), (start - lo) // size)
     return out
