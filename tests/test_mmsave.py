@@ -381,3 +381,29 @@ def test_mmengine_save_to_petrel_as_mmengine_tests_do(monkeypatch):
         data, filename = put.call_args[0]
         assert filename == "s3://bucket/e.pth"
         assert_same(torch.load(io.BytesIO(data), weights_only=True), ckpt)
+
+
+def test_without_mmcv_and_mmengine(monkeypatch, tmp_path):
+    """Local files need neither: torch's wrappers are unwrapped, the mmcv
+    version is None; any URL or backend asks for the missing package."""
+    expected_keys = list(mmcv_ckpt.get_state_dict(fresh_net()))
+    for name in ("mmcv", "mmcv.parallel", "mmcv.fileio", "mmengine", "mmengine.logging",
+                 "mmengine.fileio"):
+        monkeypatch.setitem(sys.modules, name, None)
+    model = nn.DataParallel(fresh_net())
+    model.module.CLASSES = ("a",)
+    path = tmp_path / "new" / "m.pth"
+    ckptio.save_checkpoint(model, str(path))
+    ckpt = torch.load(str(path), weights_only=True)
+    assert ckpt["meta"]["mmcv_version"] is None and ckpt["meta"]["CLASSES"] == ("a",)
+    assert list(ckpt["state_dict"]) == expected_keys
+    with pytest.raises(ImportError, match="needs mmcv"):
+        ckptio.save_checkpoint(fresh_net(), "s3://b/m.pth")
+    with pytest.raises(ImportError, match="needs mmcv"):
+        ckptio.save_checkpoint(fresh_net(), str(path), file_client_args={"backend": "disk"})
+    _mmengine_save.save_checkpoint({"w": torch.ones(2)}, str(tmp_path / "e" / "c.pth"))
+    assert torch.equal(torch.load(str(tmp_path / "e" / "c.pth"))["w"], torch.ones(2))
+    with pytest.raises(ImportError, match="needs mmengine"):
+        _mmengine_save.save_checkpoint({}, "s3://b/c.pth")
+    with pytest.raises(ImportError, match="needs mmengine"):
+        _mmengine_save.save_checkpoint({}, "c.pth", backend_args={"backend": "local"})
