@@ -15,6 +15,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ckptio
 from ckptio import _hostcopy, _mmsave, _native
@@ -488,3 +490,48 @@ def test_save_checkpoint_through_the_batch_equals_mmcv_file(fake, tmp_path):
         assert tensor_bytes(back["state_dict"][k]) == tensor_bytes(v), k
         assert back["state_dict"][k].stride() == v.stride(), k
     assert back["meta"]["e"] == 1
+
+
+@st.composite
+def views_of_storages(draw):
+    """A few storages, each with a few in-bounds strided views of one or two
+    dtypes (equal element sizes), as a model's tensors might be."""
+    out = []
+    for s in range(draw(st.integers(1, 3))):
+        dtypes = draw(st.sampled_from([
+            (torch.float32, torch.int32), (torch.float16, torch.bfloat16),
+            (torch.int64, torch.float64), (torch.uint8, torch.bool), (torch.float32,),
+        ]))
+        numel = draw(st.integers(1, 3000))
+        base = torch.randint(0, 2, (numel,), dtype=torch.uint8) if dtypes[0] is torch.uint8 \
+            else torch.arange(numel, dtype=torch.float64).to(dtypes[0])
+        for _ in range(draw(st.integers(1, 4))):
+            dt = draw(st.sampled_from(dtypes))
+            src = base.view(dt)
+            ndim = draw(st.integers(0, 3))
+            shape = [draw(st.integers(1, 6)) for _ in range(ndim)]
+            stride = [draw(st.integers(0, 40)) for _ in range(ndim)]
+            reach = sum((n - 1) * s for n, s in zip(shape, stride)) + 1
+            if reach > numel:
+                continue
+            offset = draw(st.integers(0, numel - reach))
+            out.append(src.as_strided(shape, stride, offset))
+    return out
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(views=views_of_storages())
+def test_random_views_copy_exactly_and_share_as_their_sources(fake, views):
+    out = _hostcopy.batch_to_cpu(views)
+    for v in views:
+        r = out[id(v)]
+        assert r.dtype == v.dtype and r.shape == v.shape and r.stride() == v.stride()
+        assert tensor_bytes(r) == tensor_bytes(v)
+    for a in views:
+        for b in views:
+            same_src = (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                        and a.dtype == b.dtype)
+            same_dst = (out[id(a)].untyped_storage().data_ptr()
+                        == out[id(b)].untyped_storage().data_ptr())
+            assert same_src == same_dst
