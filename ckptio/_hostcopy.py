@@ -104,7 +104,14 @@ def batch_to_cpu(values) -> dict:
 
     keys = list(spans)
     segments = [(key[1] + spans[key][0], spans[key][1] - spans[key][0], key[0]) for key in keys]
-    copied = _native.copy_to_host(segments, _library(), pinned=_pinned())
+    library, pinned = _library(), _pinned()
+    try:
+        copied = _native.copy_to_host(segments, library, pinned=pinned)
+    except MemoryError:
+        if not pinned:
+            raise
+        # page-locked memory is scarcer than memory: as .cpu() would, use pageable
+        copied = _native.copy_to_host(segments, library, pinned=False)
     if copied is None:
         return {}
     arena, offsets = copied

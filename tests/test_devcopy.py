@@ -405,6 +405,19 @@ def test_weights_to_cpu_batched_equals_mmcv_semantics(fake):
     assert got["empty"] is sd["empty"]
 
 
+def test_weights_to_cpu_falls_back_to_pageable_when_pinning_fails(fake):
+    sd = mixed_state()
+    before = fake.calls()
+    fake.var("fake_fail_malloc_host").value = before["malloc_host"] + 1
+    got = ckptio.weights_to_cpu(sd)
+    for k in sd:
+        assert tensor_bytes(got[k]) == tensor_bytes(sd[k]), k
+    d = delta(before, fake.calls())
+    assert d["malloc_host"] == 1 and "free_host" not in d
+    assert d["memcpy_async"] >= len({(v.untyped_storage().data_ptr(), v.dtype) for v in sd.values()})
+    assert fake.live_bytes() == 0
+
+
 def test_failing_copy_in_weights_to_cpu_leaves_nothing(fake):
     sd = mixed_state()
     fake.var("fake_fail_memcpy_async").value = fake.calls()["memcpy_async"] + 3
