@@ -2,12 +2,13 @@
 _native.copy_to_host (src/binding/hostcopy.c, src/core/devcopy.c).
 
 batch_to_cpu groups the tensors by the device storage they view, copies for
-each storage the one byte span its tensors cover into one pinned host arena
-(one cudaMemcpyAsync per span, one stream per device, one synchronisation),
-and rebuilds each tensor over the arena with its dtype, shape, stride and
-storage offset, so tensors of one dtype that shared a device storage share
-one CPU storage. The arena is freed (cudaFreeHost) when the last of them
-dies.
+each storage the one byte span its tensors cover into one host arena (one
+cudaMemcpyAsync per span, one stream per device, one synchronisation), and
+rebuilds each tensor over the arena with its dtype, shape, stride and
+storage offset (counted from the span's start), so tensors of one dtype
+that shared a device storage share one CPU storage. The arena is pinned
+(cudaMallocHost) unless $CKPTIO_PINNED=0 or page-locked memory runs out,
+and is freed when the last tensor over it dies.
 
 Views of one storage under different dtypes get one span (and one CPU
 storage) per dtype: torch.save refuses tensors that view the same data as
