@@ -2,12 +2,13 @@
 _native.copy_to_host (src/binding/hostcopy.c, src/core/devcopy.c).
 
 batch_to_cpu groups the tensors by the device storage they view, copies for
-each storage the one byte span its tensors cover into one pinned host arena
-(one cudaMemcpyAsync per span, one stream per device, one synchronisation),
-and rebuilds each tensor over the arena with its dtype, shape, stride and
-storage offset, so tensors of one dtype that shared a device storage share
-one CPU storage. The arena is freed (cudaFreeHost) when the last of them
-dies.
+each storage the one byte span its tensors cover into one host arena (one
+cudaMemcpyAsync per span, one stream per device, one synchronisation), and
+rebuilds each tensor over the arena with its dtype, shape, stride and
+storage offset (counted from the span's start), so tensors of one dtype
+that shared a device storage share one CPU storage. The arena is pinned
+(cudaMallocHost) unless $CKPTIO_PINNED=0 or page-locked memory runs out,
+and is freed when the last tensor over it dies.
 
 Views of one storage under different dtypes get one span (and one CPU
 storage) per dtype: torch.save refuses tensors that view the same data as
@@ -36,6 +37,13 @@ def _library():
     return os.environ.get("CKPTIO_CUDART") or None
 
 
+def _pinned():
+    """Whether the arena is page-locked (the default) or, with
+    $CKPTIO_PINNED=0, pageable heap memory: cheaper to allocate, slower to
+    fill (the driver stages the copies)."""
+    return os.environ.get("CKPTIO_PINNED", "1") != "0"
+
+
 def _batchable(val) -> bool:
     """Whether val.cpu() is a plain dense copy that the batch reproduces
     exactly. Tensors that need autograd (requires_grad), subclasses other
@@ -53,10 +61,12 @@ def _batchable(val) -> bool:
     )
 
 
-def _byte_extent(t):
-    """[start, end) of the bytes of t's storage that t can reach."""
-    size = t.element_size()
+def _byte_extent(t, size):
+    """[start, end) of the bytes of t's storage that t can reach; size is
+    t's element size."""
     start = t.storage_offset() * size
+    if t.is_contiguous():
+        return start, start + t.numel() * size
     last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
     return start, start + (last + 1) * size
 
@@ -68,20 +78,21 @@ def batch_to_cpu(values) -> dict:
     tensors already on the CPU, tensors _batchable rejects) are left to the
     caller. Returns {} when there is nothing to batch or no CUDA runtime.
     """
-    spans = {}  # (device index, storage address, dtype) -> [lo, hi, tensors]
+    # (device index, storage address, dtype) -> [lo, hi, element size, [(tensor, start)]]
+    spans = {}
     for val in values:
         if not isinstance(val, torch.Tensor) or not _batchable(val):
             continue
-        device = val.device.index or 0
-        key = (device, val.untyped_storage().data_ptr(), val.dtype)
-        start, end = _byte_extent(val)
+        size = val.element_size()
+        start, end = _byte_extent(val, size)
+        key = (max(val.get_device(), 0), val.untyped_storage().data_ptr(), val.dtype)
         span = spans.get(key)
         if span is None:
-            spans[key] = [start, end, {id(val): val}]
+            spans[key] = [start, end, size, [(val, start)]]
         else:
             span[0] = min(span[0], start)
             span[1] = max(span[1], end)
-            span[2][id(val)] = val
+            span[3].append((val, start))
     if not spans:
         return {}
     for span in spans.values():
@@ -93,24 +104,27 @@ def batch_to_cpu(values) -> dict:
             torch.cuda.current_stream(device).synchronize()
 
     keys = list(spans)
-    segments = []
-    for key in keys:
-        device, address, _ = key
-        lo, hi, _ = spans[key]
-        segments.append((address + lo, hi - lo, device))
-    copied = _native.copy_to_host(segments, _library())
+    segments = [(key[1] + spans[key][0], spans[key][1] - spans[key][0], key[0]) for key in keys]
+    library, pinned = _library(), _pinned()
+    try:
+        copied = _native.copy_to_host(segments, library, pinned=pinned)
+    except MemoryError:
+        if not pinned:
+            raise
+        # page-locked memory is scarcer than memory: as .cpu() would, use pageable
+        copied = _native.copy_to_host(segments, library, pinned=False)
     if copied is None:
         return {}
     arena, offsets = copied
 
     out = {}
     for key, offset in zip(keys, offsets):
-        lo, hi, tensors = spans[key]
-        span = torch.frombuffer(arena, dtype=torch.uint8, count=hi - lo, offset=offset)
-        storage = span.untyped_storage()
-        for t in tensors.values():
-            start, _ = _byte_extent(t)
-            out[id(t)] = torch.empty(0, dtype=t.dtype).set_(
-                storage, (start - lo) // t.element_size(), t.shape, t.stride()
-            )
+        lo, hi, size, tensors = spans[key]
+        # one tensor of the span's dtype over its bytes (lo is 64-aligned and
+        # hi ends an element, so the span holds whole elements); every tensor
+        # of the span is a strided view of it, sharing its storage
+        whole = torch.frombuffer(arena, dtype=torch.uint8, count=hi - lo, offset=offset)
+        whole = whole.view(key[2])
+        for t, start in tensors:
+            out[id(t)] = whole.as_strided(t.shape, t.stride(), (start - lo) // size)
     return out

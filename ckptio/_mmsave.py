@@ -71,9 +71,10 @@ def weights_to_cpu(state_dict: OrderedDict) -> OrderedDict:
     Returns:
         OrderedDict: Model weights on CPU.
     """
-    copied = _hostcopy.batch_to_cpu(state_dict.values())
+    items = list(state_dict.items())
+    copied = _hostcopy.batch_to_cpu(val for _, val in items)
     state_dict_cpu = OrderedDict()
-    for key, val in state_dict.items():
+    for key, val in items:
         moved = copied.get(id(val))
         state_dict_cpu[key] = moved if moved is not None else val.cpu()
     # Keep metadata in state_dict

@@ -15,6 +15,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ckptio
 from ckptio import _hostcopy, _mmsave, _native
@@ -105,6 +107,7 @@ def test_plan_offsets_are_aligned_in_order_and_bytes_arrive(fake):
     bufs = buffers(1, 63, 64, 65, 1000, 7)
     before = fake.calls()
     arena, offsets = _native.copy_to_host([seg for _, seg in bufs], fake.path)
+    assert arena.pinned and "pinned" in repr(arena)
     assert len(offsets) == len(bufs)
     end = 0
     for (a, (_, n, _)), off in zip(bufs, offsets):
@@ -140,6 +143,74 @@ def test_one_stream_per_device_and_current_device_restored(fake):
     view = memoryview(arena)
     for (a, (_, n, _)), off in zip(bufs, offsets):
         assert bytes(view[off:off + n]) == a.tobytes()
+
+
+def test_many_segments_of_random_sizes_on_several_devices(fake):
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(0, 5000, size=300)
+    arrays = [rng.integers(0, 256, size=int(n), dtype=np.uint8) for n in sizes]
+    devices = rng.integers(0, 4, size=300)
+    segs = [(a.ctypes.data if a.size else 0, a.size, int(d)) for a, d in zip(arrays, devices)]
+    before = fake.calls()
+    arena, offsets = _native.copy_to_host(segs, fake.path)
+    view = memoryview(arena)
+    end = 0
+    for a, off in zip(arrays, offsets):
+        assert off % 64 == 0 and off >= end
+        assert bytes(view[off:off + a.size]) == a.tobytes()
+        end = off + a.size
+    assert arena.size == end
+    d = delta(before, fake.calls())
+    assert d["memcpy_async"] == sum(1 for a in arrays if a.size)
+    assert d["stream_create"] == d["stream_destroy"] == len(set(devices.tolist()))
+
+
+def test_invalid_device_fails_cleanly(fake):
+    bufs = buffers(10, 10)
+    segs = [bufs[0][1], (bufs[1][1][0], 10, 9)]  # the fake has devices 0..7
+    before = fake.calls()
+    with pytest.raises(ckptio.CheckpointError,
+                       match=r"cudaSetDevice failed: invalid device ordinal \(CUDA error 101\)"):
+        _native.copy_to_host(segs, fake.path)
+    d = delta(before, fake.calls())
+    assert d["malloc_host"] == d["free_host"] == 1
+    assert d["stream_create"] == d["stream_destroy"] == 1
+    assert "memcpy_async" not in d
+    assert fake.live_bytes() == 0
+    assert fake.var("fake_current_device", ctypes.c_int).value == 0
+
+
+def test_pageable_arena_needs_no_pinned_allocation(fake):
+    bufs = buffers(5, 500, 50)
+    before = fake.calls()
+    arena, offsets = _native.copy_to_host([seg for _, seg in bufs], fake.path, pinned=False)
+    assert not arena.pinned and "pageable" in repr(arena)
+    view = memoryview(arena)
+    for (a, (_, n, _)), off in zip(bufs, offsets):
+        assert off % 64 == 0 and bytes(view[off:off + n]) == a.tobytes()
+    del view, arena
+    gc.collect()
+    d = delta(before, fake.calls())
+    assert "malloc_host" not in d and "free_host" not in d
+    assert d["memcpy_async"] == 3 and d["stream_synchronize"] == 1
+    assert fake.live_bytes() == 0
+
+
+def test_pageable_arena_failing_copy(fake):
+    bufs = buffers(100, 200)
+    fake.var("fake_fail_memcpy_async").value = fake.calls()["memcpy_async"] + 2
+    with pytest.raises(ckptio.CheckpointError, match="cudaMemcpyAsync failed"):
+        _native.copy_to_host([seg for _, seg in bufs], fake.path, pinned=False)
+
+
+def test_weights_to_cpu_with_pageable_arena(fake, monkeypatch):
+    monkeypatch.setenv("CKPTIO_PINNED", "0")
+    sd = mixed_state()
+    before = fake.calls()
+    got = ckptio.weights_to_cpu(sd)
+    for k in sd:
+        assert tensor_bytes(got[k]) == tensor_bytes(sd[k]), k
+    assert "malloc_host" not in delta(before, fake.calls())
 
 
 def test_empty_batch_and_empty_segments_allocate_nothing(fake):
@@ -334,6 +405,19 @@ def test_weights_to_cpu_batched_equals_mmcv_semantics(fake):
     assert got["empty"] is sd["empty"]
 
 
+def test_weights_to_cpu_falls_back_to_pageable_when_pinning_fails(fake):
+    sd = mixed_state()
+    before = fake.calls()
+    fake.var("fake_fail_malloc_host").value = before["malloc_host"] + 1
+    got = ckptio.weights_to_cpu(sd)
+    for k in sd:
+        assert tensor_bytes(got[k]) == tensor_bytes(sd[k]), k
+    d = delta(before, fake.calls())
+    assert d["malloc_host"] == 1 and "free_host" not in d
+    assert d["memcpy_async"] >= len({(v.untyped_storage().data_ptr(), v.dtype) for v in sd.values()})
+    assert fake.live_bytes() == 0
+
+
 def test_failing_copy_in_weights_to_cpu_leaves_nothing(fake):
     sd = mixed_state()
     fake.var("fake_fail_memcpy_async").value = fake.calls()["memcpy_async"] + 3
@@ -400,3 +484,67 @@ def test_real_runtime_without_a_gpu_fails_cleanly():
     a = np.arange(8, dtype=np.uint8)
     with pytest.raises(ckptio.CheckpointError, match=r"copy_to_host: device-to-host copy: cuda\w+ failed: .*\(CUDA error \d+\)"):
         _native.copy_to_host([(a.ctypes.data, 8, 0)], lib)
+
+
+def test_save_checkpoint_through_the_batch_equals_mmcv_file(fake, tmp_path):
+    """The whole save path with every tensor going through the fake
+    runtime: the file reads back equal to one written from plain tensors."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(4, 4))
+    net[2].weight = torch.nn.Parameter(net[2].weight.detach().t())  # a non-contiguous parameter
+    before = fake.calls()
+    ckptio.save_checkpoint(net, str(tmp_path / "batched.pth"), meta={"e": 1})
+    d = delta(before, fake.calls())
+    assert d["malloc_host"] == 1 and d["memcpy_async"] == len(net.state_dict())  # one per storage
+    back = torch.load(str(tmp_path / "batched.pth"), weights_only=True)
+    expected = _mmsave.get_state_dict(net)
+    assert list(back["state_dict"]) == list(expected)
+    for k, v in expected.items():
+        assert tensor_bytes(back["state_dict"][k]) == tensor_bytes(v), k
+        assert back["state_dict"][k].stride() == v.stride(), k
+    assert back["meta"]["e"] == 1
+
+
+@st.composite
+def views_of_storages(draw):
+    """A few storages, each with a few in-bounds strided views of one or two
+    dtypes (equal element sizes), as a model's tensors might be."""
+    out = []
+    for s in range(draw(st.integers(1, 3))):
+        dtypes = draw(st.sampled_from([
+            (torch.float32, torch.int32), (torch.float16, torch.bfloat16),
+            (torch.int64, torch.float64), (torch.uint8, torch.bool), (torch.float32,),
+        ]))
+        numel = draw(st.integers(1, 3000))
+        base = torch.randint(0, 2, (numel,), dtype=torch.uint8) if dtypes[0] is torch.uint8 \
+            else torch.arange(numel, dtype=torch.float64).to(dtypes[0])
+        for _ in range(draw(st.integers(1, 4))):
+            dt = draw(st.sampled_from(dtypes))
+            src = base.view(dt)
+            ndim = draw(st.integers(0, 3))
+            shape = [draw(st.integers(1, 6)) for _ in range(ndim)]
+            stride = [draw(st.integers(0, 40)) for _ in range(ndim)]
+            reach = sum((n - 1) * s for n, s in zip(shape, stride)) + 1
+            if reach > numel:
+                continue
+            offset = draw(st.integers(0, numel - reach))
+            out.append(src.as_strided(shape, stride, offset))
+    return out
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(views=views_of_storages())
+def test_random_views_copy_exactly_and_share_as_their_sources(fake, views):
+    out = _hostcopy.batch_to_cpu(views)
+    for v in views:
+        r = out[id(v)]
+        assert r.dtype == v.dtype and r.shape == v.shape and r.stride() == v.stride()
+        assert tensor_bytes(r) == tensor_bytes(v)
+    for a in views:
+        for b in views:
+            same_src = (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                        and a.dtype == b.dtype)
+            same_dst = (out[id(a)].untyped_storage().data_ptr()
+                        == out[id(b)].untyped_storage().data_ptr())
+            assert same_src == same_dst

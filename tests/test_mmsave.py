@@ -4,6 +4,7 @@ _save_to_state_dict, get_state_dict, save_checkpoint) and mmengine 0.10.7
 the same messages, and files that torch.load reads back equal to mmcv's
 (except meta['time'])."""
 import collections
+import io
 import os
 import sys
 import types
@@ -96,6 +97,8 @@ def test_weights_to_cpu_plain_dict_and_bad_values_as_mmcv():
     bad = collections.OrderedDict(a=torch.ones(1), n=3)
     assert outcome(ckptio.weights_to_cpu, bad)[1] == outcome(mmcv_ckpt.weights_to_cpu, bad)[1]
     assert outcome(ckptio.weights_to_cpu, bad)[1][0] is AttributeError
+    not_a_dict = [torch.ones(1)]
+    assert outcome(ckptio.weights_to_cpu, not_a_dict)[1] == outcome(mmcv_ckpt.weights_to_cpu, not_a_dict)[1]
 
 
 # ---- _save_to_state_dict and get_state_dict ---------------------------------------------
@@ -207,8 +210,9 @@ def test_save_checkpoint_file_equals_mmcv(tmp_path, optim_kind, with_classes):
     assert_same(a, b)
     assert ("CLASSES" in a["meta"]) == with_classes
     assert set(a) == {"meta", "state_dict"} | ({"optimizer"} if opt is not None else set())
-    # and the state dict loads with weights_only=True as mmcv's does
-    assert_same(torch.load(str(ours), weights_only=True)["state_dict"], b["state_dict"])
+    # and it loads with weights_only=True and with mmap=True as mmcv's does
+    assert_same(strip_time(torch.load(str(ours), weights_only=True)), b)
+    assert_same(strip_time(torch.load(str(ours), weights_only=True, mmap=True)), b)
 
 
 def test_save_checkpoint_wrapped_model_and_no_meta(tmp_path):
@@ -266,8 +270,6 @@ def test_save_checkpoint_to_a_storage_backend(monkeypatch, tmp_path):
     monkeypatch.setattr(HTTPBackend, "put", lambda self, obj, filepath: stored.setdefault(filepath, obj),
                         raising=False)
     ckptio.save_checkpoint(fresh_net(), "http://example.invalid/c.pth")
-    import io
-
     ckpt = torch.load(io.BytesIO(stored["http://example.invalid/c.pth"]), weights_only=True)
     assert_same(ckpt["state_dict"], mmcv_ckpt.get_state_dict(fresh_net()))
 
@@ -344,3 +346,64 @@ def test_mmengine_save_errors_as_mmengine(tmp_path, monkeypatch, filename, fca, 
     assert ours[1] == theirs[1]
     assert os.listdir(tmp_path) == []
 
+
+
+def test_save_checkpoint_to_petrel_as_mmcv_tests_do(monkeypatch):
+    """mmcv's own test: petrel_client mocked, PetrelBackend.put patched."""
+    from unittest.mock import MagicMock, patch
+
+    from mmcv.fileio.file_client import PetrelBackend
+
+    monkeypatch.setitem(sys.modules, "petrel_client", MagicMock())
+    monkeypatch.setitem(sys.modules, "petrel_client.client", MagicMock())
+    for fca in (None, {"backend": "petrel"}):
+        with patch.object(PetrelBackend, "put") as put:
+            ckptio.save_checkpoint(fresh_net(), "s3://bucket/dir/c.pth", file_client_args=fca)
+        put.assert_called_once()
+        data, filename = put.call_args[0]
+        assert filename == "s3://bucket/dir/c.pth"
+        ckpt = torch.load(io.BytesIO(data), weights_only=True)
+        assert_same(ckpt["state_dict"], mmcv_ckpt.get_state_dict(fresh_net()))
+
+
+def test_mmengine_save_to_petrel_as_mmengine_tests_do(monkeypatch):
+    from unittest.mock import MagicMock, patch
+
+    from mmengine.fileio.backends import PetrelBackend
+
+    monkeypatch.setitem(sys.modules, "petrel_client", MagicMock())
+    monkeypatch.setitem(sys.modules, "petrel_client.client", MagicMock())
+    ckpt = {"state_dict": collections.OrderedDict(w=torch.arange(4.0))}
+    for fca, ba in ((None, {"backend": "petrel"}), (None, None)):
+        with patch.object(PetrelBackend, "put") as put:
+            _mmengine_save.save_checkpoint(ckpt, "s3://bucket/e.pth", fca, ba)
+        put.assert_called_once()
+        data, filename = put.call_args[0]
+        assert filename == "s3://bucket/e.pth"
+        assert_same(torch.load(io.BytesIO(data), weights_only=True), ckpt)
+
+
+def test_without_mmcv_and_mmengine(monkeypatch, tmp_path):
+    """Local files need neither: torch's wrappers are unwrapped, the mmcv
+    version is None; any URL or backend asks for the missing package."""
+    expected_keys = list(mmcv_ckpt.get_state_dict(fresh_net()))
+    for name in ("mmcv", "mmcv.parallel", "mmcv.fileio", "mmengine", "mmengine.logging",
+                 "mmengine.fileio"):
+        monkeypatch.setitem(sys.modules, name, None)
+    model = nn.DataParallel(fresh_net())
+    model.module.CLASSES = ("a",)
+    path = tmp_path / "new" / "m.pth"
+    ckptio.save_checkpoint(model, str(path))
+    ckpt = torch.load(str(path), weights_only=True)
+    assert ckpt["meta"]["mmcv_version"] is None and ckpt["meta"]["CLASSES"] == ("a",)
+    assert list(ckpt["state_dict"]) == expected_keys
+    with pytest.raises(ImportError, match="needs mmcv"):
+        ckptio.save_checkpoint(fresh_net(), "s3://b/m.pth")
+    with pytest.raises(ImportError, match="needs mmcv"):
+        ckptio.save_checkpoint(fresh_net(), str(path), file_client_args={"backend": "disk"})
+    _mmengine_save.save_checkpoint({"w": torch.ones(2)}, str(tmp_path / "e" / "c.pth"))
+    assert torch.equal(torch.load(str(tmp_path / "e" / "c.pth"))["w"], torch.ones(2))
+    with pytest.raises(ImportError, match="needs mmengine"):
+        _mmengine_save.save_checkpoint({}, "s3://b/c.pth")
+    with pytest.raises(ImportError, match="needs mmengine"):
+        _mmengine_save.save_checkpoint({}, "c.pth", backend_args={"backend": "local"})

@@ -9,15 +9,15 @@
 
 typedef struct host_arena {
     PyObject_HEAD ck_cudart rt; /* the runtime that allocated data, kept open */
-    void *data;                 /* pinned memory, NULL when len == 0 */
+    void *data;                 /* the arena, NULL when len == 0 */
     size_t len;
+    ck_devcopy_memory memory; /* how data was allocated, so how to free it */
     Py_ssize_t exports;
 } host_arena;
 
 static void arena_dealloc(host_arena *self) {
     PyTypeObject *tp = Py_TYPE(self);
-    if (self->data != NULL)
-        self->rt.free_host(self->data);
+    ck_devcopy_free(&self->rt, self->data, self->memory);
     ck_cudart_close(&self->rt);
     tp->tp_free(self);
     Py_DECREF(tp);
@@ -38,7 +38,8 @@ static void arena_releasebuffer(host_arena *self, Py_buffer *view) {
 }
 
 static PyObject *arena_repr(host_arena *self) {
-    return PyUnicode_FromFormat("<ckptio HostArena of %zu pinned bytes>", self->len);
+    return PyUnicode_FromFormat("<ckptio HostArena of %zu %s bytes>", self->len,
+                                self->memory == CK_DEVCOPY_PINNED ? "pinned" : "pageable");
 }
 
 static PyObject *arena_get_size(host_arena *self, void *closure) {
@@ -46,8 +47,14 @@ static PyObject *arena_get_size(host_arena *self, void *closure) {
     return PyLong_FromSize_t(self->len);
 }
 
+static PyObject *arena_get_pinned(host_arena *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->memory == CK_DEVCOPY_PINNED);
+}
+
 static PyGetSetDef arena_getset[] = {
     {"size", (getter)arena_get_size, NULL, "Number of bytes.", NULL},
+    {"pinned", (getter)arena_get_pinned, NULL, "True: page-locked (cudaMallocHost) memory.", NULL},
     {NULL},
 };
 
@@ -57,8 +64,8 @@ static PyType_Slot arena_slots[] = {
     {Py_tp_getset, arena_getset},
     {Py_bf_getbuffer, arena_getbuffer},
     {Py_bf_releasebuffer, arena_releasebuffer},
-    {Py_tp_doc, "Pinned host memory filled by copy_to_host; freed with cudaFreeHost when the "
-                "last tensor built over it dies."},
+    {Py_tp_doc, "Host memory filled by copy_to_host; freed (cudaFreeHost when pinned) when "
+                "the last tensor built over it dies."},
     {0, NULL},
 };
 
@@ -120,11 +127,14 @@ static int parse_segment(PyObject *item, Py_ssize_t i, ck_devcopy_segment *seg) 
 }
 
 static PyObject *py_copy_to_host(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"segments", "library", NULL};
+    static char *kwlist[] = {"segments", "library", "pinned", NULL};
     PyObject *segments;
     PyObject *library = Py_None; /* borrowed */
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:copy_to_host", kwlist, &segments, &library))
+    int pinned = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O$p:copy_to_host", kwlist, &segments,
+                                     &library, &pinned))
         return NULL;
+    ck_devcopy_memory memory = pinned ? CK_DEVCOPY_PINNED : CK_DEVCOPY_PAGEABLE;
     ck_state *st = ck_get_state(module);
     PyTypeObject *tp = arena_type(module); /* borrowed */
     if (tp == NULL)
@@ -188,18 +198,19 @@ static PyObject *py_copy_to_host(PyObject *module, PyObject *args, PyObject *kwa
     arena->data = NULL;
     arena->len = 0;
     arena->exports = 0;
+    arena->memory = memory;
     memset(&arena->rt, 0, sizeof arena->rt);
 
     void *host = NULL;
     ck_status status;
     /* the copies can take tens of milliseconds; they touch no Python object */
     PyThreadState *ts = PyEval_SaveThread();
-    status = ck_devcopy_run(&rt, segs, (size_t)n, total, &host, &err);
+    status = ck_devcopy_run(&rt, segs, (size_t)n, total, memory, &host, &err);
     PyEval_RestoreThread(ts);
     if (status != CK_OK) {
         if (status == CK_E_NOMEM)
-            PyErr_Format(PyExc_MemoryError, "copy_to_host: %zu bytes of pinned memory: %s", total,
-                         err.msg);
+            PyErr_Format(PyExc_MemoryError, "copy_to_host: %zu bytes of %s memory: %s", total,
+                         pinned ? "pinned" : "pageable", err.msg);
         else
             PyErr_Format(st->CheckpointError, "copy_to_host: device-to-host copy: %s", err.msg);
         goto done;
@@ -219,10 +230,11 @@ done:
 
 PyMethodDef ck_hostcopy_methods[] = {
     {"copy_to_host", (PyCFunction)(void (*)(void))py_copy_to_host, METH_VARARGS | METH_KEYWORDS,
-     "copy_to_host(segments, library=None) -> (HostArena, offsets) or None\n\n"
-     "Copies every (data_ptr, nbytes, device) segment of device memory into one pinned host\n"
-     "arena with the CUDA runtime (library, or the libcudart.so this process loaded), one\n"
-     "stream per device and one synchronisation. offsets[i] is where segment i starts\n"
-     "(64-byte aligned). None when library is None and no CUDA runtime is found."},
+     "copy_to_host(segments, library=None, *, pinned=True) -> (HostArena, offsets) or None\n\n"
+     "Copies every (data_ptr, nbytes, device) segment of device memory into one host arena\n"
+     "(page-locked with cudaMallocHost, or pageable heap memory) with the CUDA runtime\n"
+     "(library, or the libcudart.so this process loaded), one stream per device and one\n"
+     "synchronisation. offsets[i] is where segment i starts (64-byte aligned). None when\n"
+     "library is None and no CUDA runtime is found."},
     {NULL, NULL, 0, NULL},
 };

@@ -152,8 +152,32 @@ static ck_cuda_error drain_streams(const ck_cudart *rt, device_stream *ds, size_
     return first;
 }
 
+void ck_devcopy_free(const ck_cudart *rt, void *arena, ck_devcopy_memory memory) {
+    if (arena == NULL)
+        return;
+    if (memory == CK_DEVCOPY_PINNED)
+        rt->free_host(arena);
+    else
+        free(arena);
+}
+
+/* Allocates the arena; 0 or the runtime's error (-1: the heap failed). */
+static ck_cuda_error arena_alloc(const ck_cudart *rt, size_t total, ck_devcopy_memory memory,
+                                 void **host) {
+    *host = NULL;
+    if (memory == CK_DEVCOPY_PINNED) {
+        ck_cuda_error e = rt->malloc_host(host, total);
+        return e != 0 ? e : (*host == NULL ? -1 : 0);
+    }
+    if (total > SIZE_MAX - (CK_DEVCOPY_ALIGN - 1))
+        return -1;
+    *host = aligned_alloc(CK_DEVCOPY_ALIGN,
+                          (total + CK_DEVCOPY_ALIGN - 1) & ~(size_t)(CK_DEVCOPY_ALIGN - 1));
+    return *host == NULL ? -1 : 0;
+}
+
 ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, size_t n,
-                         size_t total, void **arena, ck_error *err) {
+                         size_t total, ck_devcopy_memory memory, void **arena, ck_error *err) {
     *arena = NULL;
     if (total == 0)
         return CK_OK;
@@ -167,8 +191,13 @@ ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, si
         return cuda_fail(rt, err, CK_E_IO, "cudaGetDevice", e);
 
     void *host = NULL;
-    e = rt->malloc_host(&host, total);
-    if (e != 0 || host == NULL) {
+    e = arena_alloc(rt, total, memory, &host);
+    if (e == -1) {
+        rt->set_device(saved_device);
+        return ck_fail(err, CK_E_NOMEM, "out of memory for a %s arena of %zu bytes",
+                       memory == CK_DEVCOPY_PINNED ? "pinned" : "pageable", total);
+    }
+    if (e != 0) {
         cuda_fail(rt, err, CK_E_NOMEM, "cudaMallocHost", e);
         rt->set_device(saved_device);
         return CK_E_NOMEM;
@@ -177,7 +206,7 @@ ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, si
     /* one stream per distinct device, in order of first appearance */
     device_stream *ds = calloc(n ? n : 1, sizeof *ds);
     if (ds == NULL) {
-        rt->free_host(host);
+        ck_devcopy_free(rt, host, memory);
         return ck_fail(err, CK_E_NOMEM, "out of memory for %zu streams", n);
     }
     size_t nds = 0;
@@ -219,7 +248,7 @@ ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, si
     }
     if (e != 0) {
         cuda_fail(rt, err, CK_E_IO, call, e);
-        rt->free_host(host);
+        ck_devcopy_free(rt, host, memory);
         rt->set_device(saved_device);
         rt->get_last_error();
         return CK_E_IO;
@@ -227,7 +256,7 @@ ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, si
     e = rt->set_device(saved_device);
     if (e != 0) {
         cuda_fail(rt, err, CK_E_IO, "cudaSetDevice", e);
-        rt->free_host(host);
+        ck_devcopy_free(rt, host, memory);
         return CK_E_IO;
     }
     *arena = host;

@@ -4,9 +4,9 @@
  *
  * A batch is a list of segments (device address, byte count, device
  * index). ck_devcopy_plan gives each segment an aligned offset in one host
- * arena; ck_devcopy_run allocates that arena as pinned memory, issues every
- * copy asynchronously on one stream per device, synchronises once and
- * hands the arena to the caller, who frees it with ck_cudart.free_host.
+ * arena; ck_devcopy_run allocates that arena (pinned, or pageable), issues
+ * every copy asynchronously on one stream per device, synchronises once and
+ * hands the arena to the caller, who frees it with ck_devcopy_free.
  */
 #ifndef CKPTIO_CORE_DEVCOPY_H
 #define CKPTIO_CORE_DEVCOPY_H
@@ -70,15 +70,24 @@ typedef struct ck_devcopy_segment {
 ck_status ck_devcopy_plan(ck_devcopy_segment *segs, size_t n, size_t align, size_t *total,
                           ck_error *err);
 
-/* Allocates a pinned arena of total bytes (nothing, *arena = NULL, when
- * total is 0), copies every planned segment into it with one stream per
- * device, waits for all of them, and restores the calling thread's current
- * device. On failure nothing is left allocated (streams drained and
- * destroyed, the arena freed), the runtime's error state is cleared, and
- * err names the failing call and the runtime's message (CK_E_NOMEM when
- * the pinned allocation fails, CK_E_IO otherwise with os_errno 0).
- * Does not touch Python: callers may release the GIL around it. */
+/* Where the arena lives. Pinned memory (cudaMallocHost) takes the copies at
+ * full bus speed but costs page locking when allocated; pageable memory
+ * (a CK_DEVCOPY_ALIGN-aligned heap block) is cheap to allocate, and the
+ * driver stages its copies through its own pinned buffers. */
+typedef enum ck_devcopy_memory { CK_DEVCOPY_PINNED = 0, CK_DEVCOPY_PAGEABLE = 1 } ck_devcopy_memory;
+
+/* Allocates an arena of total bytes (nothing, *arena = NULL, when total is
+ * 0), copies every planned segment into it with one stream per device,
+ * waits for all of them, and restores the calling thread's current device.
+ * On failure nothing is left allocated (streams drained and destroyed, the
+ * arena freed), the runtime's error state is cleared, and err names the
+ * failing call and the runtime's message (CK_E_NOMEM when the allocation
+ * fails, CK_E_IO otherwise with os_errno 0). Does not touch Python:
+ * callers may release the GIL around it. */
 ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, size_t n,
-                         size_t total, void **arena, ck_error *err);
+                         size_t total, ck_devcopy_memory memory, void **arena, ck_error *err);
+
+/* Frees an arena from ck_devcopy_run (NULL is a no-op). */
+void ck_devcopy_free(const ck_cudart *rt, void *arena, ck_devcopy_memory memory);
 
 #endif
