@@ -1,0 +1,99 @@
+"""ckptio.save: torch.save's zip format written by C, atomically.
+
+The object is pickled by CPython's C pickler at protocol 2 with torch's
+persistent ids (computed in C); records are laid out as torch 2.x's writer
+lays them out (same names, order, alignment padding, CRCs and serialization
+id), storage bytes written straight from tensor memory. A path target is
+written to a temporary file in the same directory and renamed over the old
+file only once everything is on disk.
+"""
+import os
+import sys
+
+import torch
+
+from . import _native
+
+_hooks = None
+
+
+def _torch_hooks():
+    """The torch objects the C persistent_id calls (looked up once)."""
+    global _hooks
+    if _hooks is None:
+        ser = torch.serialization
+        _hooks = (
+            torch.storage.TypedStorage,
+            torch.UntypedStorage,
+            ser.normalize_storage_type,
+            ser.location_tag,
+            torch,
+            torch.uint8,
+        )
+    return _hooks
+
+
+def _archive_folder(path):
+    """The folder torch's writer puts records under for a file path: the
+    base name up to its last '.', or "archive" for non-ASCII names (torch
+    then writes through a Python stream)."""
+    try:
+        path.encode("ascii")
+    except UnicodeEncodeError:
+        return "archive"
+    start = max(path.rfind("/"), path.rfind("\\")) + 1
+    base = path[start:]
+    dot = base.rfind(".")
+    folder = base[:dot] if dot >= 0 else base
+    if not folder:
+        raise ValueError(f"invalid file name for a checkpoint: {path!r}")
+    return folder
+
+
+def _options():
+    """(alignment, compute_crc32) from torch's serialization config, so the
+    file matches what torch.save would write under the same settings."""
+    try:
+        from torch.utils.serialization import config
+
+        return int(config.save.storage_alignment), bool(config.save.compute_crc32)
+    except (ImportError, AttributeError):
+        return 64, True
+
+
+def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF):
+    """Saves obj as torch.save(obj, f) does, byte for byte.
+
+    f: a path (str or os.PathLike), written atomically (temporary file in
+    the same directory, fsync when fsync=True, rename over the target, fsync
+    of the directory), or a binary file object, written sequentially from its
+    current position. Storages on other devices are copied to the CPU first.
+    """
+    alignment, crc = _options()
+    common = dict(
+        byteorder=sys.byteorder,
+        alignment=alignment,
+        compute_crc32=crc,
+        zip64_threshold=_zip64_threshold,
+    )
+    if isinstance(f, (str, os.PathLike)):
+        path = os.fspath(f)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        _native.save(
+            obj, path, _archive_folder(path), _torch_hooks(), to_path=True, fsync=fsync, **common
+        )
+        return
+    write = getattr(f, "write", None)
+    if not callable(write):
+        raise AttributeError(f"Buffer of {type(f).__name__} has no callable attribute 'write'")
+    _native.save(obj, write, "archive", _torch_hooks(), to_path=False, fsync=False, **common)
+    if fsync:
+        flush = getattr(f, "flush", None)
+        if callable(flush):
+            flush()
+        try:
+            fd = f.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        os.fsync(fd)

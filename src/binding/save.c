@@ -1,0 +1,505 @@
+#include "save.h"
+
+#include <signal.h>
+#include <string.h>
+
+#include "core/atomic.h"
+#include "core/crc.h"
+#include "core/zipwrite.h"
+#include "errors.h"
+
+/* What persistent_id needs, alive for one save. Every PyObject * here is a
+ * strong reference owned by the save call (released in save_ctx_clear). */
+typedef struct save_ctx {
+    ck_state *st;
+    /* torch's objects, from the hooks tuple */
+    PyObject *TypedStorage, *UntypedStorage, *normalize_storage_type, *location_tag, *torch, *uint8;
+    PyObject *ids;      /* dict: storage._cdata -> key */
+    PyObject *storages; /* list: storage per key, in key order */
+    PyObject *dtypes;   /* dict: data_ptr -> dtype, to refuse one memory saved as two dtypes */
+    /* interned strings (torch's literals are interned too: the pickle memo
+     * then treats them alike) */
+    PyObject *s_storage, *s_cpu, *s_meta, *s_fake_device;
+} save_ctx;
+
+static void save_ctx_clear(save_ctx *c) {
+    Py_CLEAR(c->ids);
+    Py_CLEAR(c->storages);
+    Py_CLEAR(c->dtypes);
+    Py_CLEAR(c->s_storage);
+    Py_CLEAR(c->s_cpu);
+    Py_CLEAR(c->s_meta);
+    Py_CLEAR(c->s_fake_device);
+}
+
+static PyObject *call_method0(PyObject *obj, const char *name) {
+    return PyObject_CallMethod(obj, name, NULL);
+}
+
+/* The type name of storage.device ("cpu", "cuda", "meta"...), new reference. */
+static PyObject *device_type(PyObject *storage) {
+    PyObject *dev = PyObject_GetAttrString(storage, "device");
+    if (dev == NULL)
+        return NULL;
+    PyObject *t = PyObject_GetAttrString(dev, "type");
+    Py_DECREF(dev);
+    return t;
+}
+
+/* torch.serialization._save's persistent_id: a storage becomes
+ * ('storage', storage_type, key, location, numel); anything else None. */
+static PyObject *persistent_id(PyObject *capsule, PyObject *obj) {
+    save_ctx *c = PyCapsule_GetPointer(capsule, NULL);
+    if (c == NULL)
+        return NULL;
+    PyObject *storage = NULL, *dtype = NULL, *storage_type = NULL, *numel = NULL;
+    PyObject *dev = NULL, *key = NULL, *location = NULL, *result = NULL;
+    int typed = PyObject_IsInstance(obj, c->TypedStorage);
+    if (typed < 0)
+        return NULL;
+    if (typed) {
+        storage = PyObject_GetAttrString(obj, "_untyped_storage");
+        dtype = storage ? PyObject_GetAttrString(obj, "dtype") : NULL;
+        PyObject *name = dtype ? call_method0(obj, "_pickle_storage_type") : NULL;
+        storage_type = name ? PyObject_GetAttr(c->torch, name) : NULL;
+        Py_XDECREF(name);
+        numel = storage_type ? call_method0(obj, "_size") : NULL;
+    } else if ((PyObject *)Py_TYPE(obj) == c->UntypedStorage) {
+        storage = Py_NewRef(obj);
+        dtype = Py_NewRef(c->uint8);
+        storage_type = PyObject_CallOneArg(c->normalize_storage_type, (PyObject *)Py_TYPE(obj));
+        numel = storage_type ? call_method0(obj, "nbytes") : NULL;
+    } else {
+        Py_RETURN_NONE;
+    }
+    if (numel == NULL)
+        goto done;
+
+    dev = device_type(storage);
+    if (dev == NULL)
+        goto done;
+    int is_meta = PyUnicode_Compare(dev, c->s_meta) == 0;
+    if (!is_meta) {
+        PyObject *ptr = call_method0(storage, "data_ptr");
+        if (ptr == NULL)
+            goto done;
+        int nonzero = PyObject_IsTrue(ptr);
+        if (nonzero > 0) {
+            PyObject *seen = PyDict_GetItemWithError(c->dtypes, ptr); /* borrowed */
+            if (seen == NULL && !PyErr_Occurred()) {
+                nonzero = PyDict_SetItem(c->dtypes, ptr, dtype) < 0 ? -1 : 1;
+            } else if (seen != NULL) {
+                int same = PyObject_RichCompareBool(seen, dtype, Py_EQ);
+                if (same == 0)
+                    PyErr_SetString(PyExc_RuntimeError,
+                                    "Cannot save multiple tensors or storages that view the same "
+                                    "data as different types");
+                nonzero = same > 0 ? 1 : -1;
+            } else {
+                nonzero = -1;
+            }
+        }
+        Py_DECREF(ptr);
+        if (nonzero < 0)
+            goto done;
+    }
+
+    PyObject *cdata = PyObject_GetAttrString(storage, "_cdata");
+    if (cdata == NULL)
+        goto done;
+    key = PyDict_GetItemWithError(c->ids, cdata); /* borrowed, made strong below */
+    if (key != NULL) {
+        Py_INCREF(key);
+    } else if (!PyErr_Occurred()) {
+        key = PyUnicode_FromFormat("%zd", PyDict_GET_SIZE(c->ids));
+        if (key != NULL &&
+            (PyDict_SetItem(c->ids, cdata, key) < 0 || PyList_Append(c->storages, storage) < 0))
+            Py_CLEAR(key);
+    }
+    Py_DECREF(cdata);
+    if (key == NULL)
+        goto done;
+
+    PyObject *fake = NULL;
+    if (ck_lookup_attr(obj, c->s_fake_device, &fake) < 0)
+        goto done;
+    if (fake != NULL && fake != Py_None) {
+        location = PyObject_Str(fake);
+    } else if (PyUnicode_Compare(dev, c->s_cpu) == 0) {
+        location = Py_NewRef(c->s_cpu);
+    } else {
+        location = PyObject_CallOneArg(c->location_tag, storage);
+    }
+    Py_XDECREF(fake);
+    if (location == NULL)
+        goto done;
+    result = PyTuple_Pack(5, c->s_storage, storage_type, key, location, numel);
+done:
+    Py_XDECREF(storage);
+    Py_XDECREF(dtype);
+    Py_XDECREF(storage_type);
+    Py_XDECREF(numel);
+    Py_XDECREF(dev);
+    Py_XDECREF(key);
+    Py_XDECREF(location);
+    return result;
+}
+
+static PyMethodDef persistent_id_def = {"persistent_id", persistent_id, METH_O,
+                                        "torch's persistent_id for storages."};
+
+/* Pickles obj at protocol 2 with persistent_id; returns a BytesIO holding
+ * the pickle (new reference). */
+static PyObject *pickle_obj(save_ctx *c, PyObject *obj) {
+    PyObject *pickle = NULL, *io = NULL, *buf = NULL, *pickler = NULL, *pid = NULL;
+    PyObject *capsule = NULL, *res = NULL;
+    pickle = PyImport_ImportModule("_pickle");
+    io = pickle ? PyImport_ImportModule("io") : NULL;
+    buf = io ? PyObject_CallMethod(io, "BytesIO", NULL) : NULL;
+    pickler = buf ? PyObject_CallMethod(pickle, "Pickler", "Oi", buf, 2) : NULL;
+    capsule = pickler ? PyCapsule_New(c, NULL, NULL) : NULL;
+    pid = capsule ? PyCFunction_New(&persistent_id_def, capsule) : NULL;
+    if (pid != NULL && PyObject_SetAttrString(pickler, "persistent_id", pid) == 0)
+        res = PyObject_CallMethod(pickler, "dump", "O", obj);
+    /* The pickler holds the function, which holds the capsule pointing at
+     * c: drop the pickler here so nothing outlives this save. */
+    Py_XDECREF(pickler);
+    Py_XDECREF(pid);
+    Py_XDECREF(capsule);
+    Py_XDECREF(pickle);
+    Py_XDECREF(io);
+    if (res == NULL) {
+        Py_XDECREF(buf);
+        return NULL;
+    }
+    Py_DECREF(res);
+    return buf;
+}
+
+/* ---- sinks -------------------------------------------------------------- */
+
+/* Writes to a Python binary file object: f.write(memoryview) until all is
+ * taken. Runs with the GIL held. */
+static ck_status pyfile_sink(void *ctx, const struct iovec *iov, int n, ck_error *err) {
+    PyObject *write = ctx;
+    for (int i = 0; i < n; i++) {
+        char *p = iov[i].iov_base;
+        size_t left = iov[i].iov_len;
+        while (left > 0) {
+            Py_ssize_t step = left > ((size_t)1 << 30) ? ((Py_ssize_t)1 << 30) : (Py_ssize_t)left;
+            PyObject *view = PyMemoryView_FromMemory(p, step, PyBUF_READ);
+            if (view == NULL)
+                return ck_fail(err, CK_E_INTERRUPTED, "python exception");
+            PyObject *r = PyObject_CallOneArg(write, view);
+            Py_DECREF(view);
+            if (r == NULL)
+                return ck_fail(err, CK_E_INTERRUPTED, "python exception");
+            Py_ssize_t done = step;
+            if (r != Py_None) {
+                done = PyLong_AsSsize_t(r);
+                if (done < 0 || done > step) {
+                    Py_DECREF(r);
+                    if (!PyErr_Occurred())
+                        PyErr_SetString(PyExc_OSError, "file object's write returned a bad count");
+                    return ck_fail(err, CK_E_INTERRUPTED, "python exception");
+                }
+                if (done == 0) {
+                    Py_DECREF(r);
+                    PyErr_SetString(PyExc_OSError, "file object's write made no progress");
+                    return ck_fail(err, CK_E_INTERRUPTED, "python exception");
+                }
+            }
+            Py_DECREF(r);
+            p += done;
+            left -= (size_t)done;
+        }
+    }
+    return CK_OK;
+}
+
+/* Writing to a descriptor runs without the GIL; between chunks the stop
+ * hook takes it back briefly to let signal handlers (Ctrl-C) run. */
+typedef struct fd_io {
+    int fd;
+    PyThreadState *ts; /* non-NULL while the GIL is released */
+} fd_io;
+
+static int fd_stop(void *ctx) {
+    fd_io *io = ctx;
+    if (io->ts == NULL)
+        return PyErr_CheckSignals() < 0;
+    PyEval_RestoreThread(io->ts);
+    int stop = PyErr_CheckSignals() < 0;
+    io->ts = PyEval_SaveThread();
+    return stop;
+}
+
+/* ---- save --------------------------------------------------------------- */
+
+static int unpack_hooks(save_ctx *c, PyObject *hooks) {
+    if (!PyTuple_Check(hooks) || PyTuple_GET_SIZE(hooks) != 6) {
+        PyErr_SetString(PyExc_TypeError, "save: hooks must be a 6-tuple");
+        return -1;
+    }
+    /* borrowed from the hooks tuple, which the caller keeps alive */
+    c->TypedStorage = PyTuple_GET_ITEM(hooks, 0);
+    c->UntypedStorage = PyTuple_GET_ITEM(hooks, 1);
+    c->normalize_storage_type = PyTuple_GET_ITEM(hooks, 2);
+    c->location_tag = PyTuple_GET_ITEM(hooks, 3);
+    c->torch = PyTuple_GET_ITEM(hooks, 4);
+    c->uint8 = PyTuple_GET_ITEM(hooks, 5);
+    c->ids = PyDict_New();
+    c->storages = PyList_New(0);
+    c->dtypes = PyDict_New();
+    c->s_storage = PyUnicode_InternFromString("storage");
+    c->s_cpu = PyUnicode_InternFromString("cpu");
+    c->s_meta = PyUnicode_InternFromString("meta");
+    c->s_fake_device = PyUnicode_InternFromString("_fake_device");
+    if (!c->ids || !c->storages || !c->dtypes || !c->s_storage || !c->s_cpu || !c->s_meta ||
+        !c->s_fake_device)
+        return -1;
+    return 0;
+}
+
+/* CPU copies of the storages (the storage itself when on the CPU) with
+ * their data pointers and sizes. Returns a new list or NULL. */
+static PyObject *cpu_storages(save_ctx *c, void ***ptrs, uint64_t **sizes) {
+    Py_ssize_t n = PyList_GET_SIZE(c->storages);
+    PyObject *out = PyList_New(n);
+    *ptrs = PyMem_Calloc((size_t)n + 1, sizeof **ptrs);
+    *sizes = PyMem_Calloc((size_t)n + 1, sizeof **sizes);
+    if (out == NULL || *ptrs == NULL || *sizes == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = PyList_GET_ITEM(c->storages, i); /* borrowed */
+        PyObject *dev = device_type(s);
+        if (dev == NULL)
+            goto fail;
+        int on_cpu = PyUnicode_Compare(dev, c->s_cpu) == 0;
+        Py_DECREF(dev);
+        PyObject *cpu = on_cpu ? Py_NewRef(s) : call_method0(s, "cpu");
+        if (cpu == NULL)
+            goto fail;
+        PyList_SET_ITEM(out, i, cpu); /* steals */
+        PyObject *ptr = call_method0(cpu, "data_ptr");
+        PyObject *nb = ptr ? call_method0(cpu, "nbytes") : NULL;
+        if (nb == NULL) {
+            Py_XDECREF(ptr);
+            goto fail;
+        }
+        (*ptrs)[i] = PyLong_AsVoidPtr(ptr);
+        unsigned long long size = PyLong_AsUnsignedLongLong(nb);
+        Py_DECREF(ptr);
+        Py_DECREF(nb);
+        if (PyErr_Occurred())
+            goto fail;
+        (*sizes)[i] = size;
+        if (size > 0 && (*ptrs)[i] == NULL) {
+            PyErr_Format(PyExc_RuntimeError, "storage %zd has no data to save", i);
+            goto fail;
+        }
+    }
+    return out;
+fail:
+    Py_XDECREF(out);
+    PyMem_Free(*ptrs);
+    PyMem_Free(*sizes);
+    *ptrs = NULL;
+    *sizes = NULL;
+    return NULL;
+}
+
+typedef struct save_args {
+    PyObject *target; /* str path, or a file object's write method */
+    int to_path;
+    int fsync;
+    PyObject *byteorder;
+    uint64_t alignment;
+    uint64_t zip64_threshold;
+    int compute_crc;
+} save_args;
+
+/* Writes every record. The GIL is released around data writes to a
+ * descriptor (io->ts set); pickle bytes and storages stay alive through
+ * the references the caller holds. */
+static ck_status write_archive(ck_zipw *w, fd_io *io, const save_args *a, const Py_buffer *pkl,
+                               save_ctx *c, void **ptrs, const uint64_t *sizes, ck_error *err) {
+    char align_text[24];
+    snprintf(align_text, sizeof align_text, "%llu", (unsigned long long)a->alignment);
+    Py_ssize_t bo_len = 0;
+    const char *bo = PyUnicode_AsUTF8AndSize(a->byteorder, &bo_len);
+    if (bo == NULL)
+        return ck_fail(err, CK_E_INTERRUPTED, "python exception");
+    ck_status st;
+    if ((st = ck_zipw_add(w, "data.pkl", pkl->buf, (uint64_t)pkl->len, err)) != CK_OK ||
+        (st = ck_zipw_add(w, ".format_version", "1", 1, err)) != CK_OK ||
+        (st = ck_zipw_add(w, ".storage_alignment", align_text, strlen(align_text), err)) != CK_OK ||
+        (st = ck_zipw_add(w, "byteorder", bo, (uint64_t)bo_len, err)) != CK_OK)
+        return st;
+    Py_ssize_t n = PyList_GET_SIZE(c->storages);
+    if (io != NULL)
+        io->ts = PyEval_SaveThread();
+    for (Py_ssize_t i = 0; i < n && st == CK_OK; i++) {
+        char name[40];
+        snprintf(name, sizeof name, "data/%zd", i);
+        st = ck_zipw_add(w, name, ptrs[i], sizes[i], err);
+        if (st == CK_OK && w->stop != NULL && w->stop(w->stop_ctx))
+            st = ck_fail(err, CK_E_INTERRUPTED, "interrupted");
+    }
+    if (st == CK_OK)
+        st = ck_zipw_finish(w, err);
+    if (io != NULL && io->ts != NULL) {
+        PyEval_RestoreThread(io->ts);
+        io->ts = NULL;
+    }
+    return st;
+}
+
+static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"obj",           "target",          "prefix",    "hooks",
+                             "to_path",       "fsync",           "byteorder", "alignment",
+                             "compute_crc32", "zip64_threshold", NULL};
+    ck_state *st = ck_get_state(module);
+    PyObject *obj, *prefix, *hooks;
+    save_args a = {0};
+    unsigned long long alignment = 64, threshold = 0xFFFFFFFFull;
+    a.compute_crc = 1;
+    a.fsync = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOUO|$ppUKpK", kwlist, &obj, &a.target, &prefix,
+                                     &hooks, &a.to_path, &a.fsync, &a.byteorder, &alignment,
+                                     &a.compute_crc, &threshold))
+        return NULL;
+    if (a.byteorder == NULL) {
+        PyErr_SetString(PyExc_TypeError, "save: byteorder is required");
+        return NULL;
+    }
+    if (threshold == 0) {
+        PyErr_SetString(PyExc_ValueError, "save: zip64_threshold must be positive");
+        return NULL;
+    }
+    a.alignment = alignment;
+    a.zip64_threshold = threshold;
+    PyObject *filename = a.to_path ? a.target : Py_None; /* borrowed, for messages */
+
+    save_ctx c = {.st = st};
+    PyObject *result = NULL, *pkl_io = NULL, *pkl_view = NULL, *cpu = NULL;
+    Py_buffer pkl = {0};
+    void **ptrs = NULL;
+    uint64_t *sizes = NULL;
+    if (unpack_hooks(&c, hooks) < 0)
+        goto out;
+    pkl_io = pickle_obj(&c, obj);
+    if (pkl_io == NULL)
+        goto out;
+    pkl_view = PyObject_CallMethod(pkl_io, "getbuffer", NULL);
+    if (pkl_view == NULL || PyObject_GetBuffer(pkl_view, &pkl, PyBUF_SIMPLE) < 0)
+        goto out;
+    cpu = cpu_storages(&c, &ptrs, &sizes);
+    if (cpu == NULL)
+        goto out;
+
+    Py_ssize_t prefix_len = 0;
+    const char *prefix_s = PyUnicode_AsUTF8AndSize(prefix, &prefix_len);
+    if (prefix_s == NULL)
+        goto out;
+    ck_error err;
+    ck_error_clear(&err);
+    ck_zipw w;
+    if (ck_zipw_init(&w, prefix_s, (size_t)prefix_len, a.alignment, NULL, NULL, &err) != CK_OK) {
+        ck_zipw_free(&w);
+        ck_raise_core(st, filename, &err);
+        goto out;
+    }
+    w.zip64_threshold = a.zip64_threshold;
+    w.compute_crc = a.compute_crc;
+    ck_status status;
+    if (a.to_path) {
+        const char *path = PyUnicode_AsUTF8(a.target);
+        if (path == NULL) {
+            ck_zipw_free(&w);
+            goto out;
+        }
+        ck_atomic at;
+        if (ck_atomic_open(&at, path, &err) != CK_OK) {
+            ck_zipw_free(&w);
+            ck_raise_core(st, filename, &err);
+            goto out;
+        }
+        fd_io io = {at.fd, NULL};
+        w.write = ck_zipw_fd_sink;
+        w.write_ctx = &io.fd;
+        w.stop = fd_stop;
+        w.stop_ctx = &io;
+        /* A write past RLIMIT_FSIZE must fail with EFBIG, not kill us. */
+        struct sigaction ign = {0}, old;
+        ign.sa_handler = SIG_IGN;
+        sigemptyset(&ign.sa_mask);
+        int have_old = sigaction(SIGXFSZ, &ign, &old) == 0;
+        status = write_archive(&w, &io, &a, &pkl, &c, ptrs, sizes, &err);
+        if (status == CK_OK) {
+            Py_BEGIN_ALLOW_THREADS status = ck_atomic_commit(&at, a.fsync, &err);
+            Py_END_ALLOW_THREADS
+        } else {
+            ck_atomic_abort(&at);
+        }
+        if (have_old)
+            sigaction(SIGXFSZ, &old, NULL);
+    } else {
+        w.write = pyfile_sink;
+        w.write_ctx = a.target;
+        w.stop = fd_stop;
+        fd_io no_release = {-1, NULL};
+        w.stop_ctx = &no_release;
+        status = write_archive(&w, NULL, &a, &pkl, &c, ptrs, sizes, &err);
+    }
+    ck_zipw_free(&w);
+    if (status != CK_OK) {
+        if (!PyErr_Occurred())
+            ck_raise_core(st, filename, &err);
+        goto out;
+    }
+    result = Py_NewRef(Py_None);
+out:
+    if (pkl.obj != NULL)
+        PyBuffer_Release(&pkl);
+    Py_XDECREF(pkl_view);
+    Py_XDECREF(pkl_io);
+    Py_XDECREF(cpu);
+    PyMem_Free(ptrs);
+    PyMem_Free(sizes);
+    save_ctx_clear(&c);
+    return result;
+}
+
+/* ---- crc32 (benchmark) ---------------------------------------------------- */
+
+static PyObject *py_crc32(PyObject *module, PyObject *args, PyObject *kwargs) {
+    (void)module;
+    static char *kwlist[] = {"data", "value", "impl", NULL};
+    Py_buffer buf;
+    unsigned int value = 0;
+    const char *impl = "libdeflate";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|I$s", kwlist, &buf, &value, &impl))
+        return NULL;
+    int zlib = strcmp(impl, "zlib") == 0;
+    if (!zlib && strcmp(impl, "libdeflate") != 0) {
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "crc32: impl must be 'libdeflate' or 'zlib', not %s", impl);
+        return NULL;
+    }
+    uint32_t crc;
+    Py_BEGIN_ALLOW_THREADS crc = zlib ? ck_crc32_zlib(value, buf.buf, (size_t)buf.len)
+                                      : ck_crc32(value, buf.buf, (size_t)buf.len);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&buf);
+    return PyLong_FromUnsignedLong(crc);
+}
+
+PyMethodDef ck_save_methods[] = {
+    {"save", (PyCFunction)(void (*)(void))py_save, METH_VARARGS | METH_KEYWORDS,
+     "save(obj, target, prefix, hooks, *, to_path, fsync, byteorder, alignment=64,\n"
+     "     compute_crc32=True, zip64_threshold=0xFFFFFFFF)\n"
+     "Writes obj in torch.save's zip format (see ckptio.save for the public API)."},
+    {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_VARARGS | METH_KEYWORDS,
+     "crc32(data, value=0, *, impl='libdeflate') -> int: CRC-32 by libdeflate or zlib."},
+    {NULL, NULL, 0, NULL},
+};

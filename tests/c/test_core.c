@@ -1,0 +1,936 @@
+/* Tests of the plain-C core (src/core): status, region, crc, zipread.
+ *
+ * No framework: CHECK counts passes and failures and prints each failure
+ * with its line; the program exits 1 when any check failed. Zip archives
+ * are built in memory by a small writer below and then damaged byte by
+ * byte at offsets the writer records, so that every rejection in
+ * zipread.h is reached by exactly the fault it names.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "core/crc.h"
+#include "core/region.h"
+#include "core/status.h"
+#include "core/zipread.h"
+
+static int n_pass, n_fail;
+
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (cond) {                                                                                \
+            n_pass++;                                                                              \
+        } else {                                                                                   \
+            n_fail++;                                                                              \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);               \
+        }                                                                                          \
+    } while (0)
+
+/* CHECK that a status is the expected one, printing the error message when not. */
+#define CHECK_ST(got, want, err)                                                                   \
+    do {                                                                                           \
+        ck_status got_ = (got);                                                                    \
+        if (got_ == (want)) {                                                                      \
+            n_pass++;                                                                              \
+        } else {                                                                                   \
+            n_fail++;                                                                              \
+            fprintf(stderr, "%s:%d: status %s, expected %s (%s)\n", __FILE__, __LINE__,            \
+                    ck_status_name(got_), ck_status_name(want), (err)->msg);                       \
+        }                                                                                          \
+    } while (0)
+
+/* ---- little-endian writes -------------------------------------------------- */
+
+static void put16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static void put32(uint8_t *p, uint32_t v) {
+    put16(p, (uint16_t)v);
+    put16(p + 2, (uint16_t)(v >> 16));
+}
+
+static void put64(uint8_t *p, uint64_t v) {
+    put32(p, (uint32_t)v);
+    put32(p + 4, (uint32_t)(v >> 32));
+}
+
+/* ---- a minimal zip writer ------------------------------------------------- */
+
+#define MAX_ENTRIES 8
+
+typedef struct zent {
+    const char *name;
+    size_t name_len; /* 0: strlen(name) */
+    const uint8_t *data;
+    size_t len;
+    int deflate;
+} zent;
+
+enum { Z64_NONE = 0, Z64_END = 1, Z64_EXTRA = 2 };
+
+typedef struct zbuf {
+    uint8_t *buf;
+    size_t len, cap;
+    size_t n;
+    size_t local_off[MAX_ENTRIES];
+    size_t central_off[MAX_ENTRIES];
+    size_t cd_off, cd_size;
+    size_t z64_off, loc_off; /* zip64 end record and locator, when written */
+    size_t eocd_off;
+} zbuf;
+
+static uint8_t *grow(zbuf *z, size_t more) {
+    if (z->len + more > z->cap) {
+        size_t cap = z->cap ? z->cap : 1024;
+        while (cap < z->len + more)
+            cap *= 2;
+        uint8_t *p = realloc(z->buf, cap);
+        if (p == NULL) {
+            fprintf(stderr, "out of memory\n");
+            exit(2);
+        }
+        z->buf = p;
+        z->cap = cap;
+    }
+    uint8_t *at = z->buf + z->len;
+    memset(at, 0, more);
+    z->len += more;
+    return at;
+}
+
+static void append(zbuf *z, const void *data, size_t len) {
+    if (len > 0)
+        memcpy(grow(z, len), data, len);
+}
+
+/* Raw deflate of data; returns a malloc'ed buffer and its size in *out_len. */
+static uint8_t *deflate_raw(const uint8_t *data, size_t len, size_t *out_len) {
+    z_stream s;
+    memset(&s, 0, sizeof s);
+    if (deflateInit2(&s, 6, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+        exit(2);
+    size_t cap = deflateBound(&s, (uLong)len) + 16;
+    uint8_t *out = malloc(cap);
+    s.next_in = (Bytef *)data;
+    s.avail_in = (uInt)len;
+    s.next_out = out;
+    s.avail_out = (uInt)cap;
+    if (out == NULL || deflate(&s, Z_FINISH) != Z_STREAM_END)
+        exit(2);
+    *out_len = cap - s.avail_out;
+    deflateEnd(&s);
+    return out;
+}
+
+/* Writes the entries, the central directory, optionally the zip64 end
+ * record and locator (Z64_END) and zip64 extra fields with saturated
+ * 32-bit fields in every central entry (Z64_EXTRA, implies Z64_END). */
+static void zbuild(zbuf *z, const zent *ents, size_t n, int z64) {
+    memset(z, 0, sizeof *z);
+    z->n = n;
+    uint8_t *comp[MAX_ENTRIES];
+    size_t comp_len[MAX_ENTRIES];
+    uint32_t crcs[MAX_ENTRIES];
+    for (size_t i = 0; i < n; i++) {
+        const zent *e = &ents[i];
+        size_t nlen = e->name_len ? e->name_len : strlen(e->name);
+        crcs[i] = (uint32_t)crc32(0, e->data, (uInt)e->len);
+        if (e->deflate) {
+            comp[i] = deflate_raw(e->data, e->len, &comp_len[i]);
+        } else {
+            comp[i] = NULL;
+            comp_len[i] = e->len;
+        }
+        z->local_off[i] = z->len;
+        uint8_t *h = grow(z, 30);
+        put32(h, 0x04034b50u);
+        put16(h + 4, 20);
+        put16(h + 8, e->deflate ? 8 : 0);
+        put32(h + 14, crcs[i]);
+        put32(h + 18, (uint32_t)comp_len[i]);
+        put32(h + 22, (uint32_t)e->len);
+        put16(h + 26, (uint16_t)nlen);
+        append(z, e->name, nlen);
+        append(z, e->deflate ? comp[i] : e->data, comp_len[i]);
+    }
+    z->cd_off = z->len;
+    for (size_t i = 0; i < n; i++) {
+        const zent *e = &ents[i];
+        size_t nlen = e->name_len ? e->name_len : strlen(e->name);
+        z->central_off[i] = z->len;
+        uint8_t *c = grow(z, 46);
+        put32(c, 0x02014b50u);
+        put16(c + 4, 45);
+        put16(c + 6, 45);
+        put16(c + 10, e->deflate ? 8 : 0);
+        put32(c + 16, crcs[i]);
+        put16(c + 28, (uint16_t)nlen);
+        if (z64 == Z64_EXTRA) {
+            put32(c + 20, 0xFFFFFFFFu);
+            put32(c + 24, 0xFFFFFFFFu);
+            put32(c + 42, 0xFFFFFFFFu);
+            put16(c + 30, 28);
+        } else {
+            put32(c + 20, (uint32_t)comp_len[i]);
+            put32(c + 24, (uint32_t)e->len);
+            put32(c + 42, (uint32_t)z->local_off[i]);
+        }
+        append(z, e->name, nlen);
+        if (z64 == Z64_EXTRA) {
+            uint8_t *x = grow(z, 28);
+            put16(x, 0x0001);
+            put16(x + 2, 24);
+            put64(x + 4, e->len);
+            put64(x + 12, comp_len[i]);
+            put64(x + 20, z->local_off[i]);
+        }
+        free(comp[i]);
+    }
+    z->cd_size = z->len - z->cd_off;
+    z->z64_off = z->loc_off = 0;
+    if (z64 != Z64_NONE) {
+        z->z64_off = z->len;
+        uint8_t *r = grow(z, 56);
+        put32(r, 0x06064b50u);
+        put64(r + 4, 44);
+        put16(r + 12, 45);
+        put16(r + 14, 45);
+        put64(r + 24, n);
+        put64(r + 32, n);
+        put64(r + 40, z->cd_size);
+        put64(r + 48, z->cd_off);
+        z->loc_off = z->len;
+        uint8_t *l = grow(z, 20);
+        put32(l, 0x07064b50u);
+        put64(l + 8, z->z64_off);
+        put32(l + 16, 1);
+    }
+    z->eocd_off = z->len;
+    uint8_t *e = grow(z, 22);
+    put32(e, 0x06054b50u);
+    put16(e + 8, z64 ? 0xFFFF : (uint16_t)n);
+    put16(e + 10, z64 ? 0xFFFF : (uint16_t)n);
+    put32(e + 12, z64 ? 0xFFFFFFFFu : (uint32_t)z->cd_size);
+    put32(e + 16, z64 ? 0xFFFFFFFFu : (uint32_t)z->cd_off);
+}
+
+static void zfree(zbuf *z) {
+    free(z->buf);
+    memset(z, 0, sizeof *z);
+}
+
+/* Opens z and expects status want; the message must hold needle (if not NULL). */
+static ck_status open_expect(const zbuf *z, ck_status want, const char *needle, int line) {
+    ck_zip zip;
+    ck_error err;
+    ck_error_clear(&err);
+    ck_status rc = ck_zip_open(&zip, z->buf, z->len, &err);
+    if (rc != want) {
+        n_fail++;
+        fprintf(stderr, "test_core.c:%d: ck_zip_open gave %s (%s), expected %s\n", line,
+                ck_status_name(rc), err.msg, ck_status_name(want));
+    } else if (needle != NULL && strstr(err.msg, needle) == NULL) {
+        n_fail++;
+        fprintf(stderr, "test_core.c:%d: message '%s' lacks '%s'\n", line, err.msg, needle);
+    } else {
+        n_pass++;
+    }
+    if (rc != CK_OK) {
+        /* a failed open leaves the zip empty and closable */
+        CHECK(zip.entries == NULL && zip.n_entries == 0);
+        CHECK(err.msg[0] != 0);
+    }
+    ck_zip_close(&zip);
+    return rc;
+}
+
+#define EXPECT_OPEN(z, want, needle) open_expect((z), (want), (needle), __LINE__)
+
+/* ---- status ------------------------------------------------------------------ */
+
+static void test_status(void) {
+    ck_error err;
+    ck_error_clear(&err);
+    CHECK(err.status == CK_OK && err.os_errno == 0 && err.msg[0] == 0);
+    ck_error_clear(NULL);
+
+    CHECK(ck_fail(&err, CK_E_RANGE, "entry %d at %s", 3, "x") == CK_E_RANGE);
+    CHECK(err.status == CK_E_RANGE);
+    CHECK(strcmp(err.msg, "entry 3 at x") == 0);
+    CHECK(err.os_errno == 0);
+
+    /* a NULL error record is allowed and the status still comes back */
+    CHECK(ck_fail(NULL, CK_E_LIMIT, "ignored") == CK_E_LIMIT);
+
+    /* long messages are cut to the record's size and stay terminated */
+    char big[2000];
+    memset(big, 'a', sizeof big - 1);
+    big[sizeof big - 1] = 0;
+    ck_fail(&err, CK_E_FORMAT, "%s", big);
+    CHECK(strlen(err.msg) == CK_ERROR_MSG_SIZE - 1);
+
+    /* an empty format gives a message naming the status, never empty */
+    ck_fail(&err, CK_E_CRC, "%s", "");
+    CHECK(strcmp(err.msg, "crc error") == 0);
+
+    CHECK(ck_fail_errno(&err, ENOENT, "cannot open %s", "f") == CK_E_IO);
+    CHECK(err.status == CK_E_IO && err.os_errno == ENOENT);
+    char want[256];
+    snprintf(want, sizeof want, "cannot open f: %s", strerror(ENOENT));
+    CHECK(strcmp(err.msg, want) == 0);
+
+    /* a message that fills the record gets no errno suffix and no overflow */
+    ck_fail_errno(&err, EACCES, "%s", big);
+    CHECK(strlen(err.msg) == CK_ERROR_MSG_SIZE - 1 && err.os_errno == EACCES);
+
+    CHECK(strcmp(ck_status_name(CK_OK), "ok") == 0);
+    CHECK(strcmp(ck_status_name(CK_E_TRUNCATED), "truncated") == 0);
+    CHECK(strcmp(ck_status_name(CK_E_INTERRUPTED), "interrupted") == 0);
+    CHECK(strcmp(ck_status_name(CK_STATUS_COUNT), "unknown") == 0);
+    CHECK(strcmp(ck_status_name((ck_status)-1), "unknown") == 0);
+    for (int s = 0; s < CK_STATUS_COUNT; s++)
+        CHECK(ck_status_name((ck_status)s) != NULL && ck_status_name((ck_status)s)[0] != 0);
+}
+
+/* ---- region ------------------------------------------------------------------ */
+
+static char tmpdir[] = "/tmp/ckptio-ctest-XXXXXX";
+
+static void write_file(const char *path, const void *data, size_t len) {
+    FILE *f = fopen(path, "wb");
+    if (f == NULL || (len > 0 && fwrite(data, 1, len, f) != len) || fclose(f) != 0) {
+        perror(path);
+        exit(2);
+    }
+}
+
+static void test_region(void) {
+    char path[256], empty[256], missing[256];
+    snprintf(path, sizeof path, "%s/data.bin", tmpdir);
+    snprintf(empty, sizeof empty, "%s/empty.bin", tmpdir);
+    snprintf(missing, sizeof missing, "%s/missing.bin", tmpdir);
+    uint8_t data[10000];
+    for (size_t i = 0; i < sizeof data; i++)
+        data[i] = (uint8_t)(i * 7 + 3);
+    write_file(path, data, sizeof data);
+    write_file(empty, NULL, 0);
+
+    ck_region r;
+    ck_error err;
+    ck_error_clear(&err);
+
+    CHECK_ST(ck_region_map_file(path, &r, &err), CK_OK, &err);
+    CHECK(r.kind == CK_REGION_MMAP && r.len == sizeof data);
+    CHECK(r.data != NULL && memcmp(r.data, data, sizeof data) == 0);
+    /* the mapping is private: a write changes the copy, never the file */
+    r.data[0] ^= 0xFF;
+    ck_region_release(&r);
+    CHECK(r.kind == CK_REGION_NONE && r.data == NULL && r.len == 0);
+    ck_region_release(&r); /* twice is safe */
+
+    CHECK_ST(ck_region_read_file(path, &r, &err), CK_OK, &err);
+    CHECK(r.kind == CK_REGION_HEAP && r.len == sizeof data);
+    CHECK(((uintptr_t)r.data & 63) == 0);
+    CHECK(memcmp(r.data, data, sizeof data) == 0); /* the mapped write did not reach the file */
+    ck_region_release(&r);
+
+    CHECK_ST(ck_region_map_file(empty, &r, &err), CK_OK, &err);
+    CHECK(r.data == NULL && r.len == 0);
+    ck_region_release(&r);
+    CHECK_ST(ck_region_read_file(empty, &r, &err), CK_OK, &err);
+    CHECK(r.data == NULL && r.len == 0);
+    ck_region_release(&r);
+
+    CHECK_ST(ck_region_map_file(missing, &r, &err), CK_E_IO, &err);
+    CHECK(err.os_errno == ENOENT && strstr(err.msg, "cannot open") != NULL);
+    CHECK(r.data == NULL && r.len == 0);
+    ck_region_release(&r);
+    CHECK_ST(ck_region_read_file(missing, &r, &err), CK_E_IO, &err);
+    CHECK(err.os_errno == ENOENT);
+
+    CHECK_ST(ck_region_map_file(tmpdir, &r, &err), CK_E_IO, &err);
+    CHECK(err.os_errno == EISDIR && strstr(err.msg, "not a regular file") != NULL);
+    CHECK_ST(ck_region_read_file(tmpdir, &r, &err), CK_E_IO, &err);
+    CHECK(err.os_errno == EISDIR);
+
+    CHECK_ST(ck_region_alloc(1000, &r, &err), CK_OK, &err);
+    CHECK(r.kind == CK_REGION_HEAP && r.len == 1000 && ((uintptr_t)r.data & 63) == 0);
+    memset(r.data, 1, r.len);
+    ck_region_release(&r);
+    CHECK_ST(ck_region_alloc(0, &r, &err), CK_OK, &err);
+    CHECK(r.data == NULL && r.len == 0);
+    ck_region_release(&r);
+    CHECK_ST(ck_region_alloc(SIZE_MAX - 4096, &r, &err), CK_E_NOMEM, &err);
+    CHECK(r.data == NULL && r.len == 0);
+
+    unlink(path);
+    unlink(empty);
+}
+
+/* ---- crc ----------------------------------------------------------------------- */
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+
+static void test_crc(void) {
+    CHECK(ck_crc32(0, "123456789", 9) == 0xCBF43926u);
+    CHECK(ck_crc32_zlib(0, "123456789", 9) == 0xCBF43926u);
+    CHECK(ck_crc32(0, "", 0) == 0);
+    CHECK(ck_crc32(0, NULL, 0) == 0);
+    CHECK(ck_crc32(0, "The quick brown fox jumps over the lazy dog", 43) == 0x414FA339u);
+    uint8_t zeros[32] = {0};
+    CHECK(ck_crc32(0, zeros, 32) == 0x190A55ADu);
+
+    size_t cap = 1 << 20;
+    uint8_t *buf = malloc(cap);
+    if (buf == NULL)
+        exit(2);
+    for (size_t i = 0; i < cap; i++)
+        buf[i] = (uint8_t)rnd();
+    int agree = 1, chunked = 1;
+    for (int t = 0; t < 200; t++) {
+        size_t len = t < 100 ? (size_t)t : rnd() % cap;
+        size_t off = rnd() % 64;
+        if (off + len > cap)
+            len = cap - off;
+        uint32_t a = ck_crc32(0, buf + off, len);
+        uint32_t b = ck_crc32_zlib(0, buf + off, len);
+        agree &= a == b;
+        size_t cut = len ? rnd() % len : 0;
+        uint32_t c = ck_crc32(ck_crc32(0, buf + off, cut), buf + off + cut, len - cut);
+        chunked &= c == a;
+    }
+    CHECK(agree);
+    CHECK(chunked);
+    free(buf);
+}
+
+/* ---- zipread: good archives ------------------------------------------------------- */
+
+static const uint8_t PKL[] = "\x80\x02}q\x00.";
+static const uint8_t VERSION[] = "3\n";
+
+static uint8_t tensor_bytes[4096];
+
+/* three entries as torch.save writes them: arch/data.pkl, arch/data/0, arch/version */
+static void standard(zbuf *z, int z64, int deflate_tensor) {
+    zent ents[3] = {
+        {"arch/data.pkl", 0, PKL, sizeof PKL - 1, 0},
+        {"arch/data/0", 0, tensor_bytes, sizeof tensor_bytes, deflate_tensor},
+        {"arch/version", 0, VERSION, 2, 0},
+    };
+    zbuild(z, ents, 3, z64);
+}
+
+static void check_standard(const zbuf *z, int z64) {
+    ck_zip zip;
+    ck_error err;
+    ck_error_clear(&err);
+    CHECK_ST(ck_zip_open(&zip, z->buf, z->len, &err), CK_OK, &err);
+    if (zip.entries == NULL)
+        return;
+    CHECK(zip.n_entries == 3);
+    CHECK(zip.prefix_len == 4);
+    CHECK(zip.zip64 == z64);
+    CHECK(zip.cd_offset == z->cd_off && zip.cd_size == z->cd_size);
+    CHECK(ck_zip_find(&zip, "data.pkl", 8) == 0);
+    CHECK(ck_zip_find(&zip, "data/0", 6) == 1);
+    CHECK(ck_zip_find(&zip, "version", 7) == 2);
+    CHECK(ck_zip_find(&zip, "data/1", 6) == -1);
+    CHECK(ck_zip_find(&zip, "arch/data.pkl", 13) == -1);
+    CHECK(ck_zip_find(&zip, "", 0) == -1);
+    const ck_zip_entry *e = &zip.entries[1];
+    CHECK(e->name_len == 11 && memcmp(e->name, "arch/data/0", 11) == 0);
+    CHECK(e->size == sizeof tensor_bytes);
+    CHECK(e->header_offset == z->local_off[1]);
+    CHECK(e->data_offset == z->local_off[1] + 30 + 11);
+    CHECK(e->crc32 == ck_crc32(0, tensor_bytes, sizeof tensor_bytes));
+    if (e->method == CK_ZIP_METHOD_STORED) {
+        const uint8_t *d = ck_zip_stored_data(&zip, 1);
+        CHECK(d != NULL && memcmp(d, tensor_bytes, sizeof tensor_bytes) == 0);
+        CHECK(e->comp_size == e->size);
+    } else {
+        CHECK(ck_zip_stored_data(&zip, 1) == NULL);
+    }
+    CHECK(ck_zip_stored_data(&zip, 3) == NULL); /* out of range index */
+    for (size_t i = 0; i < 3; i++)
+        CHECK_ST(ck_zip_check_crc(&zip, i, 1, &err), CK_OK, &err);
+    ck_zip_close(&zip);
+    CHECK(zip.entries == NULL && zip.index_ == NULL);
+    ck_zip_close(&zip); /* twice is safe */
+}
+
+static void test_zip_good(void) {
+    zbuf z;
+    standard(&z, Z64_NONE, 0);
+    check_standard(&z, 0);
+    zfree(&z);
+    standard(&z, Z64_END, 0);
+    check_standard(&z, 1);
+    zfree(&z);
+    standard(&z, Z64_EXTRA, 0);
+    check_standard(&z, 1);
+    zfree(&z);
+    standard(&z, Z64_NONE, 1);
+    check_standard(&z, 0);
+    zfree(&z);
+
+    /* an archive comment after the end record is allowed */
+    standard(&z, Z64_NONE, 0);
+    put16(z.buf + z.eocd_off + 20, 5);
+    append(&z, "hello", 5);
+    check_standard(&z, 0);
+    zfree(&z);
+
+    /* many entries exercise the name index beyond its first size */
+    static char names[40][24];
+    zent many[MAX_ENTRIES];
+    for (int i = 0; i < MAX_ENTRIES; i++) {
+        snprintf(names[i], sizeof names[i], "top/data/%d", i);
+        many[i] = (zent){names[i], 0, VERSION, 2, 0};
+    }
+    zbuild(&z, many, MAX_ENTRIES, Z64_NONE);
+    ck_zip zip;
+    ck_error err;
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    for (int i = 0; i < MAX_ENTRIES; i++) {
+        char rel[24];
+        int n = snprintf(rel, sizeof rel, "data/%d", i);
+        CHECK(ck_zip_find(&zip, rel, (size_t)n) == i);
+    }
+    ck_zip_close(&zip);
+    zfree(&z);
+
+    /* ".." inside a longer component is an ordinary name */
+    zent dots[2] = {{"a/..x", 0, VERSION, 2, 0}, {"a/x..", 0, VERSION, 2, 0}};
+    zbuild(&z, dots, 2, Z64_NONE);
+    EXPECT_OPEN(&z, CK_OK, NULL);
+    zfree(&z);
+}
+
+static void test_zip_crc(void) {
+    zbuf z;
+    standard(&z, Z64_NONE, 0);
+    ck_zip zip;
+    ck_error err;
+    /* damage one tensor byte: the structure is fine, the CRC is not */
+    z.buf[z.local_off[1] + 30 + 11 + 100] ^= 1;
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_check_crc(&zip, 1, 0, &err), CK_E_CRC, &err);
+    CHECK(strstr(err.msg, "arch/data/0") != NULL && strstr(err.msg, "CRC") != NULL);
+    CHECK_ST(ck_zip_check_crc(&zip, 0, 0, &err), CK_OK, &err);
+    ck_zip_close(&zip);
+
+    /* a recorded CRC of 0 means "not computed" unless strict */
+    put32(z.buf + z.central_off[1] + 16, 0);
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_check_crc(&zip, 1, 0, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_check_crc(&zip, 1, 1, &err), CK_E_CRC, &err);
+    ck_zip_close(&zip);
+    zfree(&z);
+}
+
+/* ---- zipread: rejections ------------------------------------------------------------ */
+
+static void test_zip_end_records(void) {
+    zbuf z;
+    uint8_t tiny[21] = {0};
+    ck_zip zip;
+    ck_error err;
+    CHECK_ST(ck_zip_open(&zip, tiny, sizeof tiny, &err), CK_E_FORMAT, &err);
+    CHECK(strstr(err.msg, "too short") != NULL);
+    CHECK_ST(ck_zip_open(&zip, NULL, 0, &err), CK_E_FORMAT, &err);
+
+    /* truncated end record: the signature is there, its fields are not */
+    standard(&z, Z64_NONE, 0);
+    z.len -= 3;
+    EXPECT_OPEN(&z, CK_E_FORMAT, "no end of central directory");
+    zfree(&z);
+
+    /* a comment length that runs past the end */
+    standard(&z, Z64_NONE, 0);
+    put16(z.buf + z.eocd_off + 20, 100);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "no end of central directory");
+    zfree(&z);
+
+    /* not a zip at all */
+    uint8_t junk[4096];
+    for (size_t i = 0; i < sizeof junk; i++)
+        junk[i] = (uint8_t)rnd();
+    CHECK_ST(ck_zip_open(&zip, junk, sizeof junk, &err), CK_E_FORMAT, &err);
+
+    /* central directory out of range */
+    standard(&z, Z64_NONE, 0);
+    put32(z.buf + z.eocd_off + 16, (uint32_t)z.eocd_off);
+    EXPECT_OPEN(&z, CK_E_RANGE, "outside the archive");
+    put32(z.buf + z.eocd_off + 16, 0xFFFFFF00u);
+    EXPECT_OPEN(&z, CK_E_RANGE, "outside the archive");
+    put32(z.buf + z.eocd_off + 16, (uint32_t)z.cd_off);
+    put32(z.buf + z.eocd_off + 12, 0xFFFFFFF0u);
+    EXPECT_OPEN(&z, CK_E_RANGE, "outside the archive");
+    put32(z.buf + z.eocd_off + 12, (uint32_t)z.cd_size);
+    EXPECT_OPEN(&z, CK_OK, NULL);
+    /* a directory that starts elsewhere finds no entry signature */
+    put32(z.buf + z.eocd_off + 16, (uint32_t)z.cd_off - 4);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "bad signature");
+    zfree(&z);
+
+    /* entry count lies: more than fit, fewer than present, zero */
+    standard(&z, Z64_NONE, 0);
+    put16(z.buf + z.eocd_off + 8, 60000);
+    put16(z.buf + z.eocd_off + 10, 60000);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "announces 60000 entries");
+    put16(z.buf + z.eocd_off + 8, 4);
+    put16(z.buf + z.eocd_off + 10, 4);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "hold at most 3");
+    put16(z.buf + z.eocd_off + 8, 2);
+    put16(z.buf + z.eocd_off + 10, 2);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "after its 2 entries");
+    put16(z.buf + z.eocd_off + 8, 0);
+    put16(z.buf + z.eocd_off + 10, 0);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "no records");
+    zfree(&z);
+
+    /* multi-disk, in each place a disk number lives */
+    standard(&z, Z64_NONE, 0);
+    put16(z.buf + z.eocd_off + 4, 1);
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "multi-disk");
+    put16(z.buf + z.eocd_off + 4, 0);
+    put16(z.buf + z.eocd_off + 6, 1);
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "multi-disk");
+    put16(z.buf + z.eocd_off + 6, 0);
+    put16(z.buf + z.eocd_off + 8, 2);
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "multi-disk");
+    put16(z.buf + z.eocd_off + 8, 3);
+    put16(z.buf + z.central_off[1] + 34, 1);
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "multi-disk");
+    zfree(&z);
+}
+
+static void test_zip_zip64_lies(void) {
+    zbuf z;
+    standard(&z, Z64_END, 0);
+    EXPECT_OPEN(&z, CK_OK, NULL);
+    uint8_t *loc = z.buf + z.loc_off, *r = z.buf + z.z64_off;
+
+    /* the locator */
+    put32(loc + 4, 1);
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "multi-disk");
+    put32(loc + 4, 0);
+    put32(loc + 16, 2);
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "multi-disk");
+    put32(loc + 16, 1);
+    put64(loc + 8, z.loc_off);
+    EXPECT_OPEN(&z, CK_E_RANGE, "not before its locator");
+    put64(loc + 8, UINT64_MAX);
+    EXPECT_OPEN(&z, CK_E_RANGE, "not before its locator");
+    put64(loc + 8, z.z64_off - 8);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "no zip64 end record");
+    put64(loc + 8, z.z64_off);
+
+    /* the zip64 end record */
+    put64(r + 4, 10);
+    EXPECT_OPEN(&z, CK_E_RANGE, "size");
+    put64(r + 4, UINT64_MAX);
+    EXPECT_OPEN(&z, CK_E_RANGE, "size");
+    put64(r + 4, 44);
+    put32(r + 16, 1);
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "multi-disk");
+    put32(r + 16, 0);
+    put64(r + 24, 2);
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "multi-disk");
+    put64(r + 24, 3);
+    put64(r + 48, UINT64_MAX - 10);
+    EXPECT_OPEN(&z, CK_E_RANGE, "outside the archive");
+    put64(r + 48, z.cd_off);
+    put64(r + 40, UINT64_MAX);
+    EXPECT_OPEN(&z, CK_E_RANGE, "outside the archive");
+    put64(r + 40, z.cd_size);
+    put64(r + 24, UINT64_MAX);
+    put64(r + 32, UINT64_MAX);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "announces");
+    put64(r + 24, 3);
+    put64(r + 32, 3);
+    EXPECT_OPEN(&z, CK_OK, NULL);
+    zfree(&z);
+
+    /* zip64 extra fields: lying values, too short, missing */
+    standard(&z, Z64_EXTRA, 0);
+    uint8_t *x1 = z.buf + z.central_off[1] + 46 + 11; /* entry 1's extra block */
+    put64(x1 + 4 + 16, UINT64_MAX - 5);               /* local header offset */
+    EXPECT_OPEN(&z, CK_E_RANGE, "local header");
+    put64(x1 + 4 + 16, z.local_off[1]);
+    put64(x1 + 4 + 8, UINT64_MAX); /* compressed size */
+    put64(x1 + 4, UINT64_MAX);     /* size */
+    EXPECT_OPEN(&z, CK_E_RANGE, "extends past the central directory");
+    put64(x1 + 4 + 8, sizeof tensor_bytes);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "compressed size");
+    put64(x1 + 4, sizeof tensor_bytes);
+    EXPECT_OPEN(&z, CK_OK, NULL);
+    put16(x1 + 2, 16); /* claims fewer bytes than the three saturated fields need */
+    EXPECT_OPEN(&z, CK_E_FORMAT, "zip64 extra field holds 16");
+    put16(x1 + 2, 60); /* claims more bytes than its extra block has */
+    EXPECT_OPEN(&z, CK_E_FORMAT, "runs past its entry");
+    put16(x1 + 2, 24);
+    put16(x1, 0x7075); /* another field's id: no zip64 field at all */
+    EXPECT_OPEN(&z, CK_E_FORMAT, "no zip64 extra field");
+    put16(x1, 0x0001);
+    EXPECT_OPEN(&z, CK_OK, NULL);
+    /* a central entry whose extra length runs past the directory */
+    put16(z.buf + z.central_off[2] + 30, 200);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "runs past the central directory");
+    zfree(&z);
+}
+
+static void test_zip_entries(void) {
+    zbuf z;
+    /* overlapping entries: entry 0's data claims entry 1's header */
+    standard(&z, Z64_NONE, 0);
+    put32(z.buf + z.central_off[0] + 20, (uint32_t)(sizeof PKL - 1 + 20));
+    put32(z.buf + z.central_off[0] + 24, (uint32_t)(sizeof PKL - 1 + 20));
+    EXPECT_OPEN(&z, CK_E_RANGE, "overlap");
+    zfree(&z);
+
+    /* two central entries naming one local header */
+    zent two[3] = {
+        {"arch/a", 0, VERSION, 2, 0}, {"arch/b", 0, VERSION, 2, 0}, {"arch/c", 0, VERSION, 2, 0}};
+    zbuild(&z, two, 3, Z64_NONE);
+    put32(z.buf + z.central_off[1] + 42, (uint32_t)z.local_off[0]);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "names another record");
+    zfree(&z);
+
+    /* local header problems */
+    standard(&z, Z64_NONE, 0);
+    put32(z.buf + z.local_off[2], 0x12345678u);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "no local header");
+    put32(z.buf + z.local_off[2], 0x04034b50u);
+    put16(z.buf + z.local_off[2] + 28, 60000); /* local extra runs past the directory */
+    EXPECT_OPEN(&z, CK_E_RANGE, "extends past the central directory");
+    put16(z.buf + z.local_off[2] + 28, 0);
+    put32(z.buf + z.central_off[2] + 42, (uint32_t)z.cd_off - 10);
+    EXPECT_OPEN(&z, CK_E_RANGE, "not before the central directory");
+    put32(z.buf + z.central_off[2] + 42, (uint32_t)z.local_off[2]);
+    z.buf[z.local_off[2] + 30] = 'X'; /* local name differs */
+    EXPECT_OPEN(&z, CK_E_FORMAT, "names another record");
+    z.buf[z.local_off[2] + 30] = 'a';
+    EXPECT_OPEN(&z, CK_OK, NULL);
+
+    /* central entry problems */
+    put32(z.buf + z.central_off[1], 0x02014b51u);
+    EXPECT_OPEN(&z, CK_E_FORMAT, "entry 1 has a bad signature");
+    put32(z.buf + z.central_off[1], 0x02014b50u);
+    put16(z.buf + z.central_off[1] + 8, 1); /* encrypted */
+    EXPECT_OPEN(&z, CK_E_UNSUPPORTED, "encrypted");
+    put16(z.buf + z.central_off[1] + 8, 8); /* data descriptor bit alone is fine */
+    EXPECT_OPEN(&z, CK_OK, NULL);
+    put16(z.buf + z.central_off[1] + 8, 0);
+    put32(z.buf + z.central_off[1] + 20, 100); /* stored, comp_size != size */
+    EXPECT_OPEN(&z, CK_E_FORMAT, "compressed size 100 but size 4096");
+    zfree(&z);
+}
+
+static void name_case(const char *n0, size_t l0, const char *n1, size_t l1, ck_status want,
+                      const char *needle, int line) {
+    zbuf z;
+    zent ents[2] = {{n0, l0, VERSION, 2, 0}, {n1, l1, VERSION, 2, 0}};
+    zbuild(&z, ents, 2, Z64_NONE);
+    open_expect(&z, want, needle, line);
+    zfree(&z);
+}
+
+#define NAME_CASE(n0, l0, n1, l1, want, needle)                                                    \
+    name_case((n0), (l0), (n1), (l1), (want), (needle), __LINE__)
+
+static void test_zip_names(void) {
+    NAME_CASE("arch/data.pkl", 0, "arch/data/0", 0, CK_OK, NULL);
+    NAME_CASE("arch/data.pkl", 0, "arch/../etc/passwd", 0, CK_E_FORMAT, "'..' component");
+    NAME_CASE("arch/data.pkl", 0, "arch/data/..", 0, CK_E_FORMAT, "'..' component");
+    NAME_CASE("../arch/x", 0, "../arch/y", 0, CK_E_FORMAT, "'..' component");
+    NAME_CASE("arch/data.pkl", 0, "arch/a\0b", 8, CK_E_FORMAT, "NUL byte");
+    NAME_CASE("arch/data.pkl", 0, "/arch/x", 0, CK_E_FORMAT, "absolute path");
+    NAME_CASE("/arch/data.pkl", 0, "/arch/x", 0, CK_E_FORMAT, "absolute path");
+    NAME_CASE("arch/data.pkl", 0, "arch/data.pkl", 0, CK_E_FORMAT, "duplicate record name");
+    NAME_CASE("arch/data.pkl", 0, "other/data/0", 0, CK_E_FORMAT, "outside the archive folder");
+    NAME_CASE("arch/data.pkl", 0, "archive/data/0", 0, CK_E_FORMAT, "outside the archive folder");
+    NAME_CASE("arch/data.pkl", 0, "arch/", 0, CK_E_FORMAT, "outside the archive folder");
+    NAME_CASE("data.pkl", 0, "data/0", 0, CK_E_FORMAT, "not inside a top folder");
+    NAME_CASE("arch/", 0, "arch/data.pkl", 0, CK_E_FORMAT, "folder only");
+    NAME_CASE("arch/x", 0, "", 0, CK_E_FORMAT, "empty name");
+    /* names are compared as bytes, not as text */
+    NAME_CASE("a/\xff\x01", 4, "a/\xff\x01", 4, CK_E_FORMAT, "duplicate record name");
+}
+
+/* ---- zipread: extraction ------------------------------------------------------------- */
+
+static void test_zip_extract(void) {
+    zbuf z;
+    ck_zip zip;
+    ck_error err;
+    uint8_t *out;
+    size_t out_len;
+
+    standard(&z, Z64_NONE, 1);
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    CHECK(zip.entries[1].method == CK_ZIP_METHOD_DEFLATE);
+    CHECK(zip.entries[1].comp_size < zip.entries[1].size);
+    CHECK_ST(ck_zip_check_crc(&zip, 1, 1, &err), CK_OK, &err); /* left to extract */
+    CHECK_ST(ck_zip_extract(&zip, 1, UINT64_MAX, &out, &out_len, &err), CK_OK, &err);
+    CHECK(out != NULL && out_len == sizeof tensor_bytes && ((uintptr_t)out & 63) == 0);
+    CHECK(out != NULL && memcmp(out, tensor_bytes, sizeof tensor_bytes) == 0);
+    free(out);
+    /* a second extraction reuses the libzip handle */
+    CHECK_ST(ck_zip_extract(&zip, 1, sizeof tensor_bytes, &out, &out_len, &err), CK_OK, &err);
+    free(out);
+    /* the size limit is applied before anything is allocated */
+    out = (uint8_t *)&out;
+    CHECK_ST(ck_zip_extract(&zip, 1, sizeof tensor_bytes - 1, &out, &out_len, &err), CK_E_LIMIT,
+             &err);
+    CHECK(out == NULL && out_len == 0 && strstr(err.msg, "over the limit") != NULL);
+    /* stored entries are copied */
+    CHECK_ST(ck_zip_extract(&zip, 2, 100, &out, &out_len, &err), CK_OK, &err);
+    CHECK(out_len == 2 && memcmp(out, "3\n", 2) == 0);
+    free(out);
+    ck_zip_close(&zip);
+    zfree(&z);
+
+    /* CRC mismatch of a deflated entry, reported by libzip or by us */
+    standard(&z, Z64_NONE, 1);
+    put32(z.buf + z.central_off[1] + 16, 0xDEADBEEFu);
+    put32(z.buf + z.local_off[1] + 14, 0xDEADBEEFu);
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_extract(&zip, 1, UINT64_MAX, &out, &out_len, &err), CK_E_CRC, &err);
+    CHECK(out == NULL);
+    ck_zip_close(&zip);
+    zfree(&z);
+
+    /* CRC mismatch of a stored entry when copied */
+    standard(&z, Z64_NONE, 0);
+    z.buf[z.local_off[1] + 30 + 11] ^= 0x40;
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_extract(&zip, 1, UINT64_MAX, &out, &out_len, &err), CK_E_CRC, &err);
+    CHECK(out == NULL);
+    ck_zip_close(&zip);
+    zfree(&z);
+
+    /* a deflated entry that announces more bytes than it inflates to */
+    standard(&z, Z64_NONE, 1);
+    put32(z.buf + z.central_off[1] + 24, sizeof tensor_bytes + 100);
+    put32(z.buf + z.local_off[1] + 22, sizeof tensor_bytes + 100);
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    ck_status rc = ck_zip_extract(&zip, 1, UINT64_MAX, &out, &out_len, &err);
+    CHECK(rc == CK_E_TRUNCATED || rc == CK_E_FORMAT || rc == CK_E_CRC);
+    CHECK(out == NULL && out_len == 0);
+    ck_zip_close(&zip);
+    zfree(&z);
+
+    /* ... and one that announces fewer */
+    standard(&z, Z64_NONE, 1);
+    put32(z.buf + z.central_off[1] + 24, sizeof tensor_bytes - 100);
+    put32(z.buf + z.local_off[1] + 22, sizeof tensor_bytes - 100);
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    rc = ck_zip_extract(&zip, 1, UINT64_MAX, &out, &out_len, &err);
+    CHECK(rc == CK_E_FORMAT || rc == CK_E_CRC);
+    CHECK(out == NULL && out_len == 0);
+    ck_zip_close(&zip);
+    zfree(&z);
+
+    /* a corrupt deflate stream */
+    standard(&z, Z64_NONE, 1);
+    memset(z.buf + z.local_off[1] + 30 + 11, 0xFF, 16);
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    rc = ck_zip_extract(&zip, 1, UINT64_MAX, &out, &out_len, &err);
+    CHECK(rc != CK_OK && out == NULL);
+    ck_zip_close(&zip);
+    zfree(&z);
+
+    /* an empty entry gives NULL and 0 */
+    zent empty[2] = {{"e/a", 0, VERSION, 0, 1}, {"e/b", 0, VERSION, 0, 0}};
+    zbuild(&z, empty, 2, Z64_NONE);
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    for (size_t i = 0; i < 2; i++) {
+        out = (uint8_t *)&out;
+        out_len = 7;
+        CHECK_ST(ck_zip_extract(&zip, i, 0, &out, &out_len, &err), CK_OK, &err);
+        CHECK(out == NULL && out_len == 0);
+        CHECK_ST(ck_zip_check_crc(&zip, i, 1, &err), CK_OK, &err);
+    }
+    ck_zip_close(&zip);
+    zfree(&z);
+}
+
+/* Every prefix of a valid archive is refused cleanly (or, for a prefix that
+ * still holds a whole archive, accepted); every single-byte change in the
+ * end records and directory gives a status, never a crash. */
+static void test_zip_mutations(void) {
+    zbuf z;
+    standard(&z, Z64_EXTRA, 0);
+    ck_zip zip;
+    ck_error err;
+    int cut_refused = 1;
+    for (size_t len = 0; len < z.len; len++) {
+        uint8_t *copy = malloc(len ? len : 1);
+        memcpy(copy, z.buf, len);
+        if (ck_zip_open(&zip, copy, len, &err) == CK_OK)
+            cut_refused = 0;
+        ck_zip_close(&zip);
+        free(copy);
+    }
+    CHECK(cut_refused);
+    size_t ok = 0, refused = 0;
+    for (size_t pos = z.cd_off; pos < z.len; pos++) {
+        for (int v = 0; v < 3; v++) {
+            uint8_t *copy = malloc(z.len);
+            memcpy(copy, z.buf, z.len);
+            copy[pos] = v == 0 ? 0 : v == 1 ? 0xFF : (uint8_t)(copy[pos] + 1);
+            ck_error_clear(&err);
+            ck_status rc = ck_zip_open(&zip, copy, z.len, &err);
+            if (rc == CK_OK)
+                ok++;
+            else if (err.msg[0] != 0 && err.status == rc)
+                refused++;
+            ck_zip_close(&zip);
+            free(copy);
+        }
+    }
+    CHECK(ok + refused == 3 * (z.len - z.cd_off));
+    CHECK(refused > 0);
+    zfree(&z);
+}
+
+int main(void) {
+    if (mkdtemp(tmpdir) == NULL) {
+        perror("mkdtemp");
+        return 2;
+    }
+    for (size_t i = 0; i < sizeof tensor_bytes; i++)
+        tensor_bytes[i] = (uint8_t)(i % 13 == 0 ? rnd() : i / 64);
+    test_status();
+    test_region();
+    test_crc();
+    test_zip_good();
+    test_zip_crc();
+    test_zip_end_records();
+    test_zip_zip64_lies();
+    test_zip_entries();
+    test_zip_names();
+    test_zip_extract();
+    test_zip_mutations();
+    rmdir(tmpdir);
+    printf("test_core: %d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}
