@@ -25,7 +25,8 @@ Deliberate differences from mmcv 1.7.2:
 - A scheme loader registered by the user may return a path, a bytes-like
   object or a binary file instead of a dict; ckptio decodes it with
   ckptio.load (mmcv would return it unchanged).
-- http(s) downloads go through ckptio._hub.load_url (libcurl).
+- http(s) downloads go through ckptio._hub.load_url (libcurl); the save side
+  (weights_to_cpu, get_state_dict, save_checkpoint) is ckptio._mmsave's.
 - s3:// without mmcv installed goes straight to the petrel (or ceph)
   client, with mmcv's ImportError messages when neither is installed.
 """
@@ -45,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from . import _native, patching
+from ._mmsave import _save_to_state_dict, get_state_dict, save_checkpoint, weights_to_cpu
 from ._mmcompat import get_dist_info, is_module_wrapper, mkdir_or_exist, print_log, version_before
 from .serialization import load as _ckptio_load
 
@@ -538,19 +540,8 @@ def load_checkpoint(
     return checkpoint
 
 
+# the save side, from ckptio's saver
 _SAVE_NAMES = ("weights_to_cpu", "_save_to_state_dict", "get_state_dict", "save_checkpoint")
-
-
-def __getattr__(name):
-    # Until _mmsave lands (branch devcopy), the save side is found lazily;
-    # the lead replaces this with a plain import at the merge.
-    if name in _SAVE_NAMES:
-        try:
-            from . import _mmsave
-        except ImportError as exc:
-            raise AttributeError(f"{name}: ckptio._mmsave is not available ({exc})") from exc
-        return getattr(_mmsave, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -571,4 +562,7 @@ __all__ = [
     "load_from_openmmlab",
     "load_from_mmcls",
     "load_checkpoint",
+    "weights_to_cpu",
+    "get_state_dict",
+    "save_checkpoint",
 ]

@@ -15,7 +15,9 @@ Deliberate differences from mmengine 0.10.7:
   ``torch.load``, e.g. a test's mock, is called instead).
 - A scheme loader registered by the user may return a path, a bytes-like
   object or a binary file; ckptio decodes it with ckptio.load.
-- http(s) downloads go through ckptio._hub.load_url (libcurl).
+- http(s) downloads go through ckptio._hub.load_url (libcurl); save_checkpoint
+  is ckptio._mmengine_save's (weights_to_cpu and get_state_dict, which only
+  walk memory, are mmengine's own).
 """
 
 import io
@@ -31,7 +33,6 @@ from mmengine.dist import get_dist_info
 from mmengine.fileio import get_file_backend
 from mmengine.logging import print_log
 from mmengine.model import BaseTTAModel, is_model_wrapper
-import mmengine.runner.checkpoint as _mmengine_checkpoint
 from mmengine.runner.checkpoint import (
     DEFAULT_CACHE_DIR,
     ENV_MMENGINE_HOME,
@@ -39,14 +40,18 @@ from mmengine.runner.checkpoint import (
     _get_mmengine_home,
     _IncompatibleKeys,
     _process_mmcls_checkpoint,
+    _save_to_state_dict,
     get_deprecated_model_names,
     get_external_models,
     get_mmcls_models,
+    get_state_dict,
     get_torchvision_models,
+    weights_to_cpu,
 )
 
 from . import checkpoint as _mmcv_surface
 from . import patching
+from ._mmengine_save import save_checkpoint
 from .checkpoint import _decodable, _load_file, _revise
 from .serialization import load as _ckptio_load
 
@@ -310,22 +315,9 @@ def find_latest_checkpoint(path: str) -> Optional[str]:
     return None
 
 
+# the save side: save_checkpoint is ckptio's writer; the others only walk
+# memory and are mmengine's own (nested weights_to_cpu, is_model_wrapper)
 _SAVE_NAMES = ("weights_to_cpu", "_save_to_state_dict", "get_state_dict", "save_checkpoint")
-# mmengine's own, taken before patch() can replace them: used for the save
-# names ckptio's saver does not provide (they do no file I/O)
-_MMENGINE_SAVE = {name: getattr(_mmengine_checkpoint, name) for name in _SAVE_NAMES}
-
-
-def __getattr__(name):
-    # Until _mmengine_save lands (branch devcopy), the save side is found
-    # lazily; the lead replaces this with a plain import at the merge.
-    if name in _SAVE_NAMES:
-        try:
-            from . import _mmengine_save
-        except ImportError:
-            _mmengine_save = None
-        return getattr(_mmengine_save, name, None) or _MMENGINE_SAVE[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -347,4 +339,7 @@ __all__ = [
     "load_from_mmcls",
     "load_checkpoint",
     "find_latest_checkpoint",
+    "weights_to_cpu",
+    "get_state_dict",
+    "save_checkpoint",
 ]
