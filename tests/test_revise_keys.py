@@ -143,3 +143,16 @@ def test_replacement_that_changes_the_dict_fails_as_mmcv():
     with pytest.raises(RuntimeError) as got:
         _native.revise_keys(b, [("k", grow(b))])
     assert str(got.value) == str(want.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.text(max_size=10), st.integers()), max_size=6).map(OrderedDict),
+    st.text(max_size=4),
+    st.text(max_size=4).filter(lambda r: "\\" not in r),
+    st.text(max_size=4),
+)
+def test_any_unicode_prefixes(state_dict, literal, repl, prefix):
+    """Keys and literals from all of Unicode (surrogates, NUL, astral)."""
+    keys = OrderedDict((prefix + k, v) for k, v in state_dict.items())
+    same(keys, [("^" + re.escape(prefix + literal), repl), ("^" + re.escape(prefix), repl)])
