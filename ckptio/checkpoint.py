@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import _native, patching
+from . import _hub, _native, patching
 from ._mmsave import _save_to_state_dict, get_state_dict, save_checkpoint, weights_to_cpu
 from ._mmcompat import get_dist_info, is_module_wrapper, mkdir_or_exist, print_log, version_before
 from .serialization import load as _ckptio_load
@@ -87,9 +87,7 @@ def _load_json(path):
 def load_url(url, model_dir=None, map_location=None, **kwargs):
     """mmcv.utils.load_url: the checkpoint at url, downloaded into model_dir
     (the torch hub cache by default) and loaded."""
-    from ._hub import load_url as hub_load_url
-
-    return hub_load_url(url, model_dir=model_dir, map_location=map_location, **kwargs)
+    return _hub.load_url(url, model_dir=model_dir, map_location=map_location, **kwargs)
 
 
 def _get_mmcv_home() -> str:

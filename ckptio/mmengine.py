@@ -50,7 +50,7 @@ from mmengine.runner.checkpoint import (
 )
 
 from . import checkpoint as _mmcv_surface
-from . import patching
+from . import _hub, patching
 from ._mmengine_save import save_checkpoint
 from .checkpoint import _decodable, _load_file, _revise
 from .serialization import load as _ckptio_load
@@ -65,9 +65,7 @@ def _resolve(name):
 def load_url(url, model_dir=None, map_location=None, progress=True, **kwargs):
     """mmengine.utils.dl_utils.load_url: the checkpoint at url, downloaded
     into model_dir (the torch hub cache by default) and loaded."""
-    from ._hub import load_url as hub_load_url
-
-    return hub_load_url(
+    return _hub.load_url(
         url, model_dir=model_dir, map_location=map_location, progress=progress, **kwargs
     )
 
