@@ -52,26 +52,17 @@ def override(module_name, attr):
 
 
 def _surface(ours):
-    """Names ckptio offers for the module ours mirrors: its __all__ and the
-    save side where present."""
-    names = list(ours.__all__)
-    for name in getattr(ours, "_SAVE_NAMES", ()):
-        try:
-            getattr(ours, name)
-        except AttributeError:
-            continue
-        names.append(name)
-    return names + [
-        n
-        for n in (
-            "_load_checkpoint",
-            "_load_checkpoint_with_prefix",
-            "_load_checkpoint_to_model",
-            "_process_mmcls_checkpoint",
-            "_get_mmcv_home",
-        )
-        if hasattr(ours, n)
-    ]
+    """Names ckptio offers for the module ours mirrors: its public names
+    and the private ones mmcv's and mmengine's runners import."""
+    private = (
+        "_load_checkpoint",
+        "_load_checkpoint_with_prefix",
+        "_load_checkpoint_to_model",
+        "_process_mmcls_checkpoint",
+        "_save_to_state_dict",
+        "_get_mmcv_home",
+    )
+    return list(ours.__all__) + [n for n in private if hasattr(ours, n)]
 
 
 def _import(name):

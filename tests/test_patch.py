@@ -14,6 +14,7 @@ import ckptio.checkpoint as ours
 mmcv_runner = pytest.importorskip("mmcv.runner")
 import mmcv.runner.base_runner as base_runner  # noqa: E402
 import mmcv.runner.checkpoint as mmcv_ckpt  # noqa: E402
+import mmcv.runner.epoch_based_runner as epoch_runner  # noqa: E402
 
 
 class Tiny(nn.Module):
@@ -67,6 +68,7 @@ def test_patch_replaces_and_unpatch_restores():
         base_runner.load_checkpoint,
         mmcv_runner.CheckpointLoader,
         mmcv_ckpt.load_state_dict,
+        epoch_runner.save_checkpoint,
     )
     ckptio.patch()
     try:
@@ -78,6 +80,8 @@ def test_patch_replaces_and_unpatch_restores():
         assert mmcv_ckpt._load_checkpoint is ours._load_checkpoint
         assert mmcv_ckpt.load_state_dict is ours.load_state_dict
         assert mmcv_ckpt.ENV_MMCV_HOME == "MMCV_HOME"
+        assert epoch_runner.save_checkpoint is ckptio._mmsave.save_checkpoint
+        assert mmcv_runner.weights_to_cpu is ckptio._mmsave.weights_to_cpu
     finally:
         ckptio.unpatch()
     ckptio.unpatch()
@@ -87,6 +91,7 @@ def test_patch_replaces_and_unpatch_restores():
         base_runner.load_checkpoint,
         mmcv_runner.CheckpointLoader,
         mmcv_ckpt.load_state_dict,
+        epoch_runner.save_checkpoint,
     ) == originals
 
 
