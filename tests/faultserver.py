@@ -25,6 +25,7 @@ os.sendfile, for throughput).
 import os
 import socket
 import struct
+import sys
 import threading
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -215,3 +216,21 @@ class FaultServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+def main(argv=None):
+    """python faultserver.py FILE: serves FILE without faults, prints the
+    port on the first line of stdout, and stops when stdin closes (used by
+    ckptio.bench_http, so the server does not share the client's GIL)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("file")
+    args = parser.parse_args(argv)
+    with FaultServer(path=args.file) as fs:
+        print(fs.port, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

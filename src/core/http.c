@@ -15,11 +15,11 @@
 #include <unistd.h>
 
 #include <curl/curl.h>
-#include <openssl/evp.h>
 
-#define BUFFER_SIZE (1024L * 1024L)          /* CURLOPT_BUFFERSIZE: fewer, larger writes */
-#define WRITEBACK_STEP (32ULL * 1024 * 1024) /* start writeback of every 32 MiB written */
-#define PROGRESS_INTERVAL_NS 50000000LL      /* 50 ms between progress calls */
+#include "hashsink.h"
+
+#define BUFFER_SIZE (1024L * 1024L)     /* CURLOPT_BUFFERSIZE: fewer, larger reads */
+#define PROGRESS_INTERVAL_NS 50000000LL /* 50 ms between progress calls */
 #define MAX_BACKOFF_S 30.0
 #define MAX_RETRY_AFTER_S 60.0
 #define SNIFF_LEN 64
@@ -42,10 +42,9 @@ typedef struct download {
     int fd;
     char *part_path;
     char *meta_path;
-    EVP_MD_CTX *sha;
-    uint64_t have;   /* bytes in the partial, all of them hashed */
-    uint64_t total;  /* expected size of the file, 0 unknown */
-    uint64_t synced; /* writeback started up to here */
+    ck_hashsink *sink; /* appends to fd and hashes, on two threads */
+    uint64_t have;     /* bytes of the file held, in the partial or in the sink */
+    uint64_t total;    /* expected size of the file, 0 unknown */
     uint64_t resumed_from;
     /* validators of the file being assembled in the partial */
     char etag[VALIDATOR_MAX];
@@ -179,12 +178,6 @@ static const char *if_range_value(const download *d) {
 
 /* ---- the hash ----------------------------------------------------------- */
 
-static ck_status hash_reset(download *d, ck_error *err) {
-    if (EVP_DigestInit_ex(d->sha, EVP_sha256(), NULL) != 1)
-        return ck_fail(err, CK_E_NOMEM, "SHA-256 initialisation failed");
-    return CK_OK;
-}
-
 /* Hashes the first n bytes of the partial (a resumed prefix). */
 static ck_status hash_prefix_of_file(download *d, uint64_t n, ck_error *err) {
     size_t cap = 4u << 20;
@@ -202,7 +195,7 @@ static ck_status hash_prefix_of_file(download *d, uint64_t n, ck_error *err) {
             free(buf);
             return ck_fail_errno(err, e, "cannot read back %s", d->part_path);
         }
-        EVP_DigestUpdate(d->sha, buf, (size_t)r);
+        ck_hashsink_absorb(d->sink, buf, (size_t)r);
         off += (uint64_t)r;
     }
     free(buf);
@@ -337,13 +330,16 @@ static ck_status adopt_partial(download *d, ck_error *err) {
 
 /* Empties the partial to take the file from its first byte. */
 static ck_status restart_partial(download *d, ck_error *err) {
+    ck_status s = ck_hashsink_reset(d->sink, err);
+    if (s != CK_OK)
+        return s;
     if (ftruncate(d->fd, 0) < 0)
         return ck_fail_errno(err, errno, "cannot empty %s", d->part_path);
-    d->have = d->synced = d->resumed_from = 0;
+    d->have = d->resumed_from = 0;
     d->total = 0;
     d->etag[0] = d->last_modified[0] = 0;
     remove_meta(d);
-    return hash_reset(d, err);
+    return CK_OK;
 }
 
 /* ---- callbacks ----------------------------------------------------------- */
@@ -502,21 +498,11 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata) {
         cb_stop(d, OUT_FINAL);
         return 0;
     }
-    if (write_all(d->fd, ptr, n) < 0) {
-        ck_fail_errno(d->err, errno, "cannot write %s", d->part_path);
+    if (ck_hashsink_put(d->sink, ptr, n, d->err) != CK_OK) {
         cb_stop(d, OUT_FINAL);
         return 0;
     }
-    EVP_DigestUpdate(d->sha, ptr, n);
     d->have += n;
-#ifdef SYNC_FILE_RANGE_WRITE
-    if (d->opts->fsync && d->have - d->synced >= WRITEBACK_STEP) {
-        /* start writeback now, so the fsync at the end has little left */
-        sync_file_range(d->fd, (off_t)d->synced, (off_t)(d->have - d->synced),
-                        SYNC_FILE_RANGE_WRITE);
-        d->synced = d->have;
-    }
-#endif
     return n;
 }
 
@@ -688,13 +674,10 @@ static ck_status commit(download *d, const char *dst, ck_error *err) {
 }
 
 static ck_status finish(download *d, const char *dst, ck_http_result *res, ck_error *err) {
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int mdlen = 0;
-    if (EVP_DigestFinal_ex(d->sha, md, &mdlen) != 1 || mdlen != 32)
-        return ck_fail(err, CK_E_NOMEM, "SHA-256 finalisation failed");
     char hex[65];
-    for (unsigned i = 0; i < 32; i++)
-        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    ck_status s = ck_hashsink_hex(d->sink, hex, err);
+    if (s != CK_OK)
+        return s;
     if (res != NULL)
         memcpy(res->sha256_hex, hex, sizeof hex);
     const char *want = d->opts->hash_prefix;
@@ -722,14 +705,14 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
     d.err = err;
     d.part_path = concat(dst, ".partial");
     d.meta_path = concat(dst, ".partial.meta");
-    d.sha = EVP_MD_CTX_new();
     clock_gettime(CLOCK_MONOTONIC, &d.last_progress);
-    if (d.part_path == NULL || d.meta_path == NULL || d.sha == NULL) {
+    if (d.part_path == NULL || d.meta_path == NULL) {
         s = ck_fail(err, CK_E_NOMEM, "no memory to download %s", url);
         goto out;
     }
-    if ((s = hash_reset(&d, err)) != CK_OK || (s = setup_curl(&d, err)) != CK_OK ||
-        (s = open_partial(&d, err)) != CK_OK || (s = adopt_partial(&d, err)) != CK_OK)
+    if ((s = setup_curl(&d, err)) != CK_OK || (s = open_partial(&d, err)) != CK_OK ||
+        (s = ck_hashsink_open(d.fd, d.part_path, opts->fsync, &d.sink, err)) != CK_OK ||
+        (s = adopt_partial(&d, err)) != CK_OK)
         goto out;
 
     int keep = 0;
@@ -771,6 +754,10 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
             s = ck_fail(err, CK_E_HTTP, "%s kept changing during the download", url);
         keep = o != OUT_FINAL && opts->keep_partial;
     }
+    if (keep) {
+        ck_error flush_err; /* a partial that cannot be completed is not kept */
+        keep = ck_hashsink_flush(d.sink, &flush_err) == CK_OK;
+    }
     if (res != NULL) {
         res->size = d.have;
         res->resumed_from = d.resumed_from;
@@ -780,13 +767,13 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
         remove_meta(&d);
     }
 out:
-    if (d.fd >= 0 && s != CK_OK && d.fd >= 0 && d.have == 0 && d.part_path != NULL)
+    ck_hashsink_close(d.sink);
+    if (d.fd >= 0 && s != CK_OK && d.have == 0)
         unlink(d.part_path);
     if (d.fd >= 0)
         close(d.fd);
     if (d.curl != NULL)
         curl_easy_cleanup(d.curl);
-    EVP_MD_CTX_free(d.sha);
     free(d.part_path);
     free(d.meta_path);
     return s;

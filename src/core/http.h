@@ -2,8 +2,9 @@
  *
  * The body goes into "<dst>.partial" in the destination's directory (opened
  * O_CREAT with mode 0666 less the umask, like a file Python's open() makes);
- * every chunk is written and fed to SHA-256 as it arrives, so the hash needs
- * no second pass over the file. On success the partial is fsynced and renamed
+ * the bytes are written and fed to SHA-256 as they arrive, on two threads
+ * (core/hashsink.h), so the hash needs no second pass over the file and
+ * costs little wall time. On success the partial is fsynced and renamed
  * onto dst, so dst is either absent, its old content, or the complete new
  * file, never a torn one.
  *
