@@ -70,6 +70,8 @@ class _ProgressBar:
         self._done = 0
 
     def __call__(self, done, total):
+        if self._bar is None and not total and not done:
+            return  # waiting for a response (or for another download's lock)
         if self._bar is None or done < self._done:
             if self._bar is not None:
                 self._bar.close()

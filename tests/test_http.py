@@ -1,6 +1,7 @@
 """Downloads (ckptio._native.download, ckptio._hub) against a local fault
 server: every failure leaves nothing at the destination, resumes really ask
 for a Range, and what lands in place is byte-identical to what was served."""
+import errno
 import hashlib
 import os
 import signal
@@ -473,3 +474,63 @@ def test_load_url_legacy_zip(tmp_path):
             out = ckptio.load_url(fs.url("legacy.zip"), model_dir=str(tmp_path / "m"),
                                   progress=False)
     assert torch.equal(out["w"], torch.arange(4))
+
+
+# ---- the partial file: locking, links, proxies ------------------------------------
+
+
+def test_concurrent_downloads_to_one_destination_take_turns(server, dst):
+    errors = []
+
+    def run():
+        try:
+            _native.download(server.url(), dst, hash_prefix=DIGEST[:16], **FAST)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert read(dst) == DATA and leftovers(dst) == []
+    assert all(e["range"] is None for e in server.log)
+
+
+def test_waiting_for_the_lock_can_be_interrupted(server, dst):
+    import fcntl
+
+    class Stop(Exception):
+        pass
+
+    def progress(done, total):
+        raise Stop
+
+    with open(dst + ".partial", "wb") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(Stop):
+            _native.download(server.url(), dst, progress=progress, **FAST)
+    assert server.log == []  # it never got as far as a request
+    assert not os.path.exists(dst)
+
+
+def test_partial_that_is_a_symlink_is_refused(server, dst, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    os.symlink(victim, dst + ".partial")
+    with pytest.raises(ckptio.DownloadError) as ei:
+        _native.download(server.url(), dst, **FAST)
+    assert ei.value.errno == errno.ELOOP and "[Errno" in str(ei.value)
+    assert victim.read_bytes() == b"keep me" and not os.path.exists(dst)
+
+
+def test_proxy_from_the_environment(server, dst, monkeypatch):
+    # the fault server answers whatever it is asked, so it can stand in for
+    # a proxy: the request for a host that does not exist must reach it
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % server.port)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    _native.download("http://checkpoints.invalid/file.bin", dst, retries=0, **FAST)
+    assert read(dst) == DATA
+    assert server.log[0]["path"] == "http://checkpoints.invalid/file.bin"

@@ -8,7 +8,8 @@
 #include "errors.h"
 
 int ck_http_init(PyObject *m, ck_state *st) {
-    PyObject *bases = PyTuple_Pack(2, st->CheckpointError, PyExc_OSError);
+    /* OSError first, so that its __init__ fills errno and strerror */
+    PyObject *bases = PyTuple_Pack(2, PyExc_OSError, st->CheckpointError);
     if (bases == NULL)
         return -1;
     st->DownloadError = PyErr_NewExceptionWithDoc(
@@ -61,13 +62,13 @@ static int on_progress(void *p, uint64_t done, uint64_t total) {
     return stop;
 }
 
-static PyObject *raise_download_error(ck_state *st, const char *url, PyObject *dst,
-                                      const ck_error *err, long status) {
+static PyObject *raise_download_error(ck_state *st, const char *url, const ck_error *err,
+                                      long status) {
     PyObject *exc;
     if (err->status == CK_E_NOMEM)
         return PyErr_NoMemory();
     if (err->status == CK_E_IO && err->os_errno != 0)
-        exc = PyObject_CallFunction(st->DownloadError, "isO", err->os_errno, err->msg, dst);
+        exc = PyObject_CallFunction(st->DownloadError, "is", err->os_errno, err->msg);
     else
         exc = PyObject_CallFunction(st->DownloadError, "s", err->msg);
     if (exc == NULL)
@@ -151,10 +152,7 @@ static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs)
         PyErr_SetObject((PyObject *)Py_TYPE(ctx.exc), ctx.exc);
         Py_CLEAR(ctx.exc);
     } else if (s != CK_OK) {
-        PyObject *dst_str = PyUnicode_DecodeFSDefault(dst);
-        if (dst_str != NULL)
-            raise_download_error(st, url, dst_str, &err, res.http_status);
-        Py_XDECREF(dst_str);
+        raise_download_error(st, url, &err, res.http_status);
     } else {
         out = result_dict(&res);
     }

@@ -204,23 +204,37 @@ static ck_status hash_prefix_of_file(download *d, uint64_t n, ck_error *err) {
 
 /* ---- the partial and its meta file --------------------------------------- */
 
+static int report_progress(download *d, int force);
+
 /* Opens and locks the partial, in append mode so that writes follow a
- * truncation to zero. A lock won after another process renamed or
- * removed the file is on a stale inode: open the path again. */
+ * truncation to zero, never through a symbolic link (a shared cache
+ * directory must not redirect the write). The lock is polled every 50 ms
+ * with a progress report in between, so that a wait for another download
+ * can be interrupted. A lock won after the other process renamed or removed
+ * the file is on a stale inode: open the path again. */
 static ck_status open_partial(download *d, ck_error *err) {
     for (;;) {
-        int fd = open(d->part_path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0666);
+        int fd = open(d->part_path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0666);
         if (fd < 0)
             return ck_fail_errno(err, errno, "cannot create %s", d->part_path);
-        if (flock(fd, LOCK_EX) < 0) {
+        int rc;
+        while ((rc = flock(fd, LOCK_EX | LOCK_NB)) < 0 &&
+               (errno == EWOULDBLOCK || errno == EINTR)) {
+            struct timespec ts = {0, PROGRESS_INTERVAL_NS};
+            nanosleep(&ts, NULL);
+            if (report_progress(d, 1) != 0) {
+                close(fd);
+                return ck_fail(err, CK_E_INTERRUPTED, "interrupted while another download held %s",
+                               d->part_path);
+            }
+        }
+        if (rc < 0) {
             int e = errno;
             close(fd);
-            if (e == EINTR)
-                continue;
             return ck_fail_errno(err, e, "cannot lock %s", d->part_path);
         }
         struct stat a, b;
-        if (fstat(fd, &a) == 0 && stat(d->part_path, &b) == 0 && a.st_ino == b.st_ino &&
+        if (fstat(fd, &a) == 0 && lstat(d->part_path, &b) == 0 && a.st_ino == b.st_ino &&
             a.st_dev == b.st_dev) {
             d->fd = fd;
             return CK_OK;
@@ -248,7 +262,7 @@ static ck_status write_meta(download *d, ck_error *err) {
         remove_meta(d); /* a URL this long is simply not resumed */
         return CK_OK;
     }
-    int fd = open(d->meta_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    int fd = open(d->meta_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
     if (fd < 0)
         return ck_fail_errno(err, errno, "cannot create %s", d->meta_path);
     int bad = write_all(fd, text, (size_t)n) < 0 || (d->opts->fsync && fsync(fd) < 0);
@@ -291,7 +305,7 @@ static ck_status adopt_partial(download *d, ck_error *err) {
     uint64_t size = (uint64_t)st.st_size;
     int ok = 0;
     char text[META_MAX + 1];
-    int mfd = size > 0 ? open(d->meta_path, O_RDONLY | O_CLOEXEC) : -1;
+    int mfd = size > 0 ? open(d->meta_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) : -1;
     if (mfd >= 0) {
         ssize_t n = read(mfd, text, META_MAX);
         close(mfd);
