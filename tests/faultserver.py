@@ -174,7 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
 class FaultServer:
     """The server; use as a context manager. url(name) is the file's URL."""
 
-    def __init__(self, payload=b"", path=None, ranges=True, validators=True):
+    def __init__(self, payload=b"", path=None, ranges=True, validators=True, tls=None):
         self.payload = payload
         self.next_payload = None
         self.path = path
@@ -192,6 +192,16 @@ class FaultServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self
+        self.httpd.handle_error = lambda request, address: None
+        self.scheme = "http"
+        if tls is not None:
+            # tls = (certfile, keyfile): serve https
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def size(self, payload):
@@ -202,7 +212,7 @@ class FaultServer:
         return self.httpd.server_address[1]
 
     def url(self, name="file.bin"):
-        return "http://127.0.0.1:%d/%s" % (self.port, name)
+        return "%s://127.0.0.1:%d/%s" % (self.scheme, self.port, name)
 
     def __enter__(self):
         self.thread.start()

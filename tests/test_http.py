@@ -534,3 +534,38 @@ def test_proxy_from_the_environment(server, dst, monkeypatch):
     _native.download("http://checkpoints.invalid/file.bin", dst, retries=0, **FAST)
     assert read(dst) == DATA
     assert server.log[0]["path"] == "http://checkpoints.invalid/file.bin"
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def test_https_certificate_is_verified(tls_cert, dst, monkeypatch):
+    for var in ("SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(var, raising=False)
+    with FaultServer(DATA, tls=tls_cert) as fs:
+        with pytest.raises(ckptio.DownloadError, match="curl error 60"):
+            _native.download(fs.url(), dst, retries=3, **FAST)
+        assert fs.log == []
+    assert_nothing_left(dst)
+
+
+def test_https_trusts_ssl_cert_file_like_python(tls_cert, dst, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", tls_cert[0])
+    with FaultServer(DATA, tls=tls_cert) as fs:
+        r = _native.download(fs.url(), dst, hash_prefix=DIGEST[:16], **FAST)
+    assert read(dst) == DATA and r["status"] == 200

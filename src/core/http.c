@@ -655,6 +655,16 @@ static ck_status setup_curl(download *d, ck_error *err) {
     SET(CURLOPT_NOPROGRESS, 0L);
     SET(CURLOPT_XFERINFOFUNCTION, on_progress);
     SET(CURLOPT_XFERINFODATA, d);
+    /* the CA certificates Python's ssl (so torch.hub) would trust: OpenSSL's
+     * variables, then the curl tool's; else libcurl's built-in bundle */
+    const char *ca_file = getenv("SSL_CERT_FILE");
+    if (ca_file == NULL || ca_file[0] == 0)
+        ca_file = getenv("CURL_CA_BUNDLE");
+    const char *ca_dir = getenv("SSL_CERT_DIR");
+    if (ca_file != NULL && ca_file[0] != 0)
+        SET(CURLOPT_CAINFO, ca_file);
+    if (ca_dir != NULL && ca_dir[0] != 0)
+        SET(CURLOPT_CAPATH, ca_dir);
     if (o->connect_timeout_s > 0)
         SET(CURLOPT_CONNECTTIMEOUT_MS, (long)(o->connect_timeout_s * 1000.0));
     if (o->low_speed_time_s > 0 && o->low_speed_limit > 0) {
