@@ -569,3 +569,23 @@ def test_https_trusts_ssl_cert_file_like_python(tls_cert, dst, monkeypatch):
     with FaultServer(DATA, tls=tls_cert) as fs:
         r = _native.download(fs.url(), dst, hash_prefix=DIGEST[:16], **FAST)
     assert read(dst) == DATA and r["status"] == 200
+
+
+def test_html_page_answering_a_range_request_is_refused(server, dst):
+    # a partial is resumed, but the server now answers with a login page
+    server.plan = ["short"]
+    with pytest.raises(ckptio.DownloadError):
+        _native.download(server.url(), dst, retries=0, **FAST)
+    server.plan = ["etag_change"]
+    server.next_payload = b"<!DOCTYPE html>\n<html><body>log in</body></html>\n" * 1000
+    with pytest.raises(ckptio.DownloadError, match="sent an HTML page"):
+        _native.download(server.url(), dst, **FAST)
+    assert server.log[-1]["range"] is not None and server.log[-1]["status"] == 200
+    assert_nothing_left(dst)
+
+
+def test_tiny_html_body_is_refused(dst):
+    with FaultServer(b"<html>gone</html>") as fs:
+        with pytest.raises(ckptio.DownloadError, match="sent an HTML page"):
+            _native.download(fs.url(), dst, **FAST)
+    assert_nothing_left(dst)

@@ -449,9 +449,11 @@ static outcome response_start(download *d) {
             d->total = start + (uint64_t)length;
         return OUT_DONE;
     }
-    /* the whole file, from its first byte */
+    /* the whole file, from its first byte (also when a range was asked) */
     if (d->have > 0 && restart_partial(d, d->err) != CK_OK)
         return cb_stop(d, OUT_FINAL);
+    d->sniff_len = 0;
+    d->sniff_done = 0;
     char *ctype = NULL;
     curl_easy_getinfo(d->curl, CURLINFO_CONTENT_TYPE, &ctype);
     if (ctype != NULL && strncasecmp(ctype, "text/html", 9) == 0) {
