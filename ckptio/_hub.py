@@ -112,8 +112,8 @@ def download_url_to_file(url, dst, hash_prefix=None, progress=True, **options):
     DownloadError (a RuntimeError) 'invalid hash value (expected "...", got
     "...")' and nothing is left behind. ``options`` go to
     ckptio._native.download (retries, backoff, timeout, low_speed_limit,
-    low_speed_time, keep_partial, fsync). Returns the transfer's record:
-    size, sha256 (hex), resumed_from, attempts, status.
+    low_speed_time, keep_partial, fsync, if_missing). Returns the transfer's record:
+    size, sha256 (hex), resumed_from, attempts, status, existed.
     """
     dst = os.path.expanduser(os.fspath(dst))
     bar = _progress_bar(progress)
@@ -194,7 +194,9 @@ def load_url(
         if check_hash:
             r = HASH_REGEX.search(filename)
             hash_prefix = r.group(1) if r else None
-        download_url_to_file(url, cached_file, hash_prefix, progress=progress)
+        # if_missing: a process that waited for another's download of the
+        # same file uses its result instead of downloading it again
+        download_url_to_file(url, cached_file, hash_prefix, progress=progress, if_missing=True)
     if _is_legacy_zip_format(cached_file):
         return _legacy_zip_load(cached_file, model_dir, map_location, weights_only)
     return load(cached_file, map_location=map_location, weights_only=weights_only)

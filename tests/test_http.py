@@ -589,3 +589,29 @@ def test_tiny_html_body_is_refused(dst):
         with pytest.raises(ckptio.DownloadError, match="sent an HTML page"):
             _native.download(fs.url(), dst, **FAST)
     assert_nothing_left(dst)
+
+
+@pytest.mark.parametrize("if_missing", [True, False])
+def test_if_missing_uses_the_file_another_download_finished(server, dst, if_missing):
+    import fcntl
+
+    result = {}
+
+    def run():
+        result["r"] = _native.download(server.url(), dst, if_missing=if_missing, **FAST)
+
+    with open(dst + ".partial", "wb") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        t = threading.Thread(target=run)
+        t.start()
+        # what the holder does on success: the partial becomes dst
+        with open(dst + ".partial", "wb") as f:
+            f.write(b"finished elsewhere")
+        os.rename(dst + ".partial", dst)
+    t.join()
+    if if_missing:
+        assert result["r"]["existed"] and result["r"]["attempts"] == 0
+        assert read(dst) == b"finished elsewhere" and server.log == []
+    else:
+        assert not result["r"]["existed"] and read(dst) == DATA
+    assert leftovers(dst) == []

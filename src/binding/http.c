@@ -90,9 +90,10 @@ static PyObject *raise_download_error(ck_state *st, const char *url, const ck_er
 }
 
 static PyObject *result_dict(const ck_http_result *res) {
-    return Py_BuildValue("{s:K,s:s,s:K,s:i,s:l}", "size", (unsigned long long)res->size, "sha256",
-                         res->sha256_hex, "resumed_from", (unsigned long long)res->resumed_from,
-                         "attempts", res->attempts, "status", res->http_status);
+    return Py_BuildValue("{s:K,s:s,s:K,s:i,s:l,s:O}", "size", (unsigned long long)res->size,
+                         "sha256", res->sha256_hex, "resumed_from",
+                         (unsigned long long)res->resumed_from, "attempts", res->attempts, "status",
+                         res->http_status, "existed", res->existed ? Py_True : Py_False);
 }
 
 static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -108,6 +109,7 @@ static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs)
                              "keep_partial",
                              "fsync",
                              "user_agent",
+                             "if_missing",
                              NULL};
     ck_state *st = ck_get_state(module);
     const char *url;
@@ -117,11 +119,11 @@ static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs)
     const char *user_agent = NULL;
     ck_http_opts opts;
     ck_http_opts_init(&opts);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO&|$zOiddllppz", kwlist, &url,
-                                     PyUnicode_FSConverter, &dst_bytes, &hash_prefix, &progress,
-                                     &opts.retries, &opts.backoff_s, &opts.connect_timeout_s,
-                                     &opts.low_speed_limit, &opts.low_speed_time_s,
-                                     &opts.keep_partial, &opts.fsync, &user_agent))
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "sO&|$zOiddllppzp", kwlist, &url, PyUnicode_FSConverter, &dst_bytes,
+            &hash_prefix, &progress, &opts.retries, &opts.backoff_s, &opts.connect_timeout_s,
+            &opts.low_speed_limit, &opts.low_speed_time_s, &opts.keep_partial, &opts.fsync,
+            &user_agent, &opts.if_missing))
         return NULL;
     if (progress != Py_None && !PyCallable_Check(progress)) {
         Py_DECREF(dst_bytes);
@@ -164,9 +166,11 @@ PyMethodDef ck_http_methods[] = {
     {"download", (PyCFunction)(void (*)(void))py_download, METH_VARARGS | METH_KEYWORDS,
      "download(url, dst, *, hash_prefix=None, progress=None, retries=4, backoff=1.0,\n"
      "         timeout=30.0, low_speed_limit=1024, low_speed_time=30, keep_partial=True,\n"
-     "         fsync=True, user_agent=None) -> dict\n\n"
+     "         fsync=True, user_agent=None, if_missing=False) -> dict\n\n"
      "Downloads url into dst through dst + '.partial' (resumed when possible), hashing\n"
      "with SHA-256 on the way; progress(done, total) is called about every 50 ms.\n"
-     "Returns {size, sha256, resumed_from, attempts, status}; raises DownloadError."},
+     "if_missing: when dst exists once the partial is locked (another process finished\n"
+     "it meanwhile), keep it and transfer nothing.\n"
+     "Returns {size, sha256, resumed_from, attempts, status, existed}; raises DownloadError."},
     {NULL, NULL, 0, NULL},
 };

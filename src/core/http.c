@@ -736,8 +736,21 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
         s = ck_fail(err, CK_E_NOMEM, "no memory to download %s", url);
         goto out;
     }
-    if ((s = setup_curl(&d, err)) != CK_OK || (s = open_partial(&d, err)) != CK_OK ||
-        (s = ck_hashsink_open(d.fd, d.part_path, opts->fsync, &d.sink, err)) != CK_OK ||
+    if ((s = setup_curl(&d, err)) != CK_OK || (s = open_partial(&d, err)) != CK_OK)
+        goto out;
+    struct stat existing;
+    if (opts->if_missing && stat(dst, &existing) == 0 && S_ISREG(existing.st_mode)) {
+        /* finished by the download that held the lock: its partial is gone
+         * and what is at our partial's path is ours, or stale */
+        unlink(d.part_path);
+        remove_meta(&d);
+        if (res != NULL) {
+            res->existed = 1;
+            res->size = (uint64_t)existing.st_size;
+        }
+        goto out;
+    }
+    if ((s = ck_hashsink_open(d.fd, d.part_path, opts->fsync, &d.sink, err)) != CK_OK ||
         (s = adopt_partial(&d, err)) != CK_OK)
         goto out;
 

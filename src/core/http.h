@@ -26,7 +26,9 @@
  * by a failure.
  *
  * Concurrency: the partial is flock()ed, so two processes downloading to the
- * same dst take turns instead of interleaving their bytes.
+ * same dst take turns instead of interleaving their bytes; with
+ * opts->if_missing, the one that waited finds dst in place and stops there
+ * (a cache filled by whichever process came first).
  *
  * No Python here: the progress callback is how the binding reports progress
  * and checks for signals.
@@ -56,6 +58,7 @@ typedef struct ck_http_opts {
     long low_speed_time_s;        /* <= 0: no low-speed abort */
     int keep_partial;             /* keep the partial after a transient failure, for resume */
     int fsync;                    /* fsync the file and its directory before and after rename */
+    int if_missing;               /* dst there once the partial is locked: keep it, no transfer */
     ck_http_progress_fn progress; /* may be NULL */
     void *progress_ctx;
 } ck_http_opts;
@@ -69,7 +72,8 @@ typedef struct ck_http_result {
     uint64_t resumed_from; /* bytes taken from an earlier partial (0: none) */
     int attempts;          /* requests made */
     long http_status;      /* status of the last response (0: none) */
-    char sha256_hex[65];   /* lowercase, NUL-terminated */
+    char sha256_hex[65];   /* lowercase, NUL-terminated ("" when existed) */
+    int existed;           /* if_missing found dst in place: nothing was transferred */
 } ck_http_result;
 
 /* Initialises libcurl once per process (thread-safe). Returns CK_OK or
