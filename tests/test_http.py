@@ -615,3 +615,20 @@ def test_if_missing_uses_the_file_another_download_finished(server, dst, if_miss
     else:
         assert not result["r"]["existed"] and read(dst) == DATA
     assert leftovers(dst) == []
+
+
+def test_mmcv_load_from_http_end_to_end(checkpoint, tmp_path, monkeypatch):
+    # ckptio.checkpoint (mmcv's surface) comes from another branch; on main
+    # this runs its load_from_http over a real local HTTP transfer
+    ck = pytest.importorskip("ckptio.checkpoint")
+    sd, data, digest = checkpoint
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with FaultServer(data) as fs:
+        fs.plan = ["429", "short"]
+        out = ck.load_from_http(fs.url(f"m-{digest[:8]}.pth"), map_location="cpu")
+        statuses = [e["status"] for e in fs.log]
+    assert statuses == [429, 200, 206]  # retried (after 1 s backoff), then resumed
+    cached = tmp_path / "home" / "hub" / "checkpoints" / f"m-{digest[:8]}.pth"
+    assert cached.read_bytes() == data
+    for k in sd:
+        assert torch.equal(out[k], sd[k])
