@@ -632,3 +632,19 @@ def test_mmcv_load_from_http_end_to_end(checkpoint, tmp_path, monkeypatch):
     assert cached.read_bytes() == data
     for k in sd:
         assert torch.equal(out[k], sd[k])
+
+
+def test_download_url_to_file_expands_user(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = ckptio.download_url_to_file(server.url(), "~/x.bin", DIGEST[:8], progress=False)
+    assert read(str(tmp_path / "x.bin")) == DATA and r["sha256"] == DIGEST
+
+
+def test_bad_arguments(server, dst):
+    with pytest.raises(TypeError):
+        _native.download(server.url(), dst, progress=42)
+    with pytest.raises(ValueError):
+        _native.download(server.url(), dst, retries=-1)
+    with pytest.raises(ckptio.DownloadError, match="longer than a SHA-256"):
+        _native.download(server.url(), dst, hash_prefix="0" * 65)
+    assert server.log == [] and not os.path.exists(dst)

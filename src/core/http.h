@@ -25,6 +25,12 @@
  * a validator; every final failure removes both. dst itself is never touched
  * by a failure.
  *
+ * TLS: peers are verified against libcurl's CA bundle, or the file and
+ * directory named by SSL_CERT_FILE / SSL_CERT_DIR (what Python's ssl, so
+ * torch.hub, trusts) or CURL_CA_BUNDLE. Proxies come from the environment
+ * (http_proxy, https_proxy, no_proxy), as libcurl reads them. The partial and
+ * its meta file are never opened through a symbolic link.
+ *
  * Concurrency: the partial is flock()ed, so two processes downloading to the
  * same dst take turns instead of interleaving their bytes; with
  * opts->if_missing, the one that waited finds dst in place and stops there
@@ -40,12 +46,12 @@
 
 #include "status.h"
 
-/* Called about every 50 ms while a transfer runs or the retry loop sleeps,
- * and once when the body is complete. done counts the bytes of the file held
- * so far (including a resumed prefix); total is the file's size, or 0 while
- * it is unknown. A non-zero return aborts the download with
- * CK_E_INTERRUPTED (the partial is kept for resume as for a transient
- * failure). */
+/* Called about every 50 ms while a transfer runs, the retry loop sleeps or
+ * the download waits for another one's lock, and once when the body is
+ * complete. done counts the bytes of the file held so far (including a
+ * resumed prefix); total is the file's size, or 0 while it is unknown. A
+ * non-zero return aborts the download with CK_E_INTERRUPTED (the partial is
+ * kept for resume as for a transient failure). */
 typedef int (*ck_http_progress_fn)(void *ctx, uint64_t done, uint64_t total);
 
 typedef struct ck_http_opts {
