@@ -65,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _status_only(self, entry, code, body, ctype="text/plain"):
+    def _status_only(self, entry, code, body, ctype="text/plain", extra=None):
         entry["status"] = code
         data = body.encode()
         self.send_response(code)
@@ -74,6 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         if code in (429, 503):
             self.send_header("Retry-After", "0")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -107,7 +109,10 @@ class _Handler(BaseHTTPRequestHandler):
         ):
             start = int(rng[6:-1])
             if start >= size:
-                self._status_only(entry, 416, "range not satisfiable\n")
+                extra = {"Content-Range": "bytes */%d" % size}
+                if fs.validators:
+                    extra.update({"ETag": etag, "Last-Modified": lm})
+                self._status_only(entry, 416, "range not satisfiable\n", extra=extra)
                 return
         if mode == "bad_range" and start == 0:
             start = 1

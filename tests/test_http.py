@@ -648,3 +648,35 @@ def test_bad_arguments(server, dst):
     with pytest.raises(ckptio.DownloadError, match="longer than a SHA-256"):
         _native.download(server.url(), dst, hash_prefix="0" * 65)
     assert server.log == [] and not os.path.exists(dst)
+
+
+def write_kept_partial(dst, data, etag, url):
+    with open(dst + ".partial", "wb") as f:
+        f.write(data)
+    with open(dst + ".partial.meta", "w") as f:
+        f.write(f"ckptio-partial 1\nurl {url}\netag {etag}\nlast-modified \ntotal {len(data)}\n")
+
+
+def test_complete_partial_is_finished_without_a_transfer(server, dst):
+    # a call that received everything but stopped before the rename
+    write_kept_partial(dst, DATA, server.etag, server.url())
+    r = _native.download(server.url(), dst, hash_prefix=DIGEST[:16], **FAST)
+    assert read(dst) == DATA and r["sha256"] == DIGEST and r["resumed_from"] == len(DATA)
+    assert [(e["range"], e["status"]) for e in server.log] == [("bytes=%d-" % len(DATA), 416)]
+    assert leftovers(dst) == []
+
+
+def test_complete_partial_of_a_changed_file_is_downloaded_again(server, dst):
+    write_kept_partial(dst, os.urandom(len(DATA)), '"old"', server.url())
+    r = _native.download(server.url(), dst, hash_prefix=DIGEST[:16], **FAST)
+    assert read(dst) == DATA and r["resumed_from"] == 0
+    # If-Range "old" does not match: the server sends the whole file
+    assert [e["status"] for e in server.log] == [200]
+
+
+def test_complete_partial_with_416_without_validator_restarts(dst):
+    with FaultServer(DATA, validators=False) as fs:
+        write_kept_partial(dst, DATA, '"v1"', fs.url())
+        _native.download(fs.url(), dst, **FAST)
+        log = [e["status"] for e in fs.log]
+    assert read(dst) == DATA and log == [416, 200]

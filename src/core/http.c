@@ -33,6 +33,7 @@ typedef enum outcome {
     OUT_RESTART,   /* the partial was discarded: try again from zero at once */
     OUT_FINAL,     /* permanent failure: err is set */
     OUT_INTERRUPT, /* the progress callback asked to stop */
+    OUT_COMPLETE,  /* the partial already held the whole file (416 for its end) */
 } outcome;
 
 typedef struct download {
@@ -409,6 +410,20 @@ static int parse_content_range(const char *s, uint64_t *start, uint64_t *total) 
     return 0;
 }
 
+/* A 416 for a range starting at the partial's end whose Content-Range (an
+ * unsatisfied range: "*", then the size) says the file is that long, and
+ * which carries the partial's validator: the earlier call received the whole
+ * file and stopped before the rename. */
+static int partial_is_complete(const download *d) {
+    unsigned long long n;
+    char end;
+    if (sscanf(d->r_content_range, "bytes */%llu%c", &n, &end) != 1 || n != d->have)
+        return 0;
+    if (d->etag[0] != 0 && strncmp(d->etag, "W/", 2) != 0)
+        return strcmp(d->r_etag, d->etag) == 0;
+    return d->last_modified[0] != 0 && strcmp(d->r_last_modified, d->last_modified) == 0;
+}
+
 /* Checks the response once its headers are in: status, range, type. */
 static outcome response_start(download *d) {
     d->started = 1;
@@ -419,6 +434,8 @@ static outcome response_start(download *d) {
             return cb_stop(d, OUT_RETRY);
         }
         if (d->status == 416 && d->range_from > 0) {
+            if (partial_is_complete(d))
+                return cb_stop(d, OUT_COMPLETE);
             /* the partial is not a prefix of what the server has now */
             if (restart_partial(d, d->err) != CK_OK)
                 return cb_stop(d, OUT_FINAL);
@@ -776,6 +793,8 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
             res->attempts = n + 1;
             res->http_status = d.status;
         }
+        if (o == OUT_COMPLETE)
+            o = OUT_DONE;
         if (o == OUT_DONE || o == OUT_FINAL || o == OUT_INTERRUPT)
             break;
     }
