@@ -112,12 +112,15 @@ def download_url_to_file(url, dst, hash_prefix=None, progress=True, **options):
     DownloadError (a RuntimeError) 'invalid hash value (expected "...", got
     "...")' and nothing is left behind. ``options`` go to
     ckptio._native.download (retries, backoff, timeout, low_speed_limit,
-    low_speed_time, keep_partial, fsync, if_missing). Returns the transfer's record:
-    size, sha256 (hex), resumed_from, attempts, status, existed.
+    low_speed_time, keep_partial, fsync, if_missing, sha256). Returns the
+    transfer's record: size, sha256 (hex; '' unless hash_prefix or sha256=True),
+    resumed_from, attempts, status, existed.
     """
     dst = os.path.expanduser(os.fspath(dst))
     bar = _progress_bar(progress)
     options.setdefault("user_agent", _USER_AGENT)
+    # like torch.hub, hash only to check a prefix (or when asked to)
+    options.setdefault("sha256", hash_prefix is not None)
     try:
         return _native.download(url, dst, hash_prefix=hash_prefix, progress=bar, **options)
     finally:

@@ -680,3 +680,26 @@ def test_complete_partial_with_416_without_validator_restarts(dst):
         _native.download(fs.url(), dst, **FAST)
         log = [e["status"] for e in fs.log]
     assert read(dst) == DATA and log == [416, 200]
+
+
+def test_without_sha256_nothing_is_hashed_unless_a_prefix_is_checked(server, dst):
+    r = _native.download(server.url(), dst, sha256=False, **FAST)
+    assert read(dst) == DATA and r["sha256"] == ""
+    r = _native.download(server.url(), dst, sha256=False, hash_prefix=DIGEST[:8], **FAST)
+    assert r["sha256"] == DIGEST
+    with pytest.raises(RuntimeError, match="invalid hash value"):
+        _native.download(server.url(), dst + "2", sha256=False, hash_prefix="00000000", **FAST)
+
+
+def test_without_sha256_resume_still_works(server, dst):
+    server.plan = ["short", "short"]
+    r = _native.download(server.url(), dst, sha256=False, **FAST)
+    assert read(dst) == DATA and r["sha256"] == "" and r["attempts"] == 3
+    assert [e["status"] for e in server.log] == [200, 206, 206]
+
+
+def test_download_url_to_file_hashes_like_torch_hub(server, dst):
+    # torch.hub hashes only to check a prefix; so does ckptio unless asked
+    assert ckptio.download_url_to_file(server.url(), dst, progress=False)["sha256"] == ""
+    r = ckptio.download_url_to_file(server.url(), dst, progress=False, sha256=True)
+    assert r["sha256"] == DIGEST

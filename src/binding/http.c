@@ -97,20 +97,10 @@ static PyObject *result_dict(const ck_http_result *res) {
 }
 
 static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"url",
-                             "dst",
-                             "hash_prefix",
-                             "progress",
-                             "retries",
-                             "backoff",
-                             "timeout",
-                             "low_speed_limit",
-                             "low_speed_time",
-                             "keep_partial",
-                             "fsync",
-                             "user_agent",
-                             "if_missing",
-                             NULL};
+    static char *kwlist[] = {
+        "url",     "dst",        "hash_prefix",     "progress",       "retries",
+        "backoff", "timeout",    "low_speed_limit", "low_speed_time", "keep_partial",
+        "fsync",   "user_agent", "if_missing",      "sha256",         NULL};
     ck_state *st = ck_get_state(module);
     const char *url;
     PyObject *dst_bytes = NULL; /* owned, from PyUnicode_FSConverter */
@@ -120,10 +110,10 @@ static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs)
     ck_http_opts opts;
     ck_http_opts_init(&opts);
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "sO&|$zOiddllppzp", kwlist, &url, PyUnicode_FSConverter, &dst_bytes,
+            args, kwargs, "sO&|$zOiddllppzpp", kwlist, &url, PyUnicode_FSConverter, &dst_bytes,
             &hash_prefix, &progress, &opts.retries, &opts.backoff_s, &opts.connect_timeout_s,
             &opts.low_speed_limit, &opts.low_speed_time_s, &opts.keep_partial, &opts.fsync,
-            &user_agent, &opts.if_missing))
+            &user_agent, &opts.if_missing, &opts.sha256))
         return NULL;
     if (progress != Py_None && !PyCallable_Check(progress)) {
         Py_DECREF(dst_bytes);
@@ -166,11 +156,12 @@ PyMethodDef ck_http_methods[] = {
     {"download", (PyCFunction)(void (*)(void))py_download, METH_VARARGS | METH_KEYWORDS,
      "download(url, dst, *, hash_prefix=None, progress=None, retries=4, backoff=1.0,\n"
      "         timeout=30.0, low_speed_limit=1024, low_speed_time=30, keep_partial=True,\n"
-     "         fsync=True, user_agent=None, if_missing=False) -> dict\n\n"
+     "         fsync=True, user_agent=None, if_missing=False, sha256=True) -> dict\n\n"
      "Downloads url into dst through dst + '.partial' (resumed when possible), hashing\n"
      "with SHA-256 on the way; progress(done, total) is called about every 50 ms.\n"
      "if_missing: when dst exists once the partial is locked (another process finished\n"
-     "it meanwhile), keep it and transfer nothing.\n"
+     "it meanwhile), keep it and transfer nothing. sha256=False skips the digest\n"
+     "unless hash_prefix is given (result sha256 is then '').\n"
      "Returns {size, sha256, resumed_from, attempts, status, existed}; raises DownloadError."},
     {NULL, NULL, 0, NULL},
 };

@@ -21,8 +21,9 @@ typedef struct ck_hashsink ck_hashsink;
 /* Makes a sink that appends to fd (opened O_APPEND by the caller, who keeps
  * owning it); path only names the file in messages and must outlive the
  * sink. With writeback set, writeback of the written data is started every
- * 32 MiB (sync_file_range) so that a final fsync has little left to do. */
-ck_status ck_hashsink_open(int fd, const char *path, int writeback, ck_hashsink **out,
+ * 32 MiB (sync_file_range) so that a final fsync has little left to do.
+ * Without hash, the sink only gathers and writes (no worker, no digest). */
+ck_status ck_hashsink_open(int fd, const char *path, int writeback, int hash, ck_hashsink **out,
                            ck_error *err);
 
 /* Takes n bytes: copied into the current slot; a full slot goes to the
@@ -43,7 +44,8 @@ void ck_hashsink_absorb(ck_hashsink *sink, const void *p, size_t n);
  * dropping any bytes not yet flushed without writing them. */
 ck_status ck_hashsink_reset(ck_hashsink *sink, ck_error *err);
 
-/* Flushes and writes the digest as 64 lowercase hex digits and a NUL. */
+/* Flushes and writes the digest as 64 lowercase hex digits and a NUL ("" for
+ * a sink without hash). */
 ck_status ck_hashsink_hex(ck_hashsink *sink, char hex[65], ck_error *err);
 
 /* Stops the worker and frees the sink (NULL is allowed). Bytes not flushed

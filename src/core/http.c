@@ -95,6 +95,7 @@ void ck_http_opts_init(ck_http_opts *opts) {
     opts->low_speed_time_s = 30;
     opts->keep_partial = 1;
     opts->fsync = 1;
+    opts->sha256 = 1;
 }
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -328,9 +329,11 @@ static ck_status adopt_partial(download *d, ck_error *err) {
         }
     }
     if (ok) {
-        ck_status s = hash_prefix_of_file(d, size, err);
-        if (s != CK_OK)
-            return s;
+        if (d->opts->sha256 || d->opts->hash_prefix != NULL) {
+            ck_status s = hash_prefix_of_file(d, size, err);
+            if (s != CK_OK)
+                return s;
+        }
         d->have = size;
         d->resumed_from = size;
         return CK_OK;
@@ -767,7 +770,8 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
         }
         goto out;
     }
-    if ((s = ck_hashsink_open(d.fd, d.part_path, opts->fsync, &d.sink, err)) != CK_OK ||
+    int hash = opts->sha256 || opts->hash_prefix != NULL;
+    if ((s = ck_hashsink_open(d.fd, d.part_path, opts->fsync, hash, &d.sink, err)) != CK_OK ||
         (s = adopt_partial(&d, err)) != CK_OK)
         goto out;
 

@@ -65,12 +65,14 @@ typedef struct ck_http_opts {
     int keep_partial;             /* keep the partial after a transient failure, for resume */
     int fsync;                    /* fsync the file and its directory before and after rename */
     int if_missing;               /* dst there once the partial is locked: keep it, no transfer */
+    int sha256;                   /* compute the SHA-256 (always when hash_prefix is set) */
     ck_http_progress_fn progress; /* may be NULL */
     void *progress_ctx;
 } ck_http_opts;
 
 /* Sets the defaults: 4 retries, 1 s backoff, 30 s connect timeout, abort
- * below 1 KiB/s for 30 s, keep_partial and fsync on, no hash, no progress. */
+ * below 1 KiB/s for 30 s, keep_partial, fsync and sha256 on, no hash prefix,
+ * no progress. */
 void ck_http_opts_init(ck_http_opts *opts);
 
 typedef struct ck_http_result {
@@ -78,7 +80,7 @@ typedef struct ck_http_result {
     uint64_t resumed_from; /* bytes taken from an earlier partial (0: none) */
     int attempts;          /* requests made */
     long http_status;      /* status of the last response (0: none) */
-    char sha256_hex[65];   /* lowercase, NUL-terminated ("" when existed) */
+    char sha256_hex[65];   /* lowercase, NUL-terminated ("" when existed or not computed) */
     int existed;           /* if_missing found dst in place: nothing was transferred */
 } ck_http_result;
 
