@@ -3,21 +3,30 @@
 Same cache layout and names as torch.hub (``$TORCH_HOME/hub/checkpoints``, the
 URL's file name, ``name-<sha256 prefix>.ext`` checked with ``check_hash``),
 so files cached by either are found by the other. The transfer itself is
-``ckptio._native.download`` (libcurl, GIL released): SHA-256 computed while
-the bytes arrive, resume of an interrupted download from ``<dst>.partial``,
-retries with backoff, connect and low-speed timeouts, proxies from the
-environment (``http_proxy``/``https_proxy``/``no_proxy``, read by libcurl), and
-an atomic rename into place.
+``ckptio._native.download`` (libcurl, GIL released): the SHA-256, when a
+prefix is checked, computed on a second thread while the bytes arrive;
+resume of an interrupted download from ``<dst>.partial``; retries with
+backoff; connect and low-speed timeouts; proxies from the environment
+(``http_proxy``/``https_proxy``/``no_proxy``, read by libcurl); the CA
+certificates of ``SSL_CERT_FILE``/``SSL_CERT_DIR`` as Python's ssl; an fsync
+and an atomic rename into place.
 
 Differences from torch.hub, on purpose:
 - the partial file is ``<dst>.partial`` (torch: a random name per call) so
   that a later call resumes it; it is kept after a transient failure or
   Ctrl-C when the server gave an ETag or Last-Modified, and removed after a
-  permanent one (HTTP 4xx, HTML page, hash mismatch);
-- failures raise ``ckptio.DownloadError``, a RuntimeError (like torch's hash
-  error, whose text is kept) and an OSError (like urllib's errors);
+  permanent one (HTTP 4xx, HTML page, hash mismatch). It is locked, so
+  processes downloading the same file take turns, and load_url's waiting
+  process uses the file the first one finished;
+- an HTML page (login or error page served with 200) is an error, not a
+  checkpoint in the cache;
+- failures raise ``ckptio.DownloadError``, an OSError (like urllib's errors)
+  and a RuntimeError (like torch's hash error, whose text is kept);
+- download_url_to_file returns the transfer's record (torch: None), and the
+  file is fsynced before the rename (torch does not: ``fsync=False`` to skip);
 - the progress bar is tqdm's, shown only when tqdm is installed and stderr is
-  a terminal (torch falls back to its own bar and writes to logs too).
+  a terminal (torch falls back to its own bar and writes to logs too);
+- the User-Agent is "ckptio" (torch: "torch.hub").
 """
 import os
 import re
