@@ -11,6 +11,8 @@ import types
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ckptio
 from ckptio import _hub, _native
@@ -703,3 +705,35 @@ def test_download_url_to_file_hashes_like_torch_hub(server, dst):
     assert ckptio.download_url_to_file(server.url(), dst, progress=False)["sha256"] == ""
     r = ckptio.download_url_to_file(server.url(), dst, progress=False, sha256=True)
     assert r["sha256"] == DIGEST
+
+
+# ---- generated fault sequences ---------------------------------------------------
+
+FAULTS = ["ok", "short", "reset", "500", "429", "bad_range", "etag_change", "redirect"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.sampled_from(FAULTS), max_size=6), retries=st.integers(0, 6))
+def test_any_fault_sequence_gives_the_file_or_nothing(tmp_path_factory, plan, retries):
+    dst = str(tmp_path_factory.mktemp("gen") / "file.bin")
+    with FaultServer(DATA) as fs:
+        fs.plan = list(plan)
+        fs.default = "short"  # past the plan, the server keeps failing
+        try:
+            r = _native.download(fs.url(), dst, hash_prefix=DIGEST[:16], retries=retries, **FAST)
+        except ckptio.DownloadError:
+            r = None
+        log = list(fs.log)
+    if r is not None:
+        assert read(dst) == DATA and r["sha256"] == DIGEST
+        assert leftovers(dst) == []
+    else:
+        assert not os.path.exists(dst)
+        if os.path.exists(dst + ".partial"):
+            # what is kept for a resume is a true prefix of the file
+            assert DATA.startswith(read(dst + ".partial"))
+    # resumes ask for an open range after a non-empty prefix, with If-Range
+    for e in log:
+        if e["range"] is not None:
+            assert e["range"].startswith("bytes=") and e["range"].endswith("-")
+            assert int(e["range"][6:-1]) > 0 and e["if_range"] is not None
