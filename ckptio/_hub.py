@@ -3,21 +3,30 @@
 Same cache layout and names as torch.hub (``$TORCH_HOME/hub/checkpoints``, the
 URL's file name, ``name-<sha256 prefix>.ext`` checked with ``check_hash``),
 so files cached by either are found by the other. The transfer itself is
-``ckptio._native.download`` (libcurl, GIL released): SHA-256 computed while
-the bytes arrive, resume of an interrupted download from ``<dst>.partial``,
-retries with backoff, connect and low-speed timeouts, proxies from the
-environment (``http_proxy``/``https_proxy``/``no_proxy``, read by libcurl), and
-an atomic rename into place.
+``ckptio._native.download`` (libcurl, GIL released): the SHA-256, when a
+prefix is checked, computed on a second thread while the bytes arrive;
+resume of an interrupted download from ``<dst>.partial``; retries with
+backoff; connect and low-speed timeouts; proxies from the environment
+(``http_proxy``/``https_proxy``/``no_proxy``, read by libcurl); the CA
+certificates of ``SSL_CERT_FILE``/``SSL_CERT_DIR`` as Python's ssl; an fsync
+and an atomic rename into place.
 
 Differences from torch.hub, on purpose:
 - the partial file is ``<dst>.partial`` (torch: a random name per call) so
   that a later call resumes it; it is kept after a transient failure or
   Ctrl-C when the server gave an ETag or Last-Modified, and removed after a
-  permanent one (HTTP 4xx, HTML page, hash mismatch);
-- failures raise ``ckptio.DownloadError``, a RuntimeError (like torch's hash
-  error, whose text is kept) and an OSError (like urllib's errors);
+  permanent one (HTTP 4xx, HTML page, hash mismatch). It is locked, so
+  processes downloading the same file take turns, and load_url's waiting
+  process uses the file the first one finished;
+- an HTML page (login or error page served with 200) is an error, not a
+  checkpoint in the cache;
+- failures raise ``ckptio.DownloadError``, an OSError (like urllib's errors)
+  and a RuntimeError (like torch's hash error, whose text is kept);
+- download_url_to_file returns the transfer's record (torch: None), and the
+  file is fsynced before the rename (torch does not: ``fsync=False`` to skip);
 - the progress bar is tqdm's, shown only when tqdm is installed and stderr is
-  a terminal (torch falls back to its own bar and writes to logs too).
+  a terminal (torch falls back to its own bar and writes to logs too);
+- the User-Agent is "ckptio" (torch: "torch.hub").
 """
 import os
 import re
@@ -70,6 +79,8 @@ class _ProgressBar:
         self._done = 0
 
     def __call__(self, done, total):
+        if self._bar is None and not total and not done:
+            return  # waiting for a response (or for another download's lock)
         if self._bar is None or done < self._done:
             if self._bar is not None:
                 self._bar.close()
@@ -110,12 +121,15 @@ def download_url_to_file(url, dst, hash_prefix=None, progress=True, **options):
     DownloadError (a RuntimeError) 'invalid hash value (expected "...", got
     "...")' and nothing is left behind. ``options`` go to
     ckptio._native.download (retries, backoff, timeout, low_speed_limit,
-    low_speed_time, keep_partial, fsync). Returns the transfer's record:
-    size, sha256 (hex), resumed_from, attempts, status.
+    low_speed_time, keep_partial, fsync, if_missing, sha256). Returns the
+    transfer's record: size, sha256 (hex; '' unless hash_prefix or sha256=True),
+    resumed_from, attempts, status, existed.
     """
     dst = os.path.expanduser(os.fspath(dst))
     bar = _progress_bar(progress)
     options.setdefault("user_agent", _USER_AGENT)
+    # like torch.hub, hash only to check a prefix (or when asked to)
+    options.setdefault("sha256", hash_prefix is not None)
     try:
         return _native.download(url, dst, hash_prefix=hash_prefix, progress=bar, **options)
     finally:
@@ -192,7 +206,9 @@ def load_url(
         if check_hash:
             r = HASH_REGEX.search(filename)
             hash_prefix = r.group(1) if r else None
-        download_url_to_file(url, cached_file, hash_prefix, progress=progress)
+        # if_missing: a process that waited for another's download of the
+        # same file uses its result instead of downloading it again
+        download_url_to_file(url, cached_file, hash_prefix, progress=progress, if_missing=True)
     if _is_legacy_zip_format(cached_file):
         return _legacy_zip_load(cached_file, model_dir, map_location, weights_only)
     return load(cached_file, map_location=map_location, weights_only=weights_only)

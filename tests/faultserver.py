@@ -25,6 +25,7 @@ os.sendfile, for throughput).
 import os
 import socket
 import struct
+import sys
 import threading
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _status_only(self, entry, code, body, ctype="text/plain"):
+    def _status_only(self, entry, code, body, ctype="text/plain", extra=None):
         entry["status"] = code
         data = body.encode()
         self.send_response(code)
@@ -73,6 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         if code in (429, 503):
             self.send_header("Retry-After", "0")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -106,7 +109,10 @@ class _Handler(BaseHTTPRequestHandler):
         ):
             start = int(rng[6:-1])
             if start >= size:
-                self._status_only(entry, 416, "range not satisfiable\n")
+                extra = {"Content-Range": "bytes */%d" % size}
+                if fs.validators:
+                    extra.update({"ETag": etag, "Last-Modified": lm})
+                self._status_only(entry, 416, "range not satisfiable\n", extra=extra)
                 return
         if mode == "bad_range" and start == 0:
             start = 1
@@ -173,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
 class FaultServer:
     """The server; use as a context manager. url(name) is the file's URL."""
 
-    def __init__(self, payload=b"", path=None, ranges=True, validators=True):
+    def __init__(self, payload=b"", path=None, ranges=True, validators=True, tls=None):
         self.payload = payload
         self.next_payload = None
         self.path = path
@@ -191,7 +197,19 @@ class FaultServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.httpd.handle_error = lambda request, address: None
+        self.scheme = "http"
+        if tls is not None:
+            # tls = (certfile, keyfile): serve https
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def size(self, payload):
         return os.path.getsize(self.path) if self.path is not None else len(payload)
@@ -201,7 +219,7 @@ class FaultServer:
         return self.httpd.server_address[1]
 
     def url(self, name="file.bin"):
-        return "http://127.0.0.1:%d/%s" % (self.port, name)
+        return "%s://127.0.0.1:%d/%s" % (self.scheme, self.port, name)
 
     def __enter__(self):
         self.thread.start()
@@ -215,3 +233,21 @@ class FaultServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+def main(argv=None):
+    """python faultserver.py FILE: serves FILE without faults, prints the
+    port on the first line of stdout, and stops when stdin closes (used by
+    ckptio.bench_http, so the server does not share the client's GIL)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("file")
+    args = parser.parse_args(argv)
+    with FaultServer(path=args.file) as fs:
+        print(fs.port, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,8 @@
 #include "errors.h"
 
 int ck_http_init(PyObject *m, ck_state *st) {
-    PyObject *bases = PyTuple_Pack(2, st->CheckpointError, PyExc_OSError);
+    /* OSError first, so that its __init__ fills errno and strerror */
+    PyObject *bases = PyTuple_Pack(2, PyExc_OSError, st->CheckpointError);
     if (bases == NULL)
         return -1;
     st->DownloadError = PyErr_NewExceptionWithDoc(
@@ -61,13 +62,13 @@ static int on_progress(void *p, uint64_t done, uint64_t total) {
     return stop;
 }
 
-static PyObject *raise_download_error(ck_state *st, const char *url, PyObject *dst,
-                                      const ck_error *err, long status) {
+static PyObject *raise_download_error(ck_state *st, const char *url, const ck_error *err,
+                                      long status) {
     PyObject *exc;
     if (err->status == CK_E_NOMEM)
         return PyErr_NoMemory();
     if (err->status == CK_E_IO && err->os_errno != 0)
-        exc = PyObject_CallFunction(st->DownloadError, "isO", err->os_errno, err->msg, dst);
+        exc = PyObject_CallFunction(st->DownloadError, "is", err->os_errno, err->msg);
     else
         exc = PyObject_CallFunction(st->DownloadError, "s", err->msg);
     if (exc == NULL)
@@ -89,25 +90,17 @@ static PyObject *raise_download_error(ck_state *st, const char *url, PyObject *d
 }
 
 static PyObject *result_dict(const ck_http_result *res) {
-    return Py_BuildValue("{s:K,s:s,s:K,s:i,s:l}", "size", (unsigned long long)res->size, "sha256",
-                         res->sha256_hex, "resumed_from", (unsigned long long)res->resumed_from,
-                         "attempts", res->attempts, "status", res->http_status);
+    return Py_BuildValue("{s:K,s:s,s:K,s:i,s:l,s:O}", "size", (unsigned long long)res->size,
+                         "sha256", res->sha256_hex, "resumed_from",
+                         (unsigned long long)res->resumed_from, "attempts", res->attempts, "status",
+                         res->http_status, "existed", res->existed ? Py_True : Py_False);
 }
 
 static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"url",
-                             "dst",
-                             "hash_prefix",
-                             "progress",
-                             "retries",
-                             "backoff",
-                             "timeout",
-                             "low_speed_limit",
-                             "low_speed_time",
-                             "keep_partial",
-                             "fsync",
-                             "user_agent",
-                             NULL};
+    static char *kwlist[] = {
+        "url",     "dst",        "hash_prefix",     "progress",       "retries",
+        "backoff", "timeout",    "low_speed_limit", "low_speed_time", "keep_partial",
+        "fsync",   "user_agent", "if_missing",      "sha256",         NULL};
     ck_state *st = ck_get_state(module);
     const char *url;
     PyObject *dst_bytes = NULL; /* owned, from PyUnicode_FSConverter */
@@ -116,11 +109,11 @@ static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs)
     const char *user_agent = NULL;
     ck_http_opts opts;
     ck_http_opts_init(&opts);
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO&|$zOiddllppz", kwlist, &url,
-                                     PyUnicode_FSConverter, &dst_bytes, &hash_prefix, &progress,
-                                     &opts.retries, &opts.backoff_s, &opts.connect_timeout_s,
-                                     &opts.low_speed_limit, &opts.low_speed_time_s,
-                                     &opts.keep_partial, &opts.fsync, &user_agent))
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "sO&|$zOiddllppzpp", kwlist, &url, PyUnicode_FSConverter, &dst_bytes,
+            &hash_prefix, &progress, &opts.retries, &opts.backoff_s, &opts.connect_timeout_s,
+            &opts.low_speed_limit, &opts.low_speed_time_s, &opts.keep_partial, &opts.fsync,
+            &user_agent, &opts.if_missing, &opts.sha256))
         return NULL;
     if (progress != Py_None && !PyCallable_Check(progress)) {
         Py_DECREF(dst_bytes);
@@ -151,10 +144,7 @@ static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs)
         PyErr_SetObject((PyObject *)Py_TYPE(ctx.exc), ctx.exc);
         Py_CLEAR(ctx.exc);
     } else if (s != CK_OK) {
-        PyObject *dst_str = PyUnicode_DecodeFSDefault(dst);
-        if (dst_str != NULL)
-            raise_download_error(st, url, dst_str, &err, res.http_status);
-        Py_XDECREF(dst_str);
+        raise_download_error(st, url, &err, res.http_status);
     } else {
         out = result_dict(&res);
     }
@@ -166,9 +156,12 @@ PyMethodDef ck_http_methods[] = {
     {"download", (PyCFunction)(void (*)(void))py_download, METH_VARARGS | METH_KEYWORDS,
      "download(url, dst, *, hash_prefix=None, progress=None, retries=4, backoff=1.0,\n"
      "         timeout=30.0, low_speed_limit=1024, low_speed_time=30, keep_partial=True,\n"
-     "         fsync=True, user_agent=None) -> dict\n\n"
+     "         fsync=True, user_agent=None, if_missing=False, sha256=True) -> dict\n\n"
      "Downloads url into dst through dst + '.partial' (resumed when possible), hashing\n"
      "with SHA-256 on the way; progress(done, total) is called about every 50 ms.\n"
-     "Returns {size, sha256, resumed_from, attempts, status}; raises DownloadError."},
+     "if_missing: when dst exists once the partial is locked (another process finished\n"
+     "it meanwhile), keep it and transfer nothing. sha256=False skips the digest\n"
+     "unless hash_prefix is given (result sha256 is then '').\n"
+     "Returns {size, sha256, resumed_from, attempts, status, existed}; raises DownloadError."},
     {NULL, NULL, 0, NULL},
 };

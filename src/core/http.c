@@ -15,11 +15,11 @@
 #include <unistd.h>
 
 #include <curl/curl.h>
-#include <openssl/evp.h>
 
-#define BUFFER_SIZE (1024L * 1024L)          /* CURLOPT_BUFFERSIZE: fewer, larger writes */
-#define WRITEBACK_STEP (32ULL * 1024 * 1024) /* start writeback of every 32 MiB written */
-#define PROGRESS_INTERVAL_NS 50000000LL      /* 50 ms between progress calls */
+#include "hashsink.h"
+
+#define BUFFER_SIZE (1024L * 1024L)     /* CURLOPT_BUFFERSIZE: fewer, larger reads */
+#define PROGRESS_INTERVAL_NS 50000000LL /* 50 ms between progress calls */
 #define MAX_BACKOFF_S 30.0
 #define MAX_RETRY_AFTER_S 60.0
 #define SNIFF_LEN 64
@@ -33,6 +33,7 @@ typedef enum outcome {
     OUT_RESTART,   /* the partial was discarded: try again from zero at once */
     OUT_FINAL,     /* permanent failure: err is set */
     OUT_INTERRUPT, /* the progress callback asked to stop */
+    OUT_COMPLETE,  /* the partial already held the whole file (416 for its end) */
 } outcome;
 
 typedef struct download {
@@ -42,10 +43,9 @@ typedef struct download {
     int fd;
     char *part_path;
     char *meta_path;
-    EVP_MD_CTX *sha;
-    uint64_t have;   /* bytes in the partial, all of them hashed */
-    uint64_t total;  /* expected size of the file, 0 unknown */
-    uint64_t synced; /* writeback started up to here */
+    ck_hashsink *sink; /* appends to fd and hashes, on two threads */
+    uint64_t have;     /* bytes of the file held, in the partial or in the sink */
+    uint64_t total;    /* expected size of the file, 0 unknown */
     uint64_t resumed_from;
     /* validators of the file being assembled in the partial */
     char etag[VALIDATOR_MAX];
@@ -95,6 +95,7 @@ void ck_http_opts_init(ck_http_opts *opts) {
     opts->low_speed_time_s = 30;
     opts->keep_partial = 1;
     opts->fsync = 1;
+    opts->sha256 = 1;
 }
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -179,12 +180,6 @@ static const char *if_range_value(const download *d) {
 
 /* ---- the hash ----------------------------------------------------------- */
 
-static ck_status hash_reset(download *d, ck_error *err) {
-    if (EVP_DigestInit_ex(d->sha, EVP_sha256(), NULL) != 1)
-        return ck_fail(err, CK_E_NOMEM, "SHA-256 initialisation failed");
-    return CK_OK;
-}
-
 /* Hashes the first n bytes of the partial (a resumed prefix). */
 static ck_status hash_prefix_of_file(download *d, uint64_t n, ck_error *err) {
     size_t cap = 4u << 20;
@@ -202,7 +197,7 @@ static ck_status hash_prefix_of_file(download *d, uint64_t n, ck_error *err) {
             free(buf);
             return ck_fail_errno(err, e, "cannot read back %s", d->part_path);
         }
-        EVP_DigestUpdate(d->sha, buf, (size_t)r);
+        ck_hashsink_absorb(d->sink, buf, (size_t)r);
         off += (uint64_t)r;
     }
     free(buf);
@@ -211,23 +206,37 @@ static ck_status hash_prefix_of_file(download *d, uint64_t n, ck_error *err) {
 
 /* ---- the partial and its meta file --------------------------------------- */
 
+static int report_progress(download *d, int force);
+
 /* Opens and locks the partial, in append mode so that writes follow a
- * truncation to zero. A lock won after another process renamed or
- * removed the file is on a stale inode: open the path again. */
+ * truncation to zero, never through a symbolic link (a shared cache
+ * directory must not redirect the write). The lock is polled every 50 ms
+ * with a progress report in between, so that a wait for another download
+ * can be interrupted. A lock won after the other process renamed or removed
+ * the file is on a stale inode: open the path again. */
 static ck_status open_partial(download *d, ck_error *err) {
     for (;;) {
-        int fd = open(d->part_path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0666);
+        int fd = open(d->part_path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0666);
         if (fd < 0)
             return ck_fail_errno(err, errno, "cannot create %s", d->part_path);
-        if (flock(fd, LOCK_EX) < 0) {
+        int rc;
+        while ((rc = flock(fd, LOCK_EX | LOCK_NB)) < 0 &&
+               (errno == EWOULDBLOCK || errno == EINTR)) {
+            struct timespec ts = {0, PROGRESS_INTERVAL_NS};
+            nanosleep(&ts, NULL);
+            if (report_progress(d, 1) != 0) {
+                close(fd);
+                return ck_fail(err, CK_E_INTERRUPTED, "interrupted while another download held %s",
+                               d->part_path);
+            }
+        }
+        if (rc < 0) {
             int e = errno;
             close(fd);
-            if (e == EINTR)
-                continue;
             return ck_fail_errno(err, e, "cannot lock %s", d->part_path);
         }
         struct stat a, b;
-        if (fstat(fd, &a) == 0 && stat(d->part_path, &b) == 0 && a.st_ino == b.st_ino &&
+        if (fstat(fd, &a) == 0 && lstat(d->part_path, &b) == 0 && a.st_ino == b.st_ino &&
             a.st_dev == b.st_dev) {
             d->fd = fd;
             return CK_OK;
@@ -255,7 +264,7 @@ static ck_status write_meta(download *d, ck_error *err) {
         remove_meta(d); /* a URL this long is simply not resumed */
         return CK_OK;
     }
-    int fd = open(d->meta_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    int fd = open(d->meta_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
     if (fd < 0)
         return ck_fail_errno(err, errno, "cannot create %s", d->meta_path);
     int bad = write_all(fd, text, (size_t)n) < 0 || (d->opts->fsync && fsync(fd) < 0);
@@ -298,7 +307,7 @@ static ck_status adopt_partial(download *d, ck_error *err) {
     uint64_t size = (uint64_t)st.st_size;
     int ok = 0;
     char text[META_MAX + 1];
-    int mfd = size > 0 ? open(d->meta_path, O_RDONLY | O_CLOEXEC) : -1;
+    int mfd = size > 0 ? open(d->meta_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) : -1;
     if (mfd >= 0) {
         ssize_t n = read(mfd, text, META_MAX);
         close(mfd);
@@ -320,9 +329,11 @@ static ck_status adopt_partial(download *d, ck_error *err) {
         }
     }
     if (ok) {
-        ck_status s = hash_prefix_of_file(d, size, err);
-        if (s != CK_OK)
-            return s;
+        if (d->opts->sha256 || d->opts->hash_prefix != NULL) {
+            ck_status s = hash_prefix_of_file(d, size, err);
+            if (s != CK_OK)
+                return s;
+        }
         d->have = size;
         d->resumed_from = size;
         return CK_OK;
@@ -337,13 +348,16 @@ static ck_status adopt_partial(download *d, ck_error *err) {
 
 /* Empties the partial to take the file from its first byte. */
 static ck_status restart_partial(download *d, ck_error *err) {
+    ck_status s = ck_hashsink_reset(d->sink, err);
+    if (s != CK_OK)
+        return s;
     if (ftruncate(d->fd, 0) < 0)
         return ck_fail_errno(err, errno, "cannot empty %s", d->part_path);
-    d->have = d->synced = d->resumed_from = 0;
+    d->have = d->resumed_from = 0;
     d->total = 0;
     d->etag[0] = d->last_modified[0] = 0;
     remove_meta(d);
-    return hash_reset(d, err);
+    return CK_OK;
 }
 
 /* ---- callbacks ----------------------------------------------------------- */
@@ -399,6 +413,20 @@ static int parse_content_range(const char *s, uint64_t *start, uint64_t *total) 
     return 0;
 }
 
+/* A 416 for a range starting at the partial's end whose Content-Range (an
+ * unsatisfied range: "*", then the size) says the file is that long, and
+ * which carries the partial's validator: the earlier call received the whole
+ * file and stopped before the rename. */
+static int partial_is_complete(const download *d) {
+    unsigned long long n;
+    char end;
+    if (sscanf(d->r_content_range, "bytes */%llu%c", &n, &end) != 1 || n != d->have)
+        return 0;
+    if (d->etag[0] != 0 && strncmp(d->etag, "W/", 2) != 0)
+        return strcmp(d->r_etag, d->etag) == 0;
+    return d->last_modified[0] != 0 && strcmp(d->r_last_modified, d->last_modified) == 0;
+}
+
 /* Checks the response once its headers are in: status, range, type. */
 static outcome response_start(download *d) {
     d->started = 1;
@@ -409,6 +437,8 @@ static outcome response_start(download *d) {
             return cb_stop(d, OUT_RETRY);
         }
         if (d->status == 416 && d->range_from > 0) {
+            if (partial_is_complete(d))
+                return cb_stop(d, OUT_COMPLETE);
             /* the partial is not a prefix of what the server has now */
             if (restart_partial(d, d->err) != CK_OK)
                 return cb_stop(d, OUT_FINAL);
@@ -439,9 +469,11 @@ static outcome response_start(download *d) {
             d->total = start + (uint64_t)length;
         return OUT_DONE;
     }
-    /* the whole file, from its first byte */
+    /* the whole file, from its first byte (also when a range was asked) */
     if (d->have > 0 && restart_partial(d, d->err) != CK_OK)
         return cb_stop(d, OUT_FINAL);
+    d->sniff_len = 0;
+    d->sniff_done = 0;
     char *ctype = NULL;
     curl_easy_getinfo(d->curl, CURLINFO_CONTENT_TYPE, &ctype);
     if (ctype != NULL && strncasecmp(ctype, "text/html", 9) == 0) {
@@ -502,21 +534,11 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata) {
         cb_stop(d, OUT_FINAL);
         return 0;
     }
-    if (write_all(d->fd, ptr, n) < 0) {
-        ck_fail_errno(d->err, errno, "cannot write %s", d->part_path);
+    if (ck_hashsink_put(d->sink, ptr, n, d->err) != CK_OK) {
         cb_stop(d, OUT_FINAL);
         return 0;
     }
-    EVP_DigestUpdate(d->sha, ptr, n);
     d->have += n;
-#ifdef SYNC_FILE_RANGE_WRITE
-    if (d->opts->fsync && d->have - d->synced >= WRITEBACK_STEP) {
-        /* start writeback now, so the fsync at the end has little left */
-        sync_file_range(d->fd, (off_t)d->synced, (off_t)(d->have - d->synced),
-                        SYNC_FILE_RANGE_WRITE);
-        d->synced = d->have;
-    }
-#endif
     return n;
 }
 
@@ -655,6 +677,16 @@ static ck_status setup_curl(download *d, ck_error *err) {
     SET(CURLOPT_NOPROGRESS, 0L);
     SET(CURLOPT_XFERINFOFUNCTION, on_progress);
     SET(CURLOPT_XFERINFODATA, d);
+    /* the CA certificates Python's ssl (so torch.hub) would trust: OpenSSL's
+     * variables, then the curl tool's; else libcurl's built-in bundle */
+    const char *ca_file = getenv("SSL_CERT_FILE");
+    if (ca_file == NULL || ca_file[0] == 0)
+        ca_file = getenv("CURL_CA_BUNDLE");
+    const char *ca_dir = getenv("SSL_CERT_DIR");
+    if (ca_file != NULL && ca_file[0] != 0)
+        SET(CURLOPT_CAINFO, ca_file);
+    if (ca_dir != NULL && ca_dir[0] != 0)
+        SET(CURLOPT_CAPATH, ca_dir);
     if (o->connect_timeout_s > 0)
         SET(CURLOPT_CONNECTTIMEOUT_MS, (long)(o->connect_timeout_s * 1000.0));
     if (o->low_speed_time_s > 0 && o->low_speed_limit > 0) {
@@ -688,13 +720,10 @@ static ck_status commit(download *d, const char *dst, ck_error *err) {
 }
 
 static ck_status finish(download *d, const char *dst, ck_http_result *res, ck_error *err) {
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int mdlen = 0;
-    if (EVP_DigestFinal_ex(d->sha, md, &mdlen) != 1 || mdlen != 32)
-        return ck_fail(err, CK_E_NOMEM, "SHA-256 finalisation failed");
     char hex[65];
-    for (unsigned i = 0; i < 32; i++)
-        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    ck_status s = ck_hashsink_hex(d->sink, hex, err);
+    if (s != CK_OK)
+        return s;
     if (res != NULL)
         memcpy(res->sha256_hex, hex, sizeof hex);
     const char *want = d->opts->hash_prefix;
@@ -722,14 +751,28 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
     d.err = err;
     d.part_path = concat(dst, ".partial");
     d.meta_path = concat(dst, ".partial.meta");
-    d.sha = EVP_MD_CTX_new();
     clock_gettime(CLOCK_MONOTONIC, &d.last_progress);
-    if (d.part_path == NULL || d.meta_path == NULL || d.sha == NULL) {
+    if (d.part_path == NULL || d.meta_path == NULL) {
         s = ck_fail(err, CK_E_NOMEM, "no memory to download %s", url);
         goto out;
     }
-    if ((s = hash_reset(&d, err)) != CK_OK || (s = setup_curl(&d, err)) != CK_OK ||
-        (s = open_partial(&d, err)) != CK_OK || (s = adopt_partial(&d, err)) != CK_OK)
+    if ((s = setup_curl(&d, err)) != CK_OK || (s = open_partial(&d, err)) != CK_OK)
+        goto out;
+    struct stat existing;
+    if (opts->if_missing && stat(dst, &existing) == 0 && S_ISREG(existing.st_mode)) {
+        /* finished by the download that held the lock: its partial is gone
+         * and what is at our partial's path is ours, or stale */
+        unlink(d.part_path);
+        remove_meta(&d);
+        if (res != NULL) {
+            res->existed = 1;
+            res->size = (uint64_t)existing.st_size;
+        }
+        goto out;
+    }
+    int hash = opts->sha256 || opts->hash_prefix != NULL;
+    if ((s = ck_hashsink_open(d.fd, d.part_path, opts->fsync, hash, &d.sink, err)) != CK_OK ||
+        (s = adopt_partial(&d, err)) != CK_OK)
         goto out;
 
     int keep = 0;
@@ -754,6 +797,8 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
             res->attempts = n + 1;
             res->http_status = d.status;
         }
+        if (o == OUT_COMPLETE)
+            o = OUT_DONE;
         if (o == OUT_DONE || o == OUT_FINAL || o == OUT_INTERRUPT)
             break;
     }
@@ -771,6 +816,10 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
             s = ck_fail(err, CK_E_HTTP, "%s kept changing during the download", url);
         keep = o != OUT_FINAL && opts->keep_partial;
     }
+    if (keep) {
+        ck_error flush_err; /* a partial that cannot be completed is not kept */
+        keep = ck_hashsink_flush(d.sink, &flush_err) == CK_OK;
+    }
     if (res != NULL) {
         res->size = d.have;
         res->resumed_from = d.resumed_from;
@@ -780,13 +829,13 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
         remove_meta(&d);
     }
 out:
-    if (d.fd >= 0 && s != CK_OK && d.fd >= 0 && d.have == 0 && d.part_path != NULL)
+    ck_hashsink_close(d.sink);
+    if (d.fd >= 0 && s != CK_OK && d.have == 0)
         unlink(d.part_path);
     if (d.fd >= 0)
         close(d.fd);
     if (d.curl != NULL)
         curl_easy_cleanup(d.curl);
-    EVP_MD_CTX_free(d.sha);
     free(d.part_path);
     free(d.meta_path);
     return s;

@@ -2,8 +2,9 @@
  *
  * The body goes into "<dst>.partial" in the destination's directory (opened
  * O_CREAT with mode 0666 less the umask, like a file Python's open() makes);
- * every chunk is written and fed to SHA-256 as it arrives, so the hash needs
- * no second pass over the file. On success the partial is fsynced and renamed
+ * the bytes are written and fed to SHA-256 as they arrive, on two threads
+ * (core/hashsink.h), so the hash needs no second pass over the file and
+ * costs little wall time. On success the partial is fsynced and renamed
  * onto dst, so dst is either absent, its old content, or the complete new
  * file, never a torn one.
  *
@@ -24,8 +25,16 @@
  * a validator; every final failure removes both. dst itself is never touched
  * by a failure.
  *
+ * TLS: peers are verified against libcurl's CA bundle, or the file and
+ * directory named by SSL_CERT_FILE / SSL_CERT_DIR (what Python's ssl, so
+ * torch.hub, trusts) or CURL_CA_BUNDLE. Proxies come from the environment
+ * (http_proxy, https_proxy, no_proxy), as libcurl reads them. The partial and
+ * its meta file are never opened through a symbolic link.
+ *
  * Concurrency: the partial is flock()ed, so two processes downloading to the
- * same dst take turns instead of interleaving their bytes.
+ * same dst take turns instead of interleaving their bytes; with
+ * opts->if_missing, the one that waited finds dst in place and stops there
+ * (a cache filled by whichever process came first).
  *
  * No Python here: the progress callback is how the binding reports progress
  * and checks for signals.
@@ -37,12 +46,12 @@
 
 #include "status.h"
 
-/* Called about every 50 ms while a transfer runs or the retry loop sleeps,
- * and once when the body is complete. done counts the bytes of the file held
- * so far (including a resumed prefix); total is the file's size, or 0 while
- * it is unknown. A non-zero return aborts the download with
- * CK_E_INTERRUPTED (the partial is kept for resume as for a transient
- * failure). */
+/* Called about every 50 ms while a transfer runs, the retry loop sleeps or
+ * the download waits for another one's lock, and once when the body is
+ * complete. done counts the bytes of the file held so far (including a
+ * resumed prefix); total is the file's size, or 0 while it is unknown. A
+ * non-zero return aborts the download with CK_E_INTERRUPTED (the partial is
+ * kept for resume as for a transient failure). */
 typedef int (*ck_http_progress_fn)(void *ctx, uint64_t done, uint64_t total);
 
 typedef struct ck_http_opts {
@@ -55,12 +64,15 @@ typedef struct ck_http_opts {
     long low_speed_time_s;        /* <= 0: no low-speed abort */
     int keep_partial;             /* keep the partial after a transient failure, for resume */
     int fsync;                    /* fsync the file and its directory before and after rename */
+    int if_missing;               /* dst there once the partial is locked: keep it, no transfer */
+    int sha256;                   /* compute the SHA-256 (always when hash_prefix is set) */
     ck_http_progress_fn progress; /* may be NULL */
     void *progress_ctx;
 } ck_http_opts;
 
 /* Sets the defaults: 4 retries, 1 s backoff, 30 s connect timeout, abort
- * below 1 KiB/s for 30 s, keep_partial and fsync on, no hash, no progress. */
+ * below 1 KiB/s for 30 s, keep_partial, fsync and sha256 on, no hash prefix,
+ * no progress. */
 void ck_http_opts_init(ck_http_opts *opts);
 
 typedef struct ck_http_result {
@@ -68,7 +80,8 @@ typedef struct ck_http_result {
     uint64_t resumed_from; /* bytes taken from an earlier partial (0: none) */
     int attempts;          /* requests made */
     long http_status;      /* status of the last response (0: none) */
-    char sha256_hex[65];   /* lowercase, NUL-terminated */
+    char sha256_hex[65];   /* lowercase, NUL-terminated ("" when existed or not computed) */
+    int existed;           /* if_missing found dst in place: nothing was transferred */
 } ck_http_result;
 
 /* Initialises libcurl once per process (thread-safe). Returns CK_OK or
