@@ -46,7 +46,7 @@ def _archive_folder(path):
     dot = base.rfind(".")
     folder = base[:dot] if dot >= 0 else base
     if not folder:
-        raise ValueError(f"invalid file name for a checkpoint: {path!r}")
+        raise _native.CheckpointError(f"{path}: invalid file name for a checkpoint")
     return folder
 
 

@@ -111,7 +111,12 @@ static PyObject *persistent_id(PyObject *capsule, PyObject *obj) {
     if (key != NULL) {
         Py_INCREF(key);
     } else if (!PyErr_Occurred()) {
-        key = PyUnicode_FromFormat("%zd", PyDict_GET_SIZE(c->ids));
+        /* str(int), as torch makes it: PyUnicode_FromFormat would hand out
+         * CPython's shared one-character strings, which the pickle memo
+         * would then merge with equal strings elsewhere in the object. */
+        PyObject *num = PyLong_FromSsize_t(PyDict_GET_SIZE(c->ids));
+        key = num ? PyObject_Str(num) : NULL;
+        Py_XDECREF(num);
         if (key != NULL &&
             (PyDict_SetItem(c->ids, cdata, key) < 0 || PyList_Append(c->storages, storage) < 0))
             Py_CLEAR(key);
