@@ -88,10 +88,10 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF):
     if not callable(write):
         raise AttributeError(f"Buffer of {type(f).__name__} has no callable attribute 'write'")
     _native.save(obj, write, "archive", _torch_hooks(), to_path=False, fsync=False, **common)
+    flush = getattr(f, "flush", None)  # torch.save flushes the buffer too
+    if callable(flush):
+        flush()
     if fsync:
-        flush = getattr(f, "flush", None)
-        if callable(flush):
-            flush()
         try:
             fd = f.fileno()
         except (AttributeError, OSError, ValueError):
