@@ -226,6 +226,38 @@ def test_pathlike_and_many_storages(tmp_path):
     assert_same(torch.load(path), obj)
 
 
+def _with_attribute(p):
+    p.note = "kept"
+    return p
+
+
+ODD_OBJECTS = {
+    "meta": lambda: {"m": torch.empty(3, 4, device="meta")},
+    "sparse_coo": lambda: {"s": torch.eye(3).to_sparse()},
+    "sparse_csr": lambda: {"s": torch.eye(3).to_sparse_csr()},
+    "quantized": lambda: {"q": torch.quantize_per_tensor(torch.arange(4.0), 0.1, 2, torch.quint8)},
+    "conj_neg": lambda: {"c": torch.ones(3, dtype=torch.complex64).conj(),
+                         "n": torch.ones(3, dtype=torch.complex64).conj().imag},
+    "torch_objects": lambda: {"size": torch.Size([2, 3]), "dev": torch.device("cpu"),
+                              "dt": torch.float16},
+    "storages": lambda: {"u": torch.arange(4).untyped_storage(), "t": torch.arange(4.0).storage(),
+                         "legacy": torch.FloatStorage(3)},
+    "nested": lambda: {"n": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])},
+    "parameter_attribute": lambda: {"p": _with_attribute(torch.nn.Parameter(torch.ones(2)))},
+    "empty_storages": lambda: {"a": torch.empty(0), "b": torch.empty(0), "c": torch.ones(0, 3)},
+}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", sorted(ODD_OBJECTS))
+def test_odd_objects_same_bytes(kind):
+    obj = ODD_OBJECTS[kind]()
+    theirs, ours = io.BytesIO(), io.BytesIO()
+    torch.save(obj, theirs)
+    ckptio.save(obj, ours)
+    assert ours.getvalue() == theirs.getvalue()
+
+
 def test_data_starting_with_descriptor_signature(tmp_path):
     """torch's writer mistakes such data for a data descriptor when it
     computes the serialization id; the id must still match."""

@@ -225,7 +225,7 @@ static ck_status pyfile_sink(void *ctx, const struct iovec *iov, int n, ck_error
 /* Writing to a descriptor runs without the GIL; between chunks the stop
  * hook takes it back briefly to let signal handlers (Ctrl-C) run. */
 typedef struct fd_io {
-    int fd;
+    ck_fd_sink sink;
     PyThreadState *ts; /* non-NULL while the GIL is released */
 } fd_io;
 
@@ -348,8 +348,6 @@ static ck_status write_archive(ck_zipw *w, fd_io *io, const save_args *a, const 
         char name[40];
         snprintf(name, sizeof name, "data/%zd", i);
         st = ck_zipw_add(w, name, ptrs[i], sizes[i], err);
-        if (st == CK_OK && w->stop != NULL && w->stop(w->stop_ctx))
-            st = ck_fail(err, CK_E_INTERRUPTED, "interrupted");
     }
     if (st == CK_OK)
         st = ck_zipw_finish(w, err);
@@ -430,9 +428,9 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
             ck_raise_core(st, filename, &err);
             goto out;
         }
-        fd_io io = {at.fd, NULL};
+        fd_io io = {{at.fd, a.fsync, 0, 0}, NULL};
         w.write = ck_zipw_fd_sink;
-        w.write_ctx = &io.fd;
+        w.write_ctx = &io.sink;
         w.stop = fd_stop;
         w.stop_ctx = &io;
         /* A write past RLIMIT_FSIZE must fail with EFBIG, not kill us. */
@@ -453,7 +451,7 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
         w.write = pyfile_sink;
         w.write_ctx = a.target;
         w.stop = fd_stop;
-        fd_io no_release = {-1, NULL};
+        fd_io no_release = {{-1, 0, 0, 0}, NULL};
         w.stop_ctx = &no_release;
         status = write_archive(&w, NULL, &a, &pkl, &c, ptrs, sizes, &err);
     }
