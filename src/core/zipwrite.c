@@ -21,6 +21,8 @@
 #define FLAG_UTF8 0x0800u
 #define U32_LIMIT 0xFFFFFFFFu
 #define DEFAULT_CHUNK ((size_t)2 << 20)
+/* Records this big get their CRC from the worker thread. */
+#define PARALLEL_CRC ((uint64_t)4 << 20)
 #define WRITEBACK_STEP ((uint64_t)32 << 20)
 /* One writev never carries more than this much record data, so that a
  * single call stays within what Linux transfers at once (0x7ffff000). */
@@ -185,6 +187,7 @@ void ck_zipw_free(ck_zipw *w) {
     free(w->pend);
     free(w->prefix);
     ck_serial_id_free(&w->sid);
+    ck_crc_worker_stop(w->crc_worker);
     memset(w, 0, sizeof *w);
     ck_serial_id_init(&w->sid);
 }
@@ -212,23 +215,38 @@ static size_t zip64_extra(const ck_zipw *w, uint64_t size, uint64_t comp, uint64
     return n;
 }
 
-/* Writes data in chunks, each CRC'd just before it is written. */
+/* Writes data in chunks. The CRC of a record of at least PARALLEL_CRC
+ * bytes runs on the worker thread meanwhile; smaller ones are CRC'd inline,
+ * chunk by chunk, just before each chunk is queued. */
 static ck_status write_data(ck_zipw *w, const unsigned char *data, uint64_t size, uint32_t *crc,
                             ck_error *err) {
     uint32_t c = 0;
-    size_t step = w->compute_crc ? w->chunk : MAX_IO;
-    while (size > 0) {
+    int parallel = 0;
+    if (w->compute_crc && size >= PARALLEL_CRC && !w->crc_inline) {
+        if (w->crc_worker == NULL) {
+            ck_error ignored;
+            if (ck_crc_worker_start(&w->crc_worker, &ignored) != CK_OK)
+                w->crc_inline = 1; /* no thread: the CRC runs inline */
+        }
+        if (w->crc_worker != NULL) {
+            ck_crc_worker_submit(w->crc_worker, data, (size_t)size);
+            parallel = 1;
+        }
+    }
+    size_t step = w->compute_crc && !parallel ? w->chunk : MAX_IO;
+    ck_status st = CK_OK;
+    while (size > 0 && st == CK_OK) {
         size_t n = size < step ? (size_t)size : step;
-        if (w->compute_crc)
+        if (w->compute_crc && !parallel)
             c = ck_crc32(c, data, n);
-        ck_status st = queue(w, data, n, err);
-        if (st != CK_OK)
-            return st;
+        st = queue(w, data, n, err);
         data += n;
         size -= n;
     }
+    if (parallel) /* also on failure: the worker reads data until it is done */
+        c = ck_crc_worker_wait(w->crc_worker);
     *crc = c;
-    return CK_OK;
+    return st;
 }
 
 ck_status ck_zipw_add(ck_zipw *w, const char *name, const void *data, uint64_t size,

@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "crc_worker.h"
 #include "serial_id.h"
 #include "status.h"
 
@@ -71,6 +72,8 @@ typedef struct ck_zipw {
     ck_zipw_entry *entries;
     size_t count, cap;
     ck_serial_id sid;
+    ck_crc_worker *crc_worker; /* started on the first big record; NULL before */
+    int crc_inline;            /* 1: no worker thread (it could not start) */
 } ck_zipw;
 
 /* Fills in a writer of records under folder `prefix` (no slash; must not
