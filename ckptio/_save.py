@@ -66,8 +66,13 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF):
 
     f: a path (str or os.PathLike), written atomically (temporary file in
     the same directory, fsync when fsync=True, rename over the target, fsync
-    of the directory), or a binary file object, written sequentially from its
-    current position. Storages on other devices are copied to the CPU first.
+    of the directory; a symbolic link is followed and the file it names
+    replaced), or a binary file object, written sequentially from its
+    current position and flushed (and fsynced when it has a file descriptor
+    and fsync=True). Storages on other devices are copied to the CPU first.
+
+    Unlike torch.save, a path's old file is replaced, not overwritten in
+    place: other hard links to it keep the old content.
     """
     alignment, crc = _options()
     common = dict(
@@ -80,9 +85,10 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF):
         path = os.fspath(f)
         if isinstance(path, bytes):
             path = os.fsdecode(path)
-        _native.save(
-            obj, path, _archive_folder(path), _torch_hooks(), to_path=True, fsync=fsync, **common
-        )
+        folder = _archive_folder(path)  # from the name given, as torch takes it
+        # torch.save writes through a symbolic link; replace the file it points to
+        target = os.path.realpath(path) if os.path.islink(path) else path
+        _native.save(obj, target, folder, _torch_hooks(), to_path=True, fsync=fsync, **common)
         return
     write = getattr(f, "write", None)
     if not callable(write):

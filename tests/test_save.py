@@ -374,6 +374,27 @@ def test_storage_alignment_records(tmp_path):
             assert start % 64 == 0, info.filename
 
 
+def test_torch_computes_the_same_storage_offsets(tmp_path):
+    """torch's calculate_storage_offsets (mmap loads that compute each
+    storage's offset from the previous one, as miniz lays them out) finds
+    every storage in our files."""
+    from torch.utils.serialization import config
+
+    gen = torch.Generator().manual_seed(5)
+    obj = {f"t{i}": random_tensor((i * 37 % 300,), torch.float32, gen) for i in range(40)}
+    obj["empty"] = torch.empty(0)
+    obj["after"] = torch.arange(7)
+    path = tmp_path / "offsets.pth"
+    ckptio.save(obj, path)
+    old = config.load.calculate_storage_offsets
+    config.load.calculate_storage_offsets = True
+    try:
+        back = torch.load(path, mmap=True)
+    finally:
+        config.load.calculate_storage_offsets = old
+    assert_equal_values(back, obj)
+
+
 def test_crc32_implementations():
     import zlib
 
@@ -430,6 +451,23 @@ def test_keyboard_interrupt_while_pickling_keeps_old_file(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_interrupt_while_writing_to_a_file_object():
+    class Interrupting:
+        def __init__(self):
+            self.calls = 0
+
+        def write(self, b):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return len(b)
+
+    sink = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        ckptio.save({f"t{i}": torch.randn(300_000) for i in range(8)}, sink)
+    assert sink.calls == 3
+
+
 def test_missing_directory_and_directory_target(tmp_path):
     with pytest.raises(FileNotFoundError):
         ckptio.save({"w": torch.ones(2)}, tmp_path / "nope" / "x.pth")
@@ -437,6 +475,21 @@ def test_missing_directory_and_directory_target(tmp_path):
         ckptio.save({"w": torch.ones(2)}, str(tmp_path) + "/")
     with pytest.raises(AttributeError):
         ckptio.save({"w": torch.ones(2)}, 42)
+
+
+def test_symbolic_link_target_is_followed(tmp_path):
+    real = tmp_path / "real" / "epoch_3.pth"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "latest.pth"
+    link.symlink_to(real)
+    obj = {"w": torch.arange(4)}
+    ckptio.save(obj, link)
+    assert link.is_symlink()
+    theirs = tmp_path / "theirs" / "latest.pth"
+    theirs.parent.mkdir()
+    torch.save(obj, theirs)
+    assert real.read_bytes() == theirs.read_bytes()  # folder "latest", as torch names it
 
 
 def test_permissions_of_an_existing_target_are_kept(tmp_path):
@@ -511,6 +564,20 @@ def test_sigkill_during_saves_never_tears_the_target(tmp_path):
     ckptio.save(versions[1], target, fsync=False)
     assert leftovers(tmp_path) == []
     assert_equal_values(torch.load(target), versions[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_same_bytes_as_torch(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    cpu = {"w": random_tensor((1000, 100), torch.float32, gen),
+           "h": random_tensor((64,), torch.float16, gen)}
+    obj = {k: v.cuda() for k, v in cpu.items()}
+    obj["view"] = obj["w"][10:20]
+    obj["cpu"] = cpu["h"]
+    path = same_bytes_as_torch(tmp_path, obj)
+    back = torch.load(path, map_location="cpu")
+    assert_equal_values(back["w"], cpu["w"])
+    assert torch.load(path)["w"].device.type == "cuda"
 
 
 # ---- an independent old reader ----------------------------------------------------------
