@@ -7,8 +7,10 @@ id), storage bytes written straight from tensor memory. A path target is
 written to a temporary file in the same directory and renamed over the old
 file only once everything is on disk.
 """
+import collections
 import os
 import sys
+import warnings
 
 import torch
 
@@ -18,10 +20,17 @@ _hooks = None
 
 
 def _torch_hooks():
-    """The torch objects the C persistent_id calls (looked up once)."""
+    """The torch objects the C pickling hooks use (looked up once), and
+    whether the C tensor reduction may run (not under torch's skip_data or
+    fake-tensor modes, whose rules only torch's own code knows)."""
     global _hooks
     if _hooks is None:
         ser = torch.serialization
+        new_dtypes = frozenset(torch.storage._new_dtypes())
+        legacy = {}  # dtype -> (storage class torch pickles, element size)
+        with warnings.catch_warnings():  # TypedStorage and quantized dtypes warn
+            warnings.simplefilter("ignore")
+            _legacy_rows(legacy, new_dtypes)
         _hooks = (
             torch.storage.TypedStorage,
             torch.UntypedStorage,
@@ -29,8 +38,33 @@ def _torch_hooks():
             ser.location_tag,
             torch,
             torch.uint8,
+            torch.Tensor,
+            torch._utils._rebuild_tensor_v2,
+            torch._utils._rebuild_tensor_v3,
+            collections.OrderedDict,
+            legacy,
+            new_dtypes,
+            torch._C._get_tensor_metadata,
+            torch.strided,
         )
-    return _hooks
+    tls = torch.serialization._serialization_tls
+    fast = not getattr(tls, "skip_data", False) and not getattr(
+        tls, "materialize_fake_tensors", False
+    )
+    return _hooks + (fast,)
+
+
+def _legacy_rows(legacy, new_dtypes):
+    """Fills legacy with dtype -> (the storage class torch pickles for it,
+    element size) for every dtype torch saves through a TypedStorage."""
+    for dtype in set(d for d in vars(torch).values() if isinstance(d, torch.dtype)):
+        if dtype in new_dtypes:
+            continue
+        try:
+            typed = torch.empty(0, dtype=dtype)._typed_storage()
+            legacy[dtype] = (getattr(torch, typed._pickle_storage_type()), typed.element_size())
+        except (KeyError, AttributeError, RuntimeError, TypeError):
+            continue
 
 
 def _archive_folder(path):

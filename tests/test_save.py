@@ -231,7 +231,24 @@ def _with_attribute(p):
     return p
 
 
+def _with_hook():
+    t = torch.ones(3, requires_grad=True)
+    t.register_hook(lambda g: g)
+    return t
+
+
+def _tensor_with_attribute():
+    t = torch.arange(3.0)
+    t.tag = "x"
+    return t
+
+
 ODD_OBJECTS = {
+    "requires_grad_tensor": lambda: {"t": torch.ones(3, requires_grad=True) * 2},
+    "backward_hook": lambda: {"t": _with_hook()},
+    "tensor_attribute": lambda: {"t": _tensor_with_attribute()},
+    "v3_dtypes": lambda: {"u16": torch.arange(5, dtype=torch.uint16),
+                          "f8": torch.zeros(3, dtype=torch.float8_e5m2)},
     "meta": lambda: {"m": torch.empty(3, 4, device="meta")},
     "sparse_coo": lambda: {"s": torch.eye(3).to_sparse()},
     "sparse_csr": lambda: {"s": torch.eye(3).to_sparse_csr()},

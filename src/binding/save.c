@@ -8,18 +8,24 @@
 #include "core/zipwrite.h"
 #include "errors.h"
 
-/* What persistent_id needs, alive for one save. Every PyObject * here is a
- * strong reference owned by the save call (released in save_ctx_clear). */
+/* What persistent_id and reducer_override need, alive for one save. The
+ * torch objects are borrowed from the hooks tuple (the caller's argument,
+ * alive for the whole call); the rest are strong references owned by the
+ * save call (released in save_ctx_clear). */
 typedef struct save_ctx {
     ck_state *st;
     /* torch's objects, from the hooks tuple */
     PyObject *TypedStorage, *UntypedStorage, *normalize_storage_type, *location_tag, *torch, *uint8;
+    PyObject *Tensor, *rebuild_v2, *rebuild_v3, *OrderedDict, *legacy, *new_dtypes, *metadata_of,
+        *strided;
+    int fast;           /* reducer_override may reduce plain tensors itself */
+    PyObject *marker;   /* first item of the storage tokens reducer_override makes */
     PyObject *ids;      /* dict: storage._cdata -> key */
     PyObject *storages; /* list: storage per key, in key order */
     PyObject *dtypes;   /* dict: data_ptr -> dtype, to refuse one memory saved as two dtypes */
     /* interned strings (torch's literals are interned too: the pickle memo
      * then treats them alike) */
-    PyObject *s_storage, *s_cpu, *s_meta, *s_fake_device;
+    PyObject *s_storage, *s_cpu, *s_meta, *s_fake_device, *s_cuda;
 } save_ctx;
 
 static void save_ctx_clear(save_ctx *c) {
@@ -30,6 +36,8 @@ static void save_ctx_clear(save_ctx *c) {
     Py_CLEAR(c->s_cpu);
     Py_CLEAR(c->s_meta);
     Py_CLEAR(c->s_fake_device);
+    Py_CLEAR(c->s_cuda);
+    Py_CLEAR(c->marker);
 }
 
 static PyObject *call_method0(PyObject *obj, const char *name) {
@@ -54,10 +62,23 @@ static PyObject *persistent_id(PyObject *capsule, PyObject *obj) {
         return NULL;
     PyObject *storage = NULL, *dtype = NULL, *storage_type = NULL, *numel = NULL;
     PyObject *dev = NULL, *key = NULL, *location = NULL, *result = NULL;
-    int typed = PyObject_IsInstance(obj, c->TypedStorage);
-    if (typed < 0)
-        return NULL;
-    if (typed) {
+    if (PyTuple_CheckExact(obj) && PyTuple_GET_SIZE(obj) == 3 &&
+        PyTuple_GET_ITEM(obj, 0) == c->marker) {
+        /* a token from reduce_tensor: (marker, untyped storage, dtype), what
+         * torch's TypedStorage wrapper would say about it */
+        storage = Py_NewRef(PyTuple_GET_ITEM(obj, 1));
+        dtype = Py_NewRef(PyTuple_GET_ITEM(obj, 2));
+        PyObject *row = PyDict_GetItemWithError(c->legacy, dtype); /* borrowed: (type, size) */
+        if (row == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "save: storage token of an unknown dtype");
+            goto done;
+        }
+        storage_type = Py_NewRef(PyTuple_GET_ITEM(row, 0));
+        PyObject *nbytes = call_method0(storage, "nbytes");
+        numel = nbytes ? PyNumber_FloorDivide(nbytes, PyTuple_GET_ITEM(row, 1)) : NULL;
+        Py_XDECREF(nbytes);
+    } else if (PyObject_TypeCheck(obj, (PyTypeObject *)c->TypedStorage)) {
         storage = PyObject_GetAttrString(obj, "_untyped_storage");
         dtype = storage ? PyObject_GetAttrString(obj, "dtype") : NULL;
         PyObject *name = dtype ? call_method0(obj, "_pickle_storage_type") : NULL;
@@ -150,27 +171,137 @@ done:
     return result;
 }
 
+/* torch.Tensor.__reduce_ex__ for the common case, in C: a plain CPU or
+ * CUDA tensor (exact type, no Python attributes, no hooks, strided, not
+ * quantized or nested, no conj/neg bit) reduces to
+ * (_rebuild_tensor_v2, (storage, offset, size, stride, requires_grad,
+ * OrderedDict())) as torch builds it, except that the TypedStorage torch
+ * would create is replaced by a token persistent_id maps to the same
+ * persistent id. Everything else returns NotImplemented: torch's own
+ * __reduce_ex__ then runs. */
+static PyObject *reduce_tensor(PyObject *capsule, PyObject *obj) {
+    save_ctx *c = PyCapsule_GetPointer(capsule, NULL);
+    if (c == NULL)
+        return NULL;
+    if (!c->fast || (PyObject *)Py_TYPE(obj) != c->Tensor)
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *result = NULL, *dict = NULL, *hooks = NULL, *layout = NULL, *dev = NULL;
+    PyObject *flag = NULL, *meta = NULL, *dtype = NULL, *untyped = NULL, *token = NULL;
+    PyObject *offset = NULL, *size = NULL, *shape = NULL, *stride = NULL, *grad = NULL;
+    PyObject *od = NULL, *args = NULL;
+    int v3 = 0, plain = 0;
+
+    dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL || PyDict_GET_SIZE(dict) != 0)
+        goto fallback;
+    hooks = PyObject_GetAttrString(obj, "_backward_hooks");
+    if (hooks == NULL || hooks != Py_None)
+        goto fallback;
+    layout = PyObject_GetAttrString(obj, "layout");
+    if (layout == NULL || layout != c->strided)
+        goto fallback;
+    dev = PyObject_GetAttrString(obj, "device");
+    PyObject *dev_type = dev ? PyObject_GetAttrString(dev, "type") : NULL;
+    plain = dev_type != NULL && (PyUnicode_Compare(dev_type, c->s_cpu) == 0 ||
+                                 PyUnicode_Compare(dev_type, c->s_cuda) == 0);
+    Py_XDECREF(dev_type);
+    if (!plain)
+        goto fallback;
+    flag = PyObject_GetAttrString(obj, "is_quantized");
+    if (flag == NULL || flag != Py_False)
+        goto fallback;
+    Py_CLEAR(flag);
+    flag = PyObject_GetAttrString(obj, "is_nested");
+    if (flag == NULL || flag != Py_False)
+        goto fallback;
+    meta = PyObject_CallOneArg(c->metadata_of, obj);
+    if (meta == NULL || !PyDict_Check(meta) || PyDict_GET_SIZE(meta) != 0)
+        goto fallback;
+    dtype = PyObject_GetAttrString(obj, "dtype");
+    if (dtype == NULL)
+        goto fallback;
+    if (PyDict_GetItemWithError(c->legacy, dtype) == NULL) {
+        if (PyErr_Occurred())
+            goto fallback;
+        v3 = PySet_Contains(c->new_dtypes, dtype);
+        if (v3 <= 0)
+            goto fallback;
+    }
+    untyped = call_method0(obj, "untyped_storage");
+    if (untyped == NULL)
+        goto fallback;
+    token = v3 ? Py_NewRef(untyped) : PyTuple_Pack(3, c->marker, untyped, dtype);
+    offset = token ? call_method0(obj, "storage_offset") : NULL;
+    size = offset ? call_method0(obj, "size") : NULL;
+    shape = size ? PySequence_Tuple(size) : NULL;
+    stride = shape ? call_method0(obj, "stride") : NULL;
+    grad = stride ? PyObject_GetAttrString(obj, "requires_grad") : NULL;
+    od = grad ? PyObject_CallNoArgs(c->OrderedDict) : NULL;
+    if (od == NULL)
+        goto done;
+    args = v3 ? PyTuple_Pack(7, token, offset, shape, stride, grad, od, dtype)
+              : PyTuple_Pack(6, token, offset, shape, stride, grad, od);
+    if (args != NULL)
+        result = PyTuple_Pack(2, v3 ? c->rebuild_v3 : c->rebuild_v2, args);
+    goto done;
+fallback:
+    /* not the common case, or a lookup failed: torch's __reduce_ex__ decides
+     * (and raises what it raises) */
+    PyErr_Clear();
+    result = Py_NewRef(Py_NotImplemented);
+done:
+    Py_XDECREF(dict);
+    Py_XDECREF(hooks);
+    Py_XDECREF(layout);
+    Py_XDECREF(dev);
+    Py_XDECREF(flag);
+    Py_XDECREF(meta);
+    Py_XDECREF(dtype);
+    Py_XDECREF(untyped);
+    Py_XDECREF(token);
+    Py_XDECREF(offset);
+    Py_XDECREF(size);
+    Py_XDECREF(shape);
+    Py_XDECREF(stride);
+    Py_XDECREF(grad);
+    Py_XDECREF(od);
+    Py_XDECREF(args);
+    return result;
+}
+
 static PyMethodDef persistent_id_def = {"persistent_id", persistent_id, METH_O,
                                         "torch's persistent_id for storages."};
+static PyMethodDef reduce_tensor_def = {"reducer_override", reduce_tensor, METH_O,
+                                        "torch.Tensor.__reduce_ex__ for plain tensors."};
 
-/* Pickles obj at protocol 2 with persistent_id; returns a BytesIO holding
- * the pickle (new reference). */
+/* Pickles obj at protocol 2 with persistent_id and reducer_override;
+ * returns a BytesIO holding the pickle (new reference). The two hooks are
+ * attributes of a subclass of _pickle.Pickler made for this save (builtin
+ * functions do not bind, so the pickler calls them with the object alone). */
 static PyObject *pickle_obj(save_ctx *c, PyObject *obj) {
     PyObject *pickle = NULL, *io = NULL, *buf = NULL, *pickler = NULL, *pid = NULL;
-    PyObject *capsule = NULL, *res = NULL;
+    PyObject *reduce = NULL, *base = NULL, *ns = NULL, *cls = NULL, *res = NULL;
     pickle = PyImport_ImportModule("_pickle");
     io = pickle ? PyImport_ImportModule("io") : NULL;
     buf = io ? PyObject_CallMethod(io, "BytesIO", NULL) : NULL;
-    pickler = buf ? PyObject_CallMethod(pickle, "Pickler", "Oi", buf, 2) : NULL;
-    capsule = pickler ? PyCapsule_New(c, NULL, NULL) : NULL;
-    pid = capsule ? PyCFunction_New(&persistent_id_def, capsule) : NULL;
-    if (pid != NULL && PyObject_SetAttrString(pickler, "persistent_id", pid) == 0)
+    base = buf ? PyObject_GetAttrString(pickle, "Pickler") : NULL;
+    pid = base ? PyCFunction_New(&persistent_id_def, c->marker) : NULL;
+    reduce = pid ? PyCFunction_New(&reduce_tensor_def, c->marker) : NULL;
+    ns = reduce ? Py_BuildValue("{sOsO}", "persistent_id", pid, "reducer_override", reduce) : NULL;
+    cls = ns ? PyObject_CallFunction((PyObject *)&PyType_Type, "s(O)O", "CkptioPickler", base, ns)
+             : NULL;
+    pickler = cls ? PyObject_CallFunction(cls, "Oi", buf, 2) : NULL;
+    if (pickler != NULL)
         res = PyObject_CallMethod(pickler, "dump", "O", obj);
-    /* The pickler holds the function, which holds the capsule pointing at
-     * c: drop the pickler here so nothing outlives this save. */
+    /* The class (freed by the cycle collector, as classes are) keeps the
+     * functions and their capsule, whose pointer to c dangles after this
+     * save: harmless, as nothing else can reach that class to call them. */
     Py_XDECREF(pickler);
+    Py_XDECREF(cls);
+    Py_XDECREF(ns);
+    Py_XDECREF(reduce);
     Py_XDECREF(pid);
-    Py_XDECREF(capsule);
+    Py_XDECREF(base);
     Py_XDECREF(pickle);
     Py_XDECREF(io);
     if (res == NULL) {
@@ -242,17 +373,26 @@ static int fd_stop(void *ctx) {
 /* ---- save --------------------------------------------------------------- */
 
 static int unpack_hooks(save_ctx *c, PyObject *hooks) {
-    if (!PyTuple_Check(hooks) || PyTuple_GET_SIZE(hooks) != 6) {
-        PyErr_SetString(PyExc_TypeError, "save: hooks must be a 6-tuple");
+    if (!PyTuple_Check(hooks) || PyTuple_GET_SIZE(hooks) != 15) {
+        PyErr_SetString(PyExc_TypeError, "save: hooks must be a 15-tuple");
         return -1;
     }
     /* borrowed from the hooks tuple, which the caller keeps alive */
-    c->TypedStorage = PyTuple_GET_ITEM(hooks, 0);
-    c->UntypedStorage = PyTuple_GET_ITEM(hooks, 1);
-    c->normalize_storage_type = PyTuple_GET_ITEM(hooks, 2);
-    c->location_tag = PyTuple_GET_ITEM(hooks, 3);
-    c->torch = PyTuple_GET_ITEM(hooks, 4);
-    c->uint8 = PyTuple_GET_ITEM(hooks, 5);
+    PyObject **slots[] = {&c->TypedStorage, &c->UntypedStorage, &c->normalize_storage_type,
+                          &c->location_tag, &c->torch,          &c->uint8,
+                          &c->Tensor,       &c->rebuild_v2,     &c->rebuild_v3,
+                          &c->OrderedDict,  &c->legacy,         &c->new_dtypes,
+                          &c->metadata_of,  &c->strided};
+    for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++)
+        *slots[i] = PyTuple_GET_ITEM(hooks, (Py_ssize_t)i);
+    c->fast = PyObject_IsTrue(PyTuple_GET_ITEM(hooks, 14));
+    if (c->fast < 0)
+        return -1;
+    if (!PyType_Check(c->TypedStorage) || !PyDict_Check(c->legacy) ||
+        !PyAnySet_Check(c->new_dtypes)) {
+        PyErr_SetString(PyExc_TypeError, "save: malformed hooks");
+        return -1;
+    }
     c->ids = PyDict_New();
     c->storages = PyList_New(0);
     c->dtypes = PyDict_New();
@@ -260,8 +400,11 @@ static int unpack_hooks(save_ctx *c, PyObject *hooks) {
     c->s_cpu = PyUnicode_InternFromString("cpu");
     c->s_meta = PyUnicode_InternFromString("meta");
     c->s_fake_device = PyUnicode_InternFromString("_fake_device");
+    c->s_cuda = PyUnicode_InternFromString("cuda");
+    /* the token marker doubles as the capsule the hook functions carry */
+    c->marker = PyCapsule_New(c, NULL, NULL);
     if (!c->ids || !c->storages || !c->dtypes || !c->s_storage || !c->s_cpu || !c->s_meta ||
-        !c->s_fake_device)
+        !c->s_fake_device || !c->s_cuda || !c->marker)
         return -1;
     return 0;
 }
