@@ -247,7 +247,7 @@ ODD_OBJECTS = {
     "requires_grad_tensor": lambda: {"t": torch.ones(3, requires_grad=True) * 2},
     "backward_hook": lambda: {"t": _with_hook()},
     "tensor_attribute": lambda: {"t": _tensor_with_attribute()},
-    "v3_dtypes": lambda: {"u16": torch.arange(5, dtype=torch.uint16),
+    "v3_dtypes": lambda: {"u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),
                           "f8": torch.zeros(3, dtype=torch.float8_e5m2)},
     "meta": lambda: {"m": torch.empty(3, 4, device="meta")},
     "sparse_coo": lambda: {"s": torch.eye(3).to_sparse()},
