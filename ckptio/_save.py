@@ -108,6 +108,11 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF):
     Unlike torch.save, a path's old file is replaced, not overwritten in
     place: other hard links to it keep the old content.
     """
+    if getattr(torch.serialization._serialization_tls, "skip_data", False):
+        # torch.serialization.skip_data(): records of reserved, unwritten
+        # space, torch's own feature; torch.save is the writer for it
+        torch.save(obj, f)
+        return
     alignment, crc = _options()
     common = dict(
         byteorder=sys.byteorder,

@@ -275,6 +275,17 @@ def test_odd_objects_same_bytes(kind):
     assert ours.getvalue() == theirs.getvalue()
 
 
+def test_skip_data_mode_writes_what_torch_writes(tmp_path):
+    obj = {"w": torch.randn(100), "i": torch.arange(10)}
+    with torch.serialization.skip_data():
+        torch.save(obj, tmp_path / "t.pth")
+        ckptio.save(obj, tmp_path / "o.pth")
+    with zipfile.ZipFile(tmp_path / "t.pth") as t, zipfile.ZipFile(tmp_path / "o.pth") as o:
+        assert [i.filename for i in t.infolist()] == [
+            i.filename.replace("o/", "t/", 1) for i in o.infolist()]
+        assert o.read("o/data.pkl") == t.read("t/data.pkl")
+
+
 def test_data_starting_with_descriptor_signature(tmp_path):
     """torch's writer mistakes such data for a data descriptor when it
     computes the serialization id; the id must still match."""
