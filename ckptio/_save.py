@@ -95,7 +95,7 @@ def _options():
         return 64, True
 
 
-def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF):
+def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
     """Saves obj as torch.save(obj, f) does, byte for byte.
 
     f: a path (str or os.PathLike), written atomically (temporary file in
@@ -107,6 +107,10 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF):
 
     Unlike torch.save, a path's old file is replaced, not overwritten in
     place: other hard links to it keep the old content.
+
+    _to_cpu (for a batched device copier): called once with the list of
+    storages not on the CPU, returns their CPU copies in the same order;
+    by default each is copied with storage.cpu().
     """
     if getattr(torch.serialization._serialization_tls, "skip_data", False):
         # torch.serialization.skip_data(): records of reserved, unwritten
@@ -119,6 +123,7 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF):
         alignment=alignment,
         compute_crc32=crc,
         zip64_threshold=_zip64_threshold,
+        to_cpu=_to_cpu,
     )
     if isinstance(f, (str, os.PathLike)):
         path = os.fspath(f)

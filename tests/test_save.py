@@ -608,6 +608,30 @@ def test_cuda_tensors_same_bytes_as_torch(tmp_path):
     assert torch.load(path)["w"].device.type == "cuda"
 
 
+def test_to_cpu_hook_is_not_called_for_cpu_storages(tmp_path):
+    calls = []
+    ckptio.save({"w": torch.ones(3)}, tmp_path / "x.pth", _to_cpu=lambda s: calls.append(s) or s)
+    assert calls == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_cpu_hook_batches_device_storages(tmp_path):
+    obj = {"a": torch.ones(3, device="cuda"), "b": torch.zeros(2, device="cuda"),
+           "c": torch.arange(3)}
+    calls = []
+
+    def to_cpu(storages):
+        calls.append(len(storages))
+        return [s.cpu() for s in storages]
+
+    path = same_bytes_as_torch(tmp_path, obj)
+    ckptio.save(obj, path, _to_cpu=to_cpu)
+    assert calls == [2]
+    assert path.read_bytes() == (tmp_path / "torch" / "ckpt.pth").read_bytes()
+    with pytest.raises(ValueError):
+        ckptio.save(obj, path, _to_cpu=lambda s: s[:1])
+
+
 # ---- an independent old reader ----------------------------------------------------------
 
 OLD_TORCH = "/usr/bin/python3"

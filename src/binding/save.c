@@ -409,26 +409,92 @@ static int unpack_hooks(save_ctx *c, PyObject *hooks) {
     return 0;
 }
 
-/* CPU copies of the storages (the storage itself when on the CPU) with
- * their data pointers and sizes. Returns a new list or NULL. */
-static PyObject *cpu_storages(save_ctx *c, void ***ptrs, uint64_t **sizes) {
-    Py_ssize_t n = PyList_GET_SIZE(c->storages);
-    PyObject *out = PyList_New(n);
-    *ptrs = PyMem_Calloc((size_t)n + 1, sizeof **ptrs);
-    *sizes = PyMem_Calloc((size_t)n + 1, sizeof **sizes);
-    if (out == NULL || *ptrs == NULL || *sizes == NULL)
-        goto fail;
+/* Replaces, in out, each storage not on the CPU by a CPU copy: one call
+ * to_cpu(list of those storages) -> list of CPU storages when to_cpu is
+ * not None (a batched device copier), else storage.cpu() one by one. */
+static int move_to_cpu(save_ctx *c, PyObject *out, PyObject *to_cpu) {
+    Py_ssize_t n = PyList_GET_SIZE(out);
+    PyObject *away = PyList_New(0), *where = PyList_New(0), *moved = NULL;
+    int rc = -1;
+    if (away == NULL || where == NULL)
+        goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *s = PyList_GET_ITEM(c->storages, i); /* borrowed */
+        PyObject *s = PyList_GET_ITEM(out, i); /* borrowed */
         PyObject *dev = device_type(s);
         if (dev == NULL)
-            goto fail;
+            goto done;
         int on_cpu = PyUnicode_Compare(dev, c->s_cpu) == 0;
         Py_DECREF(dev);
-        PyObject *cpu = on_cpu ? Py_NewRef(s) : call_method0(s, "cpu");
-        if (cpu == NULL)
-            goto fail;
-        PyList_SET_ITEM(out, i, cpu); /* steals */
+        if (on_cpu)
+            continue;
+        PyObject *index = PyLong_FromSsize_t(i);
+        int bad = index == NULL || PyList_Append(away, s) < 0 || PyList_Append(where, index) < 0;
+        Py_XDECREF(index);
+        if (bad)
+            goto done;
+    }
+    Py_ssize_t k = PyList_GET_SIZE(away);
+    if (k == 0) {
+        rc = 0;
+        goto done;
+    }
+    if (to_cpu != Py_None) {
+        PyObject *got = PyObject_CallOneArg(to_cpu, away);
+        moved = got ? PySequence_List(got) : NULL;
+        Py_XDECREF(got);
+        if (moved == NULL)
+            goto done;
+        if (PyList_GET_SIZE(moved) != k) {
+            PyErr_Format(PyExc_ValueError, "save: to_cpu returned %zd storages for %zd",
+                         PyList_GET_SIZE(moved), k);
+            goto done;
+        }
+    } else {
+        moved = PyList_New(k);
+        if (moved == NULL)
+            goto done;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            PyObject *cpu = call_method0(PyList_GET_ITEM(away, j), "cpu");
+            if (cpu == NULL)
+                goto done;
+            PyList_SET_ITEM(moved, j, cpu); /* steals */
+        }
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(where, j));
+        PyObject *cpu = PyList_GET_ITEM(moved, j); /* borrowed; the list below takes a ref */
+        PyObject *dev = device_type(cpu);
+        if (dev == NULL)
+            goto done;
+        int on_cpu = PyUnicode_Compare(dev, c->s_cpu) == 0;
+        Py_DECREF(dev);
+        if (!on_cpu) {
+            PyErr_SetString(PyExc_ValueError, "save: to_cpu returned a storage not on the CPU");
+            goto done;
+        }
+        if (PyList_SetItem(out, i, Py_NewRef(cpu)) < 0)
+            goto done;
+    }
+    rc = 0;
+done:
+    Py_XDECREF(away);
+    Py_XDECREF(where);
+    Py_XDECREF(moved);
+    return rc;
+}
+
+/* CPU versions of the storages (the storage itself when on the CPU) with
+ * their data pointers and sizes. Returns a new list (holding every storage
+ * whose memory is written) or NULL. */
+static PyObject *cpu_storages(save_ctx *c, PyObject *to_cpu, void ***ptrs, uint64_t **sizes) {
+    Py_ssize_t n = PyList_GET_SIZE(c->storages);
+    PyObject *out = PyList_GetSlice(c->storages, 0, n);
+    *ptrs = PyMem_Calloc((size_t)n + 1, sizeof **ptrs);
+    *sizes = PyMem_Calloc((size_t)n + 1, sizeof **sizes);
+    if (out == NULL || *ptrs == NULL || *sizes == NULL || move_to_cpu(c, out, to_cpu) < 0)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *cpu = PyList_GET_ITEM(out, i); /* borrowed: out holds it */
         PyObject *ptr = call_method0(cpu, "data_ptr");
         PyObject *nb = ptr ? call_method0(cpu, "nbytes") : NULL;
         if (nb == NULL) {
@@ -504,16 +570,17 @@ static ck_status write_archive(ck_zipw *w, fd_io *io, const save_args *a, const 
 static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"obj",           "target",          "prefix",    "hooks",
                              "to_path",       "fsync",           "byteorder", "alignment",
-                             "compute_crc32", "zip64_threshold", NULL};
+                             "compute_crc32", "zip64_threshold", "to_cpu",    NULL};
     ck_state *st = ck_get_state(module);
     PyObject *obj, *prefix, *hooks;
     save_args a = {0};
     unsigned long long alignment = 64, threshold = 0xFFFFFFFFull;
+    PyObject *to_cpu = Py_None; /* borrowed argument */
     a.compute_crc = 1;
     a.fsync = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOUO|$ppUKpK", kwlist, &obj, &a.target, &prefix,
-                                     &hooks, &a.to_path, &a.fsync, &a.byteorder, &alignment,
-                                     &a.compute_crc, &threshold))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOUO|$ppUKpKO", kwlist, &obj, &a.target,
+                                     &prefix, &hooks, &a.to_path, &a.fsync, &a.byteorder,
+                                     &alignment, &a.compute_crc, &threshold, &to_cpu))
         return NULL;
     if (a.byteorder == NULL) {
         PyErr_SetString(PyExc_TypeError, "save: byteorder is required");
@@ -540,7 +607,7 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     pkl_view = PyObject_CallMethod(pkl_io, "getbuffer", NULL);
     if (pkl_view == NULL || PyObject_GetBuffer(pkl_view, &pkl, PyBUF_SIMPLE) < 0)
         goto out;
-    cpu = cpu_storages(&c, &ptrs, &sizes);
+    cpu = cpu_storages(&c, to_cpu, &ptrs, &sizes);
     if (cpu == NULL)
         goto out;
 
@@ -643,7 +710,7 @@ static PyObject *py_crc32(PyObject *module, PyObject *args, PyObject *kwargs) {
 PyMethodDef ck_save_methods[] = {
     {"save", (PyCFunction)(void (*)(void))py_save, METH_VARARGS | METH_KEYWORDS,
      "save(obj, target, prefix, hooks, *, to_path, fsync, byteorder, alignment=64,\n"
-     "     compute_crc32=True, zip64_threshold=0xFFFFFFFF)\n"
+     "     compute_crc32=True, zip64_threshold=0xFFFFFFFF, to_cpu=None)\n"
      "Writes obj in torch.save's zip format (see ckptio.save for the public API)."},
     {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_VARARGS | METH_KEYWORDS,
      "crc32(data, value=0, *, impl='libdeflate') -> int: CRC-32 by libdeflate or zlib."},
