@@ -505,6 +505,37 @@ def test_missing_directory_and_directory_target(tmp_path):
         ckptio.save({"w": torch.ones(2)}, 42)
 
 
+def test_undecodable_file_name(tmp_path):
+    name = os.fsdecode(b"ckpt-\xff.pth")
+    target = os.path.join(os.fsencode(str(tmp_path)), b"ckpt-\xff.pth")
+    ckptio.save({"w": torch.arange(3)}, os.path.join(str(tmp_path), name))
+    assert_equal_values(torch.load(target.decode("utf-8", "surrogateescape")), {"w": torch.arange(3)})
+    assert os.path.exists(target)
+
+
+def test_tensor_bytes_are_not_copied(tmp_path):
+    """Peak memory of a save (in a child process, after resetting its
+    high-water mark) stays far below the size of the tensors written."""
+    target = tmp_path / "big.pth"
+    child = run_child(f"""
+        import torch, ckptio
+        t = torch.ones(32 << 20)  # 128 MiB, touched
+        def status():
+            with open("/proc/self/status") as f:
+                return {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith("Vm")}}
+        base = status()["VmRSS"]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        ckptio.save({{"t": t}}, {str(target)!r}, fsync=False)
+        print(status()["VmHWM"] - base)
+    """, stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate(timeout=120)
+    assert child.returncode == 0
+    extra = int(out.split()[-1])
+    assert extra < (16 << 20), f"{extra} extra bytes for a 128 MiB tensor"
+    assert target.stat().st_size > 128 << 20
+
+
 def test_symbolic_link_target_is_followed(tmp_path):
     real = tmp_path / "real" / "epoch_3.pth"
     real.parent.mkdir()

@@ -595,7 +595,7 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     PyObject *filename = a.to_path ? a.target : Py_None; /* borrowed, for messages */
 
     save_ctx c = {.st = st};
-    PyObject *result = NULL, *pkl_io = NULL, *pkl_view = NULL, *cpu = NULL;
+    PyObject *result = NULL, *pkl_io = NULL, *pkl_view = NULL, *cpu = NULL, *path_bytes = NULL;
     Py_buffer pkl = {0};
     void **ptrs = NULL;
     uint64_t *sizes = NULL;
@@ -627,13 +627,14 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     w.compute_crc = a.compute_crc;
     ck_status status;
     if (a.to_path) {
-        const char *path = PyUnicode_AsUTF8(a.target);
-        if (path == NULL) {
+        /* the file system's encoding, as open() uses (surrogateescape) */
+        path_bytes = PyUnicode_EncodeFSDefault(a.target);
+        if (path_bytes == NULL) {
             ck_zipw_free(&w);
             goto out;
         }
         ck_atomic at;
-        if (ck_atomic_open(&at, path, &err) != CK_OK) {
+        if (ck_atomic_open(&at, PyBytes_AS_STRING(path_bytes), &err) != CK_OK) {
             ck_zipw_free(&w);
             ck_raise_core(st, filename, &err);
             goto out;
@@ -678,6 +679,7 @@ out:
     Py_XDECREF(pkl_view);
     Py_XDECREF(pkl_io);
     Py_XDECREF(cpu);
+    Py_XDECREF(path_bytes);
     PyMem_Free(ptrs);
     PyMem_Free(sizes);
     save_ctx_clear(&c);
