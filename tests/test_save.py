@@ -423,6 +423,22 @@ def test_torch_computes_the_same_storage_offsets(tmp_path):
     assert_equal_values(back, obj)
 
 
+@pytest.mark.parametrize("setting", [("storage_alignment", 4096), ("storage_alignment", 1),
+                                     ("compute_crc32", False)], ids=str)
+def test_torch_save_config_is_followed(tmp_path, setting):
+    from torch.utils.serialization import config
+
+    name, value = setting
+    old = getattr(config.save, name)
+    setattr(config.save, name, value)
+    try:
+        path = same_bytes_as_torch(tmp_path, {"w": torch.randn(100), "e": torch.empty(0),
+                                              "i": torch.arange(3)})
+    finally:
+        setattr(config.save, name, old)
+    assert_equal_values(torch.load(path, mmap=True)["i"], torch.arange(3))
+
+
 def test_crc32_implementations():
     import zlib
 
