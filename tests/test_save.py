@@ -720,3 +720,33 @@ print("ok", sum(float(v.double().sum()) for v in sd.values()))
     assert out.returncode == 0, out.stderr
     expected = sum(float(v.double().sum()) for v in sd.values())
     assert abs(float(out.stdout.split()[1]) - expected) < 1e-6
+
+
+def test_concurrent_saves_from_threads(tmp_path):
+    """Saves on several threads (the GIL is released while writing) each
+    produce torch's bytes, and SIGXFSZ is left as it was found."""
+    import threading
+
+    before = signal.getsignal(signal.SIGXFSZ)
+    objs = [{"w": torch.full((200_000,), float(i)), "i": i} for i in range(6)]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                ckptio.save(objs[i], tmp_path / f"t{i}.pth", fsync=False)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i in range(6):
+        buf = tmp_path / "torch" / f"t{i}.pth"
+        buf.parent.mkdir(exist_ok=True)
+        torch.save(objs[i], buf)
+        assert (tmp_path / f"t{i}.pth").read_bytes() == buf.read_bytes()
+    assert signal.getsignal(signal.SIGXFSZ) == before

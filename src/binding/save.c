@@ -1,5 +1,6 @@
 #include "save.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 
@@ -523,6 +524,34 @@ fail:
     return NULL;
 }
 
+/* A write past RLIMIT_FSIZE must fail with EFBIG, not kill the process:
+ * SIGXFSZ is ignored while any save writes a file (saves on several
+ * threads share one count; the disposition found first is put back when
+ * the last one ends). */
+static pthread_mutex_t xfsz_lock = PTHREAD_MUTEX_INITIALIZER;
+static int xfsz_depth;
+static struct sigaction xfsz_old;
+static int xfsz_have_old;
+
+static void xfsz_ignore(void) {
+    pthread_mutex_lock(&xfsz_lock);
+    if (xfsz_depth++ == 0) {
+        struct sigaction ign;
+        memset(&ign, 0, sizeof ign);
+        ign.sa_handler = SIG_IGN;
+        sigemptyset(&ign.sa_mask);
+        xfsz_have_old = sigaction(SIGXFSZ, &ign, &xfsz_old) == 0;
+    }
+    pthread_mutex_unlock(&xfsz_lock);
+}
+
+static void xfsz_restore(void) {
+    pthread_mutex_lock(&xfsz_lock);
+    if (--xfsz_depth == 0 && xfsz_have_old)
+        sigaction(SIGXFSZ, &xfsz_old, NULL);
+    pthread_mutex_unlock(&xfsz_lock);
+}
+
 typedef struct save_args {
     PyObject *target; /* str path, or a file object's write method */
     int to_path;
@@ -644,11 +673,7 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
         w.write_ctx = &io.sink;
         w.stop = fd_stop;
         w.stop_ctx = &io;
-        /* A write past RLIMIT_FSIZE must fail with EFBIG, not kill us. */
-        struct sigaction ign = {0}, old;
-        ign.sa_handler = SIG_IGN;
-        sigemptyset(&ign.sa_mask);
-        int have_old = sigaction(SIGXFSZ, &ign, &old) == 0;
+        xfsz_ignore();
         status = write_archive(&w, &io, &a, &pkl, &c, ptrs, sizes, &err);
         if (status == CK_OK) {
             Py_BEGIN_ALLOW_THREADS status = ck_atomic_commit(&at, a.fsync, &err);
@@ -656,8 +681,7 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
         } else {
             ck_atomic_abort(&at);
         }
-        if (have_old)
-            sigaction(SIGXFSZ, &old, NULL);
+        xfsz_restore();
     } else {
         w.write = pyfile_sink;
         w.write_ctx = a.target;
