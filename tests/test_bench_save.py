@@ -10,7 +10,9 @@ def test_measure_and_render_small_checkpoint(tmp_path):
     torch.save(obj, path)
     rows = ["raw write", "torch.save", "ckptio.save(fsync=False)", "ckptio.save", "crc32 zlib",
             "crc32 libdeflate"]
-    result = bench_save.measure(str(path), 1, rows=rows)
+    small = tmp_path / "many.pth"
+    torch.save({f"b{i}": torch.zeros(4) for i in range(50)}, small)
+    result = bench_save.measure(str(path), 1, rows=rows, small_path=str(small))
     assert list(result["rows"]) == rows
     data = 8 * 256 * 64 * 4
     for name, r in result["rows"].items():
@@ -23,4 +25,6 @@ def test_measure_and_render_small_checkpoint(tmp_path):
     for name in rows:
         assert name in text
     assert "crc32 libdeflate vs zlib" in text
+    assert result["small"]["tensors"] == 50
+    assert "us/tensor" in text
     assert not list(tmp_path.glob("bench_save_out*"))

@@ -243,7 +243,17 @@ def _tensor_with_attribute():
     return t
 
 
+def _loaded(obj):
+    """obj after a torch.save/torch.load round trip (tensors then carry an
+    empty _backward_hooks OrderedDict)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
 ODD_OBJECTS = {
+    "loaded_tensors": lambda: _loaded({"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}),
     "requires_grad_tensor": lambda: {"t": torch.ones(3, requires_grad=True) * 2},
     "backward_hook": lambda: {"t": _with_hook()},
     "tensor_attribute": lambda: {"t": _tensor_with_attribute()},
@@ -284,6 +294,27 @@ def test_skip_data_mode_writes_what_torch_writes(tmp_path):
         assert [i.filename for i in t.infolist()] == [
             i.filename.replace("o/", "t/", 1) for i in o.infolist()]
         assert o.read("o/data.pkl") == t.read("t/data.pkl")
+
+
+def test_plain_tensors_are_reduced_in_c(monkeypatch):
+    """Plain tensors (fresh, views, loaded from a file) skip torch's Python
+    reduction; others (Python attributes here) still take it."""
+    calls = []
+    original = torch.Tensor._reduce_ex_internal
+
+    def counting(self, proto):
+        calls.append(proto)
+        return original(self, proto)
+
+    base = torch.arange(12.0).reshape(3, 4)
+    obj = {"fresh": base, "view": base.t(), "loaded": _loaded({"x": torch.ones(3)})["x"],
+           "grad": torch.ones(2, requires_grad=True) * 3,
+           "u16": torch.arange(3, dtype=torch.int32).to(torch.uint16)}
+    monkeypatch.setattr(torch.Tensor, "_reduce_ex_internal", counting)
+    ckptio.save(obj, io.BytesIO())
+    assert calls == []
+    ckptio.save({"t": _tensor_with_attribute()}, io.BytesIO())
+    assert calls == [2]
 
 
 def test_data_starting_with_descriptor_signature(tmp_path):

@@ -195,8 +195,11 @@ static PyObject *reduce_tensor(PyObject *capsule, PyObject *obj) {
     dict = PyObject_GenericGetDict(obj, NULL);
     if (dict == NULL || PyDict_GET_SIZE(dict) != 0)
         goto fallback;
+    /* None, or the empty OrderedDict torch.load leaves on every tensor it
+     * rebuilds; hooks to warn about go through torch's path */
     hooks = PyObject_GetAttrString(obj, "_backward_hooks");
-    if (hooks == NULL || hooks != Py_None)
+    if (hooks == NULL ||
+        (hooks != Py_None && !(PyDict_Check(hooks) && PyDict_GET_SIZE(hooks) == 0)))
         goto fallback;
     layout = PyObject_GetAttrString(obj, "layout");
     if (layout == NULL || layout != c->strided)
