@@ -175,15 +175,26 @@ def _run_child(method, path, out_path, runs):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(big_path, runs, rows=None):
+def measure(big_path, runs, rows=None, small_path=None):
     """Times every save method (best of runs) on the objects of big_path,
-    writing beside it; returns a dict for render()."""
+    writing beside it; with small_path (a checkpoint of many small tensors),
+    also the per-tensor cost of torch.save and ckptio.save. Returns a dict
+    for render()."""
     out_path = os.path.join(os.path.dirname(os.path.abspath(big_path)), "bench_save_out.pth")
     results = {"file": big_path, "bytes": os.path.getsize(big_path), "rows": {}}
     for method in rows or SAVE_ROWS + CRC_ROWS:
         r = _run_child(method, big_path, out_path, runs)
         results["rows"][method] = r
         print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
+    if small_path:
+        import torch
+
+        n = len(_storages(torch.load(small_path, weights_only=False)))
+        results["small"] = {"file": small_path, "tensors": n, "rows": {}}
+        for method in ("torch.save", "ckptio.save(fsync=False)"):
+            r = _run_child(method, small_path, out_path, max(runs, 5))
+            r["per_tensor_us"] = r["time"] / max(n, 1) * 1e6
+            results["small"]["rows"][method] = r
     return results
 
 
@@ -222,16 +233,24 @@ def render(results):
         share = rows["raw write+fsync"]["time"] / rows["ckptio.save"]["time"]
         lines.append(f"  {'ckptio.save / raw write+fsync speed':<44}{100 * share:7.0f}%")
     ratio("crc32 libdeflate", "crc32 zlib", "crc32 libdeflate vs zlib")
+    small = results.get("small")
+    if small:
+        lines += ["", f"per-tensor cost ({small['tensors']} small tensors):"]
+        for name, r in small["rows"].items():
+            lines.append(
+                f"  {name:<26}{r['time'] * 1e3:8.2f} ms  {r['per_tensor_us']:6.2f} us/tensor"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ckptio.bench_save", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="checkpoint whose objects are saved")
+    parser.add_argument("--small", help="a checkpoint of many small tensors (per-tensor cost)")
     parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
-    results = measure(args.file, args.runs)
+    results = measure(args.file, args.runs, small_path=args.small)
     print(json.dumps(results, indent=2) if args.json else render(results))
     return 0
 

@@ -1,8 +1,6 @@
 """ckptio.save against torch.save (the oracle): the same bytes, files that
 torch.load (weights_only, mmap) and ckptio.load read back as the object
 saved, and a target that is never left torn."""
-import collections
-import errno
 import io
 import os
 import pickle
@@ -556,7 +554,8 @@ def test_undecodable_file_name(tmp_path):
     name = os.fsdecode(b"ckpt-\xff.pth")
     target = os.path.join(os.fsencode(str(tmp_path)), b"ckpt-\xff.pth")
     ckptio.save({"w": torch.arange(3)}, os.path.join(str(tmp_path), name))
-    assert_equal_values(torch.load(target.decode("utf-8", "surrogateescape")), {"w": torch.arange(3)})
+    back = torch.load(target.decode("utf-8", "surrogateescape"))
+    assert_equal_values(back, {"w": torch.arange(3)})
     assert os.path.exists(target)
 
 
@@ -569,7 +568,8 @@ def test_tensor_bytes_are_not_copied(tmp_path):
         t = torch.ones(32 << 20)  # 128 MiB, touched
         def status():
             with open("/proc/self/status") as f:
-                return {{l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith("Vm")}}
+                return {{l.split(":")[0]: int(l.split()[1]) * 1024
+                        for l in f if l.startswith("Vm")}}
         base = status()["VmRSS"]
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -723,7 +723,8 @@ def _old_torch_available():
     return out.returncode == 0
 
 
-@pytest.mark.skipif(not _old_torch_available(), reason="Debian's python3-torch (1.13) not installed")
+@pytest.mark.skipif(not _old_torch_available(),
+                    reason="Debian's python3-torch (1.13) not installed")
 def test_torch_1_13_reads_our_files(tmp_path):
     _, sd = state_dict_with_metadata()
     base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
