@@ -1,7 +1,9 @@
 #include "atomic.h"
 
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,6 +62,37 @@ static char *temp_name(const char *base, unsigned attempt) {
     return s;
 }
 
+/* Removes ".<base>.ckptio-<pid>-<n>" files whose process is gone: a save
+ * killed between naming its file and the rename leaves one behind. Files of
+ * live processes (or of pids we may not signal) are left alone. Best effort:
+ * errors are ignored. */
+static void remove_stale(ck_atomic *a) {
+    int fd = dup(a->dir_fd);
+    if (fd < 0)
+        return;
+    DIR *d = fdopendir(fd);
+    if (d == NULL) {
+        close(fd);
+        return;
+    }
+    size_t base_len = strlen(a->base);
+    static const char tail[] = ".ckptio-";
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        const char *n = e->d_name;
+        if (n[0] != '.' || strncmp(n + 1, a->base, base_len) != 0 ||
+            strncmp(n + 1 + base_len, tail, sizeof tail - 1) != 0)
+            continue;
+        char *end;
+        long pid = strtol(n + 1 + base_len + sizeof tail - 1, &end, 10);
+        if (pid <= 0 || *end != '-' || pid == (long)getpid())
+            continue;
+        if (kill((pid_t)pid, 0) != 0 && errno == ESRCH)
+            unlinkat(a->dir_fd, n, 0);
+    }
+    closedir(d);
+}
+
 ck_status ck_atomic_open(ck_atomic *a, const char *target, ck_error *err) {
     a->fd = a->dir_fd = -1;
     a->unnamed = 0;
@@ -69,6 +102,7 @@ ck_status ck_atomic_open(ck_atomic *a, const char *target, ck_error *err) {
         release(a);
         return st;
     }
+    remove_stale(a);
     struct stat old;
     int have_old = fstatat(a->dir_fd, a->base, &old, 0) == 0 && S_ISREG(old.st_mode);
 #ifdef O_TMPFILE

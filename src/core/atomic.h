@@ -4,8 +4,10 @@
  * renamed over the target, and the directory flushed. Until commit the old
  * target is untouched; ck_atomic_abort removes every trace of the new file.
  * A process killed mid-write leaves the old target intact (an O_TMPFILE
- * inode simply disappears; a mkstemp file named ".<target>.ckptio-XXXXXX"
- * may remain).
+ * inode simply disappears). A process killed in the short window between
+ * naming the file ".<target>.ckptio-<pid>-<n>" and the rename leaves that
+ * file behind; the next save to the same target removes such files of
+ * processes that no longer exist.
  */
 #ifndef CKPTIO_CORE_ATOMIC_H
 #define CKPTIO_CORE_ATOMIC_H

@@ -1,6 +1,9 @@
+/* sync_file_range */
+#define _GNU_SOURCE
 #include "zipwrite.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +21,9 @@
 #define FLAG_UTF8 0x0800u
 #define U32_LIMIT 0xFFFFFFFFu
 #define DEFAULT_CHUNK ((size_t)2 << 20)
+/* Records this big get their CRC from the worker thread. */
+#define PARALLEL_CRC ((uint64_t)4 << 20)
+#define WRITEBACK_STEP ((uint64_t)32 << 20)
 /* One writev never carries more than this much record data, so that a
  * single call stays within what Linux transfers at once (0x7ffff000). */
 #define MAX_IO ((size_t)1 << 30)
@@ -65,33 +71,60 @@ static unsigned char *pend_grow(ck_zipw *w, size_t n, ck_error *err) {
     return at;
 }
 
-/* Writes the pending bytes followed by data[0..len), then clears them. */
-static ck_status emit(ck_zipw *w, const void *data, size_t len, ck_error *err) {
-    struct iovec iov[2];
-    int n = 0;
-    if (w->pend_len > 0)
-        iov[n++] = (struct iovec){w->pend, w->pend_len};
-    if (len > 0)
-        iov[n++] = (struct iovec){(void *)data, len};
-    if (n == 0)
+/* Writes everything queued with one call to the sink. */
+static ck_status flush(ck_zipw *w, ck_error *err) {
+    if (w->pend_len > w->pend_queued) {
+        w->segs[w->nsegs++] = (ck_zipw_segment){NULL, w->pend_queued, w->pend_len - w->pend_queued};
+        w->queued += w->pend_len - w->pend_queued;
+        w->pend_queued = w->pend_len;
+    }
+    if (w->nsegs == 0)
         return CK_OK;
-    ck_status st = w->write(w->write_ctx, iov, n, err);
+    struct iovec iov[CK_ZIPW_MAX_SEGMENTS];
+    for (int i = 0; i < w->nsegs; i++) {
+        const ck_zipw_segment *g = &w->segs[i];
+        iov[i].iov_base = g->ptr ? (void *)g->ptr : w->pend + g->off;
+        iov[i].iov_len = g->len;
+    }
+    ck_status st = w->write(w->write_ctx, iov, w->nsegs, err);
     if (st != CK_OK)
         return st;
-    w->pos += w->pend_len + len;
-    w->pend_len = 0;
+    w->pos += w->queued;
+    w->queued = 0;
+    w->nsegs = 0;
+    w->pend_len = w->pend_queued = 0;
+    if (w->stop != NULL && w->stop(w->stop_ctx))
+        return ck_fail(err, CK_E_INTERRUPTED, "interrupted");
+    return CK_OK;
+}
+
+/* Queues data[0..len) (caller memory) after the pending header bytes;
+ * writes the queue out when it is full or holds a chunk's worth. */
+static ck_status queue(ck_zipw *w, const void *data, size_t len, ck_error *err) {
+    if (w->pend_len > w->pend_queued) {
+        w->segs[w->nsegs++] = (ck_zipw_segment){NULL, w->pend_queued, w->pend_len - w->pend_queued};
+        w->queued += w->pend_len - w->pend_queued;
+        w->pend_queued = w->pend_len;
+    }
+    if (len > 0) {
+        w->segs[w->nsegs++] = (ck_zipw_segment){data, 0, len};
+        w->queued += len;
+    }
+    /* room for the next call's header and data segments */
+    if (w->nsegs > CK_ZIPW_MAX_SEGMENTS - 3 || w->queued >= w->chunk)
+        return flush(w, err);
     return CK_OK;
 }
 
 ck_status ck_zipw_fd_sink(void *ctx, const struct iovec *iov, int n, ck_error *err) {
-    int fd = *(const int *)ctx;
-    struct iovec local[2];
-    if (n > 2)
+    ck_fd_sink *sink = ctx;
+    struct iovec local[CK_ZIPW_MAX_SEGMENTS];
+    if (n > CK_ZIPW_MAX_SEGMENTS)
         return ck_fail(err, CK_E_RANGE, "zip writer: too many buffers in one write");
     memcpy(local, iov, (size_t)n * sizeof *iov);
     struct iovec *v = local;
     while (n > 0) {
-        ssize_t done = writev(fd, v, n);
+        ssize_t done = writev(sink->fd, v, n);
         if (done < 0) {
             if (errno == EINTR)
                 continue;
@@ -99,6 +132,7 @@ ck_status ck_zipw_fd_sink(void *ctx, const struct iovec *iov, int n, ck_error *e
         }
         if (done == 0)
             return ck_fail(err, CK_E_IO, "write made no progress");
+        sink->written += (uint64_t)done;
         size_t left = (size_t)done;
         while (n > 0 && left >= v->iov_len) {
             left -= v->iov_len;
@@ -110,6 +144,14 @@ ck_status ck_zipw_fd_sink(void *ctx, const struct iovec *iov, int n, ck_error *e
             v->iov_len -= left;
         }
     }
+#ifdef SYNC_FILE_RANGE_WRITE
+    if (sink->writeback && sink->written - sink->kicked >= WRITEBACK_STEP) {
+        /* Best effort: the final fsync reports any error. */
+        sync_file_range(sink->fd, (off_t)sink->kicked, (off_t)(sink->written - sink->kicked),
+                        SYNC_FILE_RANGE_WRITE);
+        sink->kicked = sink->written;
+    }
+#endif
     return CK_OK;
 }
 
@@ -145,6 +187,7 @@ void ck_zipw_free(ck_zipw *w) {
     free(w->pend);
     free(w->prefix);
     ck_serial_id_free(&w->sid);
+    ck_crc_worker_stop(w->crc_worker);
     memset(w, 0, sizeof *w);
     ck_serial_id_init(&w->sid);
 }
@@ -172,25 +215,38 @@ static size_t zip64_extra(const ck_zipw *w, uint64_t size, uint64_t comp, uint64
     return n;
 }
 
-/* Writes data in chunks, each CRC'd just before it is written. */
+/* Writes data in chunks. The CRC of a record of at least PARALLEL_CRC
+ * bytes runs on the worker thread meanwhile; smaller ones are CRC'd inline,
+ * chunk by chunk, just before each chunk is queued. */
 static ck_status write_data(ck_zipw *w, const unsigned char *data, uint64_t size, uint32_t *crc,
                             ck_error *err) {
     uint32_t c = 0;
-    size_t step = w->compute_crc ? w->chunk : MAX_IO;
-    while (size > 0) {
+    int parallel = 0;
+    if (w->compute_crc && size >= PARALLEL_CRC && !w->crc_inline) {
+        if (w->crc_worker == NULL) {
+            ck_error ignored;
+            if (ck_crc_worker_start(&w->crc_worker, &ignored) != CK_OK)
+                w->crc_inline = 1; /* no thread: the CRC runs inline */
+        }
+        if (w->crc_worker != NULL) {
+            ck_crc_worker_submit(w->crc_worker, data, (size_t)size);
+            parallel = 1;
+        }
+    }
+    size_t step = w->compute_crc && !parallel ? w->chunk : MAX_IO;
+    ck_status st = CK_OK;
+    while (size > 0 && st == CK_OK) {
         size_t n = size < step ? (size_t)size : step;
-        if (w->compute_crc)
+        if (w->compute_crc && !parallel)
             c = ck_crc32(c, data, n);
-        ck_status st = emit(w, data, n, err);
-        if (st != CK_OK)
-            return st;
+        st = queue(w, data, n, err);
         data += n;
         size -= n;
-        if (size > 0 && w->stop != NULL && w->stop(w->stop_ctx))
-            return ck_fail(err, CK_E_INTERRUPTED, "interrupted");
     }
+    if (parallel) /* also on failure: the worker reads data until it is done */
+        c = ck_crc_worker_wait(w->crc_worker);
     *crc = c;
-    return CK_OK;
+    return st;
 }
 
 ck_status ck_zipw_add(ck_zipw *w, const char *name, const void *data, uint64_t size,
@@ -216,7 +272,7 @@ ck_status ck_zipw_add(ck_zipw *w, const char *name, const void *data, uint64_t s
     memcpy(full, w->prefix, w->prefix_len);
     memcpy(full + w->prefix_len, name, rel_len + 1);
 
-    uint64_t offset = w->pos + w->pend_len;
+    uint64_t offset = w->pos + w->queued + (w->pend_len - w->pend_queued);
     unsigned char z64[28];
     size_t z64_len = zip64_extra(w, size, 0, offset, z64);
     uint64_t start = offset + 30 + name_len + 4 + z64_len;
@@ -306,7 +362,10 @@ ck_status ck_zipw_finish(ck_zipw *w, ck_error *err) {
     if (st != CK_OK)
         return st;
 
-    uint64_t cd_offset = w->pos + w->pend_len;
+    st = flush(w, err);
+    if (st != CK_OK)
+        return st;
+    uint64_t cd_offset = w->pos;
     size_t cd_start = w->pend_len;
     for (size_t i = 0; i < w->count; i++)
         if ((st = add_central(w, &w->entries[i], err)) != CK_OK)
@@ -337,5 +396,5 @@ ck_status ck_zipw_finish(ck_zipw *w, ck_error *err) {
     put16(end + 10, n > 0xFFFF ? 0xFFFF : (uint32_t)n);
     put32(end + 12, cd_size >= w->zip64_threshold ? U32_LIMIT : (uint32_t)cd_size);
     put32(end + 16, cd_offset >= w->zip64_threshold ? U32_LIMIT : (uint32_t)cd_offset);
-    return emit(w, NULL, 0, err);
+    return flush(w, err);
 }
