@@ -128,3 +128,31 @@ def batch_to_cpu(values) -> dict:
         for t, start in tensors:
             out[id(t)] = whole.as_strided(t.shape, t.stride(), (start - lo) // size)
     return out
+
+
+def storages_to_cpu(storages) -> list:
+    """ckptio.save's device copier: CPU copies of storages that live on
+    another device, in the same order, the CUDA ones in one batch (one
+    arena, one synchronisation) and any other with storage.cpu(), as
+    torch.save copies each. Without a CUDA runtime every storage takes
+    storage.cpu()."""
+    batch = [s for s in storages if s.device.type in BATCH_DEVICES and s.nbytes() > 0]
+    copies = {}
+    if batch:
+        if "cuda" in BATCH_DEVICES and torch.cuda.is_available():
+            for device in {max(s.device.index or 0, 0) for s in batch}:
+                torch.cuda.current_stream(device).synchronize()
+        segments = [(s.data_ptr(), s.nbytes(), max(s.device.index or 0, 0)) for s in batch]
+        library, pinned = _library(), _pinned()
+        try:
+            copied = _native.copy_to_host(segments, library, pinned=pinned)
+        except MemoryError:
+            if not pinned:
+                raise
+            copied = _native.copy_to_host(segments, library, pinned=False)
+        if copied is not None:
+            arena, offsets = copied
+            for s, offset in zip(batch, offsets):
+                view = torch.frombuffer(arena, dtype=torch.uint8, count=s.nbytes(), offset=offset)
+                copies[id(s)] = view.untyped_storage()
+    return [copies[id(s)] if id(s) in copies else s.cpu() for s in storages]

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from . import _native
+from . import _hostcopy, _native
 
 _hooks = None
 
@@ -108,9 +108,10 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
     Unlike torch.save, a path's old file is replaced, not overwritten in
     place: other hard links to it keep the old content.
 
-    _to_cpu (for a batched device copier): called once with the list of
-    storages not on the CPU, returns their CPU copies in the same order;
-    by default each is copied with storage.cpu().
+    _to_cpu: called once with the list of storages not on the CPU, returns
+    their CPU copies in the same order; by default the CUDA ones are copied
+    in one batch into one host arena (ckptio._hostcopy.storages_to_cpu),
+    any other with storage.cpu().
     """
     if getattr(torch.serialization._serialization_tls, "skip_data", False):
         # torch.serialization.skip_data(): records of reserved, unwritten
@@ -123,7 +124,7 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
         alignment=alignment,
         compute_crc32=crc,
         zip64_threshold=_zip64_threshold,
-        to_cpu=_to_cpu,
+        to_cpu=_hostcopy.storages_to_cpu if _to_cpu is None else _to_cpu,
     )
     if isinstance(f, (str, os.PathLike)):
         path = os.fspath(f)

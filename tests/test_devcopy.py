@@ -548,3 +548,26 @@ def test_random_views_copy_exactly_and_share_as_their_sources(fake, views):
             same_dst = (out[id(a)].untyped_storage().data_ptr()
                         == out[id(b)].untyped_storage().data_ptr())
             assert same_src == same_dst
+
+
+def test_save_copier_batches_storages_and_keeps_their_bytes(fake):
+    # the fixture lets CPU storages stand in for device ones
+    storages = [
+        torch.arange(1000, dtype=torch.float32).untyped_storage(),
+        torch.empty(0).untyped_storage(),
+        torch.arange(7, dtype=torch.uint8).untyped_storage(),
+    ]
+    before = fake.calls()
+    out = _hostcopy.storages_to_cpu(storages)
+    d = delta(before, fake.calls())
+    assert d["malloc_host"] == 1 and d["memcpy_async"] == 2  # the empty one is not copied
+    assert len(out) == len(storages)
+    for src, dst in zip(storages, out):
+        assert dst.device.type == "cpu" and dst.nbytes() == src.nbytes()
+        assert bytes(dst) == bytes(src)
+        if src.nbytes():
+            assert dst.data_ptr() != src.data_ptr()
+    del out, dst
+    gc.collect()
+    assert delta(before, fake.calls()).get("free_host") == 1
+

@@ -122,6 +122,17 @@ def main():
                 compare(case, ours, theirs)
                 print(("ok   " if len(FAILURES) == before else "FAIL ") + case)
 
+    # ckptio.save of GPU tensors (storages copied in one batch) writes
+    # torch.save's bytes, and both read back alike
+    ours_path = os.path.join(d, "ours.pth")
+    ckptio.save(obj, ours_path)
+    same_bytes = open(ours_path, "rb").read() == open(files["zip"], "rb").read()
+    print(("ok   " if same_bytes else "FAIL ") + "ckptio.save of CUDA tensors == torch.save bytes")
+    if not same_bytes:
+        FAILURES.append("ckptio.save bytes differ from torch.save's")
+    compare("ckptio.save -> torch.load", torch.load(ours_path, weights_only=True),
+            torch.load(files["zip"], weights_only=True))
+
     # A ~1 GB checkpoint onto the GPU: torch.load vs ckptio.load, warm cache.
     big = collections.OrderedDict(
         (f"layer{i}.weight", torch.randn(1024, 1024, device="cuda")) for i in range(256)
