@@ -1030,5 +1030,12 @@ PyObject *ck_materialize_refs(ck_session *s, PyObject *obj) {
                         "recursion limit, %d levels)",
                         Py_GetRecursionLimit());
     }
+    /* placing a storage calls torch's restore_location (e.g. for a location
+     * tag no device has): under weights_only, as for every call the pickle
+     * causes, that failure becomes a CheckpointError with the original as
+     * its cause */
+    if (result == NULL && s->weights_only)
+        return ck_wrap_pending(s->st, s->st->CheckpointError, s->filename,
+                               "while placing the checkpoint's storages");
     return result;
 }

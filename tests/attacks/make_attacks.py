@@ -267,6 +267,13 @@ case("persid_unknown_storage_type.pt",
      archive(P2 + b"(" + binunicode("storage") + b"cos\nsystem\n" + binunicode("0")
              + binunicode("cpu") + b"K\x04tQ.", {"data/0": FLOATS}), UP, None,
      "a persistent id whose storage type is os.system")
+case("location_unknown_storage.pt",
+     archive(P2 + storage_pid(location="cup") + b"q\x00.", {"data/0": FLOATS}), None,
+     "location|restore", "a storage (reference memoized) whose location tag no device has")
+case("location_unknown_tensor.pt",
+     archive(state_dict(("w", tensor().replace(binunicode("cpu"), binunicode("cup")))),
+             {"data/0": FLOATS}), None, "location|restore",
+     "a tensor whose storage's location tag no device has")
 case("persid_location_not_str.pt",
      archive(P2 + b"(" + binunicode("storage") + b"ctorch\nFloatStorage\n" + binunicode("0")
              + b"K\x00K\x04tQ.", {"data/0": FLOATS}), UP, None,
