@@ -106,6 +106,23 @@ fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpic
 	$(FUZZ)/replay_legacy tests/fuzz/corpus/legacy tests/fuzz/corpus/zip tests/attacks
 	$(FUZZ)/replay_unpickle tests/fuzz/corpus/unpickle
 
+# ---- the whole pytest suite against the extension built with AddressSanitizer
+# and UBSan (build/asan; python -P keeps the in-place build off sys.path)
+ASAN_LIB = $(shell cc -print-file-name=libasan.so)
+asan: $(DEPS_STAMP)
+	rm -rf build/asan
+	CKPTIO_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp
+	cp ckptio/*.py build/asan/ckptio/
+	cp -r $$(ls -d ckptio/*/ 2>/dev/null | grep -v __pycache__) build/asan/ckptio/ 2>/dev/null || true
+	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD=$(ASAN_LIB) \
+	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -P -c 'import ckptio._native as n, sys; assert "build/asan" in n.__file__, n.__file__' && \
+	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD=$(ASAN_LIB) \
+	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -P -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
 format:
 	clang-format -i src/*/*.c src/*/*.h tests/c/*.c
 
