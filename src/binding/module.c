@@ -8,6 +8,7 @@
 #include "mapping.h"
 #include "npy.h"
 #include "tensors.h"
+#include "verify.h"
 
 ck_state *ck_get_state(PyObject *module) {
     return (ck_state *)PyModule_GetState(module);
@@ -242,6 +243,7 @@ static PyMethodDef module_methods[] = {
 /* Each binding unit that adds Python functions exports one table; the
  * module adds them all at exec time. */
 static PyMethodDef *const method_groups[] = {
+    ck_verify_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 
