@@ -72,3 +72,14 @@ def test_attack(name, mmap, tmp_path, monkeypatch):
 def test_tar_format_named():
     with pytest.raises(ckptio.CheckpointError, match="tar format"):
         ckptio.load(HERE / "tar_format.pt")
+
+
+def test_inflation_budget_is_tighter_for_untrusted_files():
+    # within the 64 MiB a trusted (weights_only=False) load may inflate, over
+    # the 16x-the-file (at least 1 MiB) of a weights_only load
+    path = HERE / "zip_deflate_small_bomb.pt"
+    assert path.stat().st_size < (64 << 10)
+    with pytest.raises(ckptio.CheckpointError, match="inflate"):
+        ckptio.load(path)
+    got = ckptio.load(path, weights_only=False)
+    assert got["w"].numel() == 2 << 20 and not got["w"].any()

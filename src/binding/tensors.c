@@ -369,7 +369,8 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
         if (ze->size > s->inflate_budget) {
             ck_raise(st->CheckpointError, s->filename,
                      "compressed storage record %zd would inflate past the limit of %llu bytes "
-                     "(16x the file, at least 64 MiB) for compressed records",
+                     "(16x the file; at least 1 MiB under weights_only, else 64 MiB) for "
+                     "compressed records",
                      e->zip_index, (unsigned long long)s->inflate_budget);
             return -1;
         }

@@ -483,6 +483,17 @@ case("zip_deflate_bomb.pt",
      archive(state_dict(("w", tensor(stype="ByteStorage", numel=bomb_n, size=(bomb_n,)))),
              {"data/0": b"\x00" * bomb_n}, compress=True), None, "inflate|limit",
      "a deflated record inflating to 96 MiB (over 16x the file and 64 MiB)")
+# data.pkl itself deflated: an 8 MiB pickle in a few kilobytes (inflated
+# before anything else; over 16x the file, over the 1 MiB floor)
+case("zip_deflate_pickle_bomb.pt",
+     archive(P2 + b"N0" * (4 << 20) + b"N.", compress=True), None, "inflate|limit",
+     "a deflated data.pkl inflating to 8 MiB")
+# a 2 MiB storage in a few kilobytes: within the 64 MiB a trusted load allows,
+# over what weights_only allows (16x the file, at least 1 MiB)
+case("zip_deflate_small_bomb.pt",
+     archive(state_dict(("w", tensor(stype="ByteStorage", numel=2 << 20, size=(2 << 20,)))),
+             {"data/0": b"\x00" * (2 << 20)}, compress=True), None, "inflate|limit",
+     "a deflated 2 MiB storage in a file of a few kilobytes")
 # compressed record whose announced size lies (small announced, large real)
 small = archive(state_dict(("w", tensor(stype="ByteStorage", numel=16, size=(16,)))),
                 {"data/0": b"\x00" * (1 << 20)}, compress=True)
