@@ -100,8 +100,7 @@ PyObject *ck_mapping_new(ck_state *st, ck_region *region) {
     self->exports = 0;
     memset(region, 0, sizeof *region);
     if (self->region.kind == CK_REGION_HEAP && self->region.data != NULL)
-        (void)PyTraceMalloc_Track(CK_TRACE_DOMAIN, (uintptr_t)self->region.data,
-                                  self->region.len);
+        (void)PyTraceMalloc_Track(CK_TRACE_DOMAIN, (uintptr_t)self->region.data, self->region.len);
     return (PyObject *)self;
 }
 

@@ -44,11 +44,11 @@ typedef struct report {
 
 /* Appends (kind, record, offset, message); record may be NULL, offset < 0
  * means none. Returns 0 or -1 (exception set). */
-static int add(report *r, const char *kind, const char *record, size_t record_len,
-               long long offset, PyObject *message) {
-    PyObject *rec = record != NULL ? PyUnicode_DecodeUTF8(record, (Py_ssize_t)record_len,
-                                                          "backslashreplace")
-                                   : Py_NewRef(Py_None);
+static int add(report *r, const char *kind, const char *record, size_t record_len, long long offset,
+               PyObject *message) {
+    PyObject *rec = record != NULL
+                        ? PyUnicode_DecodeUTF8(record, (Py_ssize_t)record_len, "backslashreplace")
+                        : Py_NewRef(Py_None);
     PyObject *off = offset >= 0 ? PyLong_FromLongLong(offset) : Py_NewRef(Py_None);
     PyObject *item = NULL;
     if (rec != NULL && off != NULL)
@@ -120,8 +120,8 @@ static int check_records(ck_session *s, report *r, uint64_t *budget) {
             ck_status rc;
             Py_BEGIN_ALLOW_THREADS rc = ck_zip_check_crc(zip, i, 1, &err);
             Py_END_ALLOW_THREADS r->crc_checked++;
-            if (rc != CK_OK && add_text(r, "crc", e->name, e->name_len,
-                                        (long long)e->data_offset, err.msg) < 0)
+            if (rc != CK_OK &&
+                add_text(r, "crc", e->name, e->name_len, (long long)e->data_offset, err.msg) < 0)
                 return -1;
             continue;
         }
@@ -305,11 +305,11 @@ static PyObject *py_verify(PyObject *module, PyObject *args) {
         rc = verify_zip(&s, &r);
     PyObject *result = NULL;
     if (rc == 0)
-        result = Py_BuildValue(
-            "{sssOsKsKsKsKsKsKsKsn}", "format", format, "problems", r.problems, "records",
-            r.records, "compressed", r.compressed, "crc_checked", r.crc_checked,
-            "crc_unrecorded", r.crc_unrecorded, "storages", r.storages, "storage_bytes",
-            r.storage_bytes, "unused_records", r.unused_records, "bytes", (Py_ssize_t)s.len);
+        result = Py_BuildValue("{sssOsKsKsKsKsKsKsKsn}", "format", format, "problems", r.problems,
+                               "records", r.records, "compressed", r.compressed, "crc_checked",
+                               r.crc_checked, "crc_unrecorded", r.crc_unrecorded, "storages",
+                               r.storages, "storage_bytes", r.storage_bytes, "unused_records",
+                               r.unused_records, "bytes", (Py_ssize_t)s.len);
     ck_storages_release(&s);
     if (s.is_zip)
         ck_zip_close(&s.zip);

@@ -27,17 +27,16 @@
 
 static PyObject *ck_fuzz_one; /* strong: the Python function run per input */
 
-static const char ck_fuzz_code[] =
-    "import os, sys\n"
-    "sys.path[:0] = [p for p in (ROOT, SITE) if p]\n"
-    "import ckptio\n"
-    "import torch\n"
-    "torch.set_num_threads(1)\n"
-    "def one(data):\n"
-    "    try:\n"
-    "        ckptio.load(data)\n"
-    "    except ckptio.CheckpointError:\n"
-    "        pass\n";
+static const char ck_fuzz_code[] = "import os, sys\n"
+                                   "sys.path[:0] = [p for p in (ROOT, SITE) if p]\n"
+                                   "import ckptio\n"
+                                   "import torch\n"
+                                   "torch.set_num_threads(1)\n"
+                                   "def one(data):\n"
+                                   "    try:\n"
+                                   "        ckptio.load(data)\n"
+                                   "    except ckptio.CheckpointError:\n"
+                                   "        pass\n";
 
 static void ck_fuzz_python_init(void) {
     if (ck_fuzz_one != NULL)
