@@ -69,6 +69,32 @@ def test_attack(name, mmap, tmp_path, monkeypatch):
         assert re.search(meta["match"], msg), f"{name}: {msg!r} lacks {meta['match']!r}"
 
 
+TRUSTED_TOO = sorted(n for n, m in MANIFEST.items() if m["trusted_too"])
+
+
+@pytest.mark.parametrize("name", TRUSTED_TOO)
+def test_structural_attack_refused_when_trusted(name, tmp_path, monkeypatch):
+    """The container, storage and pickle-machine checks do not depend on the
+    allowlist: weights_only=False refuses these files the same way."""
+    meta = MANIFEST[name]
+    path = HERE / name
+    monkeypatch.chdir(tmp_path)
+    result, error, peak = _load_measured(path, weights_only=False)
+    assert not (tmp_path / SENTINEL).exists()
+    size = path.stat().st_size
+    assert peak <= RATIO * size + (64 << 20) + FLOOR, f"{name}: {peak} bytes"
+    if meta["error"] == "ok":
+        assert error is None, f"{name}: {error!r}"
+        return
+    assert isinstance(error, ckptio.CheckpointError), f"{name}: {type(error).__name__}: {error}"
+    if meta["match"]:
+        assert re.search(meta["match"], str(error)), f"{name}: {error}"
+
+
+def test_trusted_selection_is_broad():
+    assert len(TRUSTED_TOO) >= 60
+
+
 def test_tar_format_named():
     with pytest.raises(ckptio.CheckpointError, match="tar format"):
         ckptio.load(HERE / "tar_format.pt")
