@@ -6,7 +6,7 @@ PY := .venv/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := build-essential pkg-config libzip-dev zlib1g-dev libcurl4-openssl-dev \
             libdeflate-dev clang python3-venv python3-torch python3-numpy \
-            libclang-rt-14-dev clang-format
+            libclang-rt-dev clang-format
 DEPS_STAMP := .venv/.ckptio-deps
 CORE_SRC := $(wildcard src/core/*.c)
 CORE_HDR := $(wildcard src/core/*.h)
