@@ -90,7 +90,8 @@ def verify_mapping(mapping, name, strict=False, run_loader=True):
     raw = _native.verify(mapping, name)
     fmt = raw.pop("format")
     problems = [Problem(*p) for p in raw.pop("problems")]
-    if fmt in ("tar", "pytorch1", "unknown") or (run_loader and not problems):
+    foreign = fmt in ("tar", "pytorch1", "unknown")
+    if foreign or (run_loader and not problems and fmt != "torchscript"):
         try:
             result = _native.load(
                 mapping,
@@ -103,7 +104,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True):
         except _native.UnpicklingError as exc:
             problems.append(Problem("pickle", None, None, _strip(name, str(exc))))
         except _native.CheckpointError as exc:
-            kind = "format" if fmt in ("tar", "pytorch1", "unknown") else "load"
+            kind = "format" if foreign else "load"
             problems.append(Problem(kind, None, None, _strip(name, str(exc))))
     report = VerifyReport(name, fmt, problems, raw)
     if strict and problems:

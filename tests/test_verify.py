@@ -200,8 +200,23 @@ def test_attack_files_never_verify_ok():
     here = pathlib.Path(__file__).parent / "attacks"
     manifest = json.loads((here / "MANIFEST.json").read_text())
     for name, meta in manifest.items():
-        if name.startswith("location_"):
-            continue  # verify decodes to the CPU: a location no device has is no damage
+        if name.startswith(("location_", "torchscript")):
+            # verify decodes to the CPU (a location no device has is no damage)
+            # and checks TorchScript archives' container only
+            continue
         report = ckptio.verify(here / name)
         if meta["error"] != "ok":
             assert not report.ok, name
+
+
+def test_torchscript_archive_gets_container_checks(tmp_path):
+    path = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    report = ckptio.verify(path)
+    assert report.ok and report.format == "torchscript" and report.counts["crc_checked"] > 0
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 4)
+    data[data_offset(bytes(data), info) + 1] ^= 0x10
+    report = ckptio.verify(bytes(data))
+    assert [p.kind for p in report.problems] == ["crc"]

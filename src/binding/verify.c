@@ -13,8 +13,9 @@
  *     holds at least the bytes the pickle claims (no tensor is built); a
  *     record holding more bytes than its storage is reported too, since
  *     torch.save writes them exactly.
- * For other formats only the format is reported; ckptio.verify (Python)
- * then runs the loader itself, which checks the rest.
+ * TorchScript archives (format "torchscript") get the container and CRC
+ * checks only. For other formats only the format is reported; ckptio.verify
+ * (Python) then runs the loader itself, which checks the rest.
  *
  * The result: {"format": str, "problems": [(kind, record or None, offset
  * or None, message)], and counts: "records", "compressed", "crc_checked",
@@ -40,6 +41,7 @@ typedef struct report {
     PyObject *filename; /* borrowed str */
     unsigned long long records, compressed, crc_checked, crc_unrecorded;
     unsigned long long storages, storage_bytes, unused_records;
+    int torchscript; /* the archive holds constants.pkl (torch.jit.save) */
 } report;
 
 /* Appends (kind, record, offset, message); record may be NULL, offset < 0
@@ -240,8 +242,10 @@ static int verify_zip(ck_session *s, report *r) {
         budget = CK_VERIFY_INFLATE_FLOOR;
     if (check_records(s, r, &budget) < 0)
         return -1;
-    if (ck_zip_find(&s->zip, "constants.pkl", 13) >= 0)
-        return 0; /* TorchScript: records checked, its pickles are not ours to read */
+    if (ck_zip_find(&s->zip, "constants.pkl", 13) >= 0) {
+        r->torchscript = 1; /* records checked; its pickles are torch.jit's to read */
+        return 0;
+    }
     if (ck_zip_find(&s->zip, "version", 7) < 0 && ck_zip_find(&s->zip, ".data/version", 13) < 0 &&
         add_text(r, "record", "version", 7, -1, "the archive has no version record") < 0)
         return -1;
@@ -304,6 +308,8 @@ static PyObject *py_verify(PyObject *module, PyObject *args) {
     if (rc == 0 && strcmp(format, "zip") == 0)
         rc = verify_zip(&s, &r);
     PyObject *result = NULL;
+    if (r.torchscript)
+        format = "torchscript";
     if (rc == 0)
         result = Py_BuildValue("{sssOsKsKsKsKsKsKsKsn}", "format", format, "problems", r.problems,
                                "records", r.records, "compressed", r.compressed, "crc_checked",

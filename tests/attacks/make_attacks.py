@@ -434,7 +434,8 @@ case("zip_stored_size_mismatch.pt", patch(good, cds[2] + 20, "<I", 8), None,
 case("zip_truncated_eocd.pt", good[:-5], None, None, "the end record cut short")
 case("zip_truncated_half.pt", good[: len(good) // 2], None, None, "the file cut in half")
 case("zip_no_version.pt", archive(state_dict(("w", tensor())), {"data/0": FLOATS},
-                                  version=b"x\n"), None, "version", "a version record without a number")
+                                  version=b"x\n"), None, "version",
+     "a version record without a number")
 case("zip_version_huge.pt", archive(state_dict(("w", tensor())), {"data/0": FLOATS},
                                     version=b"99999999999999999999999\n"), None, "version",
      "a 23-digit version")
