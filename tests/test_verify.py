@@ -220,3 +220,10 @@ def test_torchscript_archive_gets_container_checks(tmp_path):
     data[data_offset(bytes(data), info) + 1] ^= 0x10
     report = ckptio.verify(bytes(data))
     assert [p.kind for p in report.problems] == ["crc"]
+
+
+def test_inflation_limit_reported():
+    import pathlib
+
+    report = ckptio.verify(pathlib.Path(__file__).parent / "attacks" / "zip_deflate_small_bomb.pt")
+    assert [(p.kind, p.record) for p in report.problems] == [("limit", "archive/data/0")]

@@ -32,9 +32,10 @@
 #include "tensors.h"
 #include "unpickler.h"
 
-/* as in load.c: compressed records inflate to at most this, in all */
+/* as in load.c for weights_only loads (files not trusted): compressed
+ * records inflate to at most this, in all */
 #define CK_VERIFY_INFLATE_RATIO 16
-#define CK_VERIFY_INFLATE_FLOOR ((uint64_t)64 << 20)
+#define CK_VERIFY_INFLATE_FLOOR ((uint64_t)1 << 20)
 
 typedef struct report {
     PyObject *problems; /* strong list */
@@ -132,7 +133,7 @@ static int check_records(ck_session *s, report *r, uint64_t *budget) {
             char msg[200];
             snprintf(msg, sizeof msg,
                      "compressed record inflates to %llu bytes, past the limit of %llu left for "
-                     "compressed records (16x the file, at least 64 MiB)",
+                     "compressed records (16x the file, at least 1 MiB)",
                      (unsigned long long)e->size, (unsigned long long)*budget);
             if (add_text(r, "limit", e->name, e->name_len, (long long)e->data_offset, msg) < 0)
                 return -1;
