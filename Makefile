@@ -5,7 +5,8 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := build-essential pkg-config libzip-dev zlib1g-dev libcurl4-openssl-dev \
-            libdeflate-dev libssl-dev clang python3-venv python3-torch python3-numpy
+            libdeflate-dev libssl-dev clang python3-venv python3-torch python3-numpy \
+            libclang-rt-dev clang-format
 DEPS_STAMP := .venv/.ckptio-deps
 CORE_SRC := $(wildcard src/core/*.c)
 CORE_HDR := $(wildcard src/core/*.h)
@@ -13,12 +14,12 @@ PKG_FLAGS = $(shell pkg-config --cflags --libs libzip zlib libcurl libdeflate li
 CFLAGS_C := -std=gnu11 -O2 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc
 BUILD := tests/c/build
 
-.PHONY: demo test bench build apt ctest fuzz-replay asan format clean
+.PHONY: demo test bench build apt ctest fuzz fuzz-run fuzz-replay asan format clean
 
 demo: build
 	$(PY) -m ckptio bench
 
-test: build ctest
+test: build ctest fuzz-replay
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 apt:
@@ -45,6 +46,82 @@ $(BUILD)/test_core: tests/c/test_core.c $(CORE_SRC) $(CORE_HDR) | apt
 
 ctest: $(BUILD)/test_core
 	$(BUILD)/test_core
+
+# ---- fuzzing (tests/fuzz): libFuzzer harnesses, each also built with a plain
+# main() that replays its corpus (fuzz-replay, part of `make test`).
+FUZZ := tests/fuzz/build
+FUZZERS := fuzz_zip fuzz_legacy fuzz_unpickle
+FUZZ_SECONDS ?= 60
+PYCFG = $(PY) -c 'import sysconfig as s; print(s.get_config_var("$(1)") or "")'
+PY_INC = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["include"])')
+PY_SITE = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["purelib"])')
+PY_LIBS = -L$(shell $(call PYCFG,LIBDIR)) -lpython$(shell $(call PYCFG,LDVERSION)) \
+          -Wl,-rpath,$(shell $(call PYCFG,LIBDIR))
+FUZZ_CFLAGS = -std=gnu11 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc \
+              -I$(PY_INC) -DCK_FUZZ_SITE='"$(PY_SITE)"'
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_ENV := ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1
+FUZZ_SRC := $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
+
+# ckptio with the extension built for fuzzing (coverage + ASan + UBSan)
+$(FUZZ)/py/.built: $(CORE_SRC) $(CORE_HDR) $(wildcard src/binding/*) $(wildcard ckptio/*.py) setup.py | $(DEPS_STAMP)
+	rm -rf $(FUZZ)/py $(FUZZ)/tmp
+	CC=clang LDSHARED="clang -shared" CKPTIO_SANITIZE=1 \
+	  CFLAGS="-fsanitize=fuzzer-no-link -Wno-unused-command-line-argument" \
+	  $(PY) setup.py -q build_ext --build-lib $(FUZZ)/py --build-temp $(FUZZ)/tmp
+	cp ckptio/*.py $(FUZZ)/py/ckptio/
+	touch $@
+
+$(FUZZ)/fuzz_zip: tests/fuzz/fuzz_zip.c $(FUZZ_SRC) $(CORE_SRC) $(CORE_HDR) | apt
+	mkdir -p $(FUZZ)
+	clang $(FUZZ_CFLAGS) -O1 -fsanitize=fuzzer $(FUZZ_SAN) $< $(CORE_SRC) $(PKG_FLAGS) -o $@
+
+$(FUZZ)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_SRC) $(FUZZ)/py/.built
+	clang $(FUZZ_CFLAGS) -O1 -fsanitize=fuzzer $(FUZZ_SAN) -DCK_FUZZ_ROOT='"$(CURDIR)/$(FUZZ)/py"' \
+	  $< $(PY_LIBS) -lz -o $@
+
+$(FUZZ)/replay_zip: tests/fuzz/fuzz_zip.c $(FUZZ_SRC) $(CORE_SRC) $(CORE_HDR) | apt
+	mkdir -p $(FUZZ)
+	cc $(FUZZ_CFLAGS) -O1 -DCK_FUZZ_REPLAY $< $(CORE_SRC) $(PKG_FLAGS) -o $@
+
+$(FUZZ)/replay_%: tests/fuzz/fuzz_%.c $(FUZZ_SRC) | $(DEPS_STAMP)
+	mkdir -p $(FUZZ)
+	cc $(FUZZ_CFLAGS) -O1 -DCK_FUZZ_REPLAY -DCK_FUZZ_ROOT='"$(CURDIR)"' $< $(PY_LIBS) -lz -o $@
+
+fuzz: $(addprefix $(FUZZ)/,$(FUZZERS))
+
+# runs each harness FUZZ_SECONDS (new inputs in $(FUZZ)/corpus-*, findings in
+# $(FUZZ)/artifacts); copy findings into tests/fuzz/corpus/<name>/ as regressions
+fuzz-run: fuzz
+	mkdir -p $(FUZZ)/artifacts
+	for f in $(FUZZERS); do \
+	  c=$${f#fuzz_}; mkdir -p $(FUZZ)/corpus-$$c; \
+	  $(FUZZ_ENV) $(FUZZ)/$$f -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=6144 -timeout=30 \
+	    -detect_leaks=0 -artifact_prefix=$(FUZZ)/artifacts/$$c- \
+	    $(FUZZ)/corpus-$$c tests/fuzz/corpus/$$c || exit 1; \
+	done
+
+fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpickle
+	$(FUZZ)/replay_zip tests/fuzz/corpus/zip tests/fuzz/corpus/legacy tests/attacks
+	$(FUZZ)/replay_legacy tests/fuzz/corpus/legacy tests/fuzz/corpus/zip tests/attacks
+	$(FUZZ)/replay_unpickle tests/fuzz/corpus/unpickle
+
+# ---- the whole pytest suite against the extension built with AddressSanitizer
+# and UBSan (build/asan; python -P keeps the in-place build off sys.path)
+ASAN_LIB = $(shell cc -print-file-name=libasan.so)
+asan: $(DEPS_STAMP)
+	rm -rf build/asan
+	CKPTIO_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp
+	cp ckptio/*.py build/asan/ckptio/
+	cp -r $$(ls -d ckptio/*/ 2>/dev/null | grep -v __pycache__) build/asan/ckptio/ 2>/dev/null || true
+	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD=$(ASAN_LIB) \
+	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -P -c 'import ckptio._native as n, sys; assert "build/asan" in n.__file__, n.__file__' && \
+	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD=$(ASAN_LIB) \
+	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -P -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
 format:
 	clang-format -i src/*/*.c src/*/*.h tests/c/*.c

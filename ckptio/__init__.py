@@ -14,6 +14,7 @@ from .checkpoint import (
     load_state_dict,
 )
 from .patching import patch, unpatch
+from ._verify import verify
 
 __all__ = [
     "CheckpointError",
@@ -36,6 +37,7 @@ __all__ = [
     "save",
     "save_checkpoint",
     "unpatch",
+    "verify",
     "weights_to_cpu",
 ]
 

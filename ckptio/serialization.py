@@ -145,7 +145,7 @@ def _load_safetensors(path, map_location):
     return safetensors.torch.load_file(path, device=device)
 
 
-def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"):
+def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8", verify=False):
     """Loads what torch.save wrote, with torch.load's meaning and result.
 
     f: a path (str or os.PathLike), a bytes-like object, or a binary file
@@ -159,12 +159,18 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     of the file (copy-on-write: writing a tensor never changes the file);
     False reads the file into one buffer. Either way no tensor is copied.
     encoding: how Python 2 byte strings are decoded ('bytes' keeps bytes).
+    verify: first check the file's integrity (ckptio.verify, strict): CRCs of
+    every record, the container, every storage against its record.
     """
     ensure_configured()
     weights_only = _weights_only_default(weights_only)
     if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
         return _load_safetensors(os.fspath(f), map_location)
     mapping, name, path = _source(f, mmap)
+    if verify:
+        from ._verify import verify_mapping
+
+        verify_mapping(mapping, name, strict=True, run_loader=False)
     kind, restore = _map_kind(map_location)
     user_globals = user_allowed_globals() if weights_only else None
     tls = torch.serialization._serialization_tls

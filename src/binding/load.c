@@ -19,6 +19,9 @@
  * the cap keeps a small hostile file from asking for gigabytes. */
 #define CK_INFLATE_RATIO 16
 #define CK_INFLATE_FLOOR ((uint64_t)64 << 20)
+/* Under weights_only (files not trusted) the floor is small, so that no
+ * file makes the loader allocate more than a small multiple of its size. */
+#define CK_INFLATE_FLOOR_SAFE ((uint64_t)1 << 20)
 
 const char ck_load_doc[] =
     "load(mapping, filename, *, weights_only=True, encoding='utf-8', errors='strict',\n"
@@ -447,7 +450,8 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     s.restore = restore;
     s.user_globals = user_globals == Py_None ? NULL : user_globals;
     uint64_t budget = (uint64_t)s.len * CK_INFLATE_RATIO;
-    s.inflate_budget = budget > CK_INFLATE_FLOOR ? budget : CK_INFLATE_FLOOR;
+    uint64_t floor = weights_only ? CK_INFLATE_FLOOR_SAFE : CK_INFLATE_FLOOR;
+    s.inflate_budget = budget > floor ? budget : floor;
     if (strcmp(encoding, "bytes") != 0) {
         s.encoding = PyUnicode_FromString(encoding);
         if (s.encoding == NULL)

@@ -12,6 +12,7 @@
 #include "npy.h"
 #include "save.h"
 #include "tensors.h"
+#include "verify.h"
 
 ck_state *ck_get_state(PyObject *module) {
     return (ck_state *)PyModule_GetState(module);
@@ -250,6 +251,7 @@ static PyMethodDef *const method_groups[] = {
     ck_hostcopy_methods,
     ck_keys_methods,
     ck_http_methods,
+    ck_verify_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 

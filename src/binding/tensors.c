@@ -369,7 +369,8 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
         if (ze->size > s->inflate_budget) {
             ck_raise(st->CheckpointError, s->filename,
                      "compressed storage record %zd would inflate past the limit of %llu bytes "
-                     "(16x the file, at least 64 MiB) for compressed records",
+                     "(16x the file; at least 1 MiB under weights_only, else 64 MiB) for "
+                     "compressed records",
                      e->zip_index, (unsigned long long)s->inflate_budget);
             return -1;
         }
@@ -902,21 +903,54 @@ PyObject *ck_storage_materialize(ck_session *s, PyObject *ref) {
     return Py_NewRef(typed);
 }
 
-static PyObject *walk(ck_session *s, PyObject *obj) {
+/* Containers already walked in this call: id(container) -> (container,
+ * result), both strong so that no id is reused while the walk runs. A
+ * pickle can share one container many times (a DAG of 60 levels of pairs has
+ * 2**60 paths) and lists or dicts can hold themselves; each container is
+ * walked once. Lists and dicts are entered before their items are walked
+ * (their result is themselves), so every cycle ends. */
+static PyObject *seen_get(PyObject *seen, PyObject *obj, PyObject **key) {
+    *key = PyLong_FromVoidPtr(obj);
+    if (*key == NULL)
+        return NULL;
+    PyObject *pair = PyDict_GetItemWithError(seen, *key); /* borrowed */
+    return pair != NULL ? Py_NewRef(PyTuple_GET_ITEM(pair, 1)) : NULL;
+}
+
+static int seen_put(PyObject *seen, PyObject *key, PyObject *obj, PyObject *result) {
+    PyObject *pair = PyTuple_Pack(2, obj, result);
+    int rc = pair != NULL ? PyDict_SetItem(seen, key, pair) : -1;
+    Py_XDECREF(pair);
+    return rc;
+}
+
+static PyObject *walk(ck_session *s, PyObject *obj, PyObject *seen) {
     ck_state *st = s->st;
     if (ck_is_storage_ref(st, obj))
         return ck_storage_materialize(s, obj);
     if (!PyTuple_Check(obj) && !PyList_Check(obj) && !PyDict_Check(obj))
         return Py_NewRef(obj);
-    if (Py_EnterRecursiveCall(" while resolving storages in a checkpoint"))
+    PyObject *key = NULL;
+    PyObject *known = seen_get(seen, obj, &key);
+    if (known != NULL || PyErr_Occurred()) {
+        Py_XDECREF(key);
+        return known;
+    }
+    if (!PyTuple_Check(obj) && seen_put(seen, key, obj, obj) < 0) {
+        Py_DECREF(key);
         return NULL;
+    }
+    if (Py_EnterRecursiveCall(" while resolving storages in a checkpoint")) {
+        Py_DECREF(key);
+        return NULL;
+    }
     PyObject *result = NULL;
     if (PyTuple_Check(obj)) {
         Py_ssize_t n = PyTuple_GET_SIZE(obj);
         PyObject *items = NULL;
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *item = PyTuple_GET_ITEM(obj, i);
-            PyObject *w = walk(s, item);
+            PyObject *w = walk(s, item, seen);
             if (w == NULL)
                 goto tuple_fail;
             if (w != item && items == NULL) {
@@ -934,6 +968,8 @@ static PyObject *walk(ck_session *s, PyObject *obj) {
                 Py_DECREF(w);
         }
         result = items != NULL ? items : Py_NewRef(obj);
+        if (seen_put(seen, key, obj, result) < 0)
+            Py_CLEAR(result);
         goto done;
     tuple_fail:
         Py_XDECREF(items);
@@ -942,7 +978,7 @@ static PyObject *walk(ck_session *s, PyObject *obj) {
     if (PyList_Check(obj)) {
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(obj); i++) {
             PyObject *item = PyList_GET_ITEM(obj, i);
-            PyObject *w = walk(s, item);
+            PyObject *w = walk(s, item, seen);
             if (w == NULL)
                 goto done;
             if (w != item)
@@ -961,7 +997,7 @@ static PyObject *walk(ck_session *s, PyObject *obj) {
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
             PyObject *pair = PyList_GET_ITEM(items, i);
             PyObject *value = PyTuple_GET_ITEM(pair, 1);
-            PyObject *w = walk(s, value);
+            PyObject *w = walk(s, value, seen);
             if (w == NULL) {
                 Py_DECREF(items);
                 goto done;
@@ -978,9 +1014,29 @@ static PyObject *walk(ck_session *s, PyObject *obj) {
     }
 done:
     Py_LeaveRecursiveCall();
+    Py_DECREF(key);
     return result;
 }
 
 PyObject *ck_materialize_refs(ck_session *s, PyObject *obj) {
-    return walk(s, obj);
+    PyObject *seen = PyDict_New();
+    if (seen == NULL)
+        return NULL;
+    PyObject *result = walk(s, obj, seen);
+    Py_DECREF(seen);
+    if (result == NULL && PyErr_ExceptionMatches(PyExc_RecursionError)) {
+        PyErr_Clear();
+        return ck_raise(s->st->CheckpointError, s->filename,
+                        "storages are nested too deeply in the checkpoint's objects (over the "
+                        "recursion limit, %d levels)",
+                        Py_GetRecursionLimit());
+    }
+    /* placing a storage calls torch's restore_location (e.g. for a location
+     * tag no device has): under weights_only, as for every call the pickle
+     * causes, that failure becomes a CheckpointError with the original as
+     * its cause */
+    if (result == NULL && s->weights_only)
+        return ck_wrap_pending(s->st, s->st->CheckpointError, s->filename,
+                               "while placing the checkpoint's storages");
+    return result;
 }

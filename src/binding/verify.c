@@ -1,0 +1,333 @@
+/* _native.verify(mapping, filename) -> dict: the integrity checks of
+ * ckptio.verify that need no Python objects built from the pickle.
+ *
+ * For a zip archive (torch >= 1.6):
+ *   - the container: ck_zip_open's validation (end records, central
+ *     directory, every record inside the data area, no overlaps, names);
+ *   - every record's CRC-32 (stored records here, compressed ones while
+ *     they are inflated, within the loader's inflation limit);
+ *   - the version and data.pkl records are present;
+ *   - data.pkl is walked in the loader's scan mode (nothing imported or
+ *     called) and each persistent id is given to the loader's own
+ *     persistent_load, which checks that its record data/<key> exists and
+ *     holds at least the bytes the pickle claims (no tensor is built); a
+ *     record holding more bytes than its storage is reported too, since
+ *     torch.save writes them exactly.
+ * TorchScript archives (format "torchscript") get the container and CRC
+ * checks only. For other formats only the format is reported; ckptio.verify
+ * (Python) then runs the loader itself, which checks the rest.
+ *
+ * The result: {"format": str, "problems": [(kind, record or None, offset
+ * or None, message)], and counts: "records", "compressed", "crc_checked",
+ * "crc_unrecorded", "storages", "storage_bytes", "unused_records",
+ * "bytes"}. Problems name what they concern; messages carry no file name.
+ */
+#include "verify.h"
+
+#include <string.h>
+
+#include "errors.h"
+#include "mapping.h"
+#include "session.h"
+#include "tensors.h"
+#include "unpickler.h"
+
+/* as in load.c for weights_only loads (files not trusted): compressed
+ * records inflate to at most this, in all */
+#define CK_VERIFY_INFLATE_RATIO 16
+#define CK_VERIFY_INFLATE_FLOOR ((uint64_t)1 << 20)
+
+typedef struct report {
+    PyObject *problems; /* strong list */
+    PyObject *filename; /* borrowed str */
+    unsigned long long records, compressed, crc_checked, crc_unrecorded;
+    unsigned long long storages, storage_bytes, unused_records;
+    int torchscript; /* the archive holds constants.pkl (torch.jit.save) */
+} report;
+
+/* Appends (kind, record, offset, message); record may be NULL, offset < 0
+ * means none. Returns 0 or -1 (exception set). */
+static int add(report *r, const char *kind, const char *record, size_t record_len, long long offset,
+               PyObject *message) {
+    PyObject *rec = record != NULL
+                        ? PyUnicode_DecodeUTF8(record, (Py_ssize_t)record_len, "backslashreplace")
+                        : Py_NewRef(Py_None);
+    PyObject *off = offset >= 0 ? PyLong_FromLongLong(offset) : Py_NewRef(Py_None);
+    PyObject *item = NULL;
+    if (rec != NULL && off != NULL)
+        item = Py_BuildValue("(sOOO)", kind, rec, off, message);
+    Py_XDECREF(rec);
+    Py_XDECREF(off);
+    int rc = item != NULL ? PyList_Append(r->problems, item) : -1;
+    Py_XDECREF(item);
+    return rc;
+}
+
+static int add_text(report *r, const char *kind, const char *record, size_t record_len,
+                    long long offset, const char *text) {
+    PyObject *msg = PyUnicode_DecodeUTF8(text, (Py_ssize_t)strlen(text), "backslashreplace");
+    if (msg == NULL)
+        return -1;
+    int rc = add(r, kind, record, record_len, offset, msg);
+    Py_DECREF(msg);
+    return rc;
+}
+
+/* Turns the pending exception into a problem (its message, without the
+ * "<file>: " prefix the loader puts in front). Exceptions that are not
+ * about the file (MemoryError, KeyboardInterrupt) stay pending: -1. */
+static int add_pending(report *r, const char *kind, const char *record, long long offset) {
+    if (PyErr_ExceptionMatches(PyExc_MemoryError) ||
+        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        return -1;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *text = value != NULL ? PyObject_Str(value) : NULL;
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (text == NULL)
+        return -1;
+    PyObject *prefix = PyUnicode_FromFormat("%U: ", r->filename);
+    if (prefix == NULL) {
+        Py_DECREF(text);
+        return -1;
+    }
+    if (PyUnicode_Tailmatch(text, prefix, 0, PY_SSIZE_T_MAX, -1) == 1)
+        Py_SETREF(text, PyUnicode_Substring(text, PyUnicode_GET_LENGTH(prefix),
+                                            PyUnicode_GET_LENGTH(text)));
+    Py_DECREF(prefix);
+    if (text == NULL)
+        return -1;
+    int rc = add(r, kind, record, record ? strlen(record) : 0, offset, text);
+    Py_DECREF(text);
+    return rc;
+}
+
+/* Checks every record's CRC-32; inflates compressed ones (within the
+ * budget) to check theirs. */
+static int check_records(ck_session *s, report *r, uint64_t *budget) {
+    ck_zip *zip = &s->zip;
+    for (size_t i = 0; i < zip->n_entries; i++) {
+        const ck_zip_entry *e = &zip->entries[i];
+        ck_error err;
+        ck_error_clear(&err);
+        r->records++;
+        if (e->method == CK_ZIP_METHOD_STORED) {
+            if (e->crc32 == 0 && e->size > 0) {
+                /* torch >= 2.6 may leave CRCs unrecorded: nothing to compare */
+                r->crc_unrecorded++;
+                continue;
+            }
+            ck_status rc;
+            Py_BEGIN_ALLOW_THREADS rc = ck_zip_check_crc(zip, i, 1, &err);
+            Py_END_ALLOW_THREADS r->crc_checked++;
+            if (rc != CK_OK &&
+                add_text(r, "crc", e->name, e->name_len, (long long)e->data_offset, err.msg) < 0)
+                return -1;
+            continue;
+        }
+        r->compressed++;
+        if (e->size > *budget) {
+            char msg[200];
+            snprintf(msg, sizeof msg,
+                     "compressed record inflates to %llu bytes, past the limit of %llu left for "
+                     "compressed records (16x the file, at least 1 MiB)",
+                     (unsigned long long)e->size, (unsigned long long)*budget);
+            if (add_text(r, "limit", e->name, e->name_len, (long long)e->data_offset, msg) < 0)
+                return -1;
+            continue;
+        }
+        uint8_t *out = NULL;
+        size_t out_len = 0;
+        ck_status rc;
+        Py_BEGIN_ALLOW_THREADS rc = ck_zip_extract(zip, i, e->size, &out, &out_len, &err);
+        Py_END_ALLOW_THREADS free(out);
+        if (rc == CK_E_NOMEM) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        *budget -= out_len;
+        r->crc_checked++;
+        if (rc != CK_OK && add_text(r, rc == CK_E_CRC ? "crc" : "record", e->name, e->name_len,
+                                    (long long)e->data_offset, err.msg) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* The name of entry idx relative to the archive folder, NUL-terminated into
+ * buf (cut to fit). */
+static const char *rel_name(const ck_zip *zip, size_t idx, char *buf, size_t cap) {
+    const ck_zip_entry *e = &zip->entries[idx];
+    size_t len = e->name_len - zip->prefix_len - 1;
+    if (len >= cap)
+        len = cap - 1;
+    memcpy(buf, e->name + zip->prefix_len + 1, len);
+    buf[len] = 0;
+    return buf;
+}
+
+/* Walks data.pkl for its persistent ids and checks each storage against its
+ * record with the loader's own persistent_load. */
+static int check_storages(ck_session *s, report *r, const uint8_t *pkl, size_t pkl_len) {
+    PyObject *pids = PyList_New(0);
+    if (pids == NULL)
+        return -1;
+    size_t used = 0;
+    if (ck_unpickle_scan(s, pkl, pkl_len, "data.pkl", &used, pids) < 0) {
+        Py_DECREF(pids);
+        return add_pending(r, "pickle", "data.pkl", -1);
+    }
+    if (ck_storages_alloc(s, s->zip.n_entries) < 0) {
+        Py_DECREF(pids);
+        return -1;
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pids) && rc == 0; i++) {
+        PyObject *ref = ck_persistent_load(s, PyList_GET_ITEM(pids, i)); /* new or NULL */
+        if (ref == NULL) {
+            /* name the record the id points at, when it names one */
+            PyObject *pid = PyList_GET_ITEM(pids, i); /* borrowed */
+            const char *key = NULL;
+            if (PyTuple_Check(pid) && PyTuple_GET_SIZE(pid) >= 3 &&
+                PyUnicode_Check(PyTuple_GET_ITEM(pid, 2))) {
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(pid, 2));
+                if (key == NULL)
+                    PyErr_Clear();
+                PyErr_Restore(type, value, tb);
+            }
+            char what[128];
+            if (key != NULL)
+                snprintf(what, sizeof what, "data/%s", key);
+            else
+                snprintf(what, sizeof what, "persistent id %zd", i);
+            rc = add_pending(r, "storage", what, -1);
+        }
+        Py_XDECREF(ref);
+    }
+    Py_DECREF(pids);
+    for (size_t i = 0; i < s->n_storages && rc == 0; i++) {
+        const ck_storage *e = &s->storages[i];
+        char name[256];
+        const char *rel = rel_name(&s->zip, i, name, sizeof name);
+        int is_data = strncmp(rel, "data/", 5) == 0;
+        if (!e->used) {
+            r->unused_records += is_data;
+            continue;
+        }
+        r->storages++;
+        r->storage_bytes += e->nbytes;
+        if (e->nbytes != e->src_size) {
+            char msg[200];
+            snprintf(msg, sizeof msg, "the record holds %llu bytes but its storage %llu",
+                     (unsigned long long)e->src_size, (unsigned long long)e->nbytes);
+            const ck_zip_entry *ze = &s->zip.entries[i];
+            rc = add_text(r, "storage", ze->name, ze->name_len, (long long)ze->data_offset, msg);
+        }
+    }
+    return rc;
+}
+
+static int verify_zip(ck_session *s, report *r) {
+    ck_error err;
+    ck_error_clear(&err);
+    if (ck_zip_open(&s->zip, s->buf, s->len, &err) != CK_OK)
+        return add_text(r, "container", NULL, 0, -1, err.msg);
+    s->is_zip = 1;
+    uint64_t budget = (uint64_t)s->len * CK_VERIFY_INFLATE_RATIO;
+    if (budget < CK_VERIFY_INFLATE_FLOOR)
+        budget = CK_VERIFY_INFLATE_FLOOR;
+    if (check_records(s, r, &budget) < 0)
+        return -1;
+    if (ck_zip_find(&s->zip, "constants.pkl", 13) >= 0) {
+        r->torchscript = 1; /* records checked; its pickles are torch.jit's to read */
+        return 0;
+    }
+    if (ck_zip_find(&s->zip, "version", 7) < 0 && ck_zip_find(&s->zip, ".data/version", 13) < 0 &&
+        add_text(r, "record", "version", 7, -1, "the archive has no version record") < 0)
+        return -1;
+    ptrdiff_t pkl = ck_zip_find(&s->zip, "data.pkl", 8);
+    if (pkl < 0)
+        return add_text(r, "record", "data.pkl", 8, -1, "the archive has no data.pkl record");
+    const ck_zip_entry *e = &s->zip.entries[pkl];
+    if (e->method == CK_ZIP_METHOD_STORED)
+        return check_storages(s, r, s->buf + e->data_offset, (size_t)e->size);
+    uint8_t *out = NULL;
+    size_t out_len = 0;
+    if (e->size > budget || ck_zip_extract(&s->zip, (size_t)pkl, e->size, &out, &out_len, &err))
+        return 0; /* reported by check_records */
+    int rc = check_storages(s, r, out, out_len);
+    free(out);
+    return rc;
+}
+
+static const char *format_of(const uint8_t *b, size_t n) {
+    if (n >= 4 && memcmp(b, "PK\x03\x04", 4) == 0)
+        return "zip";
+    if (n >= 8 && memcmp(b, "PYTORCH1", 8) == 0)
+        return "pytorch1";
+    if (n >= 262 && memcmp(b + 257, "ustar", 5) == 0)
+        return "tar";
+    if (n >= 1 && b[0] == 0x80)
+        return "legacy";
+    return "unknown";
+}
+
+static PyObject *py_verify(PyObject *module, PyObject *args) {
+    PyObject *mapping, *filename;
+    if (!PyArg_ParseTuple(args, "OU:verify", &mapping, &filename))
+        return NULL;
+    ck_state *st = ck_get_state(module);
+    if (ck_torch_ready(st) < 0)
+        return NULL;
+    if (!ck_mapping_check(st, mapping)) {
+        PyErr_SetString(PyExc_TypeError, "verify: mapping must be a ckptio._native.Mapping");
+        return NULL;
+    }
+    ck_mapping *mp = (ck_mapping *)mapping;
+    ck_session s;
+    memset(&s, 0, sizeof s);
+    s.st = st;
+    s.filename = filename;
+    s.owner = mapping;
+    s.buf = mp->region.data;
+    s.len = mp->region.len;
+    s.weights_only = 1;
+    s.map_kind = CK_MAP_CPU;
+    s.inflate_budget = 0; /* the scan inflates nothing */
+    s.encoding = PyUnicode_FromString("utf-8");
+    s.errors = PyUnicode_FromString("strict");
+    report r = {0};
+    r.filename = filename;
+    r.problems = PyList_New(0);
+    const char *format = format_of(s.buf, s.len);
+    int rc = s.encoding != NULL && s.errors != NULL && r.problems != NULL ? 0 : -1;
+    if (rc == 0 && strcmp(format, "zip") == 0)
+        rc = verify_zip(&s, &r);
+    PyObject *result = NULL;
+    if (r.torchscript)
+        format = "torchscript";
+    if (rc == 0)
+        result = Py_BuildValue("{sssOsKsKsKsKsKsKsKsn}", "format", format, "problems", r.problems,
+                               "records", r.records, "compressed", r.compressed, "crc_checked",
+                               r.crc_checked, "crc_unrecorded", r.crc_unrecorded, "storages",
+                               r.storages, "storage_bytes", r.storage_bytes, "unused_records",
+                               r.unused_records, "bytes", (Py_ssize_t)s.len);
+    ck_storages_release(&s);
+    if (s.is_zip)
+        ck_zip_close(&s.zip);
+    Py_XDECREF(r.problems);
+    Py_XDECREF(s.encoding);
+    Py_XDECREF(s.errors);
+    return result;
+}
+
+PyMethodDef ck_verify_methods[] = {
+    {"verify", py_verify, METH_VARARGS,
+     "verify(mapping, filename) -> dict: CRCs, container and storage checks (see ckptio.verify)."},
+    {NULL, NULL, 0, NULL},
+};

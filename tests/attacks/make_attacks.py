@@ -1,0 +1,638 @@
+"""Writes the hostile checkpoints of tests/attacks/ (one file a case) and
+MANIFEST.json, which says for each file what ckptio.load must raise.
+
+Run from the repository root with the venv's Python:
+    .venv/bin/python tests/attacks/make_attacks.py
+The files are committed; tests/test_attacks.py loads each one and checks
+that it ends in ckptio.CheckpointError or ckptio.UnpicklingError, that no
+code ran (the payloads would create the file CKPTIO_PWNED in the current
+directory) and that the load allocated no more than a small multiple of
+the file's size.
+
+Everything is built by hand from opcodes and zip structures (with Python's
+pickle and zipfile where they write what is wanted), so that the files are
+deterministic and need no torch to regenerate.
+"""
+import io
+import json
+import os
+import pickle
+import struct
+import sys
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SENTINEL = "CKPTIO_PWNED"
+SHELL = f"touch {SENTINEL}".encode()
+PY = f"open({SENTINEL!r}, 'w').close()".encode()
+
+CASES = {}
+
+
+def case(name, data, error="CheckpointError", match=None, why=""):
+    assert name not in CASES, name
+    CASES[name] = (data, {"error": error, "match": match, "why": why})
+
+
+# ---- pickle pieces ---------------------------------------------------------
+
+
+def binunicode(s):
+    b = s.encode() if isinstance(s, str) else s
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def short_binunicode(s):
+    b = s.encode()
+    return b"\x8c" + bytes([len(b)]) + b
+
+
+P2 = b"\x80\x02"
+P4 = b"\x80\x04"
+TORCH_TENSOR = b"ctorch._utils\n_rebuild_tensor_v2\n"
+
+
+def storage_pid(stype="FloatStorage", key="0", numel=4, location="cpu"):
+    """BINPERSID of ('storage', torch.<stype>, key, location, numel)."""
+    return (
+        b"(" + binunicode("storage") + b"ctorch\n" + stype.encode() + b"\n"
+        + binunicode(key) + binunicode(location) + pickle_int(numel) + b"tQ"
+    )
+
+
+def pickle_int(n):
+    if 0 <= n < 256:
+        return b"K" + bytes([n])
+    if -(2**31) <= n < 2**31:
+        return b"J" + struct.pack("<i", n)
+    b = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(b)]) + b
+
+
+def int_tuple(values):
+    return b"(" + b"".join(pickle_int(v) for v in values) + b"t"
+
+
+def tensor(stype="FloatStorage", key="0", numel=4, offset=0, size=(4,), stride=(1,)):
+    """A _rebuild_tensor_v2 call, as torch.save pickles a tensor."""
+    return (
+        TORCH_TENSOR + b"(" + storage_pid(stype, key, numel) + pickle_int(offset)
+        + int_tuple(size) + int_tuple(stride) + b"\x89" + b"ccollections\nOrderedDict\n)R" + b"tR"
+    )
+
+
+def state_dict(*items):
+    """{'name': <pickled value>, ...} in protocol 2."""
+    out = P2 + b"}("
+    for k, v in items:
+        out += binunicode(k) + v
+    return out + b"u."
+
+
+# ---- archives --------------------------------------------------------------
+
+
+def archive(pkl, records=None, prefix="archive", compress=False, version=b"3\n", order=None):
+    buf = io.BytesIO()
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(buf, "w", method) as z:
+        items = [("data.pkl", pkl), ("byteorder", b"little")]
+        items += list((records or {}).items())
+        items.append(("version", version))
+        for name, data in items:
+            info = zipfile.ZipInfo(f"{prefix}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = method
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+FLOATS = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+
+
+def good_archive():
+    return archive(state_dict(("w", tensor())), {"data/0": FLOATS})
+
+
+def eocd_offset(data):
+    return data.rindex(b"PK\x05\x06")
+
+
+def central_offsets(data):
+    out, pos = [], 0
+    while True:
+        pos = data.find(b"PK\x01\x02", pos)
+        if pos < 0:
+            return out
+        out.append(pos)
+        pos += 4
+
+
+def patch(data, offset, fmt, value):
+    b = bytearray(data)
+    struct.pack_into(fmt, b, offset, value)
+    return bytes(b)
+
+
+def rename_entry(data, old, new):
+    """Renames a record in both its local and central headers (same length)."""
+    assert len(old) == len(new)
+    return data.replace(old, new)
+
+
+# ---- legacy stream ---------------------------------------------------------
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def legacy(obj_pickle, keys=(b"0",), data=None, magic=None, proto=None, sysinfo=None,
+           keys_pkl=None):
+    """A legacy stream (torch.save(_use_new_zipfile_serialization=False))."""
+    magic = pickle.dumps(LEGACY_MAGIC, protocol=2) if magic is None else magic
+    proto = pickle.dumps(1001, protocol=2) if proto is None else proto
+    if sysinfo is None:
+        sysinfo = pickle.dumps(
+            {"protocol_version": 1001, "little_endian": True,
+             "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+    if keys_pkl is None:
+        keys_pkl = pickle.dumps([k.decode() for k in keys], protocol=2)
+    if data is None:
+        data = b"".join(struct.pack("<q", 4) + FLOATS for _ in keys)
+    return magic + proto + sysinfo + obj_pickle + keys_pkl + data
+
+
+def legacy_storage_pid(key="0", numel=4, stype="FloatStorage", view=None):
+    view_pkl = b"N" if view is None else (
+        b"(" + binunicode(view[0]) + pickle_int(view[1]) + pickle_int(view[2]) + b"t")
+    return (
+        b"(" + binunicode("storage") + b"ctorch\n" + stype.encode() + b"\n"
+        + binunicode(key) + binunicode("cpu") + pickle_int(numel) + view_pkl + b"tQ"
+    )
+
+
+def legacy_tensor(key="0", numel=4, size=(4,), stride=(1,), offset=0, view=None):
+    return (
+        TORCH_TENSOR + b"(" + legacy_storage_pid(key, numel, view=view) + pickle_int(offset)
+        + int_tuple(size) + int_tuple(stride) + b"\x89" + b"ccollections\nOrderedDict\n)R" + b"tR"
+    )
+
+
+def legacy_obj(value):
+    return P2 + b"}(" + binunicode("w") + value + b"u."
+
+
+# ===========================================================================
+# 1. globals that would run code, through every opcode that reaches one
+# ===========================================================================
+
+UP = "UnpicklingError"
+
+case("global_os_system.pt", archive(P2 + b"cos\nsystem\n" + binunicode(SHELL) + b"\x85R."), UP,
+     "os", "GLOBAL os.system then REDUCE")
+case("global_posix_system.pt", archive(P2 + b"cposix\nsystem\n" + binunicode(SHELL) + b"\x85R."),
+     UP, "posix", "GLOBAL posix.system (what pickle writes for os.system on Linux)")
+case("global_builtins_exec.pt", archive(P2 + b"cbuiltins\nexec\n" + binunicode(PY) + b"\x85R."),
+     UP, "exec", "GLOBAL builtins.exec")
+case("global_builtin_eval_py2.pt",
+     archive(P2 + b"c__builtin__\neval\n" + binunicode(PY) + b"\x85R."), UP, "eval",
+     "Python 2 name __builtin__.eval")
+case("global_builtins_open.pt",
+     archive(P2 + b"cbuiltins\nopen\n" + binunicode(SENTINEL) + binunicode("w") + b"\x86R."), UP,
+     "open", "builtins.open(SENTINEL, 'w') would create the file")
+case("global_getattr_chain.pt",
+     archive(P2 + b"cbuiltins\ngetattr\n" + b"ctorch\nload\n" + binunicode("__globals__")
+             + b"\x86R."), UP, None, "getattr to walk to a module's globals")
+case("global_dotted_name.pt",
+     archive(P4 + short_binunicode("torch._utils") + b"\x94"
+             + short_binunicode("_rebuild_tensor_v2.__globals__") + b"\x94\x93."), UP, None,
+     "STACK_GLOBAL with a dotted attribute path out of an allowed function")
+case("global_dotted_name_v2.pt",
+     archive(P2 + b"ccollections\nOrderedDict.__init__.__globals__\n."), UP, None,
+     "GLOBAL with a dotted attribute path")
+case("global_import.pt",
+     archive(P2 + b"cbuiltins\n__import__\n" + binunicode("os") + b"\x85R."), UP, "__import__",
+     "builtins.__import__")
+case("global_torch_load.pt",
+     archive(P2 + b"ctorch\nload\n" + binunicode("x.pt") + b"\x85R."), UP, "torch", "torch.load")
+case("global_subprocess_popen.pt",
+     archive(P2 + b"csubprocess\nPopen\n(" + binunicode("touch") + binunicode(SENTINEL)
+             + b"l\x85R."), UP, "subprocess", "subprocess.Popen")
+case("stack_global_os_system.pt",
+     archive(P4 + short_binunicode("os") + short_binunicode("system") + b"\x93"
+             + binunicode(SHELL) + b"\x85R."), UP, "os", "STACK_GLOBAL os.system")
+case("stack_global_non_str.pt", archive(P4 + b"K\x01K\x02\x93."), UP, "str",
+     "STACK_GLOBAL with ints for names")
+case("inst_os_system.pt", archive(b"(" + binunicode(SHELL) + b"ios\nsystem\n."), UP, "os",
+     "INST os.system (protocol 0 class call)")
+case("obj_os_system.pt", archive(b"(cos\nsystem\n" + binunicode(SHELL) + b"o."), UP, "os",
+     "OBJ os.system")
+case("obj_no_class.pt", archive(P2 + b"(o."), UP, None, "OBJ with nothing after its MARK")
+for op, arg in ((b"\x82", b"\x01"), (b"\x83", b"\x01\x00"), (b"\x84", b"\x01\x00\x00\x00"),
+                (b"\x84", b"\xff\xff\xff\x7f"), (b"\x82", b"\x00")):
+    name = {b"\x82": "ext1", b"\x83": "ext2", b"\x84": "ext4"}[op]
+    code = int.from_bytes(arg, "little")
+    case(f"{name}_code_{code}.pt", archive(P2 + op + arg + b"."), UP, "xtension|EXT",
+         f"{name.upper()} {code}: the copyreg extension registry")
+case("reduce_on_allowed_class_bad_args.pt",
+     archive(P2 + b"ccollections\nOrderedDict\n" + binunicode("x") + b"\x85R."), None, None,
+     "REDUCE of an allowed class with arguments it rejects")
+case("reduce_args_not_tuple.pt",
+     archive(P2 + b"ccollections\nOrderedDict\nK\x01R."), UP, "tuple",
+     "REDUCE with arguments that are not a tuple")
+case("newobj_object.pt", archive(P2 + b"cbuiltins\nobject\n)\x81."), UP, "object",
+     "NEWOBJ of builtins.object")
+case("newobj_os_wrap_close.pt", archive(P2 + b"cos\n_wrap_close\n)\x81."), UP, "os",
+     "NEWOBJ of a class from os")
+case("newobj_ex_os.pt", archive(P4 + b"cos\n_wrap_close\n)}\x92."), UP, "os",
+     "NEWOBJ_EX of a class from os")
+case("newobj_args_not_tuple.pt", archive(P2 + b"ccollections\nOrderedDict\nK\x01\x81."), UP,
+     "tuple", "NEWOBJ with arguments that are not a tuple")
+case("build_ordereddict_setstate.pt",
+     archive(P2 + b"ccollections\nOrderedDict\n)R}" + binunicode("__setstate__")
+             + b"ccollections\nOrderedDict\nsb" + b"}b."), UP, None,
+     "BUILD on an allowed type that plants __setstate__, then BUILD again")
+case("build_ordereddict_class.pt",
+     archive(P2 + b"ccollections\nOrderedDict\n)R}" + binunicode("__class__")
+             + b"ccollections\nCounter\nsb."), UP, None,
+     "BUILD on an allowed type that sets __class__")
+case("build_on_int.pt", archive(P2 + b"K\x01}b."), UP, None, "BUILD on an int")
+case("build_tensor_bad_state.pt",
+     archive(state_dict(("w", tensor() + binunicode("x") + b"b")), {"data/0": FLOATS}), UP, None,
+     "BUILD on a tensor with a str for state")
+case("persid_protocol0.pt", archive(b"P" + b"0" + b"\n."), UP, None,
+     "PERSID (protocol 0 persistent id)")
+case("persid_module.pt",
+     archive(P2 + b"(" + binunicode("module") + binunicode("os") + b"N\x87Q."), UP, None,
+     "a persistent id that asks for a module (TorchScript form)")
+case("persid_unknown_storage_type.pt",
+     archive(P2 + b"(" + binunicode("storage") + b"cos\nsystem\n" + binunicode("0")
+             + binunicode("cpu") + b"K\x04tQ.", {"data/0": FLOATS}), UP, None,
+     "a persistent id whose storage type is os.system")
+case("location_unknown_storage.pt",
+     archive(P2 + storage_pid(location="cup") + b"q\x00.", {"data/0": FLOATS}), None,
+     "location|restore", "a storage (reference memoized) whose location tag no device has")
+case("location_unknown_tensor.pt",
+     archive(state_dict(("w", tensor().replace(binunicode("cpu"), binunicode("cup")))),
+             {"data/0": FLOATS}), None, "location|restore",
+     "a tensor whose storage's location tag no device has")
+case("persid_location_not_str.pt",
+     archive(P2 + b"(" + binunicode("storage") + b"ctorch\nFloatStorage\n" + binunicode("0")
+             + b"K\x00K\x04tQ.", {"data/0": FLOATS}), UP, None,
+     "a persistent id whose location is an int")
+
+# ===========================================================================
+# 2. the pickle machine's resources
+# ===========================================================================
+
+case("memo_long_binget_huge.pt", archive(P2 + b"K\x01j\xff\xff\xff\xff."), UP, "memo",
+     "LONG_BINGET 2**32-1 on an empty memo")
+case("memo_get_huge.pt", archive(b"K\x01g99999999999999999999\n."), UP, "memo",
+     "GET with a 20-digit index")
+case("memo_long_binput_spread.pt",
+     archive(P2 + b"K\x01" + b"".join(b"r" + struct.pack("<I", 0xFFFFFFFF - 977 * i)
+                                      for i in range(4000)) + b"0j\x00\x00\x00\x00."),
+     UP, "memo", "4000 LONG_BINPUTs at scattered huge indices, then GET of an unset one")
+case("memo_memoize_storm.pt", archive(P2 + b"K\x01" + b"\x94" * 50_000 + b"1."), UP, None,
+     "50000 MEMOIZEs of one object then POP_MARK without a MARK")
+# 2**40 visits if the storage-reference walk does not remember what it saw
+laughs = P2 + storage_pid() + b"q\x000"
+for i in range(60):
+    laughs += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1]) + b"0"
+laughs += b"h" + bytes([60]) + b"."
+case("memo_billion_laughs_refs.pt", archive(laughs, {"data/0": FLOATS}), None, None,
+     "a DAG of tuples 60 deep over a memoized storage reference: 2**60 paths")
+case("deep_nesting_lists.pt", archive(P2 + b"]" * 100_000 + b"a" * 99_999 + b"."), None,
+     None, "100000 nested lists (loads: a valid, deep pickle)")
+case("deep_nesting_tuples_refs.pt",
+     archive(P2 + storage_pid() + b"q\x00" + b"\x85" * 50_000 + b".", {"data/0": FLOATS}),
+     None, "nested too deeply", "a memoized storage reference inside 50000 nested 1-tuples")
+case("cycle_list_with_ref.pt",
+     archive(P2 + b"]q\x00h\x00h\x00a" + storage_pid() + b"q\x01ah\x01a.", {"data/0": FLOATS}),
+     "ok", None, "a list holding itself and a memoized storage reference")
+case("deep_marks.pt", archive(P2 + b"(" * 100_000 + b"N."), None, None,
+     "100000 MARKs never closed")
+case("stack_underflow.pt", archive(P2 + b"a."), UP, "underflow|empty|MARK", "APPEND with no list")
+case("pickle_truncated.pt", archive(P2 + b"]" + b"K\x01a" * 10), None, "truncated|STOP",
+     "no STOP opcode")
+case("string_longer_than_pickle.pt", archive(P2 + b"X\xff\xff\xff\x7fabc."), None, None,
+     "BINUNICODE claims 2 GiB")
+case("binbytes8_huge.pt", archive(P4 + b"\x8e" + struct.pack("<Q", 2**63 - 1) + b"."), None,
+     None, "BINBYTES8 claims 2**63 bytes")
+case("bytearray8_huge.pt", archive(b"\x80\x05\x96" + struct.pack("<Q", 2**64 - 1) + b"."), None,
+     None, "BYTEARRAY8 claims 2**64-1 bytes")
+case("frame_huge.pt", archive(P4 + b"\x95" + struct.pack("<Q", 2**63) + b"N."), None, None,
+     "FRAME claims 2**63 bytes")
+case("long4_huge.pt", archive(P2 + b"\x8b" + struct.pack("<i", 2**31 - 1) + b"."), None, None,
+     "LONG4 claims 2 GiB")
+case("long_text_huge.pt", archive(b"L" + b"9" * 20_000 + b"L\n."), None, None,
+     "a 20000-digit LONG: over Python's int-from-text limit, refused as pickle does")
+case("unknown_opcode.pt", archive(P2 + b"\xff."), None, "opcode", "opcode 0xff")
+case("proto_too_new.pt", archive(b"\x80\x09N."), None, "protocol", "protocol 9")
+case("next_buffer.pt", archive(b"\x80\x05\x97."), None, "buffer", "NEXT_BUFFER (out-of-band)")
+
+# ===========================================================================
+# 3. tensors and storages
+# ===========================================================================
+
+case("storage_larger_than_record.pt",
+     archive(state_dict(("w", tensor(numel=1 << 40, size=(1 << 40,)))), {"data/0": FLOATS}),
+     None, None, "a storage claiming 2**40 floats over a 16-byte record")
+case("storage_numel_overflow.pt",
+     archive(state_dict(("w", tensor(numel=2**62, size=(4,)))), {"data/0": FLOATS}), None,
+     None, "2**62 floats: the byte count overflows 64 bits")
+case("storage_numel_negative.pt",
+     archive(state_dict(("w", tensor(numel=-4, size=(4,)))), {"data/0": FLOATS}), None, None,
+     "a negative element count")
+case("storage_numel_bignum.pt",
+     archive(state_dict(("w", tensor(numel=2**200, size=(4,)))), {"data/0": FLOATS}), None,
+     None, "a 200-bit element count")
+case("storage_record_missing.pt", archive(state_dict(("w", tensor(key="7")))), None, None,
+     "a storage whose record data/7 is absent")
+case("storage_key_traversal.pt",
+     archive(state_dict(("w", tensor(key="../../etc/passwd"))), {"data/0": FLOATS}), None, None,
+     "a storage key with '..'")
+case("storage_key_nul.pt",
+     archive(state_dict(("w", tensor(key="0\x00x"))), {"data/0": FLOATS}), None, None,
+     "a storage key with a NUL byte")
+case("storage_two_dtypes_one_key.pt",
+     archive(state_dict(("a", tensor()), ("b", tensor(stype="DoubleStorage", numel=4,
+                                                    size=(4,)))), {"data/0": FLOATS}),
+     None, None, "one record named as 4 floats and as 4 doubles (32 bytes over 16)")
+case("shape_product_overflow.pt",
+     archive(state_dict(("w", tensor(size=(2**32, 2**32, 2**32), stride=(0, 0, 0)))),
+             {"data/0": FLOATS}), None, None, "sizes whose product overflows 64 bits")
+case("stride_overflow.pt",
+     archive(state_dict(("w", tensor(size=(4, 4), stride=(2**62, 1)))), {"data/0": FLOATS}),
+     None, None, "strides whose extent overflows 64 bits")
+case("offset_out_of_range.pt",
+     archive(state_dict(("w", tensor(offset=2**62))), {"data/0": FLOATS}), None, None,
+     "a storage offset of 2**62")
+case("tensor_past_storage.pt",
+     archive(state_dict(("w", tensor(size=(5,)))), {"data/0": FLOATS}), None, None,
+     "5 elements over a storage of 4")
+case("negative_size.pt",
+     archive(state_dict(("w", tensor(size=(-1,)))), {"data/0": FLOATS}), None, None,
+     "a negative size")
+case("negative_stride.pt",
+     archive(state_dict(("w", tensor(size=(4,), stride=(-1,), offset=3))), {"data/0": FLOATS}),
+     None, None, "a negative stride")
+case("too_many_dims.pt",
+     archive(state_dict(("w", tensor(size=(1,) * 100, stride=(1,) * 100))), {"data/0": FLOATS}),
+     None, None, "100 dimensions")
+case("sizes_strides_mismatch.pt",
+     archive(state_dict(("w", tensor(size=(2, 2), stride=(1,)))), {"data/0": FLOATS}), None,
+     None, "2 sizes, 1 stride")
+case("size_not_int.pt",
+     archive(state_dict(("w", TORCH_TENSOR + b"(" + storage_pid() + b"K\x00("
+                         + binunicode("4") + b"t(K\x01t\x89ccollections\nOrderedDict\n)RtR")),
+             {"data/0": FLOATS}), None, None, "a size that is a str")
+
+# ===========================================================================
+# 4. zip containers
+# ===========================================================================
+
+good = good_archive()
+eocd = eocd_offset(good)
+cds = central_offsets(good)
+case("zip_cd_offset_out_of_range.pt", patch(good, eocd + 16, "<I", 0xFFFFFF00), None,
+     "central directory", "the central directory starts past the end")
+case("zip_cd_size_huge.pt", patch(good, eocd + 12, "<I", 0xFFFFFFF0), None, "central directory",
+     "the central directory claims 4 GiB")
+case("zip_entry_count_lies.pt", patch(patch(good, eocd + 8, "<H", 65535), eocd + 10, "<H",
+                                      65535), None, "entries", "65535 entries announced")
+case("zip_record_size_huge.pt",
+     patch(patch(good, cds[2] + 20, "<I", 0xFFFFFFF0), cds[2] + 24, "<I", 0xFFFFFFF0), None,
+     None, "the tensor record claims 4 GiB")
+case("zip_record_offset_out_of_range.pt", patch(good, cds[2] + 42, "<I", 0x7FFFFFFF), None,
+     None, "the tensor record's local header lies past the end")
+case("zip_overlapping_records.pt",
+     patch(patch(good, cds[0] + 20, "<I", 200), cds[0] + 24, "<I", 200), None, "overlap|past",
+     "data.pkl's data runs over the next records")
+# duplicate names: two records both called archive/data/0
+dup = archive(state_dict(("w", tensor())), {"data/0": FLOATS, "data/1": FLOATS})
+dup = dup.replace(b"archive/data/1", b"archive/data/0")
+case("zip_duplicate_names.pt", dup, None, "duplicate", "two records named archive/data/0")
+case("zip_name_dotdot.pt",
+     archive(state_dict(("w", tensor())), {"data/0": FLOATS, "../../evil": b"x"}), None, r"\.\.",
+     "a record named archive/../../evil")
+case("zip_name_nul.pt",
+     archive(state_dict(("w", tensor())), {"data/0": FLOATS, "daXta/1": b"x"})
+     .replace(b"archive/daXta/1", b"archive/da\x00ta/1"), None, "NUL",
+     "a record name with a NUL byte (zipfile cuts names at NUL: patched in after)")
+case("zip_name_absolute.pt",
+     archive(state_dict(("w", tensor())), {"data/0": FLOATS}).replace(b"archive/", b"/rchive/"),
+     None, "absolute", "record names starting with '/'")
+mixed = archive(state_dict(("w", tensor())), {"data/0": FLOATS}).replace(b"archive/data/0",
+                                                                          b"otherdir/data0")
+case("zip_prefix_mismatch.pt", mixed, None, "outside", "a record outside the archive folder")
+enc = bytearray(good)
+struct.pack_into("<H", enc, cds[2] + 8, 1)
+case("zip_encrypted_flag.pt", bytes(enc), None, "encrypted", "a record flagged as encrypted")
+case("zip_multi_disk.pt", patch(good, eocd + 4, "<H", 1), None, "multi-disk",
+     "a multi-disk archive")
+case("zip_stored_size_mismatch.pt", patch(good, cds[2] + 20, "<I", 8), None,
+     "compressed size", "a stored record with compressed size != size")
+case("zip_truncated_eocd.pt", good[:-5], None, None, "the end record cut short")
+case("zip_truncated_half.pt", good[: len(good) // 2], None, None, "the file cut in half")
+case("zip_no_version.pt", archive(state_dict(("w", tensor())), {"data/0": FLOATS},
+                                  version=b"x\n"), None, "version",
+     "a version record without a number")
+case("zip_version_huge.pt", archive(state_dict(("w", tensor())), {"data/0": FLOATS},
+                                    version=b"99999999999999999999999\n"), None, "version",
+     "a 23-digit version")
+
+
+def zip64_archive():
+    """good, with zip64 end records (as written for > 65535 entries)."""
+    cd_off = struct.unpack_from("<I", good, eocd + 16)[0]
+    cd_size = struct.unpack_from("<I", good, eocd + 12)[0]
+    n = struct.unpack_from("<H", good, eocd + 10)[0]
+    z64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_off)
+    loc = struct.pack("<IIQI", 0x07064B50, 0, eocd, 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return good[:eocd] + z64 + loc + end, eocd
+
+
+z64, z64_off = zip64_archive()
+case("zip64_cd_offset_lies.pt", patch(z64, z64_off + 48, "<Q", 2**63), None,
+     "central directory", "the zip64 end record's directory offset is 2**63")
+case("zip64_cd_size_lies.pt", patch(z64, z64_off + 40, "<Q", 2**64 - 1), None,
+     "central directory", "the zip64 end record's directory size is 2**64-1")
+case("zip64_count_lies.pt",
+     patch(patch(z64, z64_off + 24, "<Q", 2**62), z64_off + 32, "<Q", 2**62), None, "entries",
+     "the zip64 end record announces 2**62 entries")
+case("zip64_locator_lies.pt", patch(z64, z64_off + 56 + 8, "<Q", 2**64 - 100), None, "zip64",
+     "the zip64 locator points past the end")
+case("zip64_record_size_lies.pt", patch(z64, z64_off + 4, "<Q", 2**64 - 1), None, "zip64",
+     "the zip64 end record's own size is 2**64-1")
+# zip64 extra field in a central entry that claims a huge size
+ex = bytearray(good)
+name_len = struct.unpack_from("<H", ex, cds[2] + 28)[0]
+x_len = struct.unpack_from("<H", ex, cds[2] + 30)[0]
+assert x_len == 0
+extra = struct.pack("<HHQQ", 1, 16, 2**63, 2**63)
+ex = ex[: cds[2] + 46 + name_len] + extra + ex[cds[2] + 46 + name_len:]
+struct.pack_into("<II", ex, cds[2] + 20, 0xFFFFFFFF, 0xFFFFFFFF)
+struct.pack_into("<H", ex, cds[2] + 30, len(extra))
+e2 = eocd_offset(bytes(ex))
+struct.pack_into("<I", ex, e2 + 12, struct.unpack_from("<I", ex, e2 + 12)[0] + len(extra))
+case("zip64_extra_size_lies.pt", bytes(ex), None, None,
+     "a zip64 extra field giving the tensor record 2**63 bytes")
+
+# a compressed-record bomb: 256 MiB of zeros in well under a megabyte
+bomb_n = 96 << 20
+case("zip_deflate_bomb.pt",
+     archive(state_dict(("w", tensor(stype="ByteStorage", numel=bomb_n, size=(bomb_n,)))),
+             {"data/0": b"\x00" * bomb_n}, compress=True), None, "inflate|limit",
+     "a deflated record inflating to 96 MiB (over 16x the file and 64 MiB)")
+# data.pkl itself deflated: an 8 MiB pickle in a few kilobytes (inflated
+# before anything else; over 16x the file, over the 1 MiB floor)
+case("zip_deflate_pickle_bomb.pt",
+     archive(P2 + b"N0" * (4 << 20) + b"N.", compress=True), None, "inflate|limit",
+     "a deflated data.pkl inflating to 8 MiB")
+# a 2 MiB storage in a few kilobytes: within the 64 MiB a trusted load allows,
+# over what weights_only allows (16x the file, at least 1 MiB)
+case("zip_deflate_small_bomb.pt",
+     archive(state_dict(("w", tensor(stype="ByteStorage", numel=2 << 20, size=(2 << 20,)))),
+             {"data/0": b"\x00" * (2 << 20)}, compress=True), None, "inflate|limit",
+     "a deflated 2 MiB storage in a file of a few kilobytes")
+# compressed record whose announced size lies (small announced, large real)
+small = archive(state_dict(("w", tensor(stype="ByteStorage", numel=16, size=(16,)))),
+                {"data/0": b"\x00" * (1 << 20)}, compress=True)
+c2 = central_offsets(small)
+lie = patch(small, c2[2] + 24, "<I", 16)
+case("zip_deflate_size_lies.pt", lie, None, None,
+     "a deflated record announcing 16 bytes that inflates to 1 MiB")
+bad_crc = patch(archive(state_dict(("w", tensor())), {"data/0": FLOATS}, compress=True),
+                central_offsets(archive(state_dict(("w", tensor())), {"data/0": FLOATS},
+                                        compress=True))[2] + 16, "<I", 0xDEADBEEF)
+case("zip_deflate_bad_crc.pt", bad_crc, None, "CRC|crc", "a deflated record with a wrong CRC")
+case("torchscript_archive.pt",
+     archive(state_dict(("w", tensor())), {"data/0": FLOATS, "constants.pkl": P2 + b").",
+                                           "code/__torch__.py": b"import os\n"}),
+     None, "TorchScript", "an archive with constants.pkl: TorchScript, refused when weights_only")
+
+# ===========================================================================
+# 5. the legacy stream
+# ===========================================================================
+
+case("legacy_magic_reduce.pt",
+     legacy(legacy_obj(legacy_tensor()),
+            magic=P2 + b"cos\nsystem\n" + binunicode(SHELL) + b"\x85R."), UP, "os",
+     "os.system in the magic-number pickle")
+case("legacy_sysinfo_reduce.pt",
+     legacy(legacy_obj(legacy_tensor()),
+            sysinfo=P2 + b"cbuiltins\nexec\n" + binunicode(PY) + b"\x85R."), UP, "exec",
+     "builtins.exec in the sys_info pickle")
+case("legacy_object_global.pt",
+     legacy(P2 + b"cos\nsystem\n" + binunicode(SHELL) + b"\x85R.", keys=(), data=b""), UP,
+            "os",
+     "os.system in the object pickle")
+case("legacy_keys_reduce.pt",
+     legacy(legacy_obj(legacy_tensor()),
+            keys_pkl=P2 + b"cos\nsystem\n" + binunicode(SHELL) + b"\x85R."), UP, "os",
+     "os.system in the storage key list pickle")
+case("legacy_bad_magic.pt", legacy(legacy_obj(legacy_tensor()),
+                                   magic=pickle.dumps(12345, protocol=2)), None, "magic",
+     "a wrong magic number")
+case("legacy_bad_protocol.pt", legacy(legacy_obj(legacy_tensor()),
+                                      proto=pickle.dumps(1002, protocol=2)), None, "protocol",
+     "legacy protocol 1002")
+case("legacy_count_huge.pt",
+     legacy(legacy_obj(legacy_tensor(numel=2**61, size=(4,))),
+            data=struct.pack("<q", 2**61) + FLOATS), None, None,
+     "a storage of 2**61 floats (byte count overflows)")
+case("legacy_count_mismatch.pt",
+     legacy(legacy_obj(legacy_tensor()), data=struct.pack("<q", 1 << 40) + FLOATS), None,
+     "elements", "the data says 2**40 elements, the object 4")
+case("legacy_data_truncated.pt",
+     legacy(legacy_obj(legacy_tensor(numel=1 << 30, size=(4,))),
+            data=struct.pack("<q", 1 << 30) + FLOATS), None, "truncated|ends",
+     "a storage of 2**30 floats with 16 bytes of data")
+case("legacy_keys_not_list.pt",
+     legacy(legacy_obj(legacy_tensor()))
+     .replace(pickle.dumps(["0"], protocol=2), pickle.dumps({"0": 1}, protocol=2)), None,
+     "list", "the storage keys pickle is a dict")
+case("legacy_key_twice.pt", legacy(legacy_obj(legacy_tensor()), keys=(b"0", b"0")), None,
+     "twice", "one storage key listed twice")
+case("legacy_data_without_object.pt", legacy(legacy_obj(legacy_tensor()), keys=(b"0", b"1")),
+     None, "no object", "data for a storage no object names")
+case("legacy_view_out_of_range.pt",
+     legacy(legacy_obj(legacy_tensor(key="0", numel=4, view=("v", 2**40, 4))), keys=(b"0",)),
+     None, None, "a storage view at element 2**40 of a 4-element root")
+case("legacy_view_of_itself.pt",
+     legacy(legacy_obj(legacy_tensor(key="0", numel=4, view=("0", 0, 4))), keys=(b"0",)),
+     None, None, "a storage that is a view of itself")
+case("legacy_shape_overflow.pt",
+     legacy(legacy_obj(legacy_tensor(size=(2**40, 2**40), stride=(1, 1)))), None, None,
+     "sizes whose product overflows")
+case("legacy_deep_marks.pt", legacy(P2 + b"(" * 100_000 + b"N.", keys=(), data=b""), None, None,
+     "100000 MARKs in the object pickle, no storages")
+case("legacy_truncated_header.pt", legacy(legacy_obj(legacy_tensor()))[:30], None, None,
+     "cut inside the sys_info pickle")
+
+# the tar format of torch 0.1.x: a clear error naming the format
+tar = io.BytesIO()
+import tarfile  # noqa: E402
+
+with tarfile.open(fileobj=tar, mode="w", format=tarfile.USTAR_FORMAT) as t:
+    for name, data in (("sys_info", pickle.dumps({}, protocol=2)), ("pickle", P2 + b"N."),
+                       ("tensors", P2 + b"]."), ("storages", P2 + b"].")):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        t.addfile(info, io.BytesIO(data))
+case("tar_format.pt", tar.getvalue(), None, "tar format", "torch 0.1.x's tar format")
+
+
+# valid if extreme: these load (as they do with torch.load); the checks are
+# that nothing crashes, runs or allocates past the bound
+LOADS = {
+    "build_ordereddict_class.pt",  # sets an entry of the OrderedDict's __dict__, as torch does
+    "build_ordereddict_setstate.pt",  # the same; a planted __setstate__ is never called
+    "deep_marks.pt",
+    "deep_nesting_lists.pt",
+    "memo_billion_laughs_refs.pt",
+    "storage_two_dtypes_one_key.pt",  # the second use takes the first's dtype, as in torch
+    "legacy_view_of_itself.pt",
+    "legacy_deep_marks.pt",
+}
+
+
+# structural cases (no globals beyond torch's tensor machinery): refused the
+# same way when the caller trusts the file (weights_only=False)
+TRUSTED_TOO = (
+    "zip_", "zip64_", "storage_", "shape_", "stride_", "offset_", "tensor_past", "negative_",
+    "too_many", "sizes_", "size_not", "legacy_count", "legacy_data", "legacy_view_out",
+    "legacy_shape", "legacy_truncated", "legacy_key_twice", "legacy_keys_not_list",
+    "legacy_bad_", "memo_long_binget", "memo_get", "memo_long_binput", "memo_memoize",
+    "string_", "binbytes8", "bytearray8", "frame_", "long4", "stack_underflow",
+    "pickle_truncated", "unknown_opcode", "proto_", "next_buffer", "deep_nesting_tuples",
+    "tar_format",
+)
+NOT_TRUSTED_TOO = {"zip_deflate_small_bomb.pt", "zip_deflate_pickle_bomb.pt",
+                   "storage_two_dtypes_one_key.pt"}
+
+
+def main():
+    if not sys.argv[1:] == ["--check"]:
+        for old in os.listdir(HERE):
+            if old.endswith(".pt"):
+                os.remove(os.path.join(HERE, old))
+    manifest = {}
+    for name, (data, meta) in sorted(CASES.items()):
+        if data is None:
+            continue
+        meta = dict(meta)
+        meta["error"] = "ok" if name in LOADS else meta["error"] or "CheckpointError"
+        meta["trusted_too"] = name.startswith(TRUSTED_TOO) and name not in NOT_TRUSTED_TOO
+        manifest[name] = meta
+        with open(os.path.join(HERE, name), "wb") as f:
+            f.write(data)
+    with open(os.path.join(HERE, "MANIFEST.json"), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {len(manifest)} cases to {HERE}")
+
+
+if __name__ == "__main__":
+    main()

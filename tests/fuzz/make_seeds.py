@@ -1,0 +1,63 @@
+"""Writes the seed corpora of the fuzz harnesses (tests/fuzz/corpus/*), from
+small checkpoints written by torch.save (zip and legacy formats).
+
+    .venv/bin/python tests/fuzz/make_seeds.py
+
+corpus/zip      whole torch zip archives (fuzz_zip: the zip locator)
+corpus/legacy   whole legacy streams (fuzz_legacy: ckptio.load on the bytes)
+corpus/unpickle data.pkl records (fuzz_unpickle wraps each input as the
+                data.pkl of an archive that also holds data/0 .. data/3)
+Regression inputs found by fuzzing are added by hand beside the seeds
+(names starting with "crash-" or "regress-").
+"""
+import collections
+import io
+import os
+import zipfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def objects():
+    torch.manual_seed(0)
+    base = torch.arange(8, dtype=torch.float32)
+    yield "tensor", torch.arange(4, dtype=torch.float32)
+    yield "dtypes", {d: torch.ones(2, dtype=d) for d in (
+        torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
+        torch.int32, torch.int64, torch.bool, torch.complex64)}
+    yield "views", {"base": base, "view": base[2:6], "t": base.view(2, 4).t()}
+    yield "state_dict", collections.OrderedDict(
+        [("conv.weight", torch.randn(2, 1, 3, 3)), ("conv.bias", torch.zeros(2)),
+         ("bn.num_batches_tracked", torch.tensor(3))])
+    yield "meta", {"epoch": 3, "lr": 0.1, "name": "x", "steps": [1, 2, 3], "flag": True,
+                   "pair": (1, None), "nested": {"a": {"b": 1.5}}, "big": 2**70, "b": b"\x00\x01"}
+    yield "param", {"p": torch.nn.Parameter(torch.ones(3))}
+    yield "empty", {"e": torch.empty(0), "s": torch.tensor(1.5)}
+    yield "storage", {"st": torch.UntypedStorage(4)}
+
+
+def main():
+    dirs = {k: os.path.join(HERE, "corpus", k) for k in ("zip", "legacy", "unpickle")}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    for name, obj in objects():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+        with open(os.path.join(dirs["zip"], f"seed-{name}.pt"), "wb") as f:
+            f.write(data)
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            pkl = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+            with open(os.path.join(dirs["unpickle"], f"seed-{name}.pkl"), "wb") as f:
+                f.write(z.read(pkl))
+        buf = io.BytesIO()
+        torch.save(obj, buf, _use_new_zipfile_serialization=False)
+        with open(os.path.join(dirs["legacy"], f"seed-{name}.pt"), "wb") as f:
+            f.write(buf.getvalue())
+    print("seeds written under", os.path.join(HERE, "corpus"))
+
+
+if __name__ == "__main__":
+    main()

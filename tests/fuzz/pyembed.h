@@ -1,0 +1,90 @@
+/* The embedded interpreter shared by the harnesses that build Python
+ * objects (fuzz_legacy, fuzz_unpickle): Python is started once, with the
+ * project's root (where the ckptio package and its _native extension are)
+ * and the venv's site-packages (torch, numpy) at the front of sys.path;
+ * then every input goes to ckptio.load as bytes.
+ *
+ * A load may fail only with ckptio.CheckpointError (UnpicklingError is a
+ * subclass): any other exception is a finding, printed and then abort()ed,
+ * as are the crashes and memory errors the sanitizers catch.
+ *
+ * CK_FUZZ_ROOT and CK_FUZZ_SITE are set by the Makefile; the environment
+ * variables of the same names override them. */
+#ifndef CKPTIO_FUZZ_PYEMBED_H
+#define CKPTIO_FUZZ_PYEMBED_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#ifndef CK_FUZZ_ROOT
+#define CK_FUZZ_ROOT "."
+#endif
+#ifndef CK_FUZZ_SITE
+#define CK_FUZZ_SITE ""
+#endif
+
+static PyObject *ck_fuzz_one; /* strong: the Python function run per input */
+
+static const char ck_fuzz_code[] = "import os, sys\n"
+                                   "sys.path[:0] = [p for p in (ROOT, SITE) if p]\n"
+                                   "import ckptio\n"
+                                   "import torch\n"
+                                   "torch.set_num_threads(1)\n"
+                                   "def one(data):\n"
+                                   "    try:\n"
+                                   "        ckptio.load(data)\n"
+                                   "    except ckptio.CheckpointError:\n"
+                                   "        pass\n";
+
+static void ck_fuzz_python_init(void) {
+    if (ck_fuzz_one != NULL)
+        return;
+    const char *root = getenv("CK_FUZZ_ROOT");
+    const char *site = getenv("CK_FUZZ_SITE");
+    Py_InitializeEx(0);
+    PyObject *globals = PyDict_New(); /* strong, kept for the process */
+    PyObject *r1 = PyUnicode_FromString(root ? root : CK_FUZZ_ROOT);
+    PyObject *r2 = PyUnicode_FromString(site ? site : CK_FUZZ_SITE);
+    if (globals == NULL || r1 == NULL || r2 == NULL ||
+        PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) < 0 ||
+        PyDict_SetItemString(globals, "ROOT", r1) < 0 ||
+        PyDict_SetItemString(globals, "SITE", r2) < 0) {
+        PyErr_Print();
+        abort();
+    }
+    Py_DECREF(r1);
+    Py_DECREF(r2);
+    PyObject *res = PyRun_String(ck_fuzz_code, Py_file_input, globals, globals);
+    if (res == NULL) {
+        PyErr_Print();
+        fprintf(stderr, "fuzz: cannot import ckptio (set CK_FUZZ_ROOT and CK_FUZZ_SITE)\n");
+        abort();
+    }
+    Py_DECREF(res);
+    ck_fuzz_one = PyDict_GetItemString(globals, "one"); /* borrowed from globals */
+    if (ck_fuzz_one == NULL)
+        abort();
+    Py_INCREF(ck_fuzz_one);
+}
+
+/* Loads data with ckptio.load; aborts on any outcome but a result or a
+ * CheckpointError. */
+static void ck_fuzz_python_load(const uint8_t *data, size_t size) {
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)size);
+    if (bytes == NULL) {
+        PyErr_Print();
+        abort();
+    }
+    PyObject *r = PyObject_CallOneArg(ck_fuzz_one, bytes);
+    Py_DECREF(bytes);
+    if (r == NULL) {
+        PyErr_Print();
+        fprintf(stderr, "fuzz: ckptio.load raised something other than CheckpointError\n");
+        abort();
+    }
+    Py_DECREF(r);
+}
+
+#endif
