@@ -139,8 +139,11 @@ def child(method, path, out_path, runs):
     nbytes = sum(len(v) for v in _byte_views(obj))
 
     def fresh():
+        # every run starts from the same state: no old output, and no
+        # writeback of an earlier run competing for the disk
         if os.path.exists(out_path):
             os.unlink(out_path)
+        os.sync()
 
     fresh()
     gc.collect()
