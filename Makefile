@@ -5,12 +5,12 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := build-essential pkg-config libzip-dev zlib1g-dev libcurl4-openssl-dev \
-            libdeflate-dev clang python3-venv python3-torch python3-numpy \
+            libdeflate-dev libssl-dev clang python3-venv python3-torch python3-numpy \
             libclang-rt-dev clang-format
 DEPS_STAMP := .venv/.ckptio-deps
 CORE_SRC := $(wildcard src/core/*.c)
 CORE_HDR := $(wildcard src/core/*.h)
-PKG_FLAGS = $(shell pkg-config --cflags --libs libzip zlib libcurl libdeflate)
+PKG_FLAGS = $(shell pkg-config --cflags --libs libzip zlib libcurl libdeflate libcrypto)
 CFLAGS_C := -std=gnu11 -O2 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc
 BUILD := tests/c/build
 

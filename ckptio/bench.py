@@ -9,6 +9,7 @@ hand (ckptio and torch.load(mmap=True) map the file lazily); the end-to-end
 rows copy every tensor into a model, touching every byte.
 """
 import argparse
+import importlib
 import collections
 import gc
 import json
@@ -408,18 +409,50 @@ def render(results):
     return "\n".join(lines)
 
 
+# One run measures every section: loading (this module), then the save side,
+# the mmcv end-to-end path and HTTP downloads, each in its own module with the
+# same measure(path, runs) -> dict and render(dict) -> str.
+SECTIONS = {
+    "load": None,
+    "save": ".bench_save",
+    "mmcv": ".bench_mmcv",
+    "http": ".bench_http",
+}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="ckptio bench", description=__doc__.splitlines()[0])
     parser.add_argument("file", nargs="?", help="checkpoint to measure (default: generated)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--runs", type=int, default=5, help="runs per method (best is kept)")
     parser.add_argument("--dir", default=DEFAULT_DIR, help="where generated files are kept")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help="comma-separated sections to run (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     files = ensure_files(args.dir)
     if args.file:
         files["big"] = args.file
-    results = measure(files, args.runs)
-    print(json.dumps(results, indent=2) if args.json else render(results))
+    results, texts = {}, []
+    for name in only:
+        print(f"section {name}:", file=sys.stderr)
+        if name == "load":
+            r = measure(files, args.runs)
+            text = render(r)
+        else:
+            mod = importlib.import_module(SECTIONS[name], __package__)
+            extra = {"small_path": files["small"]} if name == "save" else {}
+            r = mod.measure(files["big"], args.runs, **extra)
+            text = mod.render(r)
+        results[name] = r
+        texts.append(f"== {name}\n{text}")
+    print(json.dumps(results, indent=2) if args.json else "\n\n".join(texts))
     return 0
 
 

@@ -208,15 +208,9 @@ def _revise(state, rules):
 
 
 def _save_torch(obj, path):
-    """Writes the torch zip format: ckptio.save when present (another part of
-    ckptio), else torch.save -- until ckptio.save lands."""
-    import ckptio
+    """Writes the torch zip format, atomically (ckptio.save)."""
+    from ._save import save
 
-    save = getattr(ckptio, "save", None)
-    if save is None:
-        import torch
-
-        save = torch.save
     save(obj, path)
 
 

@@ -4,9 +4,13 @@
 #include "state.h"
 
 #include "errors.h"
+#include "hostcopy.h"
+#include "keys.h"
+#include "http.h"
 #include "load.h"
 #include "mapping.h"
 #include "npy.h"
+#include "save.h"
 #include "tensors.h"
 #include "verify.h"
 
@@ -243,6 +247,10 @@ static PyMethodDef module_methods[] = {
 /* Each binding unit that adds Python functions exports one table; the
  * module adds them all at exec time. */
 static PyMethodDef *const method_groups[] = {
+    ck_save_methods,
+    ck_hostcopy_methods,
+    ck_keys_methods,
+    ck_http_methods,
     ck_verify_methods,
     NULL, /* sentinel: units add their tables before it */
 };
@@ -259,6 +267,8 @@ static int module_exec(PyObject *m) {
         if (PyModule_AddFunctions(m, method_groups[i]) < 0)
             return -1;
     if (ck_errors_init(m, st) < 0 || ck_mapping_init(m, st) < 0 || ck_tensors_init(m, st) < 0)
+        return -1;
+    if (ck_http_init(m, st) < 0)
         return -1;
     st->torchscript_marker = PyUnicode_InternFromString("<ckptio torchscript archive>");
     if (st->torchscript_marker == NULL ||
@@ -298,6 +308,7 @@ static int module_exec(PyObject *m) {
 #define CK_STATE_OBJECTS(X)                                                                        \
     X(CheckpointError)                                                                             \
     X(UnpicklingError)                                                                             \
+    X(DownloadError)                                                                               \
     X(torchscript_marker)                                                                          \
     X(from_numpy)                                                                                  \
     X(torch_empty)                                                                                 \

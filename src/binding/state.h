@@ -146,6 +146,9 @@ typedef struct ck_state {
     PyObject *s_add_note;
     PyObject *s_storage_word;        /* "Storage" */
     PyObject *s_torch_tensor_module; /* "torch._tensor" */
+
+    /* http.c */
+    PyObject *DownloadError;
 } ck_state;
 
 /* The state of the module object m. */

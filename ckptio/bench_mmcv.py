@@ -1,0 +1,147 @@
+"""End to end, as training code calls it: mmcv.runner.load_checkpoint
+against ckptio.load_checkpoint, the same model and file.
+
+Each side runs in its own child process (ckptio.bench's helpers): the model
+(built with SpecModel from the file's state-dict shapes) exists and the
+file is in the page cache before anything is measured; one run measures the
+extra peak RSS (total, and its private/anonymous part: a mapped file's
+pages are page cache, shared and reclaimable), then the best of N runs
+gives the time. Both sides run with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 so
+that checkpoints carrying numpy metadata load on both (mmcv's torch.load
+would refuse them under torch's weights-only default); ckptio.load follows
+the same variable.
+
+    python -m ckptio.bench_mmcv FILE [--runs N] [--json]
+"""
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+from .bench import SpecModel, _AnonSampler, _reset_peak, _status, _warm
+
+METHODS = ("mmcv load_checkpoint", "ckptio load_checkpoint")
+
+
+def _import_mmcv_checkpoint():
+    """mmcv.runner.checkpoint; torchvision (imported there at module level,
+    used only for torchvision:// names) replaced by an empty module when it
+    cannot be imported beside this torch."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = types.ModuleType("torchvision")
+    import mmcv.runner.checkpoint
+
+    return mmcv.runner.checkpoint
+
+
+def _model_for(path):
+    import torch
+
+    ckpt = torch.load(path, weights_only=False, mmap=True)
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    spec = [(k, tuple(v.shape)) for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    del ckpt, sd
+    return SpecModel.build(spec)
+
+
+def child(method, path, runs):
+    import logging
+
+    if method == "mmcv load_checkpoint":
+        load_checkpoint = _import_mmcv_checkpoint().load_checkpoint
+    else:
+        from ckptio.checkpoint import load_checkpoint
+    model = _model_for(path)
+    logger = logging.getLogger("ckptio.bench_mmcv")  # the load line goes nowhere
+
+    def run():
+        return load_checkpoint(model, path, map_location="cpu", logger=logger)
+
+    _warm(path)
+    gc.collect()
+    base = _status()
+    reset = _reset_peak()
+    with _AnonSampler() as anon:
+        result = run()
+    after = _status()
+    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
+    mem = {
+        "peak_extra": max(0, peak - base["VmRSS"]),
+        "anon_extra": max(0, anon.peak - base["RssAnon"]),
+    }
+    del result
+    gc.collect()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - t0)
+        del result
+        gc.collect()
+    print(json.dumps({"time": min(times), "times": times, **mem}))
+
+
+def run_child(method, path, runs):
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "ckptio.bench_mmcv", "--child", method, path, str(runs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(big_path, runs):
+    """{'file', 'bytes', 'rows': {method: {time, times, peak_extra, anon_extra}}}"""
+    result = {"file": big_path, "bytes": os.path.getsize(big_path), "rows": {}}
+    for method in METHODS:
+        result["rows"][method] = run_child(method, big_path, runs)
+    return result
+
+
+def render(result):
+    size = result["bytes"]
+    rows = result["rows"]
+    mmcv_t = rows["mmcv load_checkpoint"]["time"]
+    lines = [
+        f"end to end into a model: {result['file']} ({size / 1e9:.2f} GB)",
+        "",
+        f"{'method':<26}{'time ms':>10}{'vs mmcv':>9}{'peak extra RSS':>16}{'private peak':>14}",
+    ]
+    for name, r in rows.items():
+        t = r["time"]
+        lines.append(
+            f"{name:<26}{t * 1e3:>10.1f}{mmcv_t / t:>8.2f}x"
+            f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
+            f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ckptio.bench_mmcv", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "file", help="checkpoint to load (a dict with 'state_dict', or a state dict)"
+    )
+    parser.add_argument("--runs", type=int, default=5, help="runs per method (best is kept)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    result = measure(args.file, args.runs)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, method, path, runs = sys.argv
+        child(method, path, int(runs))
+    else:
+        sys.exit(main())

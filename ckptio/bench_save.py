@@ -1,0 +1,263 @@
+"""The save half of `python -m ckptio bench`: ckptio.save against torch.save,
+safetensors and a raw sequential write of the same bytes, plus CRC-32 speed.
+
+Each method runs in its own child process: the checkpoint's objects are
+loaded once (torch.load), the peak-RSS counter is reset, one save measures
+the extra peak RSS (total and private), then the best of N saves gives the
+time. Every save writes a fresh file (the previous one is deleted untimed)
+in the directory of the given checkpoint, so all methods write to the same
+file system. torch.save and the *-nofsync rows leave data in the page cache
+as torch.save does; the fsync rows include the flush to disk.
+"""
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+from .bench import _AnonSampler, _reset_peak, _status
+
+SAVE_ROWS = [
+    "raw write",
+    "raw write+fsync",
+    "torch.save",
+    "ckptio.save(fsync=False)",
+    "ckptio.save",
+    "safetensors",
+]
+CRC_ROWS = ["crc32 zlib", "crc32 libdeflate"]
+
+
+def _storages(obj):
+    """The distinct CPU storages of obj's tensors, in first-seen order."""
+    import torch
+
+    seen, out = set(), []
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            s = o.untyped_storage()
+            if s._cdata not in seen:
+                seen.add(s._cdata)
+                out.append(s)
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(obj)
+    return out
+
+
+def _byte_views(obj):
+    """A memoryview over each distinct storage's bytes (no copy)."""
+    import torch
+
+    views = []
+    for s in _storages(obj):
+        if s.nbytes():
+            views.append(memoryview(torch.empty(0, dtype=torch.uint8).set_(s).numpy()))
+    return views
+
+
+def _flat_tensors(obj):
+    """The tensors of obj under dotted keys, for safetensors (contiguous
+    copies are made here, untimed, where needed)."""
+    import torch
+
+    flat = {}
+
+    def walk(prefix, o):
+        if isinstance(o, torch.Tensor):
+            flat[prefix] = o.contiguous()
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", obj)
+    return flat
+
+
+def _methods(obj, out_path):
+    import torch
+
+    import ckptio
+    from ckptio import _native
+
+    views = _byte_views(obj)
+
+    def raw(do_fsync):
+        def run():
+            with open(out_path, "wb", buffering=0) as f:
+                for v in views:
+                    done = 0
+                    while done < len(v):
+                        done += f.write(v[done:])
+                if do_fsync:
+                    os.fsync(f.fileno())
+
+        return run
+
+    def crc(impl):
+        def run():
+            c = 0
+            for v in views:
+                c = _native.crc32(v, c, impl=impl)
+            return c
+
+        return run
+
+    def safetensors():
+        from safetensors.torch import save_file
+
+        flat = _flat_tensors(obj)
+        return lambda: save_file(flat, out_path)
+
+    return {
+        "raw write": raw(False),
+        "raw write+fsync": raw(True),
+        "torch.save": lambda: torch.save(obj, out_path),
+        "ckptio.save(fsync=False)": lambda: ckptio.save(obj, out_path, fsync=False),
+        "ckptio.save": lambda: ckptio.save(obj, out_path),
+        "safetensors": safetensors,
+        "crc32 zlib": crc("zlib"),
+        "crc32 libdeflate": crc("libdeflate"),
+    }
+
+
+def child(method, path, out_path, runs):
+    import torch
+
+    obj = torch.load(path, weights_only=False)
+    fn = _methods(obj, out_path)[method]
+    if method == "safetensors":
+        fn = fn()  # the flattening is preparation, not part of the save
+    nbytes = sum(len(v) for v in _byte_views(obj))
+
+    def fresh():
+        if os.path.exists(out_path):
+            os.unlink(out_path)
+
+    fresh()
+    gc.collect()
+    base = _status()
+    reset = _reset_peak()
+    with _AnonSampler() as anon:
+        fn()
+    after = _status()
+    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
+    mem = {
+        "peak_extra": max(0, peak - base["VmRSS"]),
+        "anon_extra": max(0, anon.peak - base["RssAnon"]),
+    }
+    times = []
+    for _ in range(runs):
+        fresh()
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    written = os.path.getsize(out_path) if os.path.exists(out_path) else 0
+    fresh()
+    print(json.dumps({"time": min(times), "times": times, "bytes": written, "data_bytes": nbytes,
+                      **mem}))
+
+
+def _run_child(method, path, out_path, runs):
+    cmd = [sys.executable, "-m", "ckptio.bench_save", "--child", method, path, out_path, str(runs)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(big_path, runs, rows=None, small_path=None):
+    """Times every save method (best of runs) on the objects of big_path,
+    writing beside it; with small_path (a checkpoint of many small tensors),
+    also the per-tensor cost of torch.save and ckptio.save. Returns a dict
+    for render()."""
+    out_path = os.path.join(os.path.dirname(os.path.abspath(big_path)), "bench_save_out.pth")
+    results = {"file": big_path, "bytes": os.path.getsize(big_path), "rows": {}}
+    for method in rows or SAVE_ROWS + CRC_ROWS:
+        r = _run_child(method, big_path, out_path, runs)
+        results["rows"][method] = r
+        print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
+    if small_path:
+        import torch
+
+        n = len(_storages(torch.load(small_path, weights_only=False)))
+        results["small"] = {"file": small_path, "tensors": n, "rows": {}}
+        for method in ("torch.save", "ckptio.save(fsync=False)"):
+            r = _run_child(method, small_path, out_path, max(runs, 5))
+            r["per_tensor_us"] = r["time"] / max(n, 1) * 1e6
+            results["small"]["rows"][method] = r
+    return results
+
+
+def render(results):
+    rows = results["rows"]
+    size = results["bytes"]
+    lines = [
+        f"save: objects of {results['file']} ({size / 1e9:.2f} GB as torch.save writes them)",
+        "",
+        f"{'method':<26}{'time ms':>10}{'GB/s':>8}{'vs torch.save':>15}{'peak extra RSS':>19}"
+        f"{'private peak':>17}",
+    ]
+    torch_t = rows.get("torch.save", {}).get("time")
+    for name, r in rows.items():
+        t = r["time"]
+        data = r["data_bytes"]
+        ratio = f"{torch_t / t:>14.2f}x" if torch_t else f"{'':>15}"
+        mem = ""
+        if not name.startswith("crc32"):
+            mem = (f"{r['peak_extra'] / 1e6:>9.1f} MB {100 * r['peak_extra'] / size:>5.1f}%"
+                   f"{r['anon_extra'] / 1e6:>7.1f} MB {100 * r['anon_extra'] / size:>5.1f}%")
+        lines.append(f"{name:<26}{t * 1e3:>10.1f}{data / t / 1e9:>8.2f}{ratio}{mem}")
+
+    def ratio(a, b, text):
+        if a in rows and b in rows:
+            lines.append(f"  {text:<44}{rows[b]['time'] / rows[a]['time']:8.2f}x")
+
+    lines += ["", "ratios (higher is better for the first):"]
+    ratio("ckptio.save(fsync=False)", "torch.save", "ckptio.save(fsync=False) vs torch.save")
+    ratio("ckptio.save", "torch.save", "ckptio.save (with fsync) vs torch.save")
+    ratio("ckptio.save(fsync=False)", "safetensors", "ckptio.save(fsync=False) vs safetensors")
+    if "raw write" in rows and "ckptio.save(fsync=False)" in rows:
+        share = rows["raw write"]["time"] / rows["ckptio.save(fsync=False)"]["time"]
+        lines.append(f"  {'ckptio.save(fsync=False) / raw write speed':<44}{100 * share:7.0f}%")
+    if "raw write+fsync" in rows and "ckptio.save" in rows:
+        share = rows["raw write+fsync"]["time"] / rows["ckptio.save"]["time"]
+        lines.append(f"  {'ckptio.save / raw write+fsync speed':<44}{100 * share:7.0f}%")
+    ratio("crc32 libdeflate", "crc32 zlib", "crc32 libdeflate vs zlib")
+    small = results.get("small")
+    if small:
+        lines += ["", f"per-tensor cost ({small['tensors']} small tensors):"]
+        for name, r in small["rows"].items():
+            lines.append(
+                f"  {name:<26}{r['time'] * 1e3:8.2f} ms  {r['per_tensor_us']:6.2f} us/tensor"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ckptio.bench_save", description=__doc__.splitlines()[0])
+    parser.add_argument("file", help="checkpoint whose objects are saved")
+    parser.add_argument("--small", help="a checkpoint of many small tensors (per-tensor cost)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    results = measure(args.file, args.runs, small_path=args.small)
+    print(json.dumps(results, indent=2) if args.json else render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, method, path, out_path, runs = sys.argv
+        child(method, path, out_path, int(runs))
+    else:
+        sys.exit(main())
