@@ -69,7 +69,7 @@ $(FUZZ)/py/.built: $(CORE_SRC) $(CORE_HDR) $(wildcard src/binding/*) $(wildcard 
 	CC=clang LDSHARED="clang -shared" CKPTIO_SANITIZE=1 \
 	  CFLAGS="-fsanitize=fuzzer-no-link -Wno-unused-command-line-argument" \
 	  $(PY) setup.py -q build_ext --build-lib $(FUZZ)/py --build-temp $(FUZZ)/tmp
-	cp ckptio/*.py $(FUZZ)/py/ckptio/
+	cp -r $$(ls -d ckptio/* | grep -v -e __pycache__ -e '\.so$$') $(FUZZ)/py/ckptio/
 	touch $@
 
 $(FUZZ)/fuzz_zip: tests/fuzz/fuzz_zip.c $(FUZZ_SRC) $(CORE_SRC) $(CORE_HDR) | apt
@@ -108,17 +108,18 @@ fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpic
 
 # ---- the whole pytest suite against the extension built with AddressSanitizer
 # and UBSan (build/asan; python -P keeps the in-place build off sys.path)
-ASAN_LIB = $(shell cc -print-file-name=libasan.so)
+# libstdc++ preloaded with libasan, so that ASan's C++ exception interceptor
+# finds __cxa_throw (C++ extensions such as matplotlib's throw at import)
+ASAN_LIB = $(shell cc -print-file-name=libasan.so) $(shell cc -print-file-name=libstdc++.so)
 asan: $(DEPS_STAMP)
 	rm -rf build/asan
 	CKPTIO_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp
-	cp ckptio/*.py build/asan/ckptio/
-	cp -r $$(ls -d ckptio/*/ 2>/dev/null | grep -v __pycache__) build/asan/ckptio/ 2>/dev/null || true
-	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD=$(ASAN_LIB) \
+	cp -r $$(ls -d ckptio/* | grep -v -e __pycache__ -e '\.so$$') build/asan/ckptio/
+	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD="$(ASAN_LIB)" \
 	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(PY) -P -c 'import ckptio._native as n, sys; assert "build/asan" in n.__file__, n.__file__' && \
-	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD=$(ASAN_LIB) \
+	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD="$(ASAN_LIB)" \
 	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(PY) -P -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)

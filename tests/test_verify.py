@@ -227,3 +227,13 @@ def test_inflation_limit_reported():
 
     report = ckptio.verify(pathlib.Path(__file__).parent / "attacks" / "zip_deflate_small_bomb.pt")
     assert [(p.kind, p.record) for p in report.problems] == [("limit", "archive/data/0")]
+
+
+def test_empty_tensors_in_deflated_records():
+    data = rezip(saved({"e": torch.empty(0), "z": torch.zeros(3, 0, dtype=torch.float64)}),
+                 compress=True)
+    got = ckptio.load(data)
+    assert got["e"].numel() == 0 and got["z"].shape == (3, 0)
+    report = ckptio.verify(data)
+    assert report.ok and report.counts["compressed"] == report.counts["records"]
+    assert report.counts["storages"] == 2 and report.counts["storage_bytes"] == 0

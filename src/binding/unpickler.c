@@ -1466,6 +1466,9 @@ static PyObject *run(vm *v) {
 
 static PyObject *unpickle(ck_session *s, const uint8_t *data, size_t len, const char *what,
                           size_t *consumed, PyObject *pids) {
+    static const uint8_t empty[1];
+    if (data == NULL) /* an empty record (e.g. inflated to nothing): no bytes, no pointer */
+        data = empty, len = 0;
     vm v;
     memset(&v, 0, sizeof v);
     v.scan = pids != NULL;

@@ -495,6 +495,9 @@ case("zip_deflate_small_bomb.pt",
      archive(state_dict(("w", tensor(stype="ByteStorage", numel=2 << 20, size=(2 << 20,)))),
              {"data/0": b"\x00" * (2 << 20)}, compress=True), None, "inflate|limit",
      "a deflated 2 MiB storage in a file of a few kilobytes")
+# data.pkl deflated to nothing: an empty record (was a NULL pointer in the VM)
+case("zip_deflate_empty_pickle.pt", archive(b"", compress=True), None, "truncated",
+     "a deflated data.pkl of 0 bytes")
 # compressed record whose announced size lies (small announced, large real)
 small = archive(state_dict(("w", tensor(stype="ByteStorage", numel=16, size=(16,)))),
                 {"data/0": b"\x00" * (1 << 20)}, compress=True)

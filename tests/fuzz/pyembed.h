@@ -5,8 +5,9 @@
  * then every input goes to ckptio.load as bytes.
  *
  * A load may fail only with ckptio.CheckpointError (UnpicklingError is a
- * subclass): any other exception is a finding, printed and then abort()ed,
- * as are the crashes and memory errors the sanitizers catch.
+ * subclass), and ckptio.verify (with CK_FUZZ_VERIFY) must report, never
+ * raise: any other exception is a finding, printed and then abort()ed, as
+ * are the crashes and memory errors the sanitizers catch.
  *
  * CK_FUZZ_ROOT and CK_FUZZ_SITE are set by the Makefile; the environment
  * variables of the same names override them. */
@@ -20,6 +21,11 @@
 
 #ifndef CK_FUZZ_ROOT
 #define CK_FUZZ_ROOT "."
+#endif
+/* 1: every input also goes through ckptio.verify, which must hand back a
+ * report (never raise) */
+#ifndef CK_FUZZ_VERIFY
+#define CK_FUZZ_VERIFY 0
 #endif
 #ifndef CK_FUZZ_SITE
 #define CK_FUZZ_SITE ""
@@ -36,7 +42,10 @@ static const char ck_fuzz_code[] = "import os, sys\n"
                                    "    try:\n"
                                    "        ckptio.load(data)\n"
                                    "    except ckptio.CheckpointError:\n"
-                                   "        pass\n";
+                                   "        pass\n"
+                                   "    if VERIFY:\n"
+                                   "        report = ckptio.verify(data)\n"
+                                   "        assert report.ok or report.problems\n";
 
 static void ck_fuzz_python_init(void) {
     if (ck_fuzz_one != NULL)
@@ -50,7 +59,8 @@ static void ck_fuzz_python_init(void) {
     if (globals == NULL || r1 == NULL || r2 == NULL ||
         PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) < 0 ||
         PyDict_SetItemString(globals, "ROOT", r1) < 0 ||
-        PyDict_SetItemString(globals, "SITE", r2) < 0) {
+        PyDict_SetItemString(globals, "SITE", r2) < 0 ||
+        PyDict_SetItemString(globals, "VERIFY", CK_FUZZ_VERIFY ? Py_True : Py_False) < 0) {
         PyErr_Print();
         abort();
     }
