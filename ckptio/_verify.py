@@ -83,7 +83,7 @@ def _strip(name, message):
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def verify_mapping(mapping, name, strict=False, run_loader=True):
+def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=True):
     """verify() on bytes already held in a Mapping (used by load(verify=True),
     which loads the same Mapping afterwards and so skips the loader here)."""
     ensure_configured()
@@ -96,7 +96,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True):
             result = _native.load(
                 mapping,
                 name,
-                weights_only=True,
+                weights_only=weights_only,
                 map_kind=_MAP_CPU,
                 user_globals=user_allowed_globals(),
             )
@@ -112,7 +112,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True):
     return report
 
 
-def verify(f, strict=False):
+def verify(f, strict=False, *, weights_only=True):
     """Checks a checkpoint's integrity without handing its objects back.
 
     f: a path, a bytes-like object or a binary file object (as for
@@ -121,8 +121,11 @@ def verify(f, strict=False):
     the bytes the pickle claims, and that the pickle decodes (weights_only).
     Returns a VerifyReport (report.ok, report.problems, report.counts);
     with strict=True raises ckptio.CheckpointError on the first problem.
+    weights_only=False decodes the pickle with any global it names (for
+    trusted files whose meta holds objects outside the allowlist: the
+    globals are imported and called, as by torch.load(weights_only=False)).
     """
     from .serialization import _source
 
     mapping, name, _ = _source(f, None)
-    return verify_mapping(mapping, name, strict=strict)
+    return verify_mapping(mapping, name, strict=strict, weights_only=weights_only)

@@ -1,7 +1,7 @@
 """The ckptio command line (console script `ckptio`, or `python -m ckptio`).
 
     ckptio info FILE [--json] [--unsafe]
-    ckptio verify FILE... [--quiet] [--json]
+    ckptio verify FILE... [--quiet] [--json] [--unsafe]
     ckptio convert IN OUT [--revise-keys PATTERN=REPL]... [--unsafe] [--quiet]
     ckptio bench [...]
 
@@ -177,7 +177,7 @@ def verify(args):
     reports = []
     for path in args.files:
         _say(args, f"verifying {path}")
-        report = ckptio.verify(path)
+        report = ckptio.verify(path, weights_only=not args.unsafe)
         reports.append(report)
         if not report.ok:
             status = PROBLEM
@@ -301,6 +301,8 @@ def _parser():
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print a JSON list of reports")
     p.add_argument("-q", "--quiet", action="store_true", help="one line per file, no progress")
+    p.add_argument("--unsafe", action="store_true",
+                   help="weights_only=False: run any global the file names (trusted files only)")
     p.set_defaults(run=verify)
     p = sub.add_parser("convert", help="torch zip <-> safetensors, legacy -> zip, key renames")
     p.add_argument("input", metavar="IN")

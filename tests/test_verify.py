@@ -237,3 +237,20 @@ def test_empty_tensors_in_deflated_records():
     report = ckptio.verify(data)
     assert report.ok and report.counts["compressed"] == report.counts["records"]
     assert report.counts["storages"] == 2 and report.counts["storage_bytes"] == 0
+
+
+def test_globals_outside_the_allowlist_are_a_problem_unless_trusted(tmp_path):
+    # an mmengine-style meta with a numpy scalar: refused by the default
+    # weights_only decode, fine for a trusted file
+    import numpy as np
+
+    from ckptio import cli
+
+    path = tmp_path / "meta.pth"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "meta": {"best": np.float64(0.5)}}, path)
+    report = ckptio.verify(path)
+    assert not report.ok and report.problems[0].kind == "pickle"
+    assert "numpy" in report.problems[0].message
+    assert ckptio.verify(path, weights_only=False).ok
+    assert cli.main(["verify", "-q", str(path)]) == 1
+    assert cli.main(["verify", "-q", "--unsafe", str(path)]) == 0
