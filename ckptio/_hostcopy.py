@@ -44,6 +44,19 @@ def _pinned():
     return os.environ.get("CKPTIO_PINNED", "1") != "0"
 
 
+def _copy(segments):
+    """_native.copy_to_host(segments) into a pinned arena, or a pageable one
+    when page-locked memory runs out (it is scarcer than memory; .cpu()
+    would use pageable memory too). None when no CUDA runtime is found."""
+    library, pinned = _library(), _pinned()
+    try:
+        return _native.copy_to_host(segments, library, pinned=pinned)
+    except MemoryError:
+        if not pinned:
+            raise
+        return _native.copy_to_host(segments, library, pinned=False)
+
+
 def _batchable(val) -> bool:
     """Whether val.cpu() is a plain dense copy that the batch reproduces
     exactly. Tensors that need autograd (requires_grad), subclasses other
@@ -105,14 +118,7 @@ def batch_to_cpu(values) -> dict:
 
     keys = list(spans)
     segments = [(key[1] + spans[key][0], spans[key][1] - spans[key][0], key[0]) for key in keys]
-    library, pinned = _library(), _pinned()
-    try:
-        copied = _native.copy_to_host(segments, library, pinned=pinned)
-    except MemoryError:
-        if not pinned:
-            raise
-        # page-locked memory is scarcer than memory: as .cpu() would, use pageable
-        copied = _native.copy_to_host(segments, library, pinned=False)
+    copied = _copy(segments)
     if copied is None:
         return {}
     arena, offsets = copied
@@ -143,13 +149,7 @@ def storages_to_cpu(storages) -> list:
             for device in {max(s.device.index or 0, 0) for s in batch}:
                 torch.cuda.current_stream(device).synchronize()
         segments = [(s.data_ptr(), s.nbytes(), max(s.device.index or 0, 0)) for s in batch]
-        library, pinned = _library(), _pinned()
-        try:
-            copied = _native.copy_to_host(segments, library, pinned=pinned)
-        except MemoryError:
-            if not pinned:
-                raise
-            copied = _native.copy_to_host(segments, library, pinned=False)
+        copied = _copy(segments)
         if copied is not None:
             arena, offsets = copied
             for s, offset in zip(batch, offsets):
