@@ -245,7 +245,8 @@ static PyMethodDef module_methods[] = {
 };
 
 /* Each binding unit that adds Python functions exports one table; the
- * module adds them all at exec time. */
+ * module adds them all at exec time (one line per unit, kept by hand). */
+/* clang-format off */
 static PyMethodDef *const method_groups[] = {
     ck_save_methods,
     ck_hostcopy_methods,
@@ -254,6 +255,7 @@ static PyMethodDef *const method_groups[] = {
     ck_verify_methods,
     NULL, /* sentinel: units add their tables before it */
 };
+/* clang-format on */
 
 static int intern(PyObject **slot, const char *s) {
     *slot = PyUnicode_InternFromString(s);
