@@ -296,22 +296,36 @@ class CheckpointLoader:
         logger: Optional[logging.Logger] = None,
     ) -> Union[dict, OrderedDict]:
         """The checkpoint at filename, through the loader of its scheme."""
+        return cls._load(filename, map_location, logger)
+
+    @classmethod
+    def _announce(cls, loader_name: str, filename: str, logger) -> None:
+        """The log line naming the loader (mmcv's wording)."""
+        print_log(f"load checkpoint from {loader_name} path: {filename}", logger)
+
+    @classmethod
+    def _load(cls, filename, map_location, logger):
         checkpoint_loader = cls._get_checkpoint_loader(filename)
-        class_name = checkpoint_loader.__name__
-        print_log(f"load checkpoint from {class_name[10:]} path: {filename}", logger)
+        cls._announce(checkpoint_loader.__name__[10:], filename, logger)
         checkpoint = checkpoint_loader(filename, map_location)
         if checkpoint_loader not in cls._builtin and _decodable(checkpoint):
             checkpoint = _ckptio_load(checkpoint, map_location=map_location)
         return checkpoint
 
+    @classmethod
+    def _builtin_scheme(cls, prefixes):
+        """Decorator registering one of ckptio's own loaders, whose results
+        are checkpoints already (never decoded again)."""
 
-def _builtin_scheme(prefixes):
-    def register(loader):
-        CheckpointLoader.register_scheme(prefixes, loader)
-        CheckpointLoader._builtin.add(loader)
-        return loader
+        def register(loader):
+            cls.register_scheme(prefixes, loader)
+            cls._builtin.add(loader)
+            return loader
 
-    return register
+        return register
+
+
+_builtin_scheme = CheckpointLoader._builtin_scheme
 
 
 @_builtin_scheme("")

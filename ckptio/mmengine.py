@@ -52,8 +52,7 @@ from mmengine.runner.checkpoint import (
 from . import checkpoint as _mmcv_surface
 from . import _hub, patching
 from ._mmengine_save import save_checkpoint
-from .checkpoint import _decodable, _load_file, _revise
-from .serialization import load as _ckptio_load
+from .checkpoint import _load_file, _revise
 
 
 def _resolve(name):
@@ -135,24 +134,16 @@ class CheckpointLoader(_mmcv_surface.CheckpointLoader):
 
     @classmethod
     def load_checkpoint(cls, filename, map_location=None, logger="current"):
-        checkpoint_loader = cls._get_checkpoint_loader(filename)
-        class_name = checkpoint_loader.__name__
+        return cls._load(filename, map_location, logger)
+
+    @classmethod
+    def _announce(cls, loader_name, filename, logger):
         _resolve("print_log")(
-            f"Loads checkpoint by {class_name[10:]} backend from path: {filename}", logger=logger
+            f"Loads checkpoint by {loader_name} backend from path: {filename}", logger=logger
         )
-        checkpoint = checkpoint_loader(filename, map_location)
-        if checkpoint_loader not in cls._builtin and _decodable(checkpoint):
-            checkpoint = _ckptio_load(checkpoint, map_location=map_location)
-        return checkpoint
 
 
-def _builtin_scheme(prefixes):
-    def register(loader):
-        CheckpointLoader.register_scheme(prefixes, loader)
-        CheckpointLoader._builtin.add(loader)
-        return loader
-
-    return register
+_builtin_scheme = CheckpointLoader._builtin_scheme
 
 
 @_builtin_scheme("")
