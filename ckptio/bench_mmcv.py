@@ -15,15 +15,13 @@ the same variable.
 """
 
 import argparse
-import gc
 import json
 import os
 import subprocess
 import sys
-import time
 import types
 
-from .bench import SpecModel, _AnonSampler, _reset_peak, _status, _warm
+from .bench import SpecModel, time_in_child
 
 METHODS = ("mmcv load_checkpoint", "ckptio load_checkpoint")
 
@@ -66,28 +64,7 @@ def child(method, path, runs):
     def run():
         return load_checkpoint(model, path, map_location="cpu", logger=logger)
 
-    _warm(path)
-    gc.collect()
-    base = _status()
-    reset = _reset_peak()
-    with _AnonSampler() as anon:
-        result = run()
-    after = _status()
-    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
-    mem = {
-        "peak_extra": max(0, peak - base["VmRSS"]),
-        "anon_extra": max(0, anon.peak - base["RssAnon"]),
-    }
-    del result
-    gc.collect()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - t0)
-        del result
-        gc.collect()
-    print(json.dumps({"time": min(times), "times": times, **mem}))
+    print(json.dumps(time_in_child(run, runs, [path])))
 
 
 def run_child(method, path, runs):
@@ -114,12 +91,13 @@ def render(result):
     lines = [
         f"end to end into a model: {result['file']} ({size / 1e9:.2f} GB)",
         "",
-        f"{'method':<26}{'time ms':>10}{'vs mmcv':>9}{'peak extra RSS':>16}{'private peak':>14}",
+        f"{'method':<26}{'time ms':>10}{'first ms':>10}{'vs mmcv':>9}{'peak extra RSS':>16}"
+        f"{'private peak':>14}",
     ]
     for name, r in rows.items():
         t = r["time"]
         lines.append(
-            f"{name:<26}{t * 1e3:>10.1f}{mmcv_t / t:>8.2f}x"
+            f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{mmcv_t / t:>8.2f}x"
             f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
             f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
         )

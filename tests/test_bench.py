@@ -1,0 +1,31 @@
+"""The load benchmark runs every method in its child process and renders the
+table; the section runner dispatches to each section's module."""
+import torch
+
+from ckptio import bench
+
+
+def test_load_section_measures_and_renders_every_row(tmp_path):
+    spec = [("backbone.w", (64, 32)), ("backbone.b", (64,)), ("head.w", (10, 64))]
+    big = tmp_path / "big.pth"
+    torch.save(bench.make_checkpoint(spec), big)
+    small = tmp_path / "small.pth"
+    torch.save(bench.make_checkpoint(bench.small_spec(40), with_meta=False), small)
+    result = bench.measure({"big": str(big), "small": str(small)}, 1)
+    assert list(result["rows"]) == bench.LOAD_ROWS
+    for name, r in result["rows"].items():
+        assert r["time"] > 0 and r["first"] > 0, name
+        assert r["peak_extra"] >= 0 and r["anon_extra"] >= 0, name
+    assert set(result["small"]["rows"]) == {"torch.load", "torch.load(mmap)", "ckptio.load"}
+    text = bench.render(result)
+    for name in bench.LOAD_ROWS:
+        assert name in text
+    assert "ckptio.load vs torch.load" in text and "us/tensor" in text
+
+
+def test_unknown_section_is_a_usage_error(capsys):
+    try:
+        bench.main(["--only", "load,nope"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "nope" in capsys.readouterr().err
