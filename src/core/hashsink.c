@@ -10,6 +10,8 @@
 
 #include <openssl/evp.h>
 
+#include "fdio.h"
+
 #define SLOT_SIZE (1u << 20)
 #define SLOTS 4
 #define WRITEBACK_STEP (32ULL << 20)
@@ -90,20 +92,6 @@ ck_status ck_hashsink_open(int fd, const char *path, int writeback, int hash, ck
     return CK_OK;
 }
 
-static int write_all(int fd, const unsigned char *p, size_t n) {
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* Hands the current slot to the worker, then writes it: the worker only
  * reads the slot, so both run at once. */
 static ck_status post_current(ck_hashsink *s, ck_error *err) {
@@ -119,7 +107,7 @@ static ck_status post_current(ck_hashsink *s, ck_error *err) {
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     s->cur_len = 0;
-    if (write_all(s->fd, s->slots[idx], n) < 0)
+    if (ck_write_all(s->fd, s->slots[idx], n) < 0)
         return ck_fail_errno(err, errno, "cannot write %s", s->path);
     s->written += n;
 #ifdef SYNC_FILE_RANGE_WRITE

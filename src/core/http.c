@@ -17,6 +17,7 @@
 #include <curl/curl.h>
 
 #include "hashsink.h"
+#include "fdio.h"
 
 #define BUFFER_SIZE (1024L * 1024L)     /* CURLOPT_BUFFERSIZE: fewer, larger reads */
 #define PROGRESS_INTERVAL_NS 50000000LL /* 50 ms between progress calls */
@@ -128,21 +129,6 @@ static char *dir_of(const char *path) {
         d[n] = 0;
     }
     return d;
-}
-
-static int write_all(int fd, const void *buf, size_t n) {
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
 }
 
 /* Copies a header value (after "Name:"), trimmed, into out; values that do
@@ -267,7 +253,7 @@ static ck_status write_meta(download *d, ck_error *err) {
     int fd = open(d->meta_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
     if (fd < 0)
         return ck_fail_errno(err, errno, "cannot create %s", d->meta_path);
-    int bad = write_all(fd, text, (size_t)n) < 0 || (d->opts->fsync && fsync(fd) < 0);
+    int bad = ck_write_all(fd, text, (size_t)n) < 0 || (d->opts->fsync && fsync(fd) < 0);
     int e = errno;
     close(fd);
     if (bad) {
