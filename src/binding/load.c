@@ -436,14 +436,8 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
         return NULL;
     }
 
-    ck_mapping *mp = (ck_mapping *)mapping;
     ck_session s;
-    memset(&s, 0, sizeof s);
-    s.st = st;
-    s.filename = filename;
-    s.owner = mapping;
-    s.buf = mp->region.data;
-    s.len = mp->region.len;
+    ck_session_begin(&s, st, filename, mapping);
     s.weights_only = weights_only;
     s.map_kind = (ck_map_kind)map_kind;
     s.map_location = map_location;
@@ -463,12 +457,6 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     if (s.errors != NULL && ck_user_globals_prepare(&s) == 0)
         result = load_any(&s);
 
-    ck_storages_release(&s);
-    if (s.is_zip)
-        ck_zip_close(&s.zip);
-    Py_XDECREF(s.user_ids);
-    Py_XDECREF(s.legacy_slots);
-    Py_XDECREF(s.encoding);
-    Py_XDECREF(s.errors);
+    ck_session_end(&s);
     return result;
 }

@@ -72,4 +72,15 @@ typedef struct ck_session {
     int refs_escaped; /* a reference was memoized or passed on: walk the result */
 } ck_session;
 
+/* Starts a session over the bytes of mapping (a ckptio._native.Mapping,
+ * checked by the caller): every field zeroed, then st, filename and owner
+ * set (borrowed: the caller holds them for the call) and buf/len taken from
+ * the mapping's region. Options are the caller's to set. */
+void ck_session_begin(ck_session *s, ck_state *st, PyObject *filename, PyObject *mapping);
+
+/* Releases what the session came to own: its storages, the zip index, the
+ * user-global ids, the legacy slot table, encoding and errors. Safe on a
+ * session that failed part way. */
+void ck_session_end(ck_session *s);
+
 #endif

@@ -288,14 +288,8 @@ static PyObject *py_verify(PyObject *module, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "verify: mapping must be a ckptio._native.Mapping");
         return NULL;
     }
-    ck_mapping *mp = (ck_mapping *)mapping;
     ck_session s;
-    memset(&s, 0, sizeof s);
-    s.st = st;
-    s.filename = filename;
-    s.owner = mapping;
-    s.buf = mp->region.data;
-    s.len = mp->region.len;
+    ck_session_begin(&s, st, filename, mapping);
     s.weights_only = 1;
     s.map_kind = CK_MAP_CPU;
     s.inflate_budget = 0; /* the scan inflates nothing */
@@ -317,12 +311,8 @@ static PyObject *py_verify(PyObject *module, PyObject *args) {
                                r.crc_checked, "crc_unrecorded", r.crc_unrecorded, "storages",
                                r.storages, "storage_bytes", r.storage_bytes, "unused_records",
                                r.unused_records, "bytes", (Py_ssize_t)s.len);
-    ck_storages_release(&s);
-    if (s.is_zip)
-        ck_zip_close(&s.zip);
+    ck_session_end(&s);
     Py_XDECREF(r.problems);
-    Py_XDECREF(s.encoding);
-    Py_XDECREF(s.errors);
     return result;
 }
 
