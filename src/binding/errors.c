@@ -77,8 +77,7 @@ PyObject *ck_raise(PyObject *exc_type, PyObject *filename, const char *fmt, ...)
     return NULL;
 }
 
-/* The pending exception, normalized, as one object (NULL if none). */
-static PyObject *fetch_exception(void) {
+PyObject *ck_fetch_exception(void) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     if (type == NULL)
@@ -91,7 +90,7 @@ static PyObject *fetch_exception(void) {
     return value;
 }
 
-static void restore_exception(PyObject *exc) {
+void ck_restore_exception(PyObject *exc) {
     PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
     Py_DECREF(exc);
 }
@@ -116,23 +115,23 @@ static void add_note(ck_state *st, PyObject *exc, PyObject *filename, const char
 }
 
 PyObject *ck_note_pending(ck_state *st, PyObject *filename, const char *context) {
-    PyObject *exc = fetch_exception();
+    PyObject *exc = ck_fetch_exception();
     if (exc == NULL)
         return NULL;
     add_note(st, exc, filename, context);
-    restore_exception(exc);
+    ck_restore_exception(exc);
     return NULL;
 }
 
 PyObject *ck_wrap_pending(ck_state *st, PyObject *exc_type, PyObject *filename,
                           const char *context) {
-    PyObject *exc = fetch_exception();
+    PyObject *exc = ck_fetch_exception();
     if (exc == NULL)
         return NULL;
     if (is_kept_as_is(exc) || PyErr_GivenExceptionMatches(exc, st->CheckpointError)) {
         if (!PyErr_GivenExceptionMatches(exc, st->CheckpointError))
             add_note(st, exc, filename, context);
-        restore_exception(exc);
+        ck_restore_exception(exc);
         return NULL;
     }
     PyObject *text = PyObject_Str(exc);
@@ -146,11 +145,11 @@ PyObject *ck_wrap_pending(ck_state *st, PyObject *exc_type, PyObject *filename,
     }
     PyErr_Format(exc_type, "%U: %s: %s: %U", filename, context, Py_TYPE(exc)->tp_name, text);
     Py_DECREF(text);
-    PyObject *wrapped = fetch_exception();
+    PyObject *wrapped = ck_fetch_exception();
     if (wrapped != NULL) {
         PyException_SetCause(wrapped, exc); /* steals exc */
         PyException_SetContext(wrapped, Py_NewRef(exc));
-        restore_exception(wrapped);
+        ck_restore_exception(wrapped);
     } else {
         Py_DECREF(exc);
     }

@@ -31,4 +31,12 @@ PyObject *ck_wrap_pending(ck_state *st, PyObject *exc_type, PyObject *filename,
  * keeping its type. Returns NULL. */
 PyObject *ck_note_pending(ck_state *st, PyObject *filename, const char *context);
 
+/* The pending exception, normalized (with its traceback attached), as one
+ * new reference; NULL if none is pending. Clears the error indicator.
+ * (Python 3.11 has no PyErr_GetRaisedException.) */
+PyObject *ck_fetch_exception(void);
+
+/* Raises exc again (steals the reference). */
+void ck_restore_exception(PyObject *exc);
+
 #endif

@@ -29,19 +29,6 @@ typedef struct progress_ctx {
     PyObject *exc;      /* owned: what the callable or a signal handler raised */
 } progress_ctx;
 
-/* The saved exception, normalized, as one object (3.11 has no
- * PyErr_GetRaisedException). */
-static PyObject *take_exception(void) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL && value != NULL)
-        PyException_SetTraceback(value, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
-}
-
 static int on_progress(void *p, uint64_t done, uint64_t total) {
     progress_ctx *ctx = p;
     PyEval_RestoreThread(ctx->ts);
@@ -56,7 +43,7 @@ static int on_progress(void *p, uint64_t done, uint64_t total) {
         Py_XDECREF(r);
     }
     if (stop && ctx->exc == NULL)
-        ctx->exc = take_exception();
+        ctx->exc = ck_fetch_exception();
     PyErr_Clear();
     ctx->ts = PyEval_SaveThread();
     return stop;
@@ -84,8 +71,7 @@ static PyObject *raise_download_error(ck_state *st, const char *url, const ck_er
     }
     Py_DECREF(u);
     Py_DECREF(code);
-    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-    Py_DECREF(exc);
+    ck_restore_exception(exc);
     return NULL;
 }
 
@@ -141,8 +127,8 @@ static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs)
     PyObject *out = NULL;
     if (ctx.exc != NULL) {
         /* KeyboardInterrupt, or what the progress callable raised */
-        PyErr_SetObject((PyObject *)Py_TYPE(ctx.exc), ctx.exc);
-        Py_CLEAR(ctx.exc);
+        ck_restore_exception(ctx.exc);
+        ctx.exc = NULL;
     } else if (s != CK_OK) {
         raise_download_error(st, url, &err, res.http_status);
     } else {
