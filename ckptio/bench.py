@@ -163,6 +163,24 @@ def ensure_files(directory):
     return files
 
 
+def flat_tensors(obj):
+    """The tensors of obj's nested dicts under dotted keys, contiguous, as
+    safetensors takes them."""
+    import torch
+
+    flat = {}
+
+    def walk(prefix, o):
+        if isinstance(o, torch.Tensor):
+            flat[prefix] = o.contiguous()
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", obj)
+    return flat
+
+
 def safetensors_twin(path):
     """The tensors of a checkpoint as a .safetensors file (flattened keys)."""
     import torch
@@ -171,18 +189,7 @@ def safetensors_twin(path):
     out = path + ".safetensors"
     if os.path.exists(out):
         return out
-    ckpt = torch.load(path, weights_only=False)
-    flat = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            flat[prefix] = obj.contiguous()
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", ckpt)
-    save_file(flat, out + ".part")
+    save_file(flat_tensors(torch.load(path, weights_only=False)), out + ".part")
     os.replace(out + ".part", out)
     return out
 
@@ -385,6 +392,14 @@ def measure(files, runs, quick=False):
     return results
 
 
+def memory_cells(r, size):
+    """The peak extra RSS and private peak columns of a measured row."""
+    return (
+        f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
+        f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
+    )
+
+
 def render(results):
     size = results["bytes"]
     rows = results["rows"]
@@ -399,9 +414,7 @@ def render(results):
         t = r["time"]
         lines.append(
             f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{size / t / 1e9:>8.2f}"
-            f"{torch_t / t:>14.1f}x"
-            f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
-            f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
+            f"{torch_t / t:>14.1f}x{memory_cells(r, size)}"
         )
     c = rows["ckptio.load"]["time"]
     lines += [

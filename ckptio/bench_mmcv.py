@@ -21,7 +21,7 @@ import subprocess
 import sys
 import types
 
-from .bench import SpecModel, time_in_child
+from .bench import SpecModel, memory_cells, time_in_child
 
 METHODS = ("mmcv load_checkpoint", "ckptio load_checkpoint")
 
@@ -98,8 +98,7 @@ def render(result):
         t = r["time"]
         lines.append(
             f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{mmcv_t / t:>8.2f}x"
-            f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
-            f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
+            f"{memory_cells(r, size)}"
         )
     return "\n".join(lines)
 

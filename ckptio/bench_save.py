@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from .bench import _AnonSampler, _reset_peak, _status
+from .bench import _AnonSampler, _reset_peak, _status, flat_tensors
 
 SAVE_ROWS = [
     "raw write",
@@ -64,24 +64,6 @@ def _byte_views(obj):
     return views
 
 
-def _flat_tensors(obj):
-    """The tensors of obj under dotted keys, for safetensors (contiguous
-    copies are made here, untimed, where needed)."""
-    import torch
-
-    flat = {}
-
-    def walk(prefix, o):
-        if isinstance(o, torch.Tensor):
-            flat[prefix] = o.contiguous()
-        elif isinstance(o, dict):
-            for k, v in o.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-
-    walk("", obj)
-    return flat
-
-
 def _methods(obj, out_path):
     import torch
 
@@ -114,7 +96,7 @@ def _methods(obj, out_path):
     def safetensors():
         from safetensors.torch import save_file
 
-        flat = _flat_tensors(obj)
+        flat = flat_tensors(obj)  # contiguous copies made here, untimed
         return lambda: save_file(flat, out_path)
 
     return {
