@@ -380,7 +380,7 @@ out:
     return result;
 }
 
-static PyObject *load_any(ck_session *s) {
+PyObject *ck_load_any(ck_session *s) {
     ck_state *st = s->st;
     const uint8_t *b = s->buf;
     size_t n = s->len;
@@ -455,7 +455,7 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
 
     PyObject *result = NULL;
     if (s.errors != NULL && ck_user_globals_prepare(&s) == 0)
-        result = load_any(&s);
+        result = ck_load_any(&s);
 
     ck_session_end(&s);
     return result;
