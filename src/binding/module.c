@@ -3,6 +3,7 @@
 #define CKPTIO_IMPORT_ARRAY
 #include "state.h"
 
+#include "dcp.h"
 #include "errors.h"
 #include "hostcopy.h"
 #include "keys.h"
@@ -253,6 +254,7 @@ static PyMethodDef *const method_groups[] = {
     ck_keys_methods,
     ck_http_methods,
     ck_verify_methods,
+    ck_dcp_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 /* clang-format on */
