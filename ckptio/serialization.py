@@ -149,7 +149,9 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     """Loads what torch.save wrote, with torch.load's meaning and result.
 
     f: a path (str or os.PathLike), a bytes-like object, or a binary file
-    object (read from its current position). map_location: None, a device
+    object (read from its current position). A directory path is a sharded
+    checkpoint: a torch.distributed.checkpoint directory or mmengine
+    FSDPStrategy's rank{i}.pth files, returned whole (ckptio._dirs). map_location: None, a device
     string, a torch.device, a dict remapping location tags, or a callable
     (storage, location) -> storage, as for torch.load.
     weights_only (default True, as torch >= 2.6): only allowlisted globals
@@ -164,6 +166,11 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     """
     ensure_configured()
     weights_only = _weights_only_default(weights_only)
+    if isinstance(f, (str, os.PathLike)) and os.path.isdir(f):
+        from ._dirs import load_directory  # DCP checkpoints, per-rank files
+
+        return load_directory(f, map_location, weights_only=weights_only, mmap=mmap,
+                              verify=verify)
     if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
         return _load_safetensors(os.fspath(f), map_location)
     mapping, name, path = _source(f, mmap)
