@@ -265,8 +265,11 @@ class _FileItems:
                                   f"the file ({self.mapping.size} bytes): truncated file?")
         return off, length
 
-    def tensor(self, sinfo, index, transforms=None, read_item=None):
-        """The tensor a TENSOR item holds, viewing the mapping (no copy)."""
+    def tensor(self, sinfo, index, transforms=None, read_item=None, aligned=True):
+        """The tensor a TENSOR item holds, viewing the mapping (no copy).
+        aligned=False: a tensor whose bytes are not aligned for its dtype
+        (items torch's writer packs end to end) stays in place, for callers
+        that only copy from it; else such bytes are copied once."""
         off, length = self._extent(sinfo)
         what = f"{self.name} [item {index.fqn!r} at {off}+{length}]"
         descriptors = getattr(sinfo, "transform_descriptors", None) or ()
@@ -276,11 +279,13 @@ class _FileItems:
             mapping = _native.copy_buffer(stream.read())
             head = bytes(memoryview(mapping)[:4])
             if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-                return _checked_tensor(_native.dcp_item(mapping, 0, mapping.size, what), what)
+                return _checked_tensor(
+                    _native.dcp_item(mapping, 0, mapping.size, what, aligned=aligned), what)
             return _SafetensorsBlob(mapping, 0, what).tensor(index.fqn, index.offset)
         head = bytes(memoryview(self.mapping)[off:off + 4])
         if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-            return _checked_tensor(_native.dcp_item(self.mapping, off, length, what), what)
+            return _checked_tensor(
+                _native.dcp_item(self.mapping, off, length, what, aligned=aligned), what)
         blob = self._blobs.get(off)
         if blob is None:
             blob = self._blobs[off] = _SafetensorsBlob(self.mapping, off, self.name)
@@ -383,7 +388,7 @@ class StorageReader(_StorageReaderBase):
                         data = bytes(raw)
                     planner.load_bytes(req, io.BytesIO(data))
                     continue
-                src = items.tensor(sinfo, req.storage_index, self.transforms, req)
+                src = items.tensor(sinfo, req.storage_index, self.transforms, req, aligned=False)
                 src = _narrow(src, req.storage_offsets, req.lengths)
                 target = planner.resolve_tensor(req).detach()
                 if target.size() != src.size():
@@ -489,6 +494,18 @@ def _safetensors_blob_header(tensors, metadata):
     return len(text).to_bytes(8, "little") + text, order
 
 
+# Tensor items start at offsets that are multiples of this (the gap is
+# zeros), so that their data, aligned inside each archive as torch aligns it,
+# is aligned in the file too and can be used in place.
+_ITEM_ALIGN = 64
+
+
+def _align(out):
+    pad = -out.tell() % _ITEM_ALIGN
+    if pad:
+        out.write(bytes(pad))
+
+
 def _write_file(path, storage_key, items, planner, transforms, sync, fmt):
     """Writes one .distcp file atomically; returns its WriteResults."""
     from ._save import save
@@ -512,6 +529,10 @@ def _write_file(path, storage_key, items, planner, transforms, sync, fmt):
 
         st_tensors, st_offsets = {}, {}
         for t, wi in _cpu_tensors(planner, [w for w in items if w.type != WriteItemType.BYTE_IO]):
+            if fmt == SerializationFormat.TORCH_SAVE:
+                _align(out)
+            elif not st_tensors:
+                _align(out)  # the safetensors blob, whose offset every tensor item names
             offset = out.tell()
             stream, descriptors = transforms.transform_save_stream(wi, out)
             if fmt == SerializationFormat.TORCH_SAVE:

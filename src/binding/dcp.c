@@ -43,12 +43,13 @@ static int check_mapping(ck_state *st, PyObject *mapping, const char *fn) {
 /* ---- dcp_item ------------------------------------------------------------- */
 
 static PyObject *py_dcp_item(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"mapping", "offset", "length", "name", NULL};
+    static char *kwlist[] = {"mapping", "offset", "length", "name", "aligned", NULL};
     ck_state *st = ck_get_state(module);
     PyObject *mapping, *name;
     unsigned long long offset, length;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OKKU:dcp_item", kwlist, &mapping, &offset,
-                                     &length, &name))
+    int aligned = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OKKU|$p:dcp_item", kwlist, &mapping, &offset,
+                                     &length, &name, &aligned))
         return NULL;
     if (ck_torch_ready(st) < 0 || check_mapping(st, mapping, "dcp_item") < 0)
         return NULL;
@@ -63,6 +64,7 @@ static PyObject *py_dcp_item(PyObject *module, PyObject *args, PyObject *kwargs)
     s.buf += offset;
     s.len = (size_t)length;
     PyObject *result = NULL;
+    s.unaligned_ok = !aligned;
     if (session_options(&s, NULL) == 0)
         result = ck_load_any(&s);
     ck_session_end(&s);
@@ -325,10 +327,12 @@ static PyObject *py_atomic_file(PyObject *module, PyObject *args, PyObject *kwar
 
 PyMethodDef ck_dcp_methods[] = {
     {"dcp_item", (PyCFunction)(void (*)(void))py_dcp_item, METH_VARARGS | METH_KEYWORDS,
-     "dcp_item(mapping, offset, length, name) -> object\n\n"
+     "dcp_item(mapping, offset, length, name, *, aligned=True) -> object\n\n"
      "Decodes the torch.save archive at mapping[offset:offset+length] (one item of a\n"
      ".distcp file) with the loader: weights-only, storages on the CPU, tensors viewing\n"
-     "the mapping (no copy)."},
+     "the mapping (no copy). aligned=False leaves storages whose bytes are not aligned\n"
+     "for their dtype in place (for tensors that are only copied from) instead of\n"
+     "copying them to aligned memory."},
     {"unpickle", (PyCFunction)(void (*)(void))py_unpickle, METH_VARARGS | METH_KEYWORDS,
      "unpickle(mapping, name, user_globals=None, *, weights_only=True) -> object\n\n"
      "Runs the plain pickle held by mapping (e.g. a DCP .metadata file) through the\n"

@@ -65,6 +65,8 @@ typedef struct ck_session {
     PyObject *user_globals;  /* borrowed dict "module.name" -> object, or NULL */
     PyObject *user_ids;      /* strong set of id() of user_globals values */
     int byteswap;            /* stored byte order differs from the host's */
+    int unaligned_ok;        /* storages may stay unaligned in place (their tensors are only
+                                read by copying: DCP items); else misaligned bytes are copied */
     uint64_t inflate_budget; /* bytes compressed records may still inflate to */
 
     /* storage references handed to Python code (not yet consumed natively) */

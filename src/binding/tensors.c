@@ -396,7 +396,7 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
     int elsize = st->dtypes[e->untyped ? tensor_dtype : e->dtype].elsize;
     int swap = s->byteswap && !e->untyped && elsize > 1;
     uintptr_t align = elsize >= 8 ? 8 : (uintptr_t)elsize;
-    if (swap || (align > 1 && ((uintptr_t)ptr % align) != 0)) {
+    if (swap || (!s->unaligned_ok && align > 1 && ((uintptr_t)ptr % align) != 0)) {
         ck_region copy = {0};
         ck_error err;
         ck_error_clear(&err);
