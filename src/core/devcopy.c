@@ -176,20 +176,112 @@ static ck_cuda_error arena_alloc(const ck_cudart *rt, size_t total, ck_devcopy_m
     return *host == NULL ? -1 : 0;
 }
 
+/* Issues every segment's copy into host (one stream per distinct device,
+ * in order of first appearance) and waits for all of them. Returns 0, or the
+ * failing call's code with *call naming it. The current device is left
+ * changed; the caller restores it. */
+static ck_cuda_error copy_segments(const ck_cudart *rt, const ck_devcopy_segment *segs, size_t n,
+                                   void *host, const char **call) {
+    device_stream *ds = calloc(n ? n : 1, sizeof *ds);
+    if (ds == NULL) {
+        *call = "calloc";
+        return -1;
+    }
+    size_t nds = 0;
+    ck_cuda_error e = 0;
+    for (size_t i = 0; i < n && e == 0; i++) {
+        int seen = 0;
+        for (size_t k = 0; k < nds && !seen; k++)
+            seen = ds[k].device == segs[i].device;
+        if (seen)
+            continue;
+        *call = "cudaSetDevice";
+        e = rt->set_device(segs[i].device);
+        if (e == 0) {
+            *call = "cudaStreamCreate";
+            e = rt->stream_create(&ds[nds].stream);
+        }
+        if (e == 0)
+            ds[nds++].device = segs[i].device;
+    }
+    for (size_t k = 0; k < nds && e == 0; k++) {
+        *call = "cudaSetDevice";
+        e = rt->set_device(ds[k].device);
+        for (size_t i = 0; i < n && e == 0; i++) {
+            if (segs[i].device != ds[k].device || segs[i].nbytes == 0)
+                continue;
+            *call = "cudaMemcpyAsync";
+            e = rt->memcpy_async((char *)host + segs[i].offset,
+                                 (const void *)(uintptr_t)segs[i].src, segs[i].nbytes,
+                                 CK_CUDA_MEMCPY_DEVICE_TO_HOST, ds[k].stream);
+        }
+    }
+    /* Copies already issued write into the arena: drain before returning. */
+    const char *drain_call = NULL;
+    ck_cuda_error drained = drain_streams(rt, ds, nds, &drain_call);
+    free(ds);
+    if (e == 0 && drained != 0) {
+        e = drained;
+        *call = drain_call;
+    }
+    return e;
+}
+
+static ck_status check_segments(const ck_devcopy_segment *segs, size_t n, size_t total,
+                                ck_error *err) {
+    for (size_t i = 0; i < n; i++)
+        if (segs[i].offset > total || segs[i].nbytes > total - segs[i].offset)
+            return ck_fail(err, CK_E_RANGE, "segment %zu lies outside the arena", i);
+    return CK_OK;
+}
+
+/* The copies of ck_devcopy_into, once the device to restore is known. */
+static ck_status copy_and_restore(const ck_cudart *rt, const ck_devcopy_segment *segs, size_t n,
+                                  void *arena, int saved_device, ck_error *err) {
+    const char *call = NULL;
+    ck_cuda_error e = copy_segments(rt, segs, n, arena, &call);
+    if (e == -1) {
+        rt->set_device(saved_device);
+        return ck_fail(err, CK_E_NOMEM, "out of memory for %zu streams", n);
+    }
+    if (e != 0) {
+        cuda_fail(rt, err, CK_E_IO, call, e);
+        rt->set_device(saved_device);
+        rt->get_last_error();
+        return CK_E_IO;
+    }
+    e = rt->set_device(saved_device);
+    if (e != 0)
+        return cuda_fail(rt, err, CK_E_IO, "cudaSetDevice", e);
+    return CK_OK;
+}
+
+ck_status ck_devcopy_into(const ck_cudart *rt, const ck_devcopy_segment *segs, size_t n,
+                          void *arena, size_t total, ck_error *err) {
+    if (check_segments(segs, n, total, err) != CK_OK)
+        return CK_E_RANGE;
+    if (n == 0)
+        return CK_OK;
+    int saved_device = 0;
+    ck_cuda_error e = rt->get_device(&saved_device);
+    if (e != 0)
+        return cuda_fail(rt, err, CK_E_IO, "cudaGetDevice", e);
+    return copy_and_restore(rt, segs, n, arena, saved_device, err);
+}
+
 ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, size_t n,
                          size_t total, ck_devcopy_memory memory, void **arena, ck_error *err) {
     *arena = NULL;
     if (total == 0)
         return CK_OK;
-    for (size_t i = 0; i < n; i++)
-        if (segs[i].offset > total || segs[i].nbytes > total - segs[i].offset)
-            return ck_fail(err, CK_E_RANGE, "segment %zu lies outside the arena", i);
-
+    if (check_segments(segs, n, total, err) != CK_OK)
+        return CK_E_RANGE;
+    /* a runtime that cannot work (no GPU, old driver) fails here, before
+     * anything is allocated */
     int saved_device = 0;
     ck_cuda_error e = rt->get_device(&saved_device);
     if (e != 0)
         return cuda_fail(rt, err, CK_E_IO, "cudaGetDevice", e);
-
     void *host = NULL;
     e = arena_alloc(rt, total, memory, &host);
     if (e == -1) {
@@ -202,62 +294,10 @@ ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, si
         rt->set_device(saved_device);
         return CK_E_NOMEM;
     }
-
-    /* one stream per distinct device, in order of first appearance */
-    device_stream *ds = calloc(n ? n : 1, sizeof *ds);
-    if (ds == NULL) {
+    ck_status status = copy_and_restore(rt, segs, n, host, saved_device, err);
+    if (status != CK_OK) {
         ck_devcopy_free(rt, host, memory);
-        return ck_fail(err, CK_E_NOMEM, "out of memory for %zu streams", n);
-    }
-    size_t nds = 0;
-    const char *call = NULL;
-    for (size_t i = 0; i < n && e == 0; i++) {
-        int seen = 0;
-        for (size_t k = 0; k < nds && !seen; k++)
-            seen = ds[k].device == segs[i].device;
-        if (seen)
-            continue;
-        call = "cudaSetDevice";
-        e = rt->set_device(segs[i].device);
-        if (e == 0) {
-            call = "cudaStreamCreate";
-            e = rt->stream_create(&ds[nds].stream);
-        }
-        if (e == 0)
-            ds[nds++].device = segs[i].device;
-    }
-    for (size_t k = 0; k < nds && e == 0; k++) {
-        call = "cudaSetDevice";
-        e = rt->set_device(ds[k].device);
-        for (size_t i = 0; i < n && e == 0; i++) {
-            if (segs[i].device != ds[k].device || segs[i].nbytes == 0)
-                continue;
-            call = "cudaMemcpyAsync";
-            e = rt->memcpy_async((char *)host + segs[i].offset,
-                                 (const void *)(uintptr_t)segs[i].src, segs[i].nbytes,
-                                 CK_CUDA_MEMCPY_DEVICE_TO_HOST, ds[k].stream);
-        }
-    }
-    /* Copies already issued write into the arena: drain before freeing it. */
-    const char *drain_call = NULL;
-    ck_cuda_error drained = drain_streams(rt, ds, nds, &drain_call);
-    free(ds);
-    if (e == 0 && drained != 0) {
-        e = drained;
-        call = drain_call;
-    }
-    if (e != 0) {
-        cuda_fail(rt, err, CK_E_IO, call, e);
-        ck_devcopy_free(rt, host, memory);
-        rt->set_device(saved_device);
-        rt->get_last_error();
-        return CK_E_IO;
-    }
-    e = rt->set_device(saved_device);
-    if (e != 0) {
-        cuda_fail(rt, err, CK_E_IO, "cudaSetDevice", e);
-        ck_devcopy_free(rt, host, memory);
-        return CK_E_IO;
+        return status;
     }
     *arena = host;
     return CK_OK;

@@ -87,6 +87,16 @@ typedef enum ck_devcopy_memory { CK_DEVCOPY_PINNED = 0, CK_DEVCOPY_PAGEABLE = 1 
 ck_status ck_devcopy_run(const ck_cudart *rt, const ck_devcopy_segment *segs, size_t n,
                          size_t total, ck_devcopy_memory memory, void **arena, ck_error *err);
 
+/* Copies every segment into an arena the caller owns (total bytes; each
+ * segment's offset already set, e.g. by ck_devcopy_plan), with one stream
+ * per device and one wait, restoring the calling thread's current device:
+ * ck_devcopy_run without the allocation, for arenas reused across batches.
+ * CK_E_RANGE for a segment outside the arena; on a runtime failure the
+ * streams are drained (no copy is still writing) and err is set as for
+ * ck_devcopy_run. Does not touch Python. */
+ck_status ck_devcopy_into(const ck_cudart *rt, const ck_devcopy_segment *segs, size_t n,
+                          void *arena, size_t total, ck_error *err);
+
 /* Frees an arena from ck_devcopy_run (NULL is a no-op). */
 void ck_devcopy_free(const ck_cudart *rt, void *arena, ck_devcopy_memory memory);
 
