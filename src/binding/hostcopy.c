@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "core/devcopy.h"
+#include "core/memcopy.h"
 #include "errors.h"
 
 /* ---- HostArena ---------------------------------------------------------------- */
@@ -228,7 +229,130 @@ done:
     return result;
 }
 
+/* ---- copy_into ------------------------------------------------------------------ */
+
+/* Fills one (data_ptr, nbytes, device, offset) tuple; device -1 is host memory. */
+static int parse_into_segment(PyObject *item, Py_ssize_t i, unsigned long long *src, size_t *nbytes,
+                              long *device, size_t *offset) {
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4) {
+        PyErr_Format(PyExc_TypeError,
+                     "copy_into: segment %zd must be a (data_ptr, nbytes, device, offset) tuple",
+                     i);
+        return -1;
+    }
+    *src = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
+    if (*src == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *nbytes = PyLong_AsSize_t(PyTuple_GET_ITEM(item, 1));
+    if (*nbytes == (size_t)-1 && PyErr_Occurred())
+        return -1;
+    int overflow = 0;
+    *device = PyLong_AsLongAndOverflow(PyTuple_GET_ITEM(item, 2), &overflow);
+    if (*device == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || *device < -1 || *device > 0xFFFF) {
+        PyErr_Format(PyExc_ValueError, "copy_into: segment %zd: bad device index", i);
+        return -1;
+    }
+    *offset = PyLong_AsSize_t(PyTuple_GET_ITEM(item, 3));
+    if (*offset == (size_t)-1 && PyErr_Occurred())
+        return -1;
+    if (*src == 0 && *nbytes != 0) {
+        PyErr_Format(PyExc_ValueError, "copy_into: segment %zd: null data pointer", i);
+        return -1;
+    }
+    return 0;
+}
+
+/* Host runs by memcpy, then device runs through the runtime; no Python. */
+static ck_status copy_runs(const ck_cudart *rt, Py_buffer *arena, const ck_memcopy_segment *host,
+                           size_t n_host, const ck_devcopy_segment *dev, size_t n_dev, int threads,
+                           ck_error *err) {
+    size_t total = (size_t)arena->len;
+    ck_status status = ck_memcopy_segments(arena->buf, total, host, n_host, threads, err);
+    if (status == CK_OK && n_dev > 0)
+        status = ck_devcopy_into(rt, dev, n_dev, arena->buf, total, err);
+    return status;
+}
+
+static PyObject *py_copy_into(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"arena", "segments", "library", "threads", NULL};
+    PyObject *arena_obj, *segments;
+    PyObject *library = Py_None; /* borrowed */
+    int threads = 2;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O$i:copy_into", kwlist, &arena_obj,
+                                     &segments, &library, &threads))
+        return NULL;
+    ck_state *st = ck_get_state(module);
+    const char *path = NULL;
+    if (library != Py_None && (path = PyUnicode_AsUTF8(library)) == NULL)
+        return NULL;
+    Py_buffer arena;
+    if (PyObject_GetBuffer(arena_obj, &arena, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(segments, "copy_into: segments must be a sequence");
+    ck_memcopy_segment *host = NULL;
+    ck_devcopy_segment *dev = NULL;
+    PyObject *result = NULL;
+    ck_cudart rt;
+    memset(&rt, 0, sizeof rt);
+    if (seq == NULL)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    host = PyMem_New(ck_memcopy_segment, n ? n : 1);
+    dev = PyMem_New(ck_devcopy_segment, n ? n : 1);
+    if (host == NULL || dev == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t n_host = 0, n_dev = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long src;
+        size_t nbytes, offset;
+        long device;
+        if (parse_into_segment(PySequence_Fast_GET_ITEM(seq, i), i, &src, &nbytes, &device,
+                               &offset) < 0)
+            goto done;
+        if (device < 0)
+            host[n_host++] = (ck_memcopy_segment){(const void *)(uintptr_t)src, nbytes, offset};
+        else
+            dev[n_dev++] = (ck_devcopy_segment){(uint64_t)src, nbytes, (int)device, offset};
+    }
+    ck_error err;
+    ck_error_clear(&err);
+    if (n_dev > 0 && ck_cudart_open(path, &rt, &err) != CK_OK) {
+        PyErr_Format(st->CheckpointError, "copy_into: %s", err.msg);
+        goto done;
+    }
+    /* the copies touch no Python object; the caller keeps the sources alive */
+    PyThreadState *ts = PyEval_SaveThread();
+    ck_status status = copy_runs(&rt, &arena, host, n_host, dev, n_dev, threads, &err);
+    PyEval_RestoreThread(ts);
+    if (status == CK_E_RANGE || status == CK_E_LIMIT)
+        PyErr_Format(PyExc_ValueError, "copy_into: %s", err.msg);
+    else if (status == CK_E_NOMEM)
+        PyErr_Format(PyExc_MemoryError, "copy_into: %s", err.msg);
+    else if (status != CK_OK)
+        PyErr_Format(st->CheckpointError, "copy_into: device-to-host copy: %s", err.msg);
+    else
+        result = Py_NewRef(Py_None);
+done:
+    ck_cudart_close(&rt);
+    PyMem_Free(host);
+    PyMem_Free(dev);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&arena);
+    return result;
+}
+
 PyMethodDef ck_hostcopy_methods[] = {
+    {"copy_into", (PyCFunction)(void (*)(void))py_copy_into, METH_VARARGS | METH_KEYWORDS,
+     "copy_into(arena, segments, library=None, *, threads=2)\n\n"
+     "Copies every (data_ptr, nbytes, device, offset) segment into the writable buffer\n"
+     "arena at offset: device -1 is host memory (memcpy, split over `threads` threads for\n"
+     "large batches), other devices go through the CUDA runtime (library, or the one this\n"
+     "process loaded), one stream per device and one synchronisation. The GIL is released;\n"
+     "the caller keeps every source alive and unchanged for the call."},
     {"copy_to_host", (PyCFunction)(void (*)(void))py_copy_to_host, METH_VARARGS | METH_KEYWORDS,
      "copy_to_host(segments, library=None, *, pinned=True) -> (HostArena, offsets) or None\n\n"
      "Copies every (data_ptr, nbytes, device) segment of device memory into one host arena\n"
