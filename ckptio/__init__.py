@@ -15,6 +15,7 @@ from .checkpoint import (
 )
 from .patching import patch, unpatch
 from ._verify import verify
+from ._async import async_save, wait_async_saves
 
 __all__ = [
     "CheckpointError",
@@ -24,6 +25,7 @@ __all__ = [
     "_load_checkpoint",
     "_load_checkpoint_with_prefix",
     "add_safe_globals",
+    "async_save",
     "clear_safe_globals",
     "download_url_to_file",
     "get_safe_globals",
@@ -38,7 +40,17 @@ __all__ = [
     "save_checkpoint",
     "unpatch",
     "verify",
+    "wait_async_saves",
     "weights_to_cpu",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # ckptio.dcp imports torch.distributed.checkpoint: only when asked for
+    if name == "dcp":
+        import importlib
+
+        return importlib.import_module(".dcp", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
