@@ -150,12 +150,52 @@ def _save_to_pavi(checkpoint: dict, filename: str) -> None:
         model.create_file(checkpoint_file, name=model_name)
 
 
+# ckptio.patch(async_save=True): local checkpoints of mmcv's and mmengine's
+# save_checkpoint (so of their CheckpointHooks and runners) are written in the
+# background by ckptio.async_save; failures are logged when they happen and
+# raised by the next save_checkpoint.
+_async = False
+_async_failures = []
+
+
+def set_async(enabled: bool) -> None:
+    global _async
+    _async = bool(enabled)
+
+
+def _note_failure(filename, future):
+    exc = future.exception()
+    if exc is None:
+        return
+    import logging
+
+    _async_failures.append((filename, exc))
+    logging.getLogger("ckptio").error("asynchronous save of %s failed: %s: %s", filename,
+                                      type(exc).__name__, exc)
+
+
+def _save_async(checkpoint: dict, filename: str) -> None:
+    from ._async import async_save
+    from ._native import CheckpointError
+
+    if _async_failures:
+        failed, exc = _async_failures.pop(0)
+        _async_failures.clear()
+        raise CheckpointError(
+            f"the asynchronous save of {failed} failed: {type(exc).__name__}: {exc}") from exc
+    future = async_save(checkpoint, filename)
+    future.add_done_callback(lambda fut: _note_failure(filename, fut))
+
+
 def _save_local(checkpoint: dict, filename: str) -> None:
     """Writes checkpoint to a local path, creating its directory as mmcv's
     HardDiskBackend.put does."""
     dir_name = osp.dirname(filename)
     if dir_name:
         os.makedirs(osp.expanduser(dir_name), exist_ok=True)
+    if _async:
+        _save_async(checkpoint, filename)
+        return
     _writer()(checkpoint, filename)
 
 

@@ -2,7 +2,8 @@
 
     ckptio info FILE [--json] [--unsafe]
     ckptio verify FILE... [--quiet] [--json] [--unsafe]
-    ckptio convert IN OUT [--revise-keys PATTERN=REPL]... [--unsafe] [--quiet]
+    ckptio convert IN OUT [--to torch|safetensors|dcp] [--revise-keys PATTERN=REPL]...
+                          [--unsafe] [--quiet]
     ckptio bench [...]
 
 Exit status: 0 all is well, 1 a problem was found (damage, a file that
@@ -31,7 +32,10 @@ def _say(args, text):
 
 
 def _format_of(path):
-    """The container format by its first bytes (as the loader decides)."""
+    """The container format by its first bytes (as the loader decides); for
+    a directory, the sharded layout it holds."""
+    if os.path.isdir(path):
+        return "dcp" if os.path.isfile(os.path.join(path, ".metadata")) else "rank files"
     with open(path, "rb") as f:
         head = f.read(262)
         size = os.fstat(f.fileno()).st_size
@@ -246,7 +250,10 @@ def convert(args):
             rules.append((re.compile(pattern), repl))
         except re.error as exc:
             raise _Usage(f"--revise-keys: bad pattern {pattern!r}: {exc}") from None
-    out_fmt = args.to or ("safetensors" if args.output.endswith(".safetensors") else "torch")
+    out_fmt = args.to or (
+        "safetensors" if args.output.endswith(".safetensors")
+        else "dcp" if args.output.endswith(("/", os.sep)) or os.path.isdir(args.output)
+        else "torch")
     start = time.perf_counter()
     _say(args, f"loading {args.input}")
     obj, fmt = _load(args.input, args.unsafe)
@@ -272,6 +279,12 @@ def convert(args):
         else:
             obj = state
     _say(args, f"writing {args.output} ({out_fmt})")
+    if out_fmt == "dcp":
+        from .dcp import save_dir
+
+        save_dir(obj, args.output)  # each file atomic, .metadata last
+        _say(args, f"done in {time.perf_counter() - start:.2f} s")
+        return OK
     tmp = args.output + ".ckptio-tmp"
     try:
         if out_fmt == "safetensors":
@@ -304,11 +317,16 @@ def _parser():
     p.add_argument("--unsafe", action="store_true",
                    help="weights_only=False: run any global the file names (trusted files only)")
     p.set_defaults(run=verify)
-    p = sub.add_parser("convert", help="torch zip <-> safetensors, legacy -> zip, key renames")
-    p.add_argument("input", metavar="IN")
+    p = sub.add_parser("convert", help="torch zip <-> safetensors <-> DCP directory, legacy -> "
+                                       "zip, sharded -> whole, key renames")
+    p.add_argument("input", metavar="IN",
+                   help="a checkpoint file, a torch.distributed.checkpoint directory or a "
+                        "directory of rank{i}.pth files")
     p.add_argument("output", metavar="OUT",
-                   help="*.safetensors writes safetensors, anything else torch's zip format")
-    p.add_argument("--to", choices=["torch", "safetensors"], help="output format (default: OUT's)")
+                   help="*.safetensors writes safetensors; an existing directory or a name "
+                        "ending in / a DCP checkpoint; anything else torch's zip format")
+    p.add_argument("--to", choices=["torch", "safetensors", "dcp"],
+                   help="output format (default: OUT's)")
     p.add_argument("--revise-keys", action="append", default=[], metavar="PATTERN=REPL",
                    help="rename state-dict keys with re.sub (repeatable), e.g. '^module\\.='")
     p.add_argument("--unsafe", action="store_true",

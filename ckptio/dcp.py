@@ -165,6 +165,10 @@ for _name, _attr in (("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
     if isinstance(getattr(torch, _attr, None), torch.dtype):
         _ST_DTYPES[_name] = getattr(torch, _attr)
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# safetensors lays tensors out by its Dtype enum, largest first, then by name
+_ST_RANK = {name: i for i, name in enumerate(
+    ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+     "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"))}
 
 
 def _bad(name, text):
@@ -226,7 +230,7 @@ class _SafetensorsBlob:
                                  f"{shape} {ent.get('dtype')} inside the file")
             self.entries[key] = (dtype, tuple(shape), data_start + begin, nbytes)
 
-    def tensor(self, fqn, offsets):
+    def tensor(self, fqn, offsets, aligned=True):
         ent = self.entries.get(fqn)
         if ent is None:
             raise _bad(self.name, f"the safetensors blob has no tensor {fqn!r}")
@@ -237,8 +241,16 @@ class _SafetensorsBlob:
         dtype, shape, start, nbytes = ent
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self.mapping, dtype=torch.uint8, count=nbytes, offset=start)
-        return flat.view(dtype).view(shape)
+        storage = torch.frombuffer(self.mapping, dtype=torch.uint8, count=nbytes,
+                                   offset=start).untyped_storage()
+        stride, step = [], 1
+        for d in reversed(shape):
+            stride.append(step)
+            step *= max(d, 1)
+        t = torch.empty(0, dtype=dtype).set_(storage, 0, shape, tuple(reversed(stride)))
+        if aligned and t.data_ptr() % min(t.element_size(), 8):
+            t = t.clone()  # as the loader does for misaligned storages
+        return t
 
 
 class _FileItems:
@@ -281,7 +293,7 @@ class _FileItems:
             if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
                 return _checked_tensor(
                     _native.dcp_item(mapping, 0, mapping.size, what, aligned=aligned), what)
-            return _SafetensorsBlob(mapping, 0, what).tensor(index.fqn, index.offset)
+            return _SafetensorsBlob(mapping, 0, what).tensor(index.fqn, index.offset, aligned)
         head = bytes(memoryview(self.mapping)[off:off + 4])
         if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
             return _checked_tensor(
@@ -289,7 +301,7 @@ class _FileItems:
         blob = self._blobs.get(off)
         if blob is None:
             blob = self._blobs[off] = _SafetensorsBlob(self.mapping, off, self.name)
-        return blob.tensor(index.fqn, index.offset)
+        return blob.tensor(index.fqn, index.offset, aligned)
 
 
 def _checked_tensor(obj, what):
@@ -476,10 +488,13 @@ def _cpu_tensors(planner, items):
 
 def _safetensors_blob_header(tensors, metadata):
     """The header of a safetensors blob holding tensors (key -> contiguous
-    CPU tensor) in safetensors' order (larger dtypes first, then by key),
-    padded with spaces to 8 bytes as safetensors pads it; returns (header
-    bytes, [(key, tensor)] in data order)."""
-    order = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    CPU tensor) in safetensors' order (by its dtype enum, largest first,
+    then by key), padded with spaces to 8 bytes as safetensors pads it;
+    returns (header bytes, [(key, tensor)] in data order). (safetensors
+    itself writes the metadata keys in hash-map order, which varies from
+    run to run; these are in the order given.)"""
+    order = sorted(tensors.items(), key=lambda kv: (-_ST_RANK.get(_ST_NAMES.get(kv[1].dtype), 0),
+                                                    kv[0]))
     entries = {"__metadata__": metadata}
     offset = 0
     for key, t in order:
@@ -555,7 +570,7 @@ def _write_file(path, storage_key, items, planner, transforms, sync, fmt):
             out.write(header)
             for _, t in order:
                 if t.numel():
-                    out.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                    out.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         out.commit(fsync=sync)
     return results
 

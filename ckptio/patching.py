@@ -86,8 +86,18 @@ def _adopt_schemes(theirs, ours):
             ours.register_scheme(prefix, loader, force=True)
 
 
-def patch():
-    """Puts ckptio's checkpoint functions into mmcv and mmengine."""
+def patch(*, async_save=False):
+    """Puts ckptio's checkpoint functions into mmcv and mmengine.
+
+    async_save=True: local checkpoints written through them (CheckpointHook,
+    runner.save_checkpoint, save_checkpoint) are snapshotted and written in
+    the background by ckptio.async_save, so training goes on during the
+    write; a failed write is logged at once and raised by the next save.
+    Calling patch() again changes only this setting.
+    """
+    from . import _mmsave
+
+    _mmsave.set_async(async_save)
     if _replaced:
         return
     swaps = {}  # id(original) -> (original, ours)
@@ -126,7 +136,11 @@ def patch():
 
 
 def unpatch():
-    """Puts back everything patch() replaced."""
+    """Puts back everything patch() replaced (saves already started by
+    async_save=True still complete)."""
+    from . import _mmsave
+
+    _mmsave.set_async(False)
     _snapshot.clear()
     while _replaced:
         module, name, original = _replaced.pop()

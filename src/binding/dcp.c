@@ -140,6 +140,10 @@ static PyObject *atomic_file_write(atomic_file *self, PyObject *data) {
     Py_buffer buf;
     if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0)
         return NULL;
+    if (buf.len == 0) {
+        PyBuffer_Release(&buf);
+        return PyLong_FromLong(0);
+    }
     struct iovec iov = {buf.buf, (size_t)buf.len};
     ck_error err;
     ck_error_clear(&err);
