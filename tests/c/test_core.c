@@ -1,4 +1,4 @@
-/* Tests of the plain-C core (src/core): status, region, crc, zipread.
+/* Tests of the plain-C core (src/core): status, region, crc, zipread, memcopy.
  *
  * No framework: CHECK counts passes and failures and prints each failure
  * with its line; the program exits 1 when any check failed. Zip archives
@@ -17,6 +17,7 @@
 #include <zlib.h>
 
 #include "core/crc.h"
+#include "core/memcopy.h"
 #include "core/region.h"
 #include "core/status.h"
 #include "core/zipread.h"
@@ -912,6 +913,53 @@ static void test_zip_mutations(void) {
     zfree(&z);
 }
 
+/* ---- memcopy ------------------------------------------------------------- */
+
+static void test_memcopy(void) {
+    ck_error err;
+    /* a batch past the parallel threshold, split over 3 threads: shares cut
+     * segments, and every byte lands at its segment's offset */
+    size_t n = CK_MEMCOPY_PARALLEL_MIN + 12345;
+    uint8_t *src = malloc(n), *dst = malloc(n + 4096);
+    CHECK(src != NULL && dst != NULL);
+    if (src == NULL || dst == NULL) {
+        free(src);
+        free(dst);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        src[i] = (uint8_t)(i * 31 + (i >> 12));
+    memset(dst, 0xAA, n + 4096);
+    size_t cut = n / 3 + 7;
+    ck_memcopy_segment segs[3] = {
+        {src, cut, 64},
+        {src + cut, 0, 64 + cut},
+        {src + cut, n - cut, 128 + cut},
+    };
+    ck_error_clear(&err);
+    CHECK(ck_memcopy_segments(dst, n + 4096, segs, 3, 3, &err) == CK_OK);
+    CHECK(memcmp(dst + 64, src, cut) == 0);
+    CHECK(memcmp(dst + 128 + cut, src + cut, n - cut) == 0);
+    CHECK(dst[63] == 0xAA && dst[64 + cut] == 0xAA && dst[127 + cut] == 0xAA);
+    CHECK(dst[128 + n] == 0xAA);
+    /* one thread gives the same bytes */
+    memset(dst, 0, n + 4096);
+    CHECK(ck_memcopy_segments(dst, n + 4096, segs, 3, 1, &err) == CK_OK);
+    CHECK(memcmp(dst + 128 + cut, src + cut, n - cut) == 0);
+    /* a segment outside the arena copies nothing */
+    memset(dst, 0x55, 256);
+    ck_memcopy_segment bad[2] = {{src, 16, 0}, {src, 100, n + 4000}};
+    CHECK(ck_memcopy_segments(dst, n + 4096, bad, 2, 2, &err) == CK_E_RANGE);
+    CHECK(dst[0] == 0x55 && strstr(err.msg, "segment 1") != NULL);
+    ck_memcopy_segment wrap[1] = {{src, SIZE_MAX, 1}};
+    CHECK(ck_memcopy_segments(dst, n, wrap, 1, 2, &err) == CK_E_RANGE);
+    ck_memcopy_segment null_src[1] = {{NULL, 4, 0}};
+    CHECK(ck_memcopy_segments(dst, n, null_src, 1, 2, &err) == CK_E_RANGE);
+    CHECK(ck_memcopy_segments(dst, n, NULL, 0, 2, &err) == CK_OK);
+    free(src);
+    free(dst);
+}
+
 int main(void) {
     if (mkdtemp(tmpdir) == NULL) {
         perror("mkdtemp");
@@ -930,6 +978,7 @@ int main(void) {
     test_zip_names();
     test_zip_extract();
     test_zip_mutations();
+    test_memcopy();
     rmdir(tmpdir);
     printf("test_core: %d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
