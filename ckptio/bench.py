@@ -444,6 +444,8 @@ SECTIONS = {
     "save": ".bench_save",
     "mmcv": ".bench_mmcv",
     "http": ".bench_http",
+    "dcp": ".bench_dcp",
+    "async": ".bench_async",
 }
 
 

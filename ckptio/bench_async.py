@@ -1,0 +1,164 @@
+"""The `async` section of `python -m ckptio bench`: how long ckptio.async_save
+keeps the caller (a training loop) waiting, against one memcpy of the same
+tensor bytes (its floor: the snapshot is one copy), torch.save and
+ckptio.save of the same objects (the stall of a synchronous save).
+
+Every method runs in its own child process on the objects of the benchmark
+checkpoint. "stall" is the time async_save takes to return: "first" with a
+new host arena (its pages are faulted in during the copy), "reused" the
+best of N later calls, each made once the previous write is done (a
+training loop checkpoints far less often than a write takes), reusing the
+arena as a training run does. "until written" is the call plus
+future.result(). Each written file is deleted and synced untimed.
+"""
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROWS = ["memcpy", "torch.save", "ckptio.save", "async_save"]
+
+
+def child(method, path, out_path, runs, sync=True):
+    import numpy as np
+    import torch
+
+    import ckptio
+
+    obj = torch.load(path, weights_only=False)
+    seen, nbytes = set(), 0
+    for t in _tensors(obj):
+        s = t.untyped_storage()
+        if s._cdata not in seen:
+            seen.add(s._cdata)
+            nbytes += s.nbytes()
+
+    def fresh():
+        if os.path.exists(out_path):
+            os.unlink(out_path)
+        if sync:
+            os.sync()
+
+    result = {"data_bytes": nbytes}
+    if method == "memcpy":
+        src = np.ones(nbytes, dtype=np.uint8)
+        dst = np.ones(nbytes, dtype=np.uint8)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            np.copyto(dst, src)
+            times.append(time.perf_counter() - t0)
+        result.update(time=min(times), times=times)
+    elif method in ("torch.save", "ckptio.save"):
+        fn = torch.save if method == "torch.save" else ckptio.save
+        times = []
+        for _ in range(runs):
+            fresh()
+            gc.collect()
+            t0 = time.perf_counter()
+            fn(obj, out_path)
+            times.append(time.perf_counter() - t0)
+        fresh()
+        result.update(time=min(times), times=times)
+    else:
+        stalls, totals = [], []
+        for _ in range(runs + 1):
+            fresh()
+            gc.collect()
+            t0 = time.perf_counter()
+            fut = ckptio.async_save(obj, out_path)
+            t1 = time.perf_counter()
+            fut.result()
+            t2 = time.perf_counter()
+            ckptio.wait_async_saves()
+            stalls.append(t1 - t0)
+            totals.append(t2 - t0)
+        fresh()
+        result.update(time=min(stalls[1:]), first=stalls[0], times=stalls,
+                      written=min(totals[1:]), written_times=totals)
+    print(json.dumps(result))
+
+
+def _tensors(obj):
+    import torch
+
+    out, stack = [], [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+    return out
+
+
+def _run_child(method, path, out_path, runs, sync=True):
+    cmd = [sys.executable, "-m", "ckptio.bench_async", "--child", method, path, out_path,
+           str(runs), "sync" if sync else "nosync"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(big_path, runs, rows=None, sync=True):
+    out_path = os.path.join(os.path.dirname(os.path.abspath(big_path)), "bench_async_out.pth")
+    results = {"file": big_path, "rows": {}}
+    for method in rows or ROWS:
+        r = _run_child(method, big_path, out_path,
+                       max(runs, 2) if method == "async_save" else runs, sync)
+        results["rows"][method] = r
+        print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
+    return results
+
+
+def render(results):
+    rows = results["rows"]
+    data = next(iter(rows.values()))["data_bytes"] if rows else 0
+    lines = [f"async: objects of {results['file']} ({data / 1e9:.2f} GB of tensor bytes)", "",
+             f"{'method':<34}{'time ms':>10}{'GB/s':>8}"]
+    for name, r in rows.items():
+        if name == "async_save":
+            for label, t in (("async_save stall, first (new arena)", r["first"]),
+                             ("async_save stall, reused arena", r["time"]),
+                             ("async_save until written", r["written"])):
+                lines.append(f"{label:<34}{t * 1e3:>10.1f}{data / t / 1e9:>8.2f}")
+        else:
+            label = {"memcpy": "one memcpy of the bytes (floor)",
+                     "torch.save": "torch.save (stalls for all of it)",
+                     "ckptio.save": "ckptio.save (stalls for all of it)"}[name]
+            lines.append(f"{label:<34}{r['time'] * 1e3:>10.1f}{data / r['time'] / 1e9:>8.2f}")
+    if "async_save" in rows:
+        stall = rows["async_save"]["time"]
+        lines += ["", "ratios (lower is better):"]
+        for ref, text in (("memcpy", "async_save stall / one memcpy"),
+                          ("torch.save", "async_save stall / torch.save"),
+                          ("ckptio.save", "async_save stall / ckptio.save")):
+            if ref in rows:
+                lines.append(f"  {text:<44}{stall / rows[ref]['time']:8.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="ckptio.bench_async",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("file", help="checkpoint whose objects are saved")
+    parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    results = measure(args.file, args.runs)
+    print(json.dumps(results, indent=2) if args.json else render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, method, path, out_path, runs, sync = sys.argv
+        child(method, path, out_path, int(runs), sync == "sync")
+    else:
+        sys.exit(main())
