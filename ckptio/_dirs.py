@@ -17,6 +17,7 @@ shards and their offsets), so nothing from the file runs and no process
 group is needed. DTensors need torch.distributed.tensor (imported here),
 which allowlists its classes for weights-only loads, as for torch.load.
 """
+import errno
 import os
 import re
 
@@ -58,9 +59,10 @@ def load_directory(path, map_location=None, *, weights_only=True, mmap=None, ver
         return dcp.load_dir(path, map_location, weights_only=weights_only,
                             mmap=mmap is not False)
     files = rank_files(path)
-    if not files:
-        raise _bad(name, "is a directory, but neither a torch.distributed.checkpoint "
-                         "checkpoint (no .metadata) nor a sharded checkpoint (no rank0.pth)")
+    if not files:  # an OSError, as torch.load raises for a directory
+        raise IsADirectoryError(errno.EISDIR, "a directory, but neither a torch.distributed."
+                                "checkpoint checkpoint (no .metadata) nor a sharded checkpoint "
+                                "(no rank0.pth)", name)
     return load_rank_files(files, name, map_location, weights_only=weights_only, mmap=mmap,
                            verify=verify)
 
@@ -181,31 +183,23 @@ def _assemble(pieces, shape, dtype, name, where):
     cover it (identical boxes, replicas, count once)."""
     import torch
 
-    numel = 1
-    for s in shape:
-        numel *= s
-    boxes, covered = set(), 0
-    out = torch.empty(tuple(shape), dtype=dtype)
+    from .dcp import check_tiling
+
+    boxes, unique = set(), []
     for offsets, sizes, t in pieces:
-        if len(offsets) != len(shape) or any(
-                o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, sizes, shape)):
-            raise _bad(name, f"{where}: shard at {offsets} of {sizes} lies outside {list(shape)}")
         if list(t.shape) != list(sizes):
             raise _bad(name, f"{where}: shard at {offsets} holds {list(t.shape)}, not {sizes}")
         box = (tuple(offsets), tuple(sizes))
-        if box in boxes:
-            continue
-        boxes.add(box)
-        n = 1
-        for s in sizes:
-            n *= s
-        covered += n
+        if box not in boxes:  # replicas hold the same box
+            boxes.add(box)
+            unique.append((box, t))
+    check_tiling([b for b, _ in unique], tuple(shape), f"{name}: {where}")
+    out = torch.empty(tuple(shape), dtype=dtype)
+    for (offsets, sizes), t in unique:
         view = out
         for dim, (o, s) in enumerate(zip(offsets, sizes)):
             view = view.narrow(dim, o, s)
         view.copy_(t)
-    if covered != numel:
-        raise _bad(name, f"{where}: the shards hold {covered} of {numel} elements")
     return out
 
 

@@ -72,7 +72,7 @@ from ._config import ensure_configured
 from ._safe_globals import user_allowed_globals
 
 __all__ = ["StorageReader", "StorageWriter", "SerializationFormat", "load_dir", "save_dir",
-           "read_metadata", "is_dcp_dir"]
+           "read_metadata", "verify_dir"]
 
 METADATA_NAME = ".metadata"
 DEFAULT_SUFFIX = ".distcp"
@@ -140,14 +140,6 @@ def read_metadata(path, *, weights_only=True):
     if md.storage_data is not None and not isinstance(md.storage_data, dict):
         raise _native.CheckpointError(f"{name}: storage_data is not a dict")
     return md
-
-
-def is_dcp_dir(path):
-    """True when path is a directory holding a DCP `.metadata` file."""
-    try:
-        return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA_NAME))
-    except (TypeError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------- item decoding
@@ -757,6 +749,50 @@ def _boxes_overlap(a, b):
     return all(oa < ob + nb and ob < oa + na for oa, na, ob, nb in zip(a[0], a[1], b[0], b[1]))
 
 
+# Up to this many boxes are compared pairwise; more are counted into a map
+# of the tensor (one byte per element, no more than the chunks' own data).
+_PAIRWISE_MAX = 64
+
+
+def check_tiling(boxes, shape, what):
+    """Raises CheckpointError unless the (offsets, sizes) boxes lie inside a
+    tensor of shape, do not overlap and cover it: then a tensor assembled
+    from them has every element written exactly once (no uninitialised
+    memory shows through). Time and memory are bounded by the elements the
+    boxes hold."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    covered = 0
+    for offsets, sizes in boxes:
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                type(o) is not int or type(n) is not int or o < 0 or n < 0 or o + n > d
+                for o, n, d in zip(offsets, sizes, shape)):
+            raise _native.CheckpointError(f"{what}: chunk at {list(offsets)} of {list(sizes)} "
+                                          f"lies outside its size {list(shape)}")
+        n = 1
+        for d in sizes:
+            n *= d
+        covered += n
+    if covered != numel:
+        raise _native.CheckpointError(f"{what}: its chunks hold {covered} of its {numel} elements")
+    if numel == 0:
+        return
+    boxes = [b for b in boxes if all(b[1])]  # empty boxes overlap nothing
+    if len(boxes) <= _PAIRWISE_MAX:
+        for i in range(len(boxes)):
+            for j in range(i):
+                if _boxes_overlap(boxes[i], boxes[j]):
+                    raise _native.CheckpointError(
+                        f"{what}: chunks at {list(boxes[i][0])} and {list(boxes[j][0])} overlap")
+        return
+    seen = torch.zeros(shape, dtype=torch.uint8)
+    for offsets, sizes in boxes:
+        _narrow(seen, offsets, sizes).add_(1)
+    if int(seen.max()) != 1:
+        raise _native.CheckpointError(f"{what}: its chunks overlap")
+
+
 def _whole_tensor(key, tmd, chunks, files, name):
     """The full tensor of one key from its stored chunks: the stored tensor
     itself (viewing the file) when one contiguous chunk covers it, else a
@@ -764,32 +800,19 @@ def _whole_tensor(key, tmd, chunks, files, name):
     lie inside it, do not overlap and cover it."""
     size = tuple(tmd.size)
     dtype = tmd.properties.dtype
-    numel = 1
-    for d in size:
-        numel *= d
-    parts, covered = [], 0
+    parts, items = [], set()
     for chunk, sinfo, index in chunks:
         offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-        if len(offsets) != len(size) or len(sizes) != len(size) or any(
-                o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, size)):
-            raise _bad(name, f"tensor {key!r}: chunk at {list(offsets)} of {list(sizes)} lies "
-                             f"outside its size {list(size)}")
+        item = (sinfo.relative_path, sinfo.offset)
+        if item in items:  # so that the elements checked below are all backed by data
+            raise _bad(name, f"tensor {key!r}: two chunks name the same stored item")
+        items.add(item)
         src = files(sinfo.relative_path).tensor(sinfo, index)
         if tuple(src.shape) != sizes:
             raise _bad(name, f"tensor {key!r}: the chunk at {list(offsets)} holds "
                              f"{list(src.shape)}, the metadata says {list(sizes)}")
-        n = 1
-        for d in sizes:
-            n *= d
-        covered += n
         parts.append(((offsets, sizes), src))
-    for i in range(len(parts)):
-        for j in range(i):
-            if _boxes_overlap(parts[i][0], parts[j][0]) and numel:
-                raise _bad(name, f"tensor {key!r}: chunks at {list(parts[i][0][0])} and "
-                                 f"{list(parts[j][0][0])} overlap")
-    if covered != numel:
-        raise _bad(name, f"tensor {key!r}: its chunks hold {covered} of its {numel} elements")
+    check_tiling([box for box, _ in parts], size, f"{name}: tensor {key!r}")
     if len(parts) == 1:
         src = parts[0][1]
         if src.dtype == dtype and src.is_contiguous() and not src.requires_grad:

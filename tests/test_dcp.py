@@ -419,15 +419,44 @@ def test_hostile_metadata_shapes(tmp_path):
         for s in md.storage_data.values():
             s.offset = 10**15
 
+    def many_chunks(md):
+        """65 chunks (past the pairwise check): the overlap is found by counting."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+        tmd = md.state_dict_metadata["x"]
+        sinfo = md.storage_data[MetadataIndex("x", torch.Size([0, 0]))]
+        tmd.size = torch.Size([2, 3 * 65])
+        tmd.chunks = [ChunkStorageMetadata(torch.Size([0, 3 * i]), torch.Size([2, 3]))
+                      for i in range(65)]
+        md.storage_data = {MetadataIndex("x", c.offsets): sinfo for c in tmd.chunks}
+
     attempt(escape, "outside the checkpoint")
+    attempt(many_chunks, "same stored item")
     attempt(big_index, "out of range")
     attempt(huge_tensor, "outside its size|elements")
-    attempt(overlap, "overlap|holds")
+    attempt(overlap, "same stored item")
     attempt(beyond, "outside the file")
 
 
+def test_check_tiling():
+    """Chunks must tile their tensor: inside it, no overlap, no gap, for few
+    chunks (compared pairwise) and many (counted)."""
+    tile = cd.check_tiling
+    tile([((0, 0), (2, 3)), ((2, 0), (2, 3))], (4, 3), "t")
+    tile([((0, i), (1, 1)) for i in range(100)], (1, 100), "t")
+    tile([((0,), (0,)), ((0,), (5,))], (5,), "t")  # an empty chunk anywhere is fine
+    for boxes, shape, match in (
+            ([((0, 0), (3, 3)), ((2, 0), (1, 3))], (4, 3), "overlap"),
+            ([((0, 0), (2, 3)), ((3, 0), (2, 3))], (4, 3), "outside"),
+            ([((0, 0), (2, 3))], (4, 3), "hold 6 of its 12"),
+            ([((0, i // 2), (1, 1)) for i in range(100)] , (1, 100), "overlap"),
+            ([((0, 0), (10**9, 10**9))], (2, 2), "outside")):
+        with pytest.raises(ckptio.CheckpointError, match=match):
+            tile(boxes, shape, "t")
+
+
 def test_not_a_checkpoint_directory(tmp_path):
-    with pytest.raises(ckptio.CheckpointError, match="neither"):
+    with pytest.raises(IsADirectoryError, match="neither"):  # an OSError, as torch.load's
         ckptio.load(str(tmp_path))
     (tmp_path / "rank1.pth").write_bytes(b"x")
     with pytest.raises(ckptio.CheckpointError, match="rank0.pth is missing"):
