@@ -20,8 +20,11 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import ckptio.dcp as cd  # noqa: E402
+try:  # the build under test (make asan puts its own on PYTHONPATH), else this checkout's
+    import ckptio.dcp as cd
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import ckptio.dcp as cd
 
 WRITERS = {"torch": dcp.FileSystemWriter, "ckptio": cd.StorageWriter}
 READERS = {"torch": dcp.FileSystemReader, "ckptio": cd.StorageReader}
