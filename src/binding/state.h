@@ -13,6 +13,8 @@
 
 #include <stdint.h>
 
+#include "compat.h"
+
 /* getattr that tells "absent" (0, no exception) from "failed" (-1). */
 #if PY_VERSION_HEX >= 0x030D0000
 #define ck_lookup_attr PyObject_GetOptionalAttr
