@@ -14,7 +14,7 @@ from setuptools import Extension, setup
 
 # libcrypto (OpenSSL): SHA-256 of downloads in C during the transfer, with the GIL
 # released, at hashlib's speed (SHA-NI/AVX2 code paths).
-PKGS = ["libzip", "zlib", "libcurl", "libdeflate", "libcrypto"]
+PKGS = ["libcurl", "libdeflate", "libcrypto"]
 
 
 def pkg_config(*args):

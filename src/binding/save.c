@@ -717,21 +717,13 @@ out:
 
 static PyObject *py_crc32(PyObject *module, PyObject *args, PyObject *kwargs) {
     (void)module;
-    static char *kwlist[] = {"data", "value", "impl", NULL};
+    static char *kwlist[] = {"data", "value", NULL};
     Py_buffer buf;
     unsigned int value = 0;
-    const char *impl = "libdeflate";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|I$s", kwlist, &buf, &value, &impl))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|I", kwlist, &buf, &value))
         return NULL;
-    int zlib = strcmp(impl, "zlib") == 0;
-    if (!zlib && strcmp(impl, "libdeflate") != 0) {
-        PyBuffer_Release(&buf);
-        PyErr_Format(PyExc_ValueError, "crc32: impl must be 'libdeflate' or 'zlib', not %s", impl);
-        return NULL;
-    }
     uint32_t crc;
-    Py_BEGIN_ALLOW_THREADS crc = zlib ? ck_crc32_zlib(value, buf.buf, (size_t)buf.len)
-                                      : ck_crc32(value, buf.buf, (size_t)buf.len);
+    Py_BEGIN_ALLOW_THREADS crc = ck_crc32(value, buf.buf, (size_t)buf.len);
     Py_END_ALLOW_THREADS PyBuffer_Release(&buf);
     return PyLong_FromUnsignedLong(crc);
 }
@@ -742,6 +734,6 @@ PyMethodDef ck_save_methods[] = {
      "     compute_crc32=True, zip64_threshold=0xFFFFFFFF, to_cpu=None)\n"
      "Writes obj in torch.save's zip format (see ckptio.save for the public API)."},
     {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_VARARGS | METH_KEYWORDS,
-     "crc32(data, value=0, *, impl='libdeflate') -> int: CRC-32 by libdeflate or zlib."},
+     "crc32(data, value=0) -> int: CRC-32 by libdeflate (zlib's is zlib.crc32)."},
     {NULL, NULL, 0, NULL},
 };
