@@ -10,7 +10,7 @@ APT_PKGS := build-essential pkg-config libzip-dev zlib1g-dev libcurl4-openssl-de
 DEPS_STAMP := .venv/.ckptio-deps
 CORE_SRC := $(wildcard src/core/*.c)
 CORE_HDR := $(wildcard src/core/*.h)
-PKG_FLAGS = $(shell pkg-config --cflags --libs zlib libcurl libdeflate libcrypto)
+PKG_FLAGS = $(shell pkg-config --cflags --libs zlib libcurl libdeflate)
 CFLAGS_C := -std=gnu11 -O2 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc
 BUILD := tests/c/build
 

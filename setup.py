@@ -14,7 +14,7 @@ from setuptools import Extension, setup
 
 # libcrypto (OpenSSL): SHA-256 of downloads in C during the transfer, with the GIL
 # released, at hashlib's speed (SHA-NI/AVX2 code paths).
-PKGS = ["libcurl", "libdeflate", "libcrypto"]
+PKGS = ["libdeflate", "libcurl"]
 
 
 def pkg_config(*args):

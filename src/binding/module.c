@@ -6,6 +6,7 @@
 #include "errors.h"
 #include "hostcopy.h"
 #include "keys.h"
+#include "libs.h"
 #include "http.h"
 #include "load.h"
 #include "mapping.h"
@@ -253,6 +254,7 @@ static PyMethodDef *const method_groups[] = {
     ck_keys_methods,
     ck_http_methods,
     ck_verify_methods,
+    ck_libs_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 /* clang-format on */

@@ -8,9 +8,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <openssl/evp.h>
-
 #include "fdio.h"
+#include "sha256.h"
 
 #define SLOT_SIZE (1u << 20)
 #define SLOTS 4
@@ -23,7 +22,7 @@ struct ck_hashsink {
     int hash;         /* 0: no worker, no digest */
     uint64_t written; /* bytes written by this sink */
     uint64_t synced;  /* writeback started up to here */
-    EVP_MD_CTX *sha;
+    ck_sha256 *sha;
     unsigned char *slots[SLOTS];
     size_t len[SLOTS];
     size_t cur_len; /* bytes gathered in slot posted % SLOTS */
@@ -49,7 +48,7 @@ static void *worker_main(void *arg) {
         unsigned idx = (unsigned)(s->hashed % SLOTS);
         size_t n = s->len[idx];
         pthread_mutex_unlock(&s->mu);
-        EVP_DigestUpdate(s->sha, s->slots[idx], n);
+        ck_sha256_update(s->sha, s->slots[idx], n);
         pthread_mutex_lock(&s->mu);
         s->hashed++;
         pthread_cond_broadcast(&s->cv);
@@ -70,8 +69,8 @@ ck_status ck_hashsink_open(int fd, const char *path, int writeback, int hash, ck
     s->hash = hash;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
-    s->sha = EVP_MD_CTX_new();
-    int ok = s->sha != NULL && EVP_DigestInit_ex(s->sha, EVP_sha256(), NULL) == 1;
+    s->sha = ck_sha256_new(0);
+    int ok = s->sha != NULL;
     for (int i = 0; ok && i < SLOTS; i++)
         ok = (s->slots[i] = malloc(SLOT_SIZE)) != NULL;
     if (!ok) {
@@ -165,14 +164,14 @@ ck_status ck_hashsink_flush(ck_hashsink *s, ck_error *err) {
 
 void ck_hashsink_absorb(ck_hashsink *s, const void *p, size_t n) {
     if (s->hash)
-        EVP_DigestUpdate(s->sha, p, n);
+        ck_sha256_update(s->sha, p, n);
 }
 
 ck_status ck_hashsink_reset(ck_hashsink *s, ck_error *err) {
     drain(s);
     s->cur_len = 0;
     s->written = s->synced = 0;
-    if (EVP_DigestInit_ex(s->sha, EVP_sha256(), NULL) != 1)
+    if (ck_sha256_reset(s->sha) != 0)
         return ck_fail(err, CK_E_NOMEM, "SHA-256 initialisation failed");
     return CK_OK;
 }
@@ -184,9 +183,8 @@ ck_status ck_hashsink_hex(ck_hashsink *s, char hex[65], ck_error *err) {
     hex[0] = 0;
     if (!s->hash)
         return CK_OK;
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int mdlen = 0;
-    if (EVP_DigestFinal_ex(s->sha, md, &mdlen) != 1 || mdlen != 32)
+    unsigned char md[32];
+    if (ck_sha256_final(s->sha, md) != 0)
         return ck_fail(err, CK_E_NOMEM, "SHA-256 finalisation failed");
     for (unsigned i = 0; i < 32; i++)
         snprintf(hex + 2 * i, 3, "%02x", md[i]);
@@ -205,7 +203,7 @@ void ck_hashsink_close(ck_hashsink *s) {
     }
     for (int i = 0; i < SLOTS; i++)
         free(s->slots[i]);
-    EVP_MD_CTX_free(s->sha);
+    ck_sha256_free(s->sha);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);
