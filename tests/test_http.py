@@ -3,6 +3,7 @@ server: every failure leaves nothing at the destination, resumes really ask
 for a Range, and what lands in place is byte-identical to what was served."""
 import errno
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -359,14 +360,87 @@ def test_tqdm_bar_when_stderr_is_a_tty(server, dst, monkeypatch):
     assert bar.kw["unit"] == "B"
 
 
-def test_no_bar_when_disabled_or_not_a_tty(server, dst, monkeypatch):
+def test_no_bar_when_disabled(server, dst, monkeypatch):
     FakeTqdm.instances = []
     monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     ckptio.download_url_to_file(server.url(), dst, progress=False)
+    assert FakeTqdm.instances == []
+
+
+def test_tqdm_bar_also_when_stderr_is_not_a_tty(server, dst, monkeypatch):
+    """As torch.hub: progress=True shows tqdm's bar in logs too."""
+    FakeTqdm.instances = []
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     ckptio.download_url_to_file(server.url(), dst, progress=True)
-    assert FakeTqdm.instances == []
+    (bar,) = FakeTqdm.instances
+    assert bar.n == len(DATA) and bar.closed
+
+
+def test_own_bar_without_tqdm_and_without_a_tty(server, dst, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    ckptio.download_url_to_file(server.url(), dst, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and "\r" not in "".join(lines)
+    assert lines[-1].startswith("100.0%") and "MiB of" in lines[-1]
+    assert 1 <= len(lines) <= 12  # a line per 10%, not one per chunk
+
+
+def test_own_bar_on_a_tty_redraws_one_line(server, dst, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    ckptio.download_url_to_file(server.url(), dst, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\r") and err.endswith("\n") and err.count("\n") == 1
+    assert "100.0%" in err.rsplit("\r", 1)[-1]
+
+
+def test_logger_reports_retries_and_resume(server, dst, caplog):
+    server.plan = ["503", "short"]
+    with caplog.at_level(logging.INFO, logger="ckptio"):
+        ckptio.download_url_to_file(server.url(), dst, progress=False, backoff=0.0)
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "ckptio"]
+    retries = [m for lvl, m in records if lvl == logging.WARNING and m.startswith("retrying")]
+    assert len(retries) == 2 and server.url() in retries[0] and "HTTP 503" in retries[0]
+    assert "attempt 2 of 5" in retries[0]
+    assert any("resuming" in m and "from byte" in m for _, m in records)
+
+
+def test_logger_reports_a_kept_partial(server, dst, caplog):
+    server.default = "short"
+    with caplog.at_level(logging.INFO, logger="ckptio"):
+        with pytest.raises(ckptio.DownloadError):
+            ckptio.download_url_to_file(server.url(), dst, progress=False, retries=0)
+    assert any("keeping" in r.getMessage() and ".partial" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_without_libcurl_torch_hub_downloads(server, tmp_path):
+    """A system without libcurl: the same file via torch.hub, with a warning."""
+    import subprocess
+
+    dst = str(tmp_path / "f.bin")
+    code = (
+        "import logging, ckptio\n"
+        "logging.basicConfig(level=logging.INFO, format='%(name)s %(levelname)s %(message)s')\n"
+        f"r = ckptio.download_url_to_file({server.url()!r}, {dst!r}, {DIGEST[:10]!r}, "
+        "progress=False)\n"
+        "print(r['size'])\n"
+        "try:\n"
+        f"    ckptio.download_url_to_file({server.url()!r}, {dst + '2'!r}, '0000', progress=False)\n"
+        "except ckptio.DownloadError as e:\n"
+        "    print('hash:', e)\n"
+    )
+    env = dict(os.environ, CKPTIO_LIBCURL="/nonexistent/libcurl.so.4")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert read(dst) == DATA
+    assert out.stdout.splitlines()[0] == str(len(DATA))
+    assert "invalid hash value" in out.stdout
+    assert "ckptio WARNING" in out.stderr and "with torch.hub instead" in out.stderr
 
 
 # ---- torch.hub surface ---------------------------------------------------------

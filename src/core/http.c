@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,8 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <curl/curl.h>
-
+#include "curlshim.h"
 #include "hashsink.h"
 #include "fdio.h"
 
@@ -194,6 +194,19 @@ static ck_status hash_prefix_of_file(download *d, uint64_t n, ck_error *err) {
 
 static int report_progress(download *d, int force);
 
+/* One line for the caller's log (opts->note). */
+__attribute__((format(printf, 3, 4))) static void note(download *d, int level, const char *fmt,
+                                                       ...) {
+    if (d->opts->note == NULL)
+        return;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    d->opts->note(d->opts->note_ctx, level, msg);
+}
+
 /* Opens and locks the partial, in append mode so that writes follow a
  * truncation to zero, never through a symbolic link (a shared cache
  * directory must not redirect the write). The lock is polled every 50 ms
@@ -205,9 +218,11 @@ static ck_status open_partial(download *d, ck_error *err) {
         int fd = open(d->part_path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0666);
         if (fd < 0)
             return ck_fail_errno(err, errno, "cannot create %s", d->part_path);
-        int rc;
+        int rc, waited = 0;
         while ((rc = flock(fd, LOCK_EX | LOCK_NB)) < 0 &&
                (errno == EWOULDBLOCK || errno == EINTR)) {
+            if (!waited++)
+                note(d, 1, "waiting: another download of %s holds %s", d->url, d->part_path);
             struct timespec ts = {0, PROGRESS_INTERVAL_NS};
             nanosleep(&ts, NULL);
             if (report_progress(d, 1) != 0) {
@@ -322,8 +337,13 @@ static ck_status adopt_partial(download *d, ck_error *err) {
         }
         d->have = size;
         d->resumed_from = size;
+        note(d, 1, "%s holds %" PRIu64 " bytes of %s from an earlier download", d->part_path,
+             size, d->url);
         return CK_OK;
     }
+    if (size > 0)
+        note(d, 1, "discarding %" PRIu64 " bytes of %s: no resume record for %s", size,
+             d->part_path, d->url);
     d->etag[0] = d->last_modified[0] = 0;
     d->total = 0;
     remove_meta(d);
@@ -334,6 +354,9 @@ static ck_status adopt_partial(download *d, ck_error *err) {
 
 /* Empties the partial to take the file from its first byte. */
 static ck_status restart_partial(download *d, ck_error *err) {
+    if (d->have > 0)
+        note(d, 1, "taking %s from its first byte again: %" PRIu64 " bytes of %s discarded",
+             d->url, d->have, d->part_path);
     ck_status s = ck_hashsink_reset(d->sink, err);
     if (s != CK_OK)
         return s;
@@ -585,6 +608,7 @@ static outcome attempt(download *d) {
     struct curl_slist *headers = NULL;
     char range[48], ifrange[VALIDATOR_MAX + 16];
     if (d->range_from > 0) {
+        note(d, 1, "resuming %s from byte %" PRIu64, d->url, d->range_from);
         snprintf(range, sizeof range, "%" PRIu64 "-", d->range_from);
         snprintf(ifrange, sizeof ifrange, "If-Range: %s", if_range_value(d));
         headers = curl_slist_append(NULL, ifrange);
@@ -750,6 +774,7 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
          * and what is at our partial's path is ours, or stale */
         unlink(d.part_path);
         remove_meta(&d);
+        note(&d, 1, "%s was completed by another download meanwhile: using it", dst);
         if (res != NULL) {
             res->existed = 1;
             res->size = (uint64_t)existing.st_size;
@@ -769,6 +794,9 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
             double pause = backoff;
             if (d.r_retry_after >= 0)
                 pause = d.r_retry_after < MAX_RETRY_AFTER_S ? d.r_retry_after : MAX_RETRY_AFTER_S;
+            note(&d, 2, "retrying %s in %.1f s%s (attempt %d of %d): %s", url, pause,
+                 d.r_retry_after >= 0 ? " (Retry-After)" : "", n + 1, opts->retries + 1,
+                 err->msg);
             if (pause_before_retry(&d, pause) != 0) {
                 o = OUT_INTERRUPT;
                 break;
@@ -813,6 +841,9 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
     if (s != CK_OK && !(keep && d.have > 0 && if_range_value(&d) != NULL)) {
         unlink(d.part_path);
         remove_meta(&d);
+    } else if (s != CK_OK) {
+        note(&d, 1, "keeping %s (%" PRIu64 " bytes) to resume %s later", d.part_path, d.have,
+             url);
     }
 out:
     ck_hashsink_close(d.sink);

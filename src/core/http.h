@@ -54,6 +54,13 @@
  * kept for resume as for a transient failure). */
 typedef int (*ck_http_progress_fn)(void *ctx, uint64_t done, uint64_t total);
 
+/* Called for what a log should tell: a retry and its pause (level 2,
+ * warning), waiting for another process's download, resuming or
+ * discarding a partial, keeping one for later, using a file another process
+ * finished (level 1, info). msg is one line naming the URL or file; it is
+ * valid during the call only. */
+typedef void (*ck_http_note_fn)(void *ctx, int level, const char *msg);
+
 typedef struct ck_http_opts {
     const char *hash_prefix;      /* lowercase hex the SHA-256 must start with, or NULL */
     const char *user_agent;       /* NULL: "ckptio" */
@@ -68,6 +75,8 @@ typedef struct ck_http_opts {
     int sha256;                   /* compute the SHA-256 (always when hash_prefix is set) */
     ck_http_progress_fn progress; /* may be NULL */
     void *progress_ctx;
+    ck_http_note_fn note; /* may be NULL */
+    void *note_ctx;
 } ck_http_opts;
 
 /* Sets the defaults: 4 retries, 1 s backoff, 30 s connect timeout, abort
