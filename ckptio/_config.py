@@ -9,10 +9,10 @@ import collections
 import copyreg
 import warnings
 
-import torch
-
 from . import _native
+from ._torch import require as _require_torch
 
+torch = None  # imported by ensure_configured
 _configured = False
 
 
@@ -96,7 +96,93 @@ def _tables():
 
 
 def ensure_configured():
-    global _configured
-    if not _configured:
+    global _configured, torch
+    if _configured is not True:
+        torch = _require_torch("decoding a checkpoint")
         _native.configure(_tables())
         _configured = True
+
+
+# ---- without torch: the tables the scan (ckptio.verify's pickle walk) needs
+
+# torch.storage._dtype_to_storage_type_map(), the same in torch 1.13 to 2.14
+_STORAGE_NAMES = {
+    "float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
+    "int64": "LongStorage", "int32": "IntStorage", "int16": "ShortStorage",
+    "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
+    "bfloat16": "BFloat16Storage", "complex128": "ComplexDoubleStorage",
+    "complex64": "ComplexFloatStorage", "qint8": "QInt8Storage", "qint32": "QInt32Storage",
+    "quint8": "QUInt8Storage", "quint4x2": "QUInt4x2Storage", "quint2x4": "QUInt2x4Storage",
+}
+_ELEMENT_SIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
+    "complex32": 4, "int64": 8, "int32": 4, "int16": 2, "uint16": 2, "uint32": 4, "uint64": 8,
+    "qint32": 4, "bits16": 2,
+}  # every other dtype ckptio knows has 1-byte elements
+
+
+class _StandIn:
+    """Names a torch object (a dtype, a storage class) for the scan, which
+    compares and counts but never calls or builds anything."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"<torch.{self.name} (torch is not installed)>"
+
+
+def _scan_tables():
+    rows = []
+    storage_by_name = {}
+    storage_dtype = {}
+    for code, name in enumerate(_native.DTYPE_NAMES):
+        rows.append((_StandIn(name), _ELEMENT_SIZES.get(name, 1), None))
+        if name in _STORAGE_NAMES:
+            stype = _StandIn(_STORAGE_NAMES[name])
+            storage_by_name[stype.name] = stype
+            storage_dtype[stype] = code
+    untyped = _StandIn("UntypedStorage")
+    storage_dtype[untyped] = _native.DTYPE_NAMES.index("uint8")
+    tables = {key: None for key in (
+        "from_numpy", "empty", "Tensor", "Parameter", "make_subclass", "tensor_setstate",
+        "set_tensor_metadata", "set_obj_state", "rebuild_tensor", "rebuild_tensor_v2",
+        "rebuild_tensor_v3", "rebuild_parameter", "rebuild_parameter_with_state",
+        "rebuild_from_type_v2", "TypedStorage")}
+    tables.update({
+        "UntypedStorage": untyped,
+        "OrderedDict": collections.OrderedDict,
+        "Counter": collections.Counter,
+        "storage_dtype": storage_dtype,
+        "storage_by_name": storage_by_name,
+        "allowed": {},
+        "wo_name_mapping": {},
+        "wo_import_mapping": {},
+        "compat_name_mapping": dict(_compat_pickle.NAME_MAPPING),
+        "compat_import_mapping": dict(_compat_pickle.IMPORT_MAPPING),
+        "extension_registry": copyreg._inverted_registry,
+        "dtypes": rows,
+    })
+    return tables
+
+
+def ensure_scan_configured():
+    """Configures the extension for ckptio.verify's checks: with torch's
+    tables when torch is installed, else with stand-ins that only the scan
+    uses (the loader is then never called: see _verify). Returns True when
+    torch is there."""
+    global _configured
+    if _configured is True:
+        return True
+    from ._torch import available
+
+    if available():
+        ensure_configured()
+        return True
+    if _configured is not False:
+        return False
+    _native.configure(_scan_tables())
+    _configured = "scan"
+    return False

@@ -12,9 +12,10 @@ import os
 import sys
 import warnings
 
-import torch
+from . import _native
+from ._torch import require as _require_torch
 
-from . import _hostcopy, _native
+torch = None  # imported by the first save
 
 _hooks = None
 
@@ -95,7 +96,7 @@ def _options():
         return 64, True
 
 
-def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
+def save(obj, f, *, fsync=True):
     """Saves obj as torch.save(obj, f) does, byte for byte.
 
     f: a path (str or os.PathLike), written atomically (temporary file in
@@ -107,12 +108,22 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
 
     Unlike torch.save, a path's old file is replaced, not overwritten in
     place: other hard links to it keep the old content.
-
-    _to_cpu: called once with the list of storages not on the CPU, returns
-    their CPU copies in the same order; by default the CUDA ones are copied
-    in one batch into one host arena (ckptio._hostcopy.storages_to_cpu),
-    any other with storage.cpu().
+    CUDA storages are copied in one batch into one host arena
+    (ckptio._hostcopy.storages_to_cpu), any other with storage.cpu().
     """
+    save_with(obj, f, fsync=fsync)
+
+
+def save_with(obj, f, *, fsync=True, zip64_threshold=0xFFFFFFFF, to_cpu=None):
+    """ckptio.save with the knobs tests and the mmcv surface use:
+    zip64_threshold (record size from which zip64 fields are written; torch's
+    is 0xFFFFFFFF) and to_cpu (called once with the list of storages not on
+    the CPU, returns their CPU copies in the same order)."""
+    global torch
+    if torch is None:
+        torch = _require_torch("ckptio.save")
+    from . import _hostcopy
+
     if getattr(torch.serialization._serialization_tls, "skip_data", False):
         # torch.serialization.skip_data(): records of reserved, unwritten
         # space, torch's own feature; torch.save is the writer for it
@@ -123,8 +134,8 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
         byteorder=sys.byteorder,
         alignment=alignment,
         compute_crc32=crc,
-        zip64_threshold=_zip64_threshold,
-        to_cpu=_hostcopy.storages_to_cpu if _to_cpu is None else _to_cpu,
+        zip64_threshold=zip64_threshold,
+        to_cpu=_hostcopy.storages_to_cpu if to_cpu is None else to_cpu,
     )
     if isinstance(f, (str, os.PathLike)):
         path = os.fspath(f)

@@ -17,6 +17,7 @@ import torch
 
 import ckptio
 from ckptio import _native
+from ckptio._save import save_with
 from helpers import assert_same, tensor_bytes
 
 ALL_DTYPES = [
@@ -357,7 +358,7 @@ def test_zip64_records_with_a_lowered_threshold(tmp_path):
     obj = {"small": torch.arange(10), "big": random_tensor((3000,), torch.float32, gen),
            "later": random_tensor((50,), torch.float64, gen), "empty": torch.empty(0)}
     path = tmp_path / "z64.pth"
-    ckptio.save(obj, path, _zip64_threshold=1000)
+    save_with(obj, path, zip64_threshold=1000)
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None
         infos = {i.filename: i for i in z.infolist()}
@@ -685,7 +686,7 @@ def test_cuda_tensors_same_bytes_as_torch(tmp_path):
 
 def test_to_cpu_hook_is_not_called_for_cpu_storages(tmp_path):
     calls = []
-    ckptio.save({"w": torch.ones(3)}, tmp_path / "x.pth", _to_cpu=lambda s: calls.append(s) or s)
+    save_with({"w": torch.ones(3)}, tmp_path / "x.pth", to_cpu=lambda s: calls.append(s) or s)
     assert calls == []
 
 
@@ -700,11 +701,11 @@ def test_to_cpu_hook_batches_device_storages(tmp_path):
         return [s.cpu() for s in storages]
 
     path = same_bytes_as_torch(tmp_path, obj)
-    ckptio.save(obj, path, _to_cpu=to_cpu)
+    save_with(obj, path, to_cpu=to_cpu)
     assert calls == [2]
     assert path.read_bytes() == (tmp_path / "torch" / "ckpt.pth").read_bytes()
     with pytest.raises(ValueError):
-        ckptio.save(obj, path, _to_cpu=lambda s: s[:1])
+        save_with(obj, path, to_cpu=lambda s: s[:1])
 
 
 # ---- an independent old reader ----------------------------------------------------------
