@@ -45,6 +45,51 @@ def _dtype_rows():
     return rows
 
 
+class _Absent:
+    """Stands for a torch function this torch does not have (torch 1.13 has
+    no _rebuild_tensor_v3, ...): never identical to what a pickle names, so
+    the C side never takes its path."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args):
+        raise _native.CheckpointError(
+            f"this checkpoint needs torch's {self.name}, which torch {torch.__version__} lacks")
+
+    def __repr__(self):
+        return f"<absent {self.name}>"
+
+
+def _set_obj_state(obj, state):
+    """torch._utils._set_obj_state (torch >= 2.0), as torch 1.13's
+    _rebuild_from_type_v2 does it inline: a (dict, slots) pair or a dict of
+    attributes."""
+    if isinstance(state, tuple):
+        if len(state) != 2:
+            raise RuntimeError(f"Invalid serialized state: {state}")
+        dict_state, slots_state = state
+    else:
+        dict_state, slots_state = state, None
+    if dict_state:
+        for k, v in dict_state.items():
+            setattr(obj, k, v)
+    if slots_state:
+        for k, v in slots_state.items():
+            setattr(obj, k, v)
+    return obj
+
+
+def _torch_attr(owner, name, fallback=None):
+    """owner.name, or a stand-in where this torch lacks it (torch 1.13)."""
+    value = getattr(owner, name, None)
+    if value is not None:
+        return value
+    return fallback if fallback is not None else _Absent(name)
+
+
 def _tables():
     wo = torch._weights_only_unpickler
     allowed = dict(wo._get_allowed_globals())
@@ -53,9 +98,17 @@ def _tables():
     StorageType = torch.serialization.StorageType
 
     storage_dtype = {torch.UntypedStorage: code[torch.uint8]}
+    typed = torch.storage.TypedStorage
     for obj in allowed.values():
         if isinstance(obj, StorageType) and obj.dtype in code:
             storage_dtype[obj] = code[obj.dtype]
+        elif isinstance(obj, type) and issubclass(obj, typed) and obj is not typed:
+            # torch 1.13 allowlists the legacy classes themselves (torch.FloatStorage)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dtype = getattr(obj, "dtype", None)
+            if dtype in code:
+                storage_dtype[obj] = code[dtype]
     storage_by_name = {}
     for dtype, name in torch.storage._dtype_to_storage_type_map().items():
         if dtype in code:
@@ -71,13 +124,13 @@ def _tables():
         "Parameter": torch.nn.Parameter,
         "make_subclass": torch.Tensor._make_subclass,
         "tensor_setstate": torch.Tensor.__setstate__,
-        "set_tensor_metadata": torch._C._set_tensor_metadata,
-        "set_obj_state": utils._set_obj_state,
+        "set_tensor_metadata": _torch_attr(torch._C, "_set_tensor_metadata"),
+        "set_obj_state": _torch_attr(utils, "_set_obj_state", _set_obj_state),
         "rebuild_tensor": utils._rebuild_tensor,
         "rebuild_tensor_v2": utils._rebuild_tensor_v2,
-        "rebuild_tensor_v3": utils._rebuild_tensor_v3,
+        "rebuild_tensor_v3": _torch_attr(utils, "_rebuild_tensor_v3"),
         "rebuild_parameter": utils._rebuild_parameter,
-        "rebuild_parameter_with_state": utils._rebuild_parameter_with_state,
+        "rebuild_parameter_with_state": _torch_attr(utils, "_rebuild_parameter_with_state"),
         "rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2,
         "TypedStorage": torch.storage.TypedStorage,
         "UntypedStorage": torch.UntypedStorage,
@@ -86,8 +139,8 @@ def _tables():
         "storage_dtype": storage_dtype,
         "storage_by_name": storage_by_name,
         "allowed": allowed,
-        "wo_name_mapping": dict(utils.NAME_MAPPING),
-        "wo_import_mapping": dict(utils.IMPORT_MAPPING),
+        "wo_name_mapping": dict(getattr(utils, "NAME_MAPPING", {})),  # torch >= 2.1
+        "wo_import_mapping": dict(getattr(utils, "IMPORT_MAPPING", {})),
         "compat_name_mapping": dict(_compat_pickle.NAME_MAPPING),
         "compat_import_mapping": dict(_compat_pickle.IMPORT_MAPPING),
         "extension_registry": copyreg._inverted_registry,

@@ -67,6 +67,7 @@ def user_allowed_globals():
     list first, ckptio's over it)."""
     torch = sys.modules.get("torch")
     wo = getattr(torch, "_weights_only_unpickler", None) if torch is not None else None
-    out = dict(wo._get_user_allowed_globals()) if wo is not None else {}
+    user = getattr(wo, "_get_user_allowed_globals", None)  # torch >= 2.4
+    out = dict(user()) if user is not None else {}
     out.update(_as_dict(_marked))
     return out

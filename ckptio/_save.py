@@ -27,7 +27,8 @@ def _torch_hooks():
     global _hooks
     if _hooks is None:
         ser = torch.serialization
-        new_dtypes = frozenset(torch.storage._new_dtypes())
+        # torch 1.13 has neither the new dtypes nor tensor metadata
+        new_dtypes = frozenset(getattr(torch.storage, "_new_dtypes", tuple)())
         legacy = {}  # dtype -> (storage class torch pickles, element size)
         with warnings.catch_warnings():  # TypedStorage and quantized dtypes warn
             warnings.simplefilter("ignore")
@@ -41,18 +42,22 @@ def _torch_hooks():
             torch.uint8,
             torch.Tensor,
             torch._utils._rebuild_tensor_v2,
-            torch._utils._rebuild_tensor_v3,
+            getattr(torch._utils, "_rebuild_tensor_v3", None),  # only for new dtypes (>= 2.1)
             collections.OrderedDict,
             legacy,
             new_dtypes,
-            torch._C._get_tensor_metadata,
+            getattr(torch._C, "_get_tensor_metadata", _no_metadata),
             torch.strided,
         )
-    tls = torch.serialization._serialization_tls
+    tls = getattr(torch.serialization, "_serialization_tls", None)
     fast = not getattr(tls, "skip_data", False) and not getattr(
         tls, "materialize_fake_tensors", False
     )
     return _hooks + (fast,)
+
+
+def _no_metadata(tensor):
+    return {}
 
 
 def _legacy_rows(legacy, new_dtypes):
@@ -124,7 +129,7 @@ def save_with(obj, f, *, fsync=True, zip64_threshold=0xFFFFFFFF, to_cpu=None):
         torch = _require_torch("ckptio.save")
     from . import _hostcopy
 
-    if getattr(torch.serialization._serialization_tls, "skip_data", False):
+    if getattr(getattr(torch.serialization, "_serialization_tls", None), "skip_data", False):
         # torch.serialization.skip_data(): records of reserved, unwritten
         # space, torch's own feature; torch.save is the writer for it
         torch.save(obj, f)

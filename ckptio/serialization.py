@@ -177,9 +177,11 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
         verify_mapping(mapping, name, strict=True, run_loader=False)
     kind, restore = _map_kind(map_location)
     user_globals = user_allowed_globals() if weights_only else None
-    tls = torch.serialization._serialization_tls
-    previous = tls.map_location
-    tls.map_location = map_location
+    # torch >= 2.1 keeps map_location in a thread-local its restore functions read
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    previous = getattr(tls, "map_location", None)
+    if tls is not None:
+        tls.map_location = map_location
     try:
         result = _native.load(
             mapping,
@@ -192,7 +194,8 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
             user_globals=user_globals,
         )
     finally:
-        tls.map_location = previous
+        if tls is not None:
+            tls.map_location = previous
     if result is _native.TORCHSCRIPT:
         if path is None:
             return torch.jit.load(io.BytesIO(memoryview(mapping)), map_location=map_location)

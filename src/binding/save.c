@@ -45,6 +45,18 @@ static PyObject *call_method0(PyObject *obj, const char *name) {
     return PyObject_CallMethod(obj, name, NULL);
 }
 
+/* obj.name(), or obj.old() where this torch has only that (torch 1.13's
+ * TypedStorage: pickle_storage_type and size for _pickle_storage_type and
+ * _size). */
+static PyObject *call_method0_or(PyObject *obj, const char *name, const char *old) {
+    PyObject *r = PyObject_CallMethod(obj, name, NULL);
+    if (r == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        r = PyObject_CallMethod(obj, old, NULL);
+    }
+    return r;
+}
+
 /* The type name of storage.device ("cpu", "cuda", "meta"...), new reference. */
 static PyObject *device_type(PyObject *storage) {
     PyObject *dev = PyObject_GetAttrString(storage, "device");
@@ -81,11 +93,16 @@ static PyObject *persistent_id(PyObject *capsule, PyObject *obj) {
         Py_XDECREF(nbytes);
     } else if (PyObject_TypeCheck(obj, (PyTypeObject *)c->TypedStorage)) {
         storage = PyObject_GetAttrString(obj, "_untyped_storage");
+        if (storage == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear(); /* torch 1.13 calls it _storage */
+            storage = PyObject_GetAttrString(obj, "_storage");
+        }
         dtype = storage ? PyObject_GetAttrString(obj, "dtype") : NULL;
-        PyObject *name = dtype ? call_method0(obj, "_pickle_storage_type") : NULL;
+        PyObject *name =
+            dtype ? call_method0_or(obj, "_pickle_storage_type", "pickle_storage_type") : NULL;
         storage_type = name ? PyObject_GetAttr(c->torch, name) : NULL;
         Py_XDECREF(name);
-        numel = storage_type ? call_method0(obj, "_size") : NULL;
+        numel = storage_type ? call_method0_or(obj, "_size", "size") : NULL;
     } else if ((PyObject *)Py_TYPE(obj) == c->UntypedStorage) {
         storage = Py_NewRef(obj);
         dtype = Py_NewRef(c->uint8);
