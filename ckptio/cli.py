@@ -359,7 +359,7 @@ def _save_safetensors(obj, path):
     seen = set()
     tensors = {}
     for k, v in obj.items():
-        st = v.untyped_storage()
+        st = v.untyped_storage() if hasattr(v, "untyped_storage") else v.storage()  # torch 1.13
         ident = (st.data_ptr(), v.device.type)
         if ident in seen or not v.is_contiguous():
             v = v.contiguous().clone()  # safetensors refuses shared or strided memory

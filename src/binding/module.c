@@ -75,16 +75,19 @@ static const struct {
     [CK_DT_INT7] = {"int7", -1},
 };
 
+/* The numpy type whose array torch.from_numpy wraps before the view to a
+ * dtype numpy lacks (bfloat16, float8...): signed integers, which every
+ * torch reads (torch < 2.3 refuses numpy's uint16/32/64). */
 static int view_type_for(int elsize) {
     switch (elsize) {
     case 1:
         return NPY_UINT8;
     case 2:
-        return NPY_UINT16;
+        return NPY_INT16;
     case 4:
-        return NPY_UINT32;
+        return NPY_INT32;
     case 8:
-        return NPY_UINT64;
+        return NPY_INT64;
     default:
         return -1;
     }
