@@ -2,12 +2,17 @@
 # fresh Debian machine by themselves (apt packages, .venv, pip packages,
 # the extension) and are quick when everything is already in place.
 SHELL := /bin/bash
-PY := .venv/bin/python
+VENV := .venv
+PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := build-essential pkg-config libzip-dev zlib1g-dev libcurl4-openssl-dev \
-            libdeflate-dev libssl-dev clang python3-venv python3-torch python3-numpy \
-            libclang-rt-dev clang-format
-DEPS_STAMP := .venv/.ckptio-deps
+# what building the extension needs (make demo, make build, make wheel); the
+# tests add Debian's torch 1.13 (an old writer/reader, and a runtime in CI),
+# clang and its sanitizer/fuzzer runtimes, clang-format, zlib for test_core
+APT_BUILD := build-essential pkg-config libdeflate-dev libcurl4-openssl-dev python3-venv
+APT_PKGS := $(APT_BUILD) zlib1g-dev clang python3-torch python3-numpy libclang-rt-dev \
+            clang-format
+DEMO_STAMP := $(VENV)/.ckptio-demo
+DEPS_STAMP := $(VENV)/.ckptio-deps
 CORE_SRC := $(wildcard src/core/*.c)
 CORE_HDR := $(wildcard src/core/*.h)
 PKG_FLAGS = $(shell pkg-config --cflags --libs zlib libcurl libdeflate)
@@ -17,13 +22,20 @@ CFLAGS_COMMON := $(shell sed 's/\#.*//' src/cflags.txt) $(WERROR)
 CFLAGS_C := $(CFLAGS_COMMON) -g -Isrc
 BUILD := tests/c/build
 
-.PHONY: demo test bench build apt ctest fuzz fuzz-run fuzz-replay asan format clean
+.PHONY: demo test bench build wheel apt apt-build ctest fuzz fuzz-run fuzz-replay asan format clean
 
 demo: build
 	$(PY) -m ckptio bench
 
-test: build ctest fuzz-replay
+test: $(DEPS_STAMP) build ctest fuzz-replay
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# a manylinux wheel for .venv's Python (tools/wheel.sh; PYTHON=... for another)
+wheel: | apt-build
+	tools/wheel.sh $(or $(PYTHON),$(PY))
+
+apt-build:
+	@$(MAKE) -s apt APT_PKGS="$(APT_BUILD)"
 
 apt:
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -33,14 +45,19 @@ apt:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(DEPS_STAMP): requirements-dev.txt | apt
-	test -x $(PY) || python3 -m venv .venv
+# the demo's packages (requirements-demo.txt), then the tests' on top
+$(DEMO_STAMP): requirements-demo.txt | apt-build
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-demo.txt
 	$(PY) -m pip install -q --no-build-isolation mmcv==1.7.2
 	touch $@
 
-build: $(DEPS_STAMP)
+$(DEPS_STAMP): requirements-test.txt $(DEMO_STAMP) | apt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+build: $(DEMO_STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 $(BUILD)/test_core: tests/c/test_core.c $(CORE_SRC) $(CORE_HDR) | apt

@@ -14,6 +14,9 @@ import ckptio
 from ckptio import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where the ckptio under test lives (the source tree, or site-packages when
+# the suite runs against the installed wheel): what subprocesses import
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ckptio.__file__)))
 
 
 @pytest.fixture
@@ -204,12 +207,12 @@ def test_bench_dispatch(monkeypatch):
 
 def test_python_dash_m(ckpt):
     path, _ = ckpt
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT)
     proc = subprocess.run([sys.executable, "-m", "ckptio", "verify", "-q", str(path)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+                          capture_output=True, text=True, env=env, cwd=str(path.parent))
     assert proc.returncode == 0 and proc.stdout.strip() == f"{path}: ok"
     proc = subprocess.run([sys.executable, "-m", "ckptio", "info"], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
+                          text=True, env=env, cwd=str(path.parent))
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
@@ -230,7 +233,7 @@ def test_control_characters_from_a_file_never_reach_the_terminal(tmp_path):
                  ["verify", "-q", name, tmp_path / "missing\x1b[0m.pth"]):
         proc = subprocess.run([sys.executable, "-m", "ckptio", *map(str, argv)],
                               capture_output=True, text=True, cwd=str(tmp_path),
-                              env=dict(os.environ, PYTHONPATH=ROOT))
+                              env=dict(os.environ, PYTHONPATH=PKG_ROOT))
         for stream in (proc.stdout, proc.stderr):
             assert "\x1b" not in stream and "\x9b" not in stream and "\x07" not in stream
             assert "\r" not in stream and "\x00" not in stream and "\u202e" not in stream
@@ -264,7 +267,7 @@ def test_piping_into_head_prints_no_traceback(tmp_path):
     for cmd in ("info", "verify"):
         proc = subprocess.run(
             f"{sys.executable} -m ckptio {cmd} {path} {'--depth 3 --max-keys 100000' if cmd == 'info' else path} | head -n 1",
-            shell=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            shell=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=PKG_ROOT))
         assert proc.stdout.count("\n") == 1
         assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
@@ -275,7 +278,7 @@ NO_TORCH = "import sys; sys.modules['torch'] = None; sys.argv[0] = 'ckptio'; "
 def run_without_torch(*argv):
     code = NO_TORCH + "from ckptio.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                          text=True, env=dict(os.environ, PYTHONPATH=PKG_ROOT))
 
 
 def test_info_and_verify_without_torch(ckpt, tmp_path):
@@ -309,7 +312,7 @@ def test_help_and_version_import_neither_torch_nor_numpy():
             "bad = [m for m in ('torch', 'numpy', 'ckptio._native') if m in sys.modules]\n"
             "print('LOADED', bad)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=dict(os.environ, PYTHONPATH=PKG_ROOT))
     assert "LOADED []" in proc.stdout, proc.stdout + proc.stderr
     assert ckptio.__version__ in proc.stdout
 
@@ -319,5 +322,5 @@ def test_import_ckptio_is_light():
             "ckptio.verify; ckptio.load; ckptio.save; assert 'torch' not in sys.modules; "
             "print(sorted(ckptio.__all__) == sorted(n for n in dir(ckptio) if n in ckptio.__all__))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=dict(os.environ, PYTHONPATH=PKG_ROOT))
     assert proc.stdout.strip() == "True", proc.stderr

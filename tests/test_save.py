@@ -610,7 +610,9 @@ def test_permissions_of_an_existing_target_are_kept(tmp_path):
 
 
 def run_child(code, **kwargs):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]))
+    # the ckptio under test (the source tree, or the installed wheel)
+    pkg_root = os.path.dirname(os.path.dirname(ckptio.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, HERE]))
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, **kwargs)
 
 
