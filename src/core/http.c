@@ -337,8 +337,8 @@ static ck_status adopt_partial(download *d, ck_error *err) {
         }
         d->have = size;
         d->resumed_from = size;
-        note(d, 1, "%s holds %" PRIu64 " bytes of %s from an earlier download", d->part_path,
-             size, d->url);
+        note(d, 1, "%s holds %" PRIu64 " bytes of %s from an earlier download", d->part_path, size,
+             d->url);
         return CK_OK;
     }
     if (size > 0)
@@ -355,8 +355,8 @@ static ck_status adopt_partial(download *d, ck_error *err) {
 /* Empties the partial to take the file from its first byte. */
 static ck_status restart_partial(download *d, ck_error *err) {
     if (d->have > 0)
-        note(d, 1, "taking %s from its first byte again: %" PRIu64 " bytes of %s discarded",
-             d->url, d->have, d->part_path);
+        note(d, 1, "taking %s from its first byte again: %" PRIu64 " bytes of %s discarded", d->url,
+             d->have, d->part_path);
     ck_status s = ck_hashsink_reset(d->sink, err);
     if (s != CK_OK)
         return s;
@@ -795,8 +795,7 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
             if (d.r_retry_after >= 0)
                 pause = d.r_retry_after < MAX_RETRY_AFTER_S ? d.r_retry_after : MAX_RETRY_AFTER_S;
             note(&d, 2, "retrying %s in %.1f s%s (attempt %d of %d): %s", url, pause,
-                 d.r_retry_after >= 0 ? " (Retry-After)" : "", n + 1, opts->retries + 1,
-                 err->msg);
+                 d.r_retry_after >= 0 ? " (Retry-After)" : "", n + 1, opts->retries + 1, err->msg);
             if (pause_before_retry(&d, pause) != 0) {
                 o = OUT_INTERRUPT;
                 break;
@@ -842,8 +841,7 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
         unlink(d.part_path);
         remove_meta(&d);
     } else if (s != CK_OK) {
-        note(&d, 1, "keeping %s (%" PRIu64 " bytes) to resume %s later", d.part_path, d.have,
-             url);
+        note(&d, 1, "keeping %s (%" PRIu64 " bytes) to resume %s later", d.part_path, d.have, url);
     }
 out:
     ck_hashsink_close(d.sink);
