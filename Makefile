@@ -11,7 +11,9 @@ DEPS_STAMP := .venv/.ckptio-deps
 CORE_SRC := $(wildcard src/core/*.c)
 CORE_HDR := $(wildcard src/core/*.h)
 PKG_FLAGS = $(shell pkg-config --cflags --libs libzip zlib libcurl libdeflate libcrypto)
-CFLAGS_C := -std=gnu11 -O2 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc
+# _GNU_SOURCE (O_TMPFILE, sync_file_range, memmem...) once for every C build, here and in
+# setup.py; no source file defines it
+CFLAGS_C := -std=gnu11 -D_GNU_SOURCE -O2 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc
 BUILD := tests/c/build
 
 .PHONY: demo test bench build apt ctest fuzz fuzz-run fuzz-replay asan format clean
@@ -57,7 +59,7 @@ PY_INC = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["include"]
 PY_SITE = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["purelib"])')
 PY_LIBS = -L$(shell $(call PYCFG,LIBDIR)) -lpython$(shell $(call PYCFG,LDVERSION)) \
           -Wl,-rpath,$(shell $(call PYCFG,LIBDIR))
-FUZZ_CFLAGS = -std=gnu11 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc \
+FUZZ_CFLAGS = -std=gnu11 -D_GNU_SOURCE -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc \
               -I$(PY_INC) -DCK_FUZZ_SITE='"$(PY_SITE)"'
 FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 FUZZ_ENV := ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1
