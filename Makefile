@@ -46,8 +46,13 @@ $(BUILD)/test_core: tests/c/test_core.c $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
 	cc $(CFLAGS_C) tests/c/test_core.c $(CORE_SRC) $(PKG_FLAGS) -o $@
 
-ctest: $(BUILD)/test_core
+$(BUILD)/test_atomic: tests/c/test_atomic.c $(CORE_SRC) $(CORE_HDR) | apt
+	mkdir -p $(BUILD)
+	cc $(CFLAGS_C) tests/c/test_atomic.c $(CORE_SRC) $(PKG_FLAGS) -o $@
+
+ctest: $(BUILD)/test_core $(BUILD)/test_atomic
 	$(BUILD)/test_core
+	$(BUILD)/test_atomic
 
 # ---- fuzzing (tests/fuzz): libFuzzer harnesses, each also built with a plain
 # main() that replays its corpus (fuzz-replay, part of `make test`).

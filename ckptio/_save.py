@@ -95,18 +95,24 @@ def _options():
         return 64, True
 
 
-def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
+def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None, _named_temp=False):
     """Saves obj as torch.save(obj, f) does, byte for byte.
 
     f: a path (str or os.PathLike), written atomically (temporary file in
     the same directory, fsync when fsync=True, rename over the target, fsync
-    of the directory; a symbolic link is followed and the file it names
-    replaced), or a binary file object, written sequentially from its
-    current position and flushed (and fsynced when it has a file descriptor
-    and fsync=True). Storages on other devices are copied to the CPU first.
+    of the directory; symbolic links are followed and the file they name
+    replaced, the links kept; a loop fails with ELOOP as in torch), or a
+    binary file object, written sequentially from its current position and
+    flushed (and fsynced when it has a file descriptor and fsync=True). A
+    path naming a FIFO or a device is written into, as torch.save does, with
+    no temporary and no rename. Storages on other devices are copied to the
+    CPU first.
 
     Unlike torch.save, a path's old file is replaced, not overwritten in
     place: other hard links to it keep the old content.
+
+    _named_temp: never use an O_TMPFILE inode, always a named temporary
+    (tests of the fallback for file systems without O_TMPFILE).
 
     _to_cpu: called once with the list of storages not on the CPU, returns
     their CPU copies in the same order; by default the CUDA ones are copied
@@ -131,9 +137,9 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         folder = _archive_folder(path)  # from the name given, as torch takes it
-        # torch.save writes through a symbolic link; replace the file it points to
-        target = os.path.realpath(path) if os.path.islink(path) else path
-        _native.save(obj, target, folder, _torch_hooks(), to_path=True, fsync=fsync, **common)
+        # symbolic links are followed in C (src/core/atomic.c), as torch's open() does
+        _native.save(obj, path, folder, _torch_hooks(), to_path=True, fsync=fsync,
+                     named_temp=_named_temp, **common)
         return
     write = getattr(f, "write", None)
     if not callable(write):

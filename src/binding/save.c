@@ -563,6 +563,7 @@ typedef struct save_args {
     uint64_t alignment;
     uint64_t zip64_threshold;
     int compute_crc;
+    int named_temp; /* never O_TMPFILE (tests of the fallback) */
 } save_args;
 
 /* Writes every record. The GIL is released around data writes to a
@@ -576,15 +577,15 @@ static ck_status write_archive(ck_zipw *w, fd_io *io, const save_args *a, const 
     const char *bo = PyUnicode_AsUTF8AndSize(a->byteorder, &bo_len);
     if (bo == NULL)
         return ck_fail(err, CK_E_INTERRUPTED, "python exception");
-    ck_status st;
-    if ((st = ck_zipw_add(w, "data.pkl", pkl->buf, (uint64_t)pkl->len, err)) != CK_OK ||
-        (st = ck_zipw_add(w, ".format_version", "1", 1, err)) != CK_OK ||
-        (st = ck_zipw_add(w, ".storage_alignment", align_text, strlen(align_text), err)) != CK_OK ||
-        (st = ck_zipw_add(w, "byteorder", bo, (uint64_t)bo_len, err)) != CK_OK)
-        return st;
     Py_ssize_t n = PyList_GET_SIZE(c->storages);
+    /* from the first byte: a FIFO's reader may be a thread of this process */
     if (io != NULL)
         io->ts = PyEval_SaveThread();
+    ck_status st;
+    if ((st = ck_zipw_add(w, "data.pkl", pkl->buf, (uint64_t)pkl->len, err)) == CK_OK &&
+        (st = ck_zipw_add(w, ".format_version", "1", 1, err)) == CK_OK &&
+        (st = ck_zipw_add(w, ".storage_alignment", align_text, strlen(align_text), err)) == CK_OK)
+        st = ck_zipw_add(w, "byteorder", bo, (uint64_t)bo_len, err);
     for (Py_ssize_t i = 0; i < n && st == CK_OK; i++) {
         char name[40];
         snprintf(name, sizeof name, "data/%zd", i);
@@ -599,10 +600,27 @@ static ck_status write_archive(ck_zipw *w, fd_io *io, const save_args *a, const 
     return st;
 }
 
+/* ck_atomic_open with the GIL released (opening a FIFO waits for its
+ * reader); a signal that interrupts that wait runs its Python handler, and
+ * the open is retried unless the handler raised. */
+static ck_status open_target(ck_atomic *at, const char *path, int named_temp, ck_error *err) {
+    ck_status status;
+    for (;;) {
+        ck_error_clear(err);
+        Py_BEGIN_ALLOW_THREADS status =
+            ck_atomic_open(at, path, named_temp ? CK_ATOMIC_NAMED_TEMP : 0, err);
+        Py_END_ALLOW_THREADS
+        if (status != CK_E_INTERRUPTED)
+            return status;
+        if (PyErr_CheckSignals() < 0)
+            return status;
+    }
+}
+
 static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"obj",           "target",          "prefix",    "hooks",
                              "to_path",       "fsync",           "byteorder", "alignment",
-                             "compute_crc32", "zip64_threshold", "to_cpu",    NULL};
+                             "compute_crc32", "zip64_threshold", "to_cpu",    "named_temp", NULL};
     ck_state *st = ck_get_state(module);
     PyObject *obj, *prefix, *hooks;
     save_args a = {0};
@@ -610,9 +628,10 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     PyObject *to_cpu = Py_None; /* borrowed argument */
     a.compute_crc = 1;
     a.fsync = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOUO|$ppUKpKO", kwlist, &obj, &a.target,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOUO|$ppUKpKOp", kwlist, &obj, &a.target,
                                      &prefix, &hooks, &a.to_path, &a.fsync, &a.byteorder,
-                                     &alignment, &a.compute_crc, &threshold, &to_cpu))
+                                     &alignment, &a.compute_crc, &threshold, &to_cpu,
+                                     &a.named_temp))
         return NULL;
     if (a.byteorder == NULL) {
         PyErr_SetString(PyExc_TypeError, "save: byteorder is required");
@@ -666,12 +685,14 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
             goto out;
         }
         ck_atomic at;
-        if (ck_atomic_open(&at, PyBytes_AS_STRING(path_bytes), &err) != CK_OK) {
+        if (open_target(&at, PyBytes_AS_STRING(path_bytes), a.named_temp, &err) != CK_OK) {
             ck_zipw_free(&w);
-            ck_raise_core(st, filename, &err);
+            if (!PyErr_Occurred())
+                ck_raise_core(st, filename, &err);
             goto out;
         }
-        fd_io io = {{at.fd, a.fsync, 0, 0}, NULL};
+        /* no writeback hints for a FIFO or device written in place */
+        fd_io io = {{at.fd, a.fsync && !at.direct, 0, 0}, NULL};
         w.write = ck_zipw_fd_sink;
         w.write_ctx = &io.sink;
         w.stop = fd_stop;
@@ -739,7 +760,7 @@ static PyObject *py_crc32(PyObject *module, PyObject *args, PyObject *kwargs) {
 PyMethodDef ck_save_methods[] = {
     {"save", (PyCFunction)(void (*)(void))py_save, METH_VARARGS | METH_KEYWORDS,
      "save(obj, target, prefix, hooks, *, to_path, fsync, byteorder, alignment=64,\n"
-     "     compute_crc32=True, zip64_threshold=0xFFFFFFFF, to_cpu=None)\n"
+     "     compute_crc32=True, zip64_threshold=0xFFFFFFFF, to_cpu=None, named_temp=False)\n"
      "Writes obj in torch.save's zip format (see ckptio.save for the public API)."},
     {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_VARARGS | METH_KEYWORDS,
      "crc32(data, value=0, *, impl='libdeflate') -> int: CRC-32 by libdeflate or zlib."},
