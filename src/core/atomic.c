@@ -16,7 +16,7 @@
  * without it glibc hides O_TMPFILE and the unnamed temporary would silently
  * be compiled out, as it once was. */
 #if defined(__linux__) && !defined(O_TMPFILE)
-#error "O_TMPFILE is not declared: compile with -D_GNU_SOURCE, as setup.py and the Makefile do"
+#error "O_TMPFILE undeclared: build with -D_GNU_SOURCE (as setup.py and the Makefile do)"
 #endif
 
 #define TEMP_TAG ".ckptio-"
@@ -215,8 +215,8 @@ static ck_status open_temp(ck_atomic *a, const char *path, int flags, ck_error *
         return st;
     ck_atomic_remove_stale(a->dir_fd);
     struct stat old;
-    int have_old = fstatat(a->dir_fd, a->base, &old, AT_SYMLINK_NOFOLLOW) == 0 &&
-                   S_ISREG(old.st_mode);
+    int have_old =
+        fstatat(a->dir_fd, a->base, &old, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(old.st_mode);
 #ifdef O_TMPFILE
     /* naming the inode at commit goes through /proc/self/fd */
     if (!(flags & CK_ATOMIC_NAMED_TEMP) && access("/proc/self/fd", X_OK) == 0) {
@@ -254,8 +254,7 @@ static ck_status open_temp(ck_atomic *a, const char *path, int flags, ck_error *
             fchown(a->fd, old.st_uid, old.st_gid) != 0 && old.st_gid != getegid())
             (void)!fchown(a->fd, (uid_t)-1, old.st_gid);
         if (fchmod(a->fd, old.st_mode & 07777) != 0)
-            return ck_fail_errno(err, errno, "cannot set the permissions of the new %s",
-                                 a->target);
+            return ck_fail_errno(err, errno, "cannot set the permissions of the new %s", a->target);
     }
     return CK_OK;
 }

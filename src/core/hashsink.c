@@ -15,7 +15,7 @@
 /* _GNU_SOURCE comes from the build (setup.py, Makefile), once for every
  * file; without it the writeback below was silently compiled out. */
 #if defined(__linux__) && !defined(SYNC_FILE_RANGE_WRITE)
-#error "sync_file_range is not declared: compile with -D_GNU_SOURCE, as setup.py and the Makefile do"
+#error "sync_file_range undeclared: build with -D_GNU_SOURCE (as setup.py, Makefile do)"
 #endif
 
 #define SLOT_SIZE (1u << 20)
@@ -26,9 +26,9 @@ struct ck_hashsink {
     int fd;
     const char *path;
     int writeback;
-    int hash;         /* 0: no worker, no digest */
-    uint64_t written; /* bytes written by this sink */
-    uint64_t synced;  /* writeback started up to here */
+    int hash;            /* 0: no worker, no digest */
+    uint64_t written;    /* bytes written by this sink */
+    uint64_t synced;     /* writeback started up to here */
     uint64_t writebacks; /* sync_file_range calls made */
     EVP_MD_CTX *sha;
     unsigned char *slots[SLOTS];

@@ -11,7 +11,7 @@
 
 /* _GNU_SOURCE comes from the build (setup.py, Makefile), once for every file */
 #if defined(__linux__) && !defined(SYNC_FILE_RANGE_WRITE)
-#error "sync_file_range is not declared: compile with -D_GNU_SOURCE, as setup.py and the Makefile do"
+#error "sync_file_range undeclared: build with -D_GNU_SOURCE (as setup.py, Makefile do)"
 #endif
 
 #define SIG_LOCAL 0x04034b50u
