@@ -45,6 +45,24 @@ def _dtype_rows():
     return rows
 
 
+def _save_legacy_rows(new_dtypes):
+    """dtype -> (the storage class torch pickles for it, element size) for
+    every dtype torch.save writes through a TypedStorage."""
+    legacy = {}
+    with warnings.catch_warnings():  # TypedStorage and quantized dtypes warn
+        warnings.simplefilter("ignore")
+        for dtype in set(d for d in vars(torch).values() if isinstance(d, torch.dtype)):
+            if dtype in new_dtypes:
+                continue
+            try:
+                typed = torch.empty(0, dtype=dtype)._typed_storage()
+                legacy[dtype] = (getattr(torch, typed._pickle_storage_type()),
+                                 typed.element_size())
+            except (KeyError, AttributeError, RuntimeError, TypeError):
+                continue
+    return legacy
+
+
 def _tables():
     wo = torch._weights_only_unpickler
     allowed = dict(wo._get_allowed_globals())
@@ -64,6 +82,7 @@ def _tables():
             storage_dtype[obj] = code[dtype]
 
     utils = torch._utils
+    new_dtypes = frozenset(torch.storage._new_dtypes())
     return {
         "from_numpy": torch.from_numpy,
         "empty": torch.empty,
@@ -92,6 +111,14 @@ def _tables():
         "compat_import_mapping": dict(_compat_pickle.IMPORT_MAPPING),
         "extension_registry": copyreg._inverted_registry,
         "dtypes": rows,
+        # save (src/binding/save_hooks.c): torch.serialization._save's helpers
+        "normalize_storage_type": torch.serialization.normalize_storage_type,
+        "location_tag": torch.serialization.location_tag,
+        "torch": torch,
+        "get_tensor_metadata": torch._C._get_tensor_metadata,
+        "strided": torch.strided,
+        "save_new_dtypes": new_dtypes,
+        "save_legacy": _save_legacy_rows(new_dtypes),
     }
 
 

@@ -7,64 +7,23 @@ id), storage bytes written straight from tensor memory. A path target is
 written to a temporary file in the same directory and renamed over the old
 file only once everything is on disk.
 """
-import collections
 import os
 import sys
-import warnings
 
 import torch
 
 from . import _hostcopy, _native
+from ._config import ensure_configured
 
-_hooks = None
 
-
-def _torch_hooks():
-    """The torch objects the C pickling hooks use (looked up once), and
-    whether the C tensor reduction may run (not under torch's skip_data or
-    fake-tensor modes, whose rules only torch's own code knows)."""
-    global _hooks
-    if _hooks is None:
-        ser = torch.serialization
-        new_dtypes = frozenset(torch.storage._new_dtypes())
-        legacy = {}  # dtype -> (storage class torch pickles, element size)
-        with warnings.catch_warnings():  # TypedStorage and quantized dtypes warn
-            warnings.simplefilter("ignore")
-            _legacy_rows(legacy, new_dtypes)
-        _hooks = (
-            torch.storage.TypedStorage,
-            torch.UntypedStorage,
-            ser.normalize_storage_type,
-            ser.location_tag,
-            torch,
-            torch.uint8,
-            torch.Tensor,
-            torch._utils._rebuild_tensor_v2,
-            torch._utils._rebuild_tensor_v3,
-            collections.OrderedDict,
-            legacy,
-            new_dtypes,
-            torch._C._get_tensor_metadata,
-            torch.strided,
-        )
+def _fast():
+    """Whether the C tensor reduction may run: not under torch's skip_data or
+    fake-tensor modes, whose rules only torch's own code knows. (torch's
+    objects reach C once, through ckptio._config.)"""
     tls = torch.serialization._serialization_tls
-    fast = not getattr(tls, "skip_data", False) and not getattr(
+    return not getattr(tls, "skip_data", False) and not getattr(
         tls, "materialize_fake_tensors", False
     )
-    return _hooks + (fast,)
-
-
-def _legacy_rows(legacy, new_dtypes):
-    """Fills legacy with dtype -> (the storage class torch pickles for it,
-    element size) for every dtype torch saves through a TypedStorage."""
-    for dtype in set(d for d in vars(torch).values() if isinstance(d, torch.dtype)):
-        if dtype in new_dtypes:
-            continue
-        try:
-            typed = torch.empty(0, dtype=dtype)._typed_storage()
-            legacy[dtype] = (getattr(torch, typed._pickle_storage_type()), typed.element_size())
-        except (KeyError, AttributeError, RuntimeError, TypeError):
-            continue
 
 
 def _archive_folder(path):
@@ -124,8 +83,10 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None, _name
         # space, torch's own feature; torch.save is the writer for it
         torch.save(obj, f)
         return
+    ensure_configured()
     alignment, crc = _options()
     common = dict(
+        fast=_fast(),
         byteorder=sys.byteorder,
         alignment=alignment,
         compute_crc32=crc,
@@ -138,13 +99,13 @@ def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None, _name
             path = os.fsdecode(path)
         folder = _archive_folder(path)  # from the name given, as torch takes it
         # symbolic links are followed in C (src/core/atomic.c), as torch's open() does
-        _native.save(obj, path, folder, _torch_hooks(), to_path=True, fsync=fsync,
-                     named_temp=_named_temp, **common)
+        _native.save(obj, path, folder, to_path=True, fsync=fsync, named_temp=_named_temp,
+                     **common)
         return
     write = getattr(f, "write", None)
     if not callable(write):
         raise AttributeError(f"Buffer of {type(f).__name__} has no callable attribute 'write'")
-    _native.save(obj, write, "archive", _torch_hooks(), to_path=False, fsync=False, **common)
+    _native.save(obj, write, "archive", to_path=False, fsync=False, **common)
     flush = getattr(f, "flush", None)  # torch.save flushes the buffer too
     if callable(flush):
         flush()
