@@ -280,6 +280,24 @@ def test_character_device_is_written_into_not_replaced(tmp_path):
     assert (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
 
 
+def test_dev_stdout_reaches_the_pipe_like_torch(tmp_path):
+    """/dev/stdout is a chain of links ending in /proc's magic link to the
+    process's stdout (here a pipe): written into, as torch writes into it."""
+    def piped(fn):
+        code = f"""
+            import torch, ckptio
+            {fn}({{"w": torch.arange(1000), "n": "x"}}, "/dev/stdout")
+        """
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([PKG_ROOT, HERE]))
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                             stdout=subprocess.PIPE, check=True, timeout=120).stdout
+        return out
+
+    theirs = piped("torch.save")
+    assert theirs[:2] == b"PK"
+    assert piped("ckptio.save") == theirs
+
+
 def test_symlink_loop_is_refused_with_eloop_like_torch(tmp_path):
     a, b = tmp_path / "a.pth", tmp_path / "b.pth"
     a.symlink_to(b.name)

@@ -259,11 +259,13 @@ static ck_status open_temp(ck_atomic *a, const char *path, int flags, ck_error *
     return CK_OK;
 }
 
-/* Opens a FIFO or device at path for writing in place. Returns CK_OK with
- * a->fd set, CK_OK with a->fd < 0 when path turned out to be a regular
- * file (replaced meanwhile), or a failure. */
-static ck_status open_direct(ck_atomic *a, const char *path, ck_error *err) {
-    int fd = open(path, O_WRONLY | O_NOFOLLOW | O_NOCTTY | O_CLOEXEC);
+/* Opens a FIFO or device for writing in place, through the links of the
+ * target as given (the kernel's resolution, so that /dev/stdout or
+ * /proc/self/fd/N reach what they name, as in torch). Returns CK_OK with
+ * a->fd set, CK_OK with a->fd < 0 when it turned out to be a regular file
+ * (replaced meanwhile), or a failure. */
+static ck_status open_direct(ck_atomic *a, ck_error *err) {
+    int fd = open(a->target, O_WRONLY | O_NOCTTY | O_CLOEXEC);
     if (fd < 0) {
         if (errno == EINTR)
             return ck_fail(err, CK_E_INTERRUPTED, "interrupted while opening %s", a->target);
@@ -298,8 +300,30 @@ ck_status ck_atomic_open(ck_atomic *a, const char *target, int flags, ck_error *
     }
     ck_status st = CK_OK;
     for (int tries = 0; tries < 8; tries++) {
-        char *path;
+        /* the kernel's view first: what open() would reach through every
+         * link (also /proc's magic ones, which readlink cannot follow) */
         struct stat s;
+        if (stat(target, &s) == 0 && !S_ISREG(s.st_mode)) {
+            if (S_ISDIR(s.st_mode))
+                st = ck_fail_errno(err, EISDIR, "cannot save to %s", target);
+            else if (S_ISSOCK(s.st_mode))
+                st = ck_fail_errno(err, ENXIO, "cannot save to %s", target);
+            else
+                st = open_direct(a, err); /* FIFO, character or block device */
+            if (st != CK_OK) {
+                ck_atomic_abort(a);
+                return st;
+            }
+            if (a->fd >= 0)
+                return CK_OK;
+            continue; /* became a regular file meanwhile */
+        } else if (errno == ELOOP) {
+            release(a);
+            return ck_fail_errno(err, ELOOP, "cannot save to %s", target);
+        }
+        /* a regular file or nothing yet: the file at the end of the links is
+         * replaced in its own directory */
+        char *path;
         int exists = 0;
         int e = resolve(target, &path, &s, &exists);
         if (e != 0) {
@@ -307,22 +331,17 @@ ck_status ck_atomic_open(ck_atomic *a, const char *target, int flags, ck_error *
             return e == ENOMEM ? ck_fail(err, CK_E_NOMEM, "out of memory")
                                : ck_fail_errno(err, e, "cannot save to %s", target);
         }
-        if (exists && S_ISDIR(s.st_mode))
-            st = ck_fail_errno(err, EISDIR, "cannot save to %s", target);
-        else if (exists && S_ISSOCK(s.st_mode))
-            st = ck_fail_errno(err, ENXIO, "cannot save to %s", target);
-        else if (exists && (S_ISFIFO(s.st_mode) || S_ISCHR(s.st_mode) || S_ISBLK(s.st_mode)))
-            st = open_direct(a, path, err);
-        else
-            st = open_temp(a, path, flags, err);
+        if (exists && !S_ISREG(s.st_mode)) {
+            free(path); /* changed since the stat above: look again */
+            continue;
+        }
+        st = open_temp(a, path, flags, err);
         free(path);
         if (st != CK_OK) {
             ck_atomic_abort(a);
             return st;
         }
-        if (a->fd >= 0)
-            return CK_OK;
-        /* a device node became a regular file between lstat and open */
+        return CK_OK;
     }
     release(a);
     return ck_fail(err, CK_E_IO, "cannot save to %s: it keeps changing", target);

@@ -16,7 +16,8 @@
  *   disappears, and a named temporary (the fallback, or the short window
  *   between naming an O_TMPFILE inode and the rename) is removed by the
  *   next save of any file in that directory.
- * - A FIFO or a character or block device: opened for writing and written
+ * - A FIFO or a character or block device (as open() reaches it, through
+ *   /proc's magic links too: /dev/stdout): opened for writing and written
  *   in place, as torch.save writes into it (a rename would replace the
  *   device node, /dev/null for one, with a regular file). Nothing can be
  *   undone there; no fsync.

@@ -321,6 +321,19 @@ static void test_non_regular_targets(void) {
     unlink(at("to-pipe"));
     unlink(at("pipe"));
 
+    /* /proc's magic links (/dev/fd/N, /dev/stdout) reach what they name, as
+     * open() does: here the write end of a pipe */
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    char magic[64];
+    snprintf(magic, sizeof magic, "/dev/fd/%d", fds[1]);
+    CHECK(ck_atomic_open(&a, magic, 0, &err) == CK_OK && a.direct == 1);
+    CHECK(write_text(&a, "piped") && ck_atomic_commit(&a, 1, &err) == CK_OK);
+    close(fds[1]);
+    memset(buf, 0, sizeof buf);
+    CHECK(read(fds[0], buf, sizeof buf - 1) == 5 && strcmp(buf, "piped") == 0);
+    close(fds[0]);
+
     /* /dev/null is written into, never replaced (as root a rename could) */
     CHECK(stat("/dev/null", &before) == 0 && S_ISCHR(before.st_mode));
     CHECK(ck_atomic_open(&a, "/dev/null", 0, &err) == CK_OK);
