@@ -847,6 +847,36 @@ def test_partial_planted_by_another_user_is_replaced(server, dst):
     assert os.stat(dst).st_uid == os.geteuid() and leftovers(dst) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as two other users needs root")
+def test_unreadable_partial_of_another_user_is_replaced(server):
+    """In a shared, world-writable cache a user (12345) finds a partial of
+    another (12346) that it may not even open: removed and replaced."""
+    import shutil
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="ckptio-shared-")
+    try:
+        os.chmod(shared, 0o777)
+        dst = os.path.join(shared, "file.bin")
+        plant(dst, server.url(), server.etag, owner=12346)
+        pid = os.fork()
+        if pid == 0:  # the other user, with the extension already loaded
+            code = 1
+            try:
+                os.setgid(12345)
+                os.setuid(12345)
+                _native.download(server.url(), dst, **FAST)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert read(dst) == DATA and os.stat(dst).st_uid == 12345
+        assert ranges_and_statuses(server) == [(None, 200)] and leftovers(dst) == []
+    finally:
+        shutil.rmtree(shared)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_meta_planted_by_another_user_is_ignored(server, dst):
     plant(dst, server.url(), server.etag)

@@ -232,27 +232,30 @@ static ck_status open_partial(download *d, ck_error *err) {
     for (int tries = 0; tries < 64; tries++) {
         int fd = open(d->part_path,
                       O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0600);
-        struct stat a;
-        if (fd < 0 && errno != ELOOP)
-            return ck_fail_errno(err, errno, "cannot create %s", d->part_path);
+        int e = errno;
+        struct stat a = {0};
+        /* ELOOP: a symbolic link; EACCES/EPERM: another user's file */
+        int foreign = fd < 0 && (e == ELOOP || e == EACCES || e == EPERM) &&
+                      lstat(d->part_path, &a) == 0 && a.st_uid != geteuid();
+        if (fd < 0 && e == ELOOP)
+            foreign = 1;
+        if (fd < 0 && !foreign)
+            return ck_fail_errno(err, e, "cannot create %s", d->part_path);
         if (fd >= 0 && fstat(fd, &a) != 0) {
-            int e = errno;
+            e = errno;
             close(fd);
             return ck_fail_errno(err, e, "cannot stat %s", d->part_path);
         }
-        if (fd < 0 || !is_private_file(&a)) {
+        if (foreign || !is_private_file(&a)) {
             /* not a partial this user made: not ours to resume or write */
             if (fd >= 0)
                 close(fd);
-            if (unlink(d->part_path) != 0 && errno != ENOENT) {
-                if (fd < 0)
-                    return ck_fail_errno(err, errno, "cannot replace the link %s", d->part_path);
+            if (unlink(d->part_path) != 0 && errno != ENOENT)
                 return ck_fail_errno(err, errno,
                                      "cannot replace %s (uid %u, mode %04o, %u links): not a "
                                      "partial download of this user",
                                      d->part_path, (unsigned)a.st_uid,
                                      (unsigned)(a.st_mode & 07777), (unsigned)a.st_nlink);
-            }
             unlink(d->meta_path); /* whatever describes it is as foreign */
             continue;
         }
