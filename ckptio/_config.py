@@ -47,20 +47,13 @@ def _dtype_rows():
 
 def _save_legacy_rows(new_dtypes):
     """dtype -> (the storage class torch pickles for it, element size) for
-    every dtype torch.save writes through a TypedStorage."""
-    legacy = {}
-    with warnings.catch_warnings():  # TypedStorage and quantized dtypes warn
-        warnings.simplefilter("ignore")
-        for dtype in set(d for d in vars(torch).values() if isinstance(d, torch.dtype)):
-            if dtype in new_dtypes:
-                continue
-            try:
-                typed = torch.empty(0, dtype=dtype)._typed_storage()
-                legacy[dtype] = (getattr(torch, typed._pickle_storage_type()),
-                                 typed.element_size())
-            except (KeyError, AttributeError, RuntimeError, TypeError):
-                continue
-    return legacy
+    every dtype torch.save writes through a TypedStorage (what
+    TypedStorage._pickle_storage_type names)."""
+    return {
+        dtype: (getattr(torch, name), _element_size(dtype))
+        for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+        if dtype not in new_dtypes
+    }
 
 
 def _tables():
