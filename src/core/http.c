@@ -159,17 +159,18 @@ static int has_prefix_ci(const char *s, size_t n, const char *prefix) {
     return n >= k && strncasecmp(s, prefix, k) == 0;
 }
 
-/* The validator a resume may rely on, or NULL (no resume: the file is taken
- * from its first byte). A strong ETag names one exact representation. A weak
- * one (W/"...") never does, and a Last-Modified date alone does not either
- * (a file rewritten within the same second, or by a server that keeps the
- * date, would be spliced from two versions); the date is used only when a
- * hash prefix checks the whole result, and a mismatch after a resume then
- * takes the file again from zero (ck_http_download). */
+/* Whether the file in the partial has a strong ETag (not W/"..."). */
 static int strong_etag(const download *d) {
     return d->etag[0] != 0 && strncmp(d->etag, "W/", 2) != 0;
 }
 
+/* The validator a resume may rely on, or NULL (no resume: the file is taken
+ * from its first byte). A strong ETag names one exact representation. A weak
+ * one never does, and a Last-Modified date alone does not either (a file
+ * rewritten within the same second, or by a server that keeps the date,
+ * would be spliced from two versions); the date is used only when a hash
+ * prefix checks the whole result, and a mismatch after a resume then takes
+ * the file again from zero (ck_http_download). */
 static const char *resume_validator(const download *d) {
     if (strong_etag(d))
         return d->etag;
@@ -279,7 +280,7 @@ static ck_status open_partial(download *d, ck_error *err) {
             } else if ((double)(now_ns() - quiet_since) / 1e9 >= d->opts->lock_timeout_s) {
                 close(fd);
                 return ck_fail(err, CK_E_LIMIT,
-                               "another download has held %s for %.0f s without progress: gave "
+                               "another download has held %s for %g s without progress: gave "
                                "up waiting for it (remove the file if no download is running)",
                                d->part_path, d->opts->lock_timeout_s);
             }
@@ -773,7 +774,6 @@ static ck_status setup_curl(download *d, ck_error *err) {
     return CK_OK;
 }
 
-/* Makes the finished partial the file at dst. */
 /* The process's umask, read without changing it (umask(2) cannot read it
  * without setting it, which would race with other threads); 022 when
  * /proc is not there. */
@@ -793,6 +793,7 @@ static mode_t current_umask(void) {
     return mask;
 }
 
+/* Makes the finished partial the file at dst. */
 static ck_status commit(download *d, const char *dst, ck_error *err) {
     /* the partial was private; the file gets what open() would have given it */
     if (fchmod(d->fd, 0666 & ~current_umask()) < 0)
