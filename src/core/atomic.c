@@ -303,7 +303,9 @@ ck_status ck_atomic_open(ck_atomic *a, const char *target, int flags, ck_error *
         /* the kernel's view first: what open() would reach through every
          * link (also /proc's magic ones, which readlink cannot follow) */
         struct stat s;
-        if (stat(target, &s) == 0 && !S_ISREG(s.st_mode)) {
+        int found = stat(target, &s) == 0;
+        int stat_errno = errno;
+        if (found && !S_ISREG(s.st_mode)) {
             if (S_ISDIR(s.st_mode))
                 st = ck_fail_errno(err, EISDIR, "cannot save to %s", target);
             else if (S_ISSOCK(s.st_mode))
@@ -317,7 +319,7 @@ ck_status ck_atomic_open(ck_atomic *a, const char *target, int flags, ck_error *
             if (a->fd >= 0)
                 return CK_OK;
             continue; /* became a regular file meanwhile */
-        } else if (errno == ELOOP) {
+        } else if (!found && stat_errno == ELOOP) {
             release(a);
             return ck_fail_errno(err, ELOOP, "cannot save to %s", target);
         }
