@@ -90,6 +90,17 @@ def _torch_attr(owner, name, fallback=None):
     return fallback if fallback is not None else _Absent(name)
 
 
+def _save_legacy_rows(new_dtypes):
+    """dtype -> (the storage class torch pickles for it, element size) for
+    every dtype torch.save writes through a TypedStorage (what
+    TypedStorage._pickle_storage_type names)."""
+    return {
+        dtype: (getattr(torch, name), _element_size(dtype))
+        for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+        if dtype not in new_dtypes
+    }
+
+
 def _tables():
     wo = torch._weights_only_unpickler
     allowed = dict(wo._get_allowed_globals())
@@ -117,6 +128,8 @@ def _tables():
             storage_dtype[obj] = code[dtype]
 
     utils = torch._utils
+    # torch 1.13 has no storage of the new dtypes, nor tensor metadata
+    new_dtypes = frozenset(getattr(torch.storage, "_new_dtypes", tuple)())
     return {
         "from_numpy": torch.from_numpy,
         "empty": torch.empty,
@@ -145,7 +158,20 @@ def _tables():
         "compat_import_mapping": dict(_compat_pickle.IMPORT_MAPPING),
         "extension_registry": copyreg._inverted_registry,
         "dtypes": rows,
+        # save (src/binding/save_hooks.c): torch.serialization._save's helpers
+        "normalize_storage_type": torch.serialization.normalize_storage_type,
+        "location_tag": torch.serialization.location_tag,
+        "torch": torch,
+        "get_tensor_metadata": getattr(torch._C, "_get_tensor_metadata", _no_metadata),
+        "strided": torch.strided,
+        "save_new_dtypes": new_dtypes,
+        "save_legacy": _save_legacy_rows(new_dtypes),
     }
+
+
+def _no_metadata(tensor):
+    """torch._C._get_tensor_metadata where torch (1.13) has none."""
+    return {}
 
 
 def ensure_configured():
@@ -217,7 +243,11 @@ def _scan_tables():
         "compat_import_mapping": dict(_compat_pickle.IMPORT_MAPPING),
         "extension_registry": copyreg._inverted_registry,
         "dtypes": rows,
+        "save_new_dtypes": frozenset(),
+        "save_legacy": {},
     })
+    tables.update({key: None for key in (
+        "normalize_storage_type", "location_tag", "torch", "get_tensor_metadata", "strided")})
     return tables
 
 

@@ -14,10 +14,13 @@ and an atomic rename into place.
 Differences from torch.hub, on purpose:
 - the partial file is ``<dst>.partial`` (torch: a random name per call) so
   that a later call resumes it; it is kept after a transient failure or
-  Ctrl-C when the server gave an ETag or Last-Modified, and removed after a
-  permanent one (HTTP 4xx, HTML page, hash mismatch). It is locked, so
-  processes downloading the same file take turns, and load_url's waiting
-  process uses the file the first one finished;
+  Ctrl-C when the server gave a strong ETag (or Last-Modified, when a hash
+  prefix checks the result), and removed after a permanent one (HTTP 4xx,
+  HTML page, hash mismatch). It is private (0600) and only a private file of
+  this user is ever adopted. It is locked, so processes downloading the same
+  file take turns (a waiter gives up after ``lock_timeout`` seconds without
+  progress of the holder), and load_url's waiting process uses the file the
+  first one finished;
 - an HTML page (login or error page served with 200) is an error, not a
   checkpoint in the cache;
 - failures raise ``ckptio.DownloadError``, an OSError (like urllib's errors)
@@ -219,8 +222,8 @@ def download_url_to_file(url, dst, hash_prefix=None, progress=True, **options):
     DownloadError (a RuntimeError) 'invalid hash value (expected "...", got
     "...")' and nothing is left behind. ``options`` go to
     ckptio._native.download (retries, backoff, timeout, low_speed_limit,
-    low_speed_time, keep_partial, fsync, if_missing, sha256). Returns the
-    transfer's record: size, sha256 (hex; '' unless hash_prefix or sha256=True),
+    low_speed_time, keep_partial, fsync, if_missing, sha256, lock_timeout).
+    Returns the transfer's record: size, sha256 (hex; '' unless hash_prefix or sha256=True),
     resumed_from, attempts, status, existed.
     """
     dst = os.path.expanduser(os.fspath(dst))

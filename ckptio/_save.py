@@ -7,70 +7,23 @@ id), storage bytes written straight from tensor memory. A path target is
 written to a temporary file in the same directory and renamed over the old
 file only once everything is on disk.
 """
-import collections
 import os
 import sys
-import warnings
 
 from . import _native
 from ._torch import require as _require_torch
 
 torch = None  # imported by the first save
 
-_hooks = None
 
-
-def _torch_hooks():
-    """The torch objects the C pickling hooks use (looked up once), and
-    whether the C tensor reduction may run (not under torch's skip_data or
-    fake-tensor modes, whose rules only torch's own code knows)."""
-    global _hooks
-    if _hooks is None:
-        ser = torch.serialization
-        # torch 1.13 has neither the new dtypes nor tensor metadata
-        new_dtypes = frozenset(getattr(torch.storage, "_new_dtypes", tuple)())
-        legacy = {}  # dtype -> (storage class torch pickles, element size)
-        with warnings.catch_warnings():  # TypedStorage and quantized dtypes warn
-            warnings.simplefilter("ignore")
-            _legacy_rows(legacy, new_dtypes)
-        _hooks = (
-            torch.storage.TypedStorage,
-            torch.UntypedStorage,
-            ser.normalize_storage_type,
-            ser.location_tag,
-            torch,
-            torch.uint8,
-            torch.Tensor,
-            torch._utils._rebuild_tensor_v2,
-            getattr(torch._utils, "_rebuild_tensor_v3", None),  # only for new dtypes (>= 2.1)
-            collections.OrderedDict,
-            legacy,
-            new_dtypes,
-            getattr(torch._C, "_get_tensor_metadata", _no_metadata),
-            torch.strided,
-        )
+def _fast():
+    """Whether the C tensor reduction may run: not under torch's skip_data or
+    fake-tensor modes, whose rules only torch's own code knows. (torch's
+    objects reach C once, through ckptio._config.)"""
     tls = getattr(torch.serialization, "_serialization_tls", None)
-    fast = not getattr(tls, "skip_data", False) and not getattr(
+    return not getattr(tls, "skip_data", False) and not getattr(
         tls, "materialize_fake_tensors", False
     )
-    return _hooks + (fast,)
-
-
-def _no_metadata(tensor):
-    return {}
-
-
-def _legacy_rows(legacy, new_dtypes):
-    """Fills legacy with dtype -> (the storage class torch pickles for it,
-    element size) for every dtype torch saves through a TypedStorage."""
-    for dtype in set(d for d in vars(torch).values() if isinstance(d, torch.dtype)):
-        if dtype in new_dtypes:
-            continue
-        try:
-            typed = torch.empty(0, dtype=dtype)._typed_storage()
-            legacy[dtype] = (getattr(torch, typed._pickle_storage_type()), typed.element_size())
-        except (KeyError, AttributeError, RuntimeError, TypeError):
-            continue
 
 
 def _archive_folder(path):
@@ -106,10 +59,13 @@ def save(obj, f, *, fsync=True):
 
     f: a path (str or os.PathLike), written atomically (temporary file in
     the same directory, fsync when fsync=True, rename over the target, fsync
-    of the directory; a symbolic link is followed and the file it names
-    replaced), or a binary file object, written sequentially from its
-    current position and flushed (and fsynced when it has a file descriptor
-    and fsync=True). Storages on other devices are copied to the CPU first.
+    of the directory; symbolic links are followed and the file they name
+    replaced, the links kept; a loop fails with ELOOP as in torch), or a
+    binary file object, written sequentially from its current position and
+    flushed (and fsynced when it has a file descriptor and fsync=True). A
+    path naming a FIFO or a device is written into, as torch.save does, with
+    no temporary and no rename. Storages on other devices are copied to the
+    CPU first.
 
     Unlike torch.save, a path's old file is replaced, not overwritten in
     place: other hard links to it keep the old content.
@@ -119,23 +75,28 @@ def save(obj, f, *, fsync=True):
     save_with(obj, f, fsync=fsync)
 
 
-def save_with(obj, f, *, fsync=True, zip64_threshold=0xFFFFFFFF, to_cpu=None):
+def save_with(obj, f, *, fsync=True, zip64_threshold=0xFFFFFFFF, to_cpu=None, named_temp=False):
     """ckptio.save with the knobs tests and the mmcv surface use:
     zip64_threshold (record size from which zip64 fields are written; torch's
-    is 0xFFFFFFFF) and to_cpu (called once with the list of storages not on
-    the CPU, returns their CPU copies in the same order)."""
+    is 0xFFFFFFFF), to_cpu (called once with the list of storages not on
+    the CPU, returns their CPU copies in the same order) and named_temp
+    (never an O_TMPFILE inode, always a named temporary: tests of the
+    fallback for file systems without O_TMPFILE)."""
     global torch
     if torch is None:
         torch = _require_torch("ckptio.save")
     from . import _hostcopy
+    from ._config import ensure_configured
 
     if getattr(getattr(torch.serialization, "_serialization_tls", None), "skip_data", False):
         # torch.serialization.skip_data(): records of reserved, unwritten
         # space, torch's own feature; torch.save is the writer for it
         torch.save(obj, f)
         return
+    ensure_configured()
     alignment, crc = _options()
     common = dict(
+        fast=_fast(),
         byteorder=sys.byteorder,
         alignment=alignment,
         compute_crc32=crc,
@@ -147,14 +108,14 @@ def save_with(obj, f, *, fsync=True, zip64_threshold=0xFFFFFFFF, to_cpu=None):
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         folder = _archive_folder(path)  # from the name given, as torch takes it
-        # torch.save writes through a symbolic link; replace the file it points to
-        target = os.path.realpath(path) if os.path.islink(path) else path
-        _native.save(obj, target, folder, _torch_hooks(), to_path=True, fsync=fsync, **common)
+        # symbolic links are followed in C (src/core/atomic.c), as torch's open() does
+        _native.save(obj, path, folder, to_path=True, fsync=fsync, named_temp=named_temp,
+                     **common)
         return
     write = getattr(f, "write", None)
     if not callable(write):
         raise AttributeError(f"Buffer of {type(f).__name__} has no callable attribute 'write'")
-    _native.save(obj, write, "archive", _torch_hooks(), to_path=False, fsync=False, **common)
+    _native.save(obj, write, "archive", to_path=False, fsync=False, **common)
     flush = getattr(f, "flush", None)  # torch.save flushes the buffer too
     if callable(flush):
         flush()

@@ -1,4 +1,3 @@
-#define _GNU_SOURCE
 #include "zipread.h"
 
 #include <stdio.h>

@@ -6,7 +6,6 @@
  * byte at offsets the writer records, so that every rejection in
  * zipread.h is reached by exactly the fault it names.
  */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
