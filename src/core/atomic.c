@@ -388,14 +388,21 @@ ck_status ck_atomic_commit(ck_atomic *a, int do_fsync, ck_error *err) {
         st = ck_fail_errno(err, errno, "fsync failed");
     if (st == CK_OK && a->unnamed)
         st = link_unnamed(a, err);
+    /* the lock lives on the open file description: a duplicate keeps it
+     * until the name is gone, so that no cleaner (one in another PID
+     * namespace sees our pid as dead) removes the temporary between the
+     * close and the rename */
+    int lock_fd = st == CK_OK ? fcntl(a->fd, F_DUPFD_CLOEXEC, 0) : -1;
     if (st == CK_OK) {
-        int rc = close(a->fd); /* drops the lock too: the rename follows at once */
+        int rc = close(a->fd); /* reports write errors (NFS) before the rename */
         a->fd = -1;
         if (rc != 0)
             st = ck_fail_errno(err, errno, "close failed");
     }
     if (st == CK_OK && renameat(a->dir_fd, a->tmp_name, a->dir_fd, a->base) != 0)
         st = ck_fail_errno(err, errno, "cannot rename the new file over %s", a->target);
+    if (lock_fd >= 0)
+        close(lock_fd);
     if (st != CK_OK) {
         ck_atomic_abort(a);
         return st;
