@@ -107,3 +107,32 @@ def test_a_save_inside_a_save_keeps_both_apart(tmp_path):
         fn(outer, d / "outer.pth")
         files[name] = ((d / "outer.pth").read_bytes(), (d / "inner.pth").read_bytes())
     assert files["ckptio"] == files["torch"]
+
+
+def test_native_save_refuses_a_scan_only_configuration(tmp_path):
+    """Without torch, ckptio.verify configures the extension with stand-ins
+    (None for torch's objects); _native.save called then must refuse, not
+    take None for torch's TypedStorage class."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "x.pth")
+    code = f"""
+import sys
+sys.modules["torch"] = None
+import ckptio
+from ckptio import _native
+assert ckptio.verify({str(tmp_path / "x.pth")!r}).ok
+for obj in ({{"a": 1}}, [object()]):
+    try:
+        _native.save(obj, {str(tmp_path / "y.pth")!r}, "y", to_path=True, byteorder="little")
+    except RuntimeError as e:
+        print("refused:", e)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ckptio.__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("refused: ckptio._native.save needs torch") == 2, proc.stdout
+    assert not (tmp_path / "y.pth").exists()

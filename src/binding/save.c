@@ -301,6 +301,12 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     }
     if (ck_torch_ready(st) < 0)
         return NULL;
+    if (st->torch_module == NULL || st->torch_module == Py_None ||
+        !PyType_Check(st->TypedStorage)) {
+        /* configured for verify's scan only (no torch): nothing to save with */
+        PyErr_SetString(PyExc_RuntimeError, "ckptio._native.save needs torch: use ckptio.save");
+        return NULL;
+    }
     a.alignment = alignment;
     a.zip64_threshold = threshold;
     PyObject *filename = a.to_path ? a.target : Py_None; /* borrowed, for messages */
