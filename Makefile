@@ -42,7 +42,7 @@ build: $(DEPS_STAMP)
 
 $(BUILD)/test_core: tests/c/test_core.c $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
-	cc $(CFLAGS_C) tests/c/test_core.c $(CORE_SRC) $(PKG_FLAGS) -o $@
+	cc $(CFLAGS_C) tests/c/test_core.c $(CORE_SRC) $(PKG_FLAGS) -lpthread -o $@
 
 ctest: $(BUILD)/test_core
 	$(BUILD)/test_core

@@ -587,6 +587,55 @@ with tarfile.open(fileobj=tar, mode="w", format=tarfile.USTAR_FORMAT) as t:
 case("tar_format.pt", tar.getvalue(), None, "tar format", "torch 0.1.x's tar format")
 
 
+# ===========================================================================
+# 6. second round (issue 9): crashes and quadratic blow-ups from small files
+# ===========================================================================
+
+
+def fnv1a_collisions(n, bits=18, target=0x15555):
+    """n record names whose 64-bit FNV-1a hashes agree in their low `bits`
+    bits (the slot in an unkeyed 2**bits-slot table): "data/" + 4 base-36
+    digits + 3 bytes chosen so. The low bits of FNV-1a depend only on the
+    low bits of its state, so the last two bytes can steer them."""
+    import itertools
+
+    import numpy as np
+
+    prime, mask = np.uint64(1099511628211), np.uint64((1 << bits) - 1)
+    free = np.array([b for b in range(0x21, 0x7F) if b not in b"/.\\"], dtype=np.uint64)
+    usable = np.zeros(256, bool)
+    usable[free.astype(int)] = True
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    prefixes = [("data/" + "".join(t)).encode()
+                for t in itertools.islice(itertools.product(digits, repeat=4), n * 3 // 2)]
+    h = np.full(len(prefixes), np.uint64(1469598103934665603), dtype=np.uint64)
+    raw = np.frombuffer(b"".join(prefixes), np.uint8).reshape(len(prefixes), -1)
+    for col in raw.T.astype(np.uint64):
+        h = (h ^ col) * prime
+    high, low = np.uint64(target & ~0xFF), target & 0xFF
+    found = {}
+    for b1 in free:
+        h1 = (h ^ b1) * prime
+        for b2 in free:
+            h2 = (h1 ^ b2) * prime
+            hit = np.nonzero((h2 & mask & ~np.uint64(0xFF)) == high)[0]
+            b3 = ((h2[hit] & np.uint64(0xFF)) ^ np.uint64(low)).astype(int)
+            for i, c in zip(hit[usable[b3]], b3[usable[b3]]):
+                found.setdefault(int(i), prefixes[i] + bytes([int(b1), int(b2), c]))
+        if len(found) >= n:
+            break
+    names = [found[k] for k in sorted(found)][:n]
+    assert len(names) == n
+    return names
+
+
+collide = {name.decode(): b"" for name in fnv1a_collisions(100_000)}
+collide["data/0"] = FLOATS
+case("zip_name_collisions.pt", archive(state_dict(("w", tensor())), collide), None, None,
+     "100000 records whose names collide in the low 18 bits of FNV-1a (29 s in an unkeyed "
+     "hash index; torch 0.13 s): loads in O(n log n)")
+
+
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
 LOADS = {
@@ -598,6 +647,7 @@ LOADS = {
     "storage_two_dtypes_one_key.pt",  # the second use takes the first's dtype, as in torch
     "legacy_view_of_itself.pt",
     "legacy_deep_marks.pt",
+    "zip_name_collisions.pt",
 }
 
 
