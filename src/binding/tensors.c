@@ -148,10 +148,15 @@ static int claim(ck_session *s, ck_storage *e, PyObject *key, int dtype, int unt
                  uint64_t nbytes, PyObject *location) {
     if (e->used)
         return 0;
-    if (nbytes > e->src_size) {
+    /* torch.save writes each record with exactly its storage's bytes, and
+     * torch.load refuses a record of any other size ("record size ... does
+     * not match expected size"); so does ckptio, also where torch.load
+     * (mmap=True) slices a larger record without looking */
+    if (nbytes != e->src_size) {
         ck_raise(s->st->CheckpointError, s->filename,
-                 "storage '%U' claims %llu bytes but its record holds %llu", key,
-                 (unsigned long long)nbytes, (unsigned long long)e->src_size);
+                 "storage '%U' claims %llu bytes but its record holds %llu%s", key,
+                 (unsigned long long)nbytes, (unsigned long long)e->src_size,
+                 nbytes > e->src_size ? "" : " (torch.save writes exactly the storage's bytes)");
         return -1;
     }
     e->used = 1;
@@ -284,13 +289,16 @@ PyObject *ck_persistent_load(ck_session *s, PyObject *pid) {
     }
     ck_storage *ve = &s->storages[vslot];
     if (!ve->used) {
+        /* a view of a view is a view of the root, at the sum of the offsets:
+         * views never chain (a file of 20,000 views each of the previous one
+         * would otherwise be placed by 20,000 nested calls) */
         ve->used = 1;
         ve->dtype = dtype;
         ve->untyped = untyped;
         ve->nbytes = size_b;
         ve->location = Py_NewRef(location);
-        ve->view_of = slot;
-        ve->view_offset = off_b;
+        ve->view_of = e->view_of >= 0 ? e->view_of : slot;
+        ve->view_offset = e->view_of >= 0 ? e->view_offset + off_b : off_b;
     }
     result = new_ref_for(s, ve, vslot);
 out:
@@ -348,6 +356,10 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
     PyObject *owner;
     if (e->view_of >= 0) {
         ck_storage *root = &s->storages[e->view_of];
+        if (root->view_of >= 0) { /* never: views are flattened as they are met */
+            ck_raise(st->CheckpointError, s->filename, "a storage view's root is a view");
+            return -1;
+        }
         if (root->place == CK_PLACE_UNSET && place_storage(s, e->view_of, root, root->dtype) < 0)
             return -1;
         if (root->ptr == NULL) {
@@ -633,6 +645,14 @@ static PyObject *build_tensor(ck_session *s, Py_ssize_t slot, int dtype, PyObjec
     if (di->dtype == NULL || di->elsize <= 0)
         return ck_raise(st->CheckpointError, s->filename,
                         "storage dtype is not available in this torch");
+    if (di->cpu_template == NULL)
+        /* quantized dtypes: torch's _rebuild_tensor fails on them too (an
+         * internal assert); a quantized tensor is saved with
+         * _rebuild_qtensor, which ckptio hands to torch */
+        return ck_raise(st->CheckpointError, s->filename,
+                        "a plain tensor rebuild names the quantized dtype %R: torch cannot "
+                        "rebuild it either (quantized tensors are saved with _rebuild_qtensor)",
+                        di->dtype);
     geometry g;
     if (parse_geometry(s, offset, size, stride, &g) < 0)
         return NULL;

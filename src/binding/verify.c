@@ -10,9 +10,8 @@
  *   - data.pkl is walked in the loader's scan mode (nothing imported or
  *     called) and each persistent id is given to the loader's own
  *     persistent_load, which checks that its record data/<key> exists and
- *     holds at least the bytes the pickle claims (no tensor is built); a
- *     record holding more bytes than its storage is reported too, since
- *     torch.save writes them exactly.
+ *     holds exactly the bytes the pickle claims, as torch.save writes them
+ *     and torch.load requires (no tensor is built).
  * TorchScript archives (format "torchscript") get the container and CRC
  * checks only. For other formats only the format is reported; ckptio.verify
  * (Python) then runs the loader itself, which checks the rest.
@@ -220,14 +219,7 @@ static int check_storages(ck_session *s, report *r, const uint8_t *pkl, size_t p
             continue;
         }
         r->storages++;
-        r->storage_bytes += e->nbytes;
-        if (e->nbytes != e->src_size) {
-            char msg[200];
-            snprintf(msg, sizeof msg, "the record holds %llu bytes but its storage %llu",
-                     (unsigned long long)e->src_size, (unsigned long long)e->nbytes);
-            const ck_zip_entry *ze = &s->zip.entries[i];
-            rc = add_text(r, "storage", ze->name, ze->name_len, (long long)ze->data_offset, msg);
-        }
+        r->storage_bytes += e->nbytes; /* == the record's size: persistent_load checked it */
     }
     return rc;
 }

@@ -635,6 +635,49 @@ case("zip_name_collisions.pt", archive(state_dict(("w", tensor())), collide), No
      "100000 records whose names collide in the low 18 bits of FNV-1a (29 s in an unkeyed "
      "hash index; torch 0.13 s): loads in O(n log n)")
 
+# a plain tensor rebuilt over each quantized storage type (was a SIGSEGV in
+# load, verify and `ckptio info`; torch fails with an internal assert)
+QUANTIZED = {"QInt8Storage": ("qint8", 1), "QUInt8Storage": ("quint8", 1),
+             "QInt32Storage": ("qint32", 4), "QUInt4x2Storage": ("quint4x2", 1),
+             "QUInt2x4Storage": ("quint2x4", 1)}
+for stype, (qdtype, qsize) in QUANTIZED.items():
+    case(f"quantized_{stype}_v2.pt",
+         archive(state_dict(("w", tensor(stype=stype))), {"data/0": FLOATS[: 4 * qsize]}), None,
+         "quantized", f"_rebuild_tensor_v2 over a {stype}")
+    v3 = (b"ctorch._utils\n_rebuild_tensor_v3\n(" + storage_pid(stype) + b"K\x00" + int_tuple((4,))
+          + int_tuple((1,)) + b"\x89ccollections\nOrderedDict\n)Rctorch\n" + qdtype.encode()
+          + b"\ntR")
+    case(f"quantized_{stype}_v3.pt", archive(state_dict(("w", v3)), {"data/0": FLOATS[: 4 * qsize]}),
+         None, "quantized", f"_rebuild_tensor_v3 over a {stype} with dtype torch.{qdtype}")
+case("quantized_dtype_over_float_v3.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_tensor_v3\n(" + storage_pid() + b"K\x00"
+                         + int_tuple((4,)) + int_tuple((1,)) + b"\x89ccollections\nOrderedDict\n)R"
+                         + b"ctorch\nqint8\ntR")), {"data/0": FLOATS}), None, "quantized",
+     "_rebuild_tensor_v3 with dtype torch.qint8 over a FloatStorage")
+case("quantized_v1.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_tensor\n(" + storage_pid("QInt8Storage")
+                         + b"K\x00" + int_tuple((4,)) + int_tuple((1,)) + b"tR")),
+             {"data/0": FLOATS[:4]}), None, "quantized", "_rebuild_tensor over a QInt8Storage")
+case("storage_record_larger.pt",
+     archive(state_dict(("w", tensor(numel=2, size=(2,)))), {"data/0": FLOATS}), None,
+     "claims 8 bytes but its record holds 16",
+     "a storage of 2 floats over a 16-byte record (torch.load refuses it; mmap=True does not)")
+
+# 20,000 legacy storage views, each a view of the previous one (was a C
+# stack overflow: one nested call per link)
+chain, prev = b"", "0"
+for i in range(1, 20_001):
+    chain += (b"(" + binunicode("storage") + (b"ctorch\nFloatStorage\nq\x01" if i == 1 else b"h\x01")
+              + binunicode(prev) + (binunicode("cpu") + b"q\x02" if i == 1 else b"h\x02")
+              + b"K\x04(" + binunicode(f"v{i}") + b"K\x00K\x04ttQ")
+    prev = f"v{i}"
+last = chain.rindex(b"(" + binunicode("storage"))
+case("legacy_view_chain.pt",
+     legacy(P2 + b"}(" + binunicode("views") + b"](" + chain[:last] + b"e" + binunicode("w")
+            + TORCH_TENSOR + b"(" + chain[last:] + b"K\x00" + int_tuple((4,)) + int_tuple((1,))
+            + b"\x89ccollections\nOrderedDict\n)RtRu."), None, None,
+     "20000 storage views, each of the previous one; loads (torch 0.75 s)")
+
 
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
@@ -648,6 +691,7 @@ LOADS = {
     "legacy_view_of_itself.pt",
     "legacy_deep_marks.pt",
     "zip_name_collisions.pt",
+    "legacy_view_chain.pt",
 }
 
 
@@ -660,7 +704,7 @@ TRUSTED_TOO = (
     "legacy_bad_", "memo_long_binget", "memo_get", "memo_long_binput", "memo_memoize",
     "string_", "binbytes8", "bytearray8", "frame_", "long4", "stack_underflow",
     "pickle_truncated", "unknown_opcode", "proto_", "next_buffer", "deep_nesting_tuples",
-    "tar_format",
+    "tar_format", "quantized_", "legacy_view_chain",
 )
 NOT_TRUSTED_TOO = {"zip_deflate_small_bomb.pt", "zip_deflate_pickle_bomb.pt",
                    "storage_two_dtypes_one_key.pt"}
