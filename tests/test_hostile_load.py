@@ -2,6 +2,7 @@
 torch.load on the same bytes where torch reads them, and through every entry
 point that decodes a file (ckptio.load, ckptio.verify, `ckptio info`)."""
 import io
+import struct
 import os
 import pathlib
 import subprocess
@@ -103,3 +104,112 @@ def test_zip_name_collisions_load():
     path = ATTACKS / "zip_name_collisions.pt"
     got = ckptio.load(path)
     assert_same(got["w"], torch.load(path)["w"])
+
+
+# ---- storages reach Python code and results as torch's TypedStorages -------
+
+def _u(s):
+    b = s.encode()
+    return b"X" + len(b).to_bytes(4, "little") + b
+
+
+_PID = (b"(" + _u("storage") + b"ctorch\nFloatStorage\n" + _u("0") + _u("cpu") + b"K\x04tQ")
+_OD = b"ccollections\nOrderedDict\n)R"
+
+
+def _archive(pkl):
+    buf = io.BytesIO()
+    import zipfile
+
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in (("data.pkl", pkl), ("byteorder", b"little"),
+                           ("data/0", struct.pack("<4f", 1, 2, 3, 4)), ("version", b"3\n")):
+            z.writestr(f"archive/{name}", data)
+    return buf.getvalue()
+
+
+def _v2(hooks=_OD, requires_grad=b"\x89"):
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + _PID + b"K\x00(K\x04t(K\x01t" + requires_grad
+            + hooks + b"tR")
+
+
+def _both(pkl):
+    data = _archive(pkl)
+    return ckptio.load(data), torch.load(io.BytesIO(data))
+
+
+def _is_storage(x):
+    return type(x) is torch.storage.TypedStorage and x.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_memoized_argument_tuple_in_the_result():
+    """torch.save memoizes a tensor's argument tuple; a GET of it gives a
+    tuple holding the TypedStorage, not ckptio's StorageRef."""
+    pkl = (b"\x80\x02}(" + _u("w") + b"ctorch._utils\n_rebuild_tensor_v2\n(" + _PID
+           + b"K\x00(K\x04t(K\x01t\x89" + _OD + b"tq\x07R" + _u("args") + b"h\x07u.")
+    got, want = _both(pkl)
+    assert_same(got["w"], want["w"])
+    assert type(got["args"]) is tuple and _is_storage(got["args"][0]) and _is_storage(want["args"][0])
+    assert got["args"][0] is got["args"][0] and got["args"][2:] == want["args"][2:]
+
+
+def test_storage_in_backward_hooks():
+    hooks = b"ccollections\nOrderedDict\n)R}K\x00" + _PID + b"sb"  # OrderedDict({0: storage})
+    got, want = _both(b"\x80\x02}(" + _u("w") + _v2(hooks=_OD[:-2] + b")R" + b"K\x00" + _PID + b"s")
+                      + b"u.")
+    assert _is_storage(want["w"]._backward_hooks[0])
+    assert _is_storage(got["w"]._backward_hooks[0])
+    del hooks
+    got, want = _both(b"\x80\x02}(" + _u("w") + _v2(hooks=_PID) + b"u.")  # the hooks are a storage
+    assert _is_storage(want["w"]._backward_hooks) and _is_storage(got["w"]._backward_hooks)
+
+
+def test_storage_in_parameter_state():
+    state = b"}(" + _u("extra") + _PID + b"u"
+    pkl = (b"\x80\x02}(" + _u("p") + b"ctorch._utils\n_rebuild_parameter_with_state\n(" + _v2()
+           + b"\x88" + _OD + state + b"tRu.")
+    got, want = _both(pkl)
+    assert type(got["p"]) is type(want["p"]) is torch.nn.Parameter
+    assert _is_storage(want["p"].extra) and _is_storage(got["p"].extra)
+
+
+def test_storage_in_rebuild_from_type_v2_state():
+    state = b"}(" + _u("extra") + _PID + b"u"
+    inner = (b"ctorch._utils\n_rebuild_tensor_v2\n(" + _PID + b"K\x00(K\x04t(K\x01t\x89" + _OD + b"t")
+    pkl = (b"\x80\x02}(" + _u("t") + b"ctorch._tensor\n_rebuild_from_type_v2\n(ctorch._utils\n"
+           b"_rebuild_tensor_v2\nctorch\nTensor\n" + inner[len(b"ctorch._utils\n_rebuild_tensor_v2\n"):]
+           + state + b"tRu.")
+    got, want = _both(pkl)
+    assert_same(got["t"], want["t"])
+    assert _is_storage(want["t"].extra) and _is_storage(got["t"].extra)
+
+
+@pytest.mark.parametrize("value", [b"K\x01", b"N", _u("yes"), b"\x88"])
+def test_requires_grad_must_be_a_bool(value):
+    if value == b"\x88":  # True
+        got, want = _both(b"\x80\x02}(" + _u("w") + _v2(requires_grad=value) + b"u.")
+        assert got["w"].requires_grad and want["w"].requires_grad
+        return
+    data = _archive(b"\x80\x02}(" + _u("w") + _v2(requires_grad=value) + b"u.")
+    with pytest.raises(RuntimeError, match="requires_grad must be a bool"):
+        torch.load(io.BytesIO(data))
+    with pytest.raises(ckptio.CheckpointError, match="requires_grad must be a bool"):
+        ckptio.load(data)
+    param = (b"\x80\x02}(" + _u("p") + b"ctorch._utils\n_rebuild_parameter\n(" + _v2() + value
+             + _OD + b"tRu.")
+    with pytest.raises(TypeError, match="must be bool"):
+        torch.load(io.BytesIO(_archive(param)))
+    with pytest.raises(ckptio.CheckpointError, match="requires_grad must be a bool"):
+        ckptio.load(_archive(param))
+
+
+def test_storage_reference_never_in_the_result():
+    """Wherever a storage goes (lists, dicts, sets, nested tuples, the memo,
+    the result itself), torch's TypedStorage arrives, one object per storage."""
+    pkl = (b"\x80\x02" + _PID + b"q\x00" + b"}(" + _u("list") + b"]h\x00a" + _u("deep")
+           + b"h\x00\x85\x85\x85" + _u("key") + b"}h\x00\x85K\x01s" + _u("top") + b"h\x00u.")
+    got, want = _both(pkl)
+    assert _is_storage(got["list"][0]) and _is_storage(got["deep"][0][0][0])
+    assert _is_storage(next(iter(got["key"]))[0]) and _is_storage(got["top"])
+    assert got["list"][0] is got["deep"][0][0][0] is got["top"]
+    assert type(want["list"][0]) is type(got["list"][0])

@@ -167,8 +167,6 @@ static PyObject *load_zip(ck_session *s) {
     if (ck_storages_alloc(s, s->zip.n_entries) == 0)
         result = ck_unpickle(s, pkl, pkl_len, "data.pkl", NULL);
     free(owned);
-    if (result != NULL && (s->live_refs != 0 || s->refs_escaped))
-        Py_SETREF(result, ck_materialize_refs(s, result));
     return result;
 }
 
@@ -370,8 +368,6 @@ static PyObject *load_legacy(ck_session *s) {
         }
     }
     result = ck_unpickle(s, s->buf + obj_pos, obj_len, "object pickle", NULL);
-    if (result != NULL && (s->live_refs != 0 || s->refs_escaped))
-        Py_SETREF(result, ck_materialize_refs(s, result));
 out:
     Py_XDECREF(pids);
     Py_XDECREF(keys);

@@ -373,6 +373,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
 #undef VISIT
     Py_VISIT(st->MappingType);
     Py_VISIT(st->StorageRefType);
+    Py_VISIT(st->RefTupleType);
     for (int i = 0; i < CK_DT_COUNT; i++) {
         Py_VISIT(st->dtypes[i].dtype);
         Py_VISIT(st->dtypes[i].cpu_template);
@@ -389,6 +390,7 @@ static int module_clear(PyObject *m) {
 #undef CLEAR
     Py_CLEAR(st->MappingType);
     Py_CLEAR(st->StorageRefType);
+    Py_CLEAR(st->RefTupleType);
     for (int i = 0; i < CK_DT_COUNT; i++) {
         Py_CLEAR(st->dtypes[i].dtype);
         Py_CLEAR(st->dtypes[i].cpu_template);

@@ -7,6 +7,13 @@
 #include "state.h"
 #include "core/zipread.h"
 
+/* Containers the pickle builds nest at most this deep (the depth of an
+ * object is counted as the machine builds it: one more than its deepest
+ * item). CPython hashes and compares nested tuples by recursion in C (a
+ * tuple 10^6 deep crashes torch.load in tuple hash); CPython 3.13 takes
+ * 10,000 levels of C recursion as safe, and pickle's writer stops there too. */
+#define CK_MAX_DEPTH 10000
+
 /* How map_location is applied to a storage saved at `location`. */
 typedef enum ck_map_kind {
     CK_MAP_NONE, /* map_location=None: 'cpu' stays, others via restore() */
@@ -67,9 +74,8 @@ typedef struct ck_session {
     int byteswap;            /* stored byte order differs from the host's */
     uint64_t inflate_budget; /* bytes compressed records may still inflate to */
 
-    /* storage references handed to Python code (not yet consumed natively) */
-    Py_ssize_t live_refs;
-    int refs_escaped; /* a reference was memoized or passed on: walk the result */
+    /* the plain twins of RefTuples met so far: id -> (reftuple, twin) (tensors.c) */
+    PyObject *twins;
 } ck_session;
 
 /* Starts a session over the bytes of mapping (a ckptio._native.Mapping,

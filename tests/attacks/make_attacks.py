@@ -301,10 +301,10 @@ laughs += b"h" + bytes([60]) + b"."
 case("memo_billion_laughs_refs.pt", archive(laughs, {"data/0": FLOATS}), None, None,
      "a DAG of tuples 60 deep over a memoized storage reference: 2**60 paths")
 case("deep_nesting_lists.pt", archive(P2 + b"]" * 100_000 + b"a" * 99_999 + b"."), None,
-     None, "100000 nested lists (loads: a valid, deep pickle)")
+     "nest more than", "100000 nested lists (over the 10000-level depth limit)")
 case("deep_nesting_tuples_refs.pt",
      archive(P2 + storage_pid() + b"q\x00" + b"\x85" * 50_000 + b".", {"data/0": FLOATS}),
-     None, "nested too deeply", "a memoized storage reference inside 50000 nested 1-tuples")
+     None, "nest more than", "a memoized storage reference inside 50000 nested 1-tuples")
 case("cycle_list_with_ref.pt",
      archive(P2 + b"]q\x00h\x00h\x00a" + storage_pid() + b"q\x01ah\x01a.", {"data/0": FLOATS}),
      "ok", None, "a list holding itself and a memoized storage reference")
@@ -679,13 +679,33 @@ case("legacy_view_chain.pt",
      "20000 storage views, each of the previous one; loads (torch 0.75 s)")
 
 
+# nesting: 10^6 TUPLE1 as a dict key made both torch.load and ckptio crash in
+# CPython's (recursive) tuple hash; the depth limit refuses it at 10000
+case("deep_tuple_key.pt", archive(P2 + b"}N" + b"\x85" * 1_000_000 + b"Ns."), None,
+     "nest more than", "a tuple nested 10^6 deep used as a dict key (SIGSEGV in torch)")
+case("deep_frozenset_key.pt", archive(P4 + b"}" + b"(" * 20_000 + b"N" + b"\x91" * 20_000 + b"Ns."), None,
+     "nest more than", "frozensets nested 20000 deep used as a dict key")
+case("deep_tuple_legacy.pt", legacy(P2 + b"}N" + b"\x85" * 100_000 + b"Ns.", keys=(), data=b""),
+     None, "nest more than", "a deep tuple key in a legacy file (the layout scan hashes it too)")
+case("deep_reduce_chain.pt",
+     archive(P2 + b"ccollections\nOrderedDict\nq\x00N" + b"h\x00\x86" * 20_000 + b"."),
+     None, "nest more than", "20000 nested (OrderedDict, x) pairs")
+
+# a storage reference kept in the memo made every REDUCE/NEWOBJ walk its
+# whole argument graph: 95000 NEWOBJ(set, (L,)) over a 30000-item list L
+# (minutes; torch 1 s); each is O(1) now. Ends in an unknown opcode, so the
+# outcome also proves the machine got to the end.
+rewalk = (P2 + b"}q\x03" + storage_pid() + b"q\x00" + b"cbuiltins\nset\nq\x02" + b"](" + b")" * 30_000
+          + b"eq\x01" + b"h\x03K\x00h\x02h\x01\x85\x81s" * 95_000 + b"\xff")
+case("memo_ref_rewalk.pt", archive(rewalk, {"data/0": FLOATS}), UP, "opcode 0xff",
+     "95000 NEWOBJs over one memoized list, with a storage reference in the memo")
+
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
 LOADS = {
     "build_ordereddict_class.pt",  # sets an entry of the OrderedDict's __dict__, as torch does
     "build_ordereddict_setstate.pt",  # the same; a planted __setstate__ is never called
     "deep_marks.pt",
-    "deep_nesting_lists.pt",
     "memo_billion_laughs_refs.pt",
     "storage_two_dtypes_one_key.pt",  # the second use takes the first's dtype, as in torch
     "legacy_view_of_itself.pt",
@@ -704,7 +724,7 @@ TRUSTED_TOO = (
     "legacy_bad_", "memo_long_binget", "memo_get", "memo_long_binput", "memo_memoize",
     "string_", "binbytes8", "bytearray8", "frame_", "long4", "stack_underflow",
     "pickle_truncated", "unknown_opcode", "proto_", "next_buffer", "deep_nesting_tuples",
-    "tar_format", "quantized_", "legacy_view_chain",
+    "tar_format", "quantized_", "legacy_view_chain", "deep_", "memo_ref_rewalk",
 )
 NOT_TRUSTED_TOO = {"zip_deflate_small_bomb.pt", "zip_deflate_pickle_bomb.pt",
                    "storage_two_dtypes_one_key.pt"}

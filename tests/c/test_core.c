@@ -529,9 +529,9 @@ static void test_zip_good(void) {
  * own entry, absent names (between, before and after the present ones) are
  * not, and a duplicate is found however far apart the two are. */
 static void test_zip_index(void) {
-    static const char *const rel[] = {"b",   "a",     "ab",   "a/b", "aa",     "\xff", "\x01",
-                                      "a b", "data", "data/1", "data/10", "data/9", "zz", "z",
-                                      "data.pkl", "data/1/"};
+    static const char *const rel[] = {"b",    "a",   "ab",       "a/b",    "aa",      "\xff",
+                                      "\x01", "a b", "data",     "data/1", "data/10", "data/9",
+                                      "zz",   "z",   "data.pkl", "data/1/"};
     enum { N = sizeof rel / sizeof rel[0] };
     static char names[N + 1][32];
     zent ents[N + 1];
@@ -546,8 +546,8 @@ static void test_zip_index(void) {
     CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
     for (int i = 0; i < N; i++)
         CHECK(ck_zip_find(&zip, rel[i], strlen(rel[i])) == i);
-    static const char *const absent[] = {"", "0", "a/", "a/bb", "ac", "b ", "data/",
-                                         "data/2", "zzz", "\xfe", "\xff\xff", "t/a"};
+    static const char *const absent[] = {"",      "0",      "a/",  "a/bb", "ac",       "b ",
+                                         "data/", "data/2", "zzz", "\xfe", "\xff\xff", "t/a"};
     for (size_t i = 0; i < sizeof absent / sizeof absent[0]; i++)
         CHECK(ck_zip_find(&zip, absent[i], strlen(absent[i])) == -1);
     CHECK(ck_zip_find(&zip, "ab", 1) == 1); /* the length counts, not a NUL */
