@@ -213,3 +213,79 @@ def test_storage_reference_never_in_the_result():
     assert _is_storage(next(iter(got["key"]))[0]) and _is_storage(got["top"])
     assert got["list"][0] is got["deep"][0][0][0] is got["top"]
     assert type(want["list"][0]) is type(got["list"][0])
+
+
+# ---- memory: the bound holds for builders too, and real files fit in it ----
+
+BUILDER_ATTACKS = ["bytearray_huge.pt", "device_tensor_stride0.pt", "legacy_tensor_ctor_huge.pt",
+                   "tensor_newobj_huge.pt", "untyped_storage_huge.pt", "qtensor_size_huge.pt",
+                   "from_type_v2_bytearray.pt", "sparse_stride0_values.pt",
+                   "iterate_tensor_set.pt", "iterate_tensor_counter.pt", "iterate_tensor_size.pt",
+                   "iterate_tensor_bytearray.pt"]
+
+
+def test_builders_refused_before_they_allocate():
+    """torch.load allocates 1 GiB to 16 GiB (or iterates 2**27 tensors) for
+    each of these few-hundred-byte files; ckptio refuses each before the
+    call. Measured as the peak RSS of a child process (torch's allocator is
+    outside tracemalloc's view)."""
+    code = (
+        "import resource, sys, ckptio\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n"
+        "        ckptio.load(name)\n"
+        "        print('loaded', name); sys.exit(3)\n"
+        "    except ckptio.CheckpointError as exc:\n"
+        "        assert name in str(exc) and ('allocate' in str(exc) or 'element by element' in str(exc)), exc\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code, *[str(ATTACKS / n) for n in BUILDER_ATTACKS]],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) < 64, f"peak RSS grew by {proc.stdout.split()[-1]} MiB"
+
+
+def test_newobj_of_empty_builders_is_free():
+    """NEWOBJ calls __new__, which for bytearray, set, Counter, OrderedDict
+    makes an empty object whatever the arguments (as in torch)."""
+    got = ckptio.load(ATTACKS / "bytearray_newobj.pt")
+    assert got == bytearray() == torch.load(ATTACKS / "bytearray_newobj.pt")
+
+
+@pytest.mark.parametrize("kind", ["ints", "floats", "str_keys", "small_dicts", "tuples", "lists",
+                                  "empty_dicts", "sets", "optimizer", "deflated"])
+def test_pickle_heavy_files_fit_the_bound(kind, tmp_path):
+    """Real files whose bytes are nearly all pickle load (well inside 64x),
+    with torch.load's result."""
+    import collections
+    import zipfile
+
+    n = 50_000
+    obj = {
+        "ints": lambda: list(range(n)),
+        "floats": lambda: [i / 3 for i in range(n)],
+        "str_keys": lambda: {f"key{i}": float(i) for i in range(n)},
+        "small_dicts": lambda: [{"a": i, "b": 2.0} for i in range(n)],
+        "tuples": lambda: [(i, i + 1) for i in range(n)],
+        "lists": lambda: [[] for _ in range(n)],
+        "empty_dicts": lambda: [{} for _ in range(n)],
+        "sets": lambda: [{i} for i in range(n // 5)],
+        "optimizer": lambda: {"state": {i: {"step": torch.tensor(1.0), "m": torch.zeros(3)}
+                                        for i in range(2000)},
+                              "param_groups": [{"lr": 0.1, "params": list(range(2000))}]},
+        "deflated": lambda: collections.OrderedDict((f"k{i}", [i, str(i)]) for i in range(n)),
+    }[kind]()
+    path = tmp_path / "x.pth"
+    torch.save(obj, path)
+    if kind == "deflated":  # re-zipped: the file is smaller than its pickle
+        data = io.BytesIO()
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(data, "w", zipfile.ZIP_DEFLATED) as z:
+            for info in src.infolist():
+                z.writestr(info.filename, src.read(info))
+        path.write_bytes(data.getvalue())
+    got, want = ckptio.load(path), torch.load(path)
+    if kind == "optimizer":
+        assert_same(got, want)
+    else:
+        assert got == want and type(got) is type(want)

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "budget.h"
 #include "errors.h"
 #include "globals.h"
 #include "mapping.h"
@@ -57,6 +58,10 @@ static int record_bytes(ck_session *s, const char *rel, const uint8_t **data, si
         ck_raise(s->st->CheckpointError, s->filename,
                  "compressed record %s would inflate to %llu bytes, past the limit of %llu", rel,
                  (unsigned long long)e->size, (unsigned long long)s->inflate_budget);
+        return -1;
+    }
+    if (ck_charge(s, e->size) < 0) {
+        ck_raise_over_budget(s, rel);
         return -1;
     }
     ck_error err;
@@ -442,6 +447,7 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     uint64_t budget = (uint64_t)s.len * CK_INFLATE_RATIO;
     uint64_t floor = weights_only ? CK_INFLATE_FLOOR_SAFE : CK_INFLATE_FLOOR;
     s.inflate_budget = budget > floor ? budget : floor;
+    ck_budget_begin(&s);
     if (strcmp(encoding, "bytes") != 0) {
         s.encoding = PyUnicode_FromString(encoding);
         if (s.encoding == NULL)

@@ -3,6 +3,7 @@
 #define CKPTIO_IMPORT_ARRAY
 #include "state.h"
 
+#include "budget.h"
 #include "errors.h"
 #include "hostcopy.h"
 #include "keys.h"
@@ -215,6 +216,8 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         }
         Py_DECREF(id);
     }
+    if (ck_budget_configure(st) < 0)
+        return NULL;
     st->torch_ready = 1;
     Py_RETURN_NONE;
 }
@@ -340,6 +343,7 @@ static int module_exec(PyObject *m) {
     X(compat_name_mapping)                                                                         \
     X(compat_import_mapping)                                                                       \
     X(extension_registry)                                                                          \
+    X(builder_policy)                                                                              \
     X(s_new)                                                                                       \
     X(s_set_)                                                                                      \
     X(s_view)                                                                                      \

@@ -73,6 +73,8 @@ typedef struct ck_session {
     PyObject *user_ids;      /* strong set of id() of user_globals values */
     int byteswap;            /* stored byte order differs from the host's */
     uint64_t inflate_budget; /* bytes compressed records may still inflate to */
+    uint64_t budget_total;   /* the memory bound of this load (budget.c) */
+    uint64_t budget_left;    /* what is left of it */
 
     /* the plain twins of RefTuples met so far: id -> (reftuple, twin) (tensors.c) */
     PyObject *twins;

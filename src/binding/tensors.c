@@ -2,6 +2,7 @@
 
 #include <string.h>
 
+#include "budget.h"
 #include "errors.h"
 #include "mapping.h"
 #include "npy.h"
@@ -426,6 +427,10 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
                      e->zip_index, (unsigned long long)s->inflate_budget);
             return -1;
         }
+        if (ck_charge(s, ze->size) < 0) {
+            ck_raise_over_budget(s, "inflating a compressed storage record");
+            return -1;
+        }
         uint8_t *out = NULL;
         size_t out_len = 0;
         ck_error err;
@@ -449,6 +454,11 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
     int swap = s->byteswap && !e->untyped && elsize > 1;
     uintptr_t align = elsize >= 8 ? 8 : (uintptr_t)elsize;
     if (swap || (align > 1 && ((uintptr_t)ptr % align) != 0)) {
+        if (ck_charge(s, e->nbytes) < 0) {
+            Py_DECREF(owner);
+            ck_raise_over_budget(s, "copying a storage to align or byte-swap it");
+            return -1;
+        }
         ck_region copy = {0};
         ck_error err;
         ck_error_clear(&err);
@@ -978,6 +988,8 @@ PyObject *ck_storage_materialize(ck_session *s, PyObject *ref) {
     ck_storage *e = &s->storages[slot];
     if (e->typed != NULL)
         return Py_NewRef(e->typed);
+    if (ck_charge(s, 1024) < 0) /* a TypedStorage, its UntypedStorage and tensor */
+        return ck_raise_over_budget(s, "making a storage object");
     if (e->place == CK_PLACE_UNSET && place_storage(s, slot, e, e->dtype) < 0)
         return NULL;
     PyObject *us = e->place == CK_PLACE_CPU ? cpu_ustorage(s, e) : e->ustorage;
@@ -1018,6 +1030,10 @@ static PyObject *twin_of(ck_session *s, PyObject *rt, int depth) {
         return pair != NULL ? Py_NewRef(PyTuple_GET_ITEM(pair, 1)) : NULL;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(rt);
+    if (ck_charge(s, ck_object_cost(s->st, rt) + 200) < 0) { /* the copy and its cache entry */
+        Py_DECREF(key);
+        return ck_raise_over_budget(s, "copying rebuild arguments");
+    }
     PyObject *twin = PyTuple_New(n);
     for (Py_ssize_t i = 0; twin != NULL && i < n; i++) {
         PyObject *item = PyTuple_GET_ITEM(rt, i);

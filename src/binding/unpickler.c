@@ -3,6 +3,7 @@
 #include <stdarg.h>
 #include <string.h>
 
+#include "budget.h"
 #include "errors.h"
 #include "globals.h"
 #include "tensors.h"
@@ -226,6 +227,16 @@ static int underflow(vm *v) {
     return fail(v, v->st->UnpicklingError, "stack underflow");
 }
 
+/* Takes bytes from the load's memory budget (budget.h), or fails. */
+static int charge(vm *v, uint64_t bytes) {
+    if (ck_charge(v->s, bytes) == 0)
+        return 0;
+    char ctx[128];
+    context(v, ctx, sizeof ctx);
+    ck_raise_over_budget(v->s, ctx);
+    return -1;
+}
+
 /* ---- stacks ------------------------------------------------------------ */
 
 static int grow(void **arr, Py_ssize_t *cap, size_t item) {
@@ -246,7 +257,8 @@ static int grow(void **arr, Py_ssize_t *cap, size_t item) {
 
 static int grow_stack(vm *v) {
     Py_ssize_t cap = v->scap;
-    if (grow((void **)&v->stack, &cap, sizeof(PyObject *)) < 0)
+    if (charge(v, (uint64_t)(cap ? cap : 64) * (sizeof(PyObject *) + sizeof(uint32_t))) < 0 ||
+        grow((void **)&v->stack, &cap, sizeof(PyObject *)) < 0)
         return -1;
     uint32_t *d = PyMem_Realloc(v->depth, (size_t)cap * sizeof(uint32_t));
     if (d == NULL) {
@@ -283,9 +295,18 @@ static inline int push_d(vm *v, PyObject *o, uint32_t depth) {
     return 0;
 }
 
-/* Pushes a leaf (or an object whose depth does not matter). */
+/* Pushes o, an object just made (charged to the budget), `depth` deep. */
+static inline int push_new(vm *v, PyObject *o, uint32_t depth) {
+    if (o != NULL && charge(v, ck_object_cost(v->st, o)) < 0) {
+        Py_DECREF(o);
+        return -1;
+    }
+    return push_d(v, o, depth);
+}
+
+/* Pushes a leaf just made. */
 static inline int push(vm *v, PyObject *o) {
-    return push_d(v, o, 0);
+    return push_new(v, o, 0);
 }
 
 /* The deepest of stack[k .. sp), plus one: the depth of a container of them. */
@@ -360,7 +381,7 @@ static PyObject *take_tuple(vm *v, Py_ssize_t k) {
 /* Pushes the tuple of stack[k .. sp) in their place. */
 static int push_tuple(vm *v, Py_ssize_t k) {
     uint32_t d = span_depth(v, k);
-    return push_d(v, take_tuple(v, k), d);
+    return push_new(v, take_tuple(v, k), d);
 }
 
 /* Moves the clean forms of stack[k .. sp) into a new list. */
@@ -500,6 +521,8 @@ static int memo_put(vm *v, uint64_t idx, PyObject *obj, uint32_t depth) {
                 ncap *= 2;
             if (ncap > v->memo_limit)
                 ncap = v->memo_limit;
+            if (charge(v, (ncap - v->memo_cap) * (sizeof(PyObject *) + sizeof(uint32_t))) < 0)
+                return -1;
             PyObject **n = PyMem_Realloc(v->memo, ncap * sizeof(PyObject *));
             if (n == NULL) {
                 PyErr_NoMemory();
@@ -521,6 +544,8 @@ static int memo_put(vm *v, uint64_t idx, PyObject *obj, uint32_t depth) {
         v->memo_depth[idx] = depth;
         return 0;
     }
+    if (charge(v, 200) < 0) /* a dict entry, its key and (object, depth) */
+        return -1;
     if (v->memo_sparse == NULL && (v->memo_sparse = PyDict_New()) == NULL)
         return -1;
     PyObject *key = PyLong_FromUnsignedLongLong(idx);
@@ -635,6 +660,11 @@ static int do_reduce(vm *v) {
             }
         }
         PyObject *a = ready_args(v, args);
+        if (a != NULL && ck_charge_call(v->s, func, a, NULL, 0) < 0) {
+            Py_DECREF(a);
+            Py_DECREF(args);
+            return -1;
+        }
         r = a != NULL ? PyObject_Call(func, a, NULL) : NULL;
         Py_XDECREF(a);
     }
@@ -642,6 +672,8 @@ static int do_reduce(vm *v) {
     if (r == NULL)
         return fail_call(v);
     Py_SETREF(v->stack[v->sp - 1], r);
+    if (charge(v, ck_object_cost(v->st, r)) < 0)
+        return -1;
     if (v->depth[v->sp - 1] < depth)
         v->depth[v->sp - 1] = depth;
     return 0;
@@ -704,6 +736,10 @@ static int do_newobj(vm *v, int ex) {
     PyObject *a = ready_args(v, args);
     if (a == NULL)
         goto out;
+    if (ck_charge_call(v->s, cls, a, kwargs, 1) < 0) {
+        Py_DECREF(a);
+        goto out;
+    }
     if (v->s->weights_only && cls == v->st->Parameter) {
         r = PyObject_Call(cls, a, kwargs);
     } else {
@@ -726,7 +762,7 @@ static int do_newobj(vm *v, int ex) {
         fail_call(v);
         goto out;
     }
-    rc = push_d(v, r, depth);
+    rc = push_new(v, r, depth);
 out:
     Py_XDECREF(kwargs);
     Py_XDECREF(args);
@@ -750,6 +786,10 @@ static int instantiate(vm *v, PyObject *cls, PyObject *args, uint32_t depth) {
     PyObject *a = ready_args(v, args);
     if (a == NULL)
         return -1;
+    if (ck_charge_call(v->s, cls, a, NULL, 0) < 0) {
+        Py_DECREF(a);
+        return -1;
+    }
     PyObject *r;
     int has_initargs = PyObject_HasAttrString(cls, "__getinitargs__");
     if (PyTuple_GET_SIZE(a) > 0 || !PyType_Check(cls) || has_initargs)
@@ -759,7 +799,7 @@ static int instantiate(vm *v, PyObject *cls, PyObject *args, uint32_t depth) {
     Py_DECREF(a);
     if (r == NULL)
         return fail_call(v);
-    return push_d(v, r, depth);
+    return push_new(v, r, depth);
 }
 
 /* BUILD with pickle's semantics: __setstate__, else __dict__ and slots. */
@@ -860,6 +900,14 @@ static int do_build(vm *v) {
         return -1;
     }
     inst = v->stack[v->sp - 1];
+    /* the state's items go into the instance's __dict__ (or its own items) */
+    Py_ssize_t items = PyDict_Check(st_ready)    ? PyDict_GET_SIZE(st_ready)
+                       : PyTuple_Check(st_ready) ? PyTuple_GET_SIZE(st_ready)
+                                                 : 0;
+    if (charge(v, 104 * (uint64_t)items) < 0) {
+        Py_DECREF(st_ready);
+        return -1;
+    }
     ck_state *st = v->st;
     int rc = 0;
     PyObject *type = (PyObject *)Py_TYPE(inst);
@@ -912,7 +960,12 @@ static int fill_target(vm *v, Py_ssize_t k) {
         return too_deep(v);
     if (v->depth[k - 1] < depth)
         v->depth[k - 1] = depth;
-    return clean_slot(v, k - 1) < 0 || clean_span(v, k) < 0 ? -1 : 0;
+    if (clean_slot(v, k - 1) < 0 || clean_span(v, k) < 0)
+        return -1;
+    uint64_t n = (uint64_t)(v->sp - k);
+    if (v->op == OP_SETITEM || v->op == OP_SETITEMS)
+        n /= 2;
+    return charge(v, n * ck_item_cost(v->stack[k - 1]));
 }
 
 /* SETITEM(S): the pairs stack[k .. sp) into stack[k - 1]. */
@@ -1025,7 +1078,7 @@ static int do_global(vm *v, PyObject *module, PyObject *name) {
     PyObject *obj = ck_resolve_global(v->s, module, name, v->proto);
     if (obj == NULL)
         return fail_call(v);
-    return push(v, obj);
+    return push_d(v, obj, 0); /* an existing object: nothing allocated */
 }
 
 static int do_ext(vm *v, long code) {
@@ -1061,7 +1114,7 @@ static int do_persid(vm *v, PyObject *pid) {
     Py_DECREF(pid);
     if (r == NULL)
         return fail_call(v);
-    return push(v, r);
+    return push_d(v, r, 0); /* the storage's one reference (tensors.c charges storages) */
 }
 
 /* ---- the loop ----------------------------------------------------------- */
@@ -1105,7 +1158,9 @@ static PyObject *run(vm *v) {
             return r;
         }
         case OP_MARK:
-            if (v->mp == v->mcap && grow((void **)&v->marks, &v->mcap, sizeof(Py_ssize_t)) < 0)
+            if (v->mp == v->mcap &&
+                (charge(v, (uint64_t)(v->mcap ? v->mcap : 64) * sizeof(Py_ssize_t)) < 0 ||
+                 grow((void **)&v->marks, &v->mcap, sizeof(Py_ssize_t)) < 0))
                 return NULL;
             v->marks[v->mp++] = v->sp;
             break;
@@ -1162,6 +1217,8 @@ static PyObject *run(vm *v) {
             size_t n = v->p[0];
             v->p += 1;
             NEED(n);
+            if (charge(v, n) < 0)
+                return NULL;
             rc = push(v, decode_long(v->p, n));
             v->p += n;
             break;
@@ -1175,6 +1232,8 @@ static PyObject *run(vm *v) {
                 break;
             }
             NEED(n);
+            if (charge(v, 2 * (uint64_t)n) < 0) /* the digits, and from_bytes' bytes */
+                return NULL;
             rc = push(v, decode_long(v->p, (size_t)n));
             v->p += n;
             break;
@@ -1191,6 +1250,8 @@ static PyObject *run(vm *v) {
             }
             if (v->op == OP_LONG && n > 0 && line[n - 1] == 'L')
                 n--;
+            if (charge(v, n) < 0)
+                return NULL;
             char *c = line_copy(v, line, n);
             if (c == NULL)
                 return NULL;
@@ -1325,7 +1386,7 @@ static PyObject *run(vm *v) {
                       "out-of-band buffers (pickle protocol 5) cannot appear in a checkpoint");
             break;
         case OP_EMPTY_TUPLE:
-            rc = push_d(v, PyTuple_New(0), 1);
+            rc = push_new(v, PyTuple_New(0), 1);
             break;
         case OP_TUPLE: {
             Py_ssize_t k = pop_mark(v);
@@ -1346,18 +1407,18 @@ static PyObject *run(vm *v) {
             break;
         }
         case OP_EMPTY_LIST:
-            rc = push_d(v, PyList_New(0), 1);
+            rc = push_new(v, PyList_New(0), 1);
             break;
         case OP_LIST: {
             Py_ssize_t k = pop_mark(v);
             if (k < 0)
                 return NULL;
             uint32_t d = span_depth(v, k);
-            rc = push_d(v, take_list(v, k), d);
+            rc = push_new(v, take_list(v, k), d);
             break;
         }
         case OP_EMPTY_DICT:
-            rc = push_d(v, PyDict_New(), 1);
+            rc = push_new(v, PyDict_New(), 1);
             break;
         case OP_DICT: {
             Py_ssize_t k = pop_mark(v);
@@ -1389,11 +1450,11 @@ static PyObject *run(vm *v) {
                 break;
             }
             drop_from(v, k);
-            rc = push_d(v, d, depth);
+            rc = push_new(v, d, depth);
             break;
         }
         case OP_EMPTY_SET:
-            rc = push_d(v, PySet_New(NULL), 1);
+            rc = push_new(v, PySet_New(NULL), 1);
             break;
         case OP_FROZENSET: {
             Py_ssize_t k = pop_mark(v);
@@ -1409,7 +1470,7 @@ static PyObject *run(vm *v) {
             PyObject *items = take_tuple(v, k);
             PyObject *fs = items ? PyFrozenSet_New(items) : NULL;
             Py_XDECREF(items);
-            rc = fs ? push_d(v, fs, depth) : fail_call(v);
+            rc = fs ? push_new(v, fs, depth) : fail_call(v);
             break;
         }
         case OP_APPEND: {
@@ -1632,11 +1693,15 @@ static PyObject *unpickle(ck_session *s, const uint8_t *data, size_t len, const 
     v.end = data + len;
     v.what = what;
     v.proto = 0;
-    /* every PUT takes at least two bytes, so a valid pickle's dense memo
-     * indices stay below len/2; larger ones go to the sparse dict */
-    v.memo_limit = len / 2 + 16;
+    /* every PUT or MEMOIZE takes at least one byte, so a valid pickle's
+     * memo indices stay below len; larger ones go to the sparse dict */
+    v.memo_limit = len + 16;
 
+    /* a scan's objects are gone before the real pass: it has a budget of its own */
+    uint64_t budget = s->budget_left;
     PyObject *result = run(&v);
+    if (v.scan)
+        s->budget_left = budget;
     if (result != NULL && consumed != NULL)
         *consumed = (size_t)(v.p - v.start);
 

@@ -25,6 +25,7 @@
 
 #include <string.h>
 
+#include "budget.h"
 #include "errors.h"
 #include "mapping.h"
 #include "session.h"
@@ -285,6 +286,7 @@ static PyObject *py_verify(PyObject *module, PyObject *args) {
     s.weights_only = 1;
     s.map_kind = CK_MAP_CPU;
     s.inflate_budget = 0; /* the scan inflates nothing */
+    ck_budget_begin(&s);
     s.encoding = PyUnicode_FromString("utf-8");
     s.errors = PyUnicode_FromString("strict");
     report r = {0};

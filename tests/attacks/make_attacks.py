@@ -700,6 +700,62 @@ rewalk = (P2 + b"}q\x03" + storage_pid() + b"q\x00" + b"cbuiltins\nset\nq\x02" +
 case("memo_ref_rewalk.pt", archive(rewalk, {"data/0": FLOATS}), UP, "opcode 0xff",
      "95000 NEWOBJs over one memoized list, with a storage reference in the memo")
 
+# ---- memory: allowlisted builders asked for more than the file could hold
+# (each allocated ~1 GiB or more from a few hundred bytes in torch.load)
+G30 = pickle_int(1 << 30)
+stride0 = tensor(numel=1, size=(1 << 27,), stride=(0,))  # 2**27 elements over one float
+case("bytearray_huge.pt", archive(P2 + b"cbuiltins\nbytearray\n" + G30 + b"\x85R."), None,
+     "bytearray.*would allocate 1073741824 bytes", "bytearray(2**30) from a 385-byte file")
+case("bytearray_newobj.pt", archive(P2 + b"cbuiltins\nbytearray\n" + G30 + b"\x85\x81."), "ok",
+     None, "NEWOBJ bytearray.__new__(bytearray, 2**30): makes an empty bytearray, as in torch")
+case("device_tensor_stride0.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_device_tensor_from_cpu_tensor\n(" + stride0
+                         + b"ctorch\nfloat64\n" + binunicode("cpu") + b"\x89tR")),
+             {"data/0": FLOATS[:4]}), None, "would allocate 1073741824 bytes",
+     "_rebuild_device_tensor_from_cpu_tensor over a stride-0 view of 2**27 elements (to float64)")
+case("legacy_tensor_ctor_huge.pt",
+     archive(P2 + b"ctorch\nFloatTensor\n" + G30 + b"\x85R."), None, "would allocate",
+     "torch.FloatTensor(2**30): a 4 GiB legacy constructor")
+case("tensor_newobj_huge.pt",
+     archive(P2 + b"ctorch\nTensor\n" + G30 + G30 + b"\x86\x81."), None, "more than 2..64 bytes",
+     "NEWOBJ torch.Tensor.__new__(Tensor, 2**30, 2**30)")
+case("untyped_storage_huge.pt",
+     archive(P2 + b"ctorch.storage\nUntypedStorage\n" + pickle_int(1 << 34) + b"\x85R."), None,
+     "would allocate", "torch.UntypedStorage(2**34)")
+case("qtensor_size_huge.pt",
+     archive(P2 + b"ctorch._utils\n_rebuild_qtensor\n(" + storage_pid("QInt8Storage")
+             + b"K\x00" + int_tuple((1 << 15, 1 << 15)) + int_tuple((0, 0))
+             + b"(ctorch\nper_tensor_affine\nG?\xb9\x99\x99\x99\x99\x99\x9aK\x00t\x89"
+             + b"ccollections\nOrderedDict\n)RtR.", {"data/0": FLOATS[:4]}), None,
+     "would allocate", "_rebuild_qtensor with size 2**15 x 2**15 over a 4-element storage "
+     "(_empty_affine_quantized allocates 1 GiB first)")
+for builder in ("builtins\nset", "collections\nCounter", "torch\nSize", "builtins\nbytearray"):
+    short = builder.split("\n")[1].lower()
+    case(f"iterate_tensor_{short}.pt",
+         archive(state_dict(("w", f"c{builder}\n".encode() + b"(" + stride0 + b"tR")),
+                 {"data/0": FLOATS[:4]}), None, "element by element",
+         f"{builder.replace(chr(10), '.')} over a stride-0 view of 2**27 elements (one object "
+         "per element)")
+case("from_type_v2_bytearray.pt",
+     archive(P2 + b"ctorch._tensor\n_rebuild_from_type_v2\n(cbuiltins\nbytearray\nctorch\nTensor\n("
+             + G30 + b"t}tR."), None, "would allocate",
+     "_rebuild_from_type_v2(bytearray, Tensor, (2**30,), {}): the builder inside the rebuild")
+case("sparse_stride0_values.pt",
+     archive(P2 + b"ctorch._utils\n_rebuild_sparse_tensor\n(ctorch.serialization\n_get_layout\n"
+             + binunicode("torch.sparse_coo") + b"\x85R("
+             + tensor(stype="LongStorage", numel=1, size=(1, 1 << 27), stride=(0, 0)) + stride0
+             + int_tuple((1,)) + b"ttR.", {"data/0": FLOATS[:8]}), None, None,
+     "a sparse tensor whose indices and values are stride-0 views of 2**27 elements")
+
+# ---- memory: Python objects, one byte of pickle each
+case("empty_set_storm.pt", archive(P4 + b"\x8f" * (1 << 20) + b"."), None, "would allocate more",
+     "2**20 EMPTY_SETs (216 bytes each: 236x the file)")
+case("empty_dict_storm.pt", archive(P4 + b"}" * (1 << 20) + b"."), None, "would allocate more",
+     "2**20 EMPTY_DICTs (64 bytes each and a stack slot)")
+case("frozenset_storm.pt", archive(P4 + b"(\x91" * (1 << 19) + b"."), None, "would allocate more",
+     "2**19 empty FROZENSETs")
+
+
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
 LOADS = {
@@ -725,6 +781,7 @@ TRUSTED_TOO = (
     "string_", "binbytes8", "bytearray8", "frame_", "long4", "stack_underflow",
     "pickle_truncated", "unknown_opcode", "proto_", "next_buffer", "deep_nesting_tuples",
     "tar_format", "quantized_", "legacy_view_chain", "deep_", "memo_ref_rewalk",
+    "empty_set_storm",
 )
 NOT_TRUSTED_TOO = {"zip_deflate_small_bomb.pt", "zip_deflate_pickle_bomb.pt",
                    "storage_two_dtypes_one_key.pt"}
