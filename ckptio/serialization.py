@@ -170,7 +170,7 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     if verify:
         from ._verify import verify_mapping
 
-        verify_mapping(mapping, name, strict=True, run_loader=False)
+        verify_mapping(mapping, name, strict=True, run_loader=False, encoding=encoding)
     kind, restore = _map_kind(map_location)
     user_globals = user_allowed_globals() if weights_only else None
     tls = torch.serialization._serialization_tls

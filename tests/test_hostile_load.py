@@ -289,3 +289,74 @@ def test_pickle_heavy_files_fit_the_bound(kind, tmp_path):
         assert_same(got, want)
     else:
         assert got == want and type(got) is type(want)
+
+
+# ---- verify ------------------------------------------------------------------
+
+def test_verify_checks_storages_of_a_large_deflated_pickle():
+    """A deflated archive whose data.pkl holds a 600 KB blob and whose tensor
+    record is cut in half: data.pkl was inflated twice and the second time
+    did not fit the limit, so the storage checks were skipped. Now it is
+    inflated once, and the short record is a 'storage' problem of the C
+    checks themselves (before the loader runs)."""
+    path = ATTACKS / "verify_deflated_half_record.pt"
+    report = ckptio.verify(path)
+    # 'storage' from the C checks; the loader's run would say 'load'
+    assert [p.kind for p in report.problems] == ["storage"], report.problems
+    assert "claims 4096 bytes but its record holds 2048" in report.problems[0].message
+    with pytest.raises(ckptio.CheckpointError, match="claims 4096 bytes"):
+        ckptio.load(path, verify=True)
+
+
+def test_verify_reports_a_pickle_it_cannot_inflate():
+    """Never clean when the storages could not be checked."""
+    path = ATTACKS / "zip_deflate_pickle_bomb.pt"
+    report = ckptio.verify(path)
+    assert not report.ok
+    assert any(p.kind == "limit" and "storages cannot be checked" in p.message
+               for p in report.problems)
+
+
+def _latin1_legacy_file(tmp_path):
+    """A legacy (pre-1.6 layout) file whose pickle holds a Python 2 byte
+    string that is not UTF-8, as Python 2 torch wrote them."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(3.0), "name": "PLACEHOLDER"}, buf,
+               _use_new_zipfile_serialization=False, pickle_protocol=2)
+    data = buf.getvalue()
+    placeholder = b"X" + struct.pack("<I", 11) + b"PLACEHOLDER"
+    assert data.count(placeholder) == 1
+    data = data.replace(placeholder, b"U\x04caf\xe9")  # SHORT_BINSTRING b'caf\xe9'
+    path = tmp_path / "py2.pt"
+    path.write_bytes(data)
+    return path
+
+
+def test_verify_honours_the_encoding(tmp_path):
+    path = _latin1_legacy_file(tmp_path)
+    want = torch.load(path, encoding="latin1")
+    assert want["name"] == "caf\xe9"
+    got = ckptio.load(path, encoding="latin1")
+    assert got["name"] == "caf\xe9" and torch.equal(got["w"], want["w"])
+    with pytest.raises(ckptio.CheckpointError, match="utf-8|decode"):
+        ckptio.load(path)  # torch too: 'utf-8' codec can't decode
+    assert not ckptio.verify(path).ok
+    report = ckptio.verify(path, encoding="latin1")
+    assert report.ok, report.problems
+    assert ckptio.load(path, encoding="latin1", verify=True)["name"] == "caf\xe9"
+    assert ckptio.verify(path, encoding="bytes").ok
+    # the same string in a zip archive: the C checks decode it as asked too
+    zpath = tmp_path / "z.pt"
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(3.0), "name": "PLACEHOLDER"}, buf)
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(zpath, "w") as z:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"X" + struct.pack("<I", 11) + b"PLACEHOLDER", b"U\x04caf\xe9")
+            z.writestr(info, data)
+    assert torch.load(zpath, encoding="latin1")["name"] == "caf\xe9"
+    assert not ckptio.verify(zpath).ok
+    assert ckptio.verify(zpath, encoding="latin1").ok

@@ -756,6 +756,16 @@ case("frozenset_storm.pt", archive(P4 + b"(\x91" * (1 << 19) + b"."), None, "wou
      "2**19 empty FROZENSETs")
 
 
+# verify inflated a deflated data.pkl twice; the second time did not fit its
+# limit and the storage checks were skipped: a 600 KB blob in data.pkl and a
+# tensor record cut in half verified clean
+blob = b"B" + struct.pack("<I", 600_000) + b"\0" * 600_000
+case("verify_deflated_half_record.pt",
+     archive(state_dict(("w", tensor(numel=1024, size=(1024,))), ("blob", blob)),
+             {"data/0": b"\x01" * 2048}, compress=True), None,
+     "claims 4096 bytes but its record holds 2048",
+     "deflated: a 600 KB blob in data.pkl and the tensor record cut in half")
+
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
 LOADS = {
