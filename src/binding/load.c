@@ -209,7 +209,12 @@ static int layout_from_pids(ck_session *s, PyObject *pids, PyObject *roots, PyOb
         if (!PyTuple_Check(pid) || PyTuple_GET_SIZE(pid) != 6)
             continue; /* refused (or a module) when the objects are built */
         PyObject *key = PyTuple_GET_ITEM(pid, 2);
-        if (!PyUnicode_Check(key) || PyDict_Contains(roots, key))
+        if (!PyUnicode_Check(key))
+            continue;
+        int seen = PyDict_Contains(roots, key);
+        if (seen < 0)
+            return -1;
+        if (seen)
             continue;
         PyObject *code = PyDict_GetItemWithError(st->storage_dtype, PyTuple_GET_ITEM(pid, 1));
         if (code == NULL) {
@@ -289,7 +294,10 @@ static PyObject *load_legacy(ck_session *s) {
             ck_raise(st->CheckpointError, s->filename, "storage keys must be strings");
             goto out;
         }
-        if (PyDict_Contains(s->legacy_slots, key)) {
+        int twice = PyDict_Contains(s->legacy_slots, key);
+        if (twice < 0)
+            goto out;
+        if (twice) {
             ck_raise(st->CheckpointError, s->filename, "storage '%U' is listed twice", key);
             goto out;
         }
@@ -366,6 +374,8 @@ static PyObject *load_legacy(ck_session *s) {
         if (listed < 0)
             goto out;
         int is_view = PySet_Contains(views, rkey);
+        if (is_view < 0)
+            goto out;
         if (!listed && !is_view) {
             ck_raise(st->CheckpointError, s->filename, "storage '%U' has no data in the file",
                      rkey);
