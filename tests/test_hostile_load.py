@@ -360,3 +360,30 @@ def test_verify_honours_the_encoding(tmp_path):
     assert torch.load(zpath, encoding="latin1")["name"] == "caf\xe9"
     assert not ckptio.verify(zpath).ok
     assert ckptio.verify(zpath, encoding="latin1").ok
+
+
+def test_failed_load_leaves_no_sparse_tensor_to_validate():
+    """With torch's sparse invariant checks on, a sparse tensor rebuilt by a
+    load that then failed was validated by the next load, of another file
+    (a bare RuntimeError there); an invalid one in the file itself is a
+    CheckpointError naming it."""
+    import torchspace as ts
+
+    ar = ts.Archive()
+    indices = ts._long_tensor(ar, "i", [100] * 16, (1, 16))  # out of range for size (4,)
+    layout = ts.call("torch.serialization", "_get_layout", ts.text("torch.sparse_coo"))
+    value = ts.call("torch._utils", "_rebuild_sparse_tensor", layout,
+                    b"(" + indices + ts._v2(ar, ("torch", "FloatStorage", torch.float32))
+                    + ts.ints((4,)) + b"t")
+    failing = ar.zip(b"\x80\x02}(" + ts.text("s") + value + b"\xff")
+    invalid = ar.zip(b"\x80\x02}(" + ts.text("s") + value + b"u.")
+    good = io.BytesIO()
+    torch.save({"x": torch.zeros(2)}, good)
+    with torch.sparse.check_sparse_tensor_invariants():
+        with pytest.raises(ckptio.UnpicklingError, match="opcode"):
+            ckptio.load(failing)
+        assert torch.equal(ckptio.load(good.getvalue())["x"], torch.zeros(2))
+        with pytest.raises(ckptio.CheckpointError, match=r"<bytes of \d+ bytes>: a sparse tensor"):
+            ckptio.load(invalid)
+        with pytest.raises(RuntimeError, match="size is inconsistent with indices"):
+            torch.load(io.BytesIO(invalid))
