@@ -375,7 +375,7 @@ static Py_ssize_t pop_mark(vm *v) {
 static PyObject *take_tuple(vm *v, Py_ssize_t k) {
     Py_ssize_t n = v->sp - k;
     v->sp = k;
-    return ck_tuple_steal(v->s, v->stack + k, n);
+    return ck_tuple_steal(v->s, n > 0 ? v->stack + k : NULL, n); /* no stack yet when empty */
 }
 
 /* Pushes the tuple of stack[k .. sp) in their place. */

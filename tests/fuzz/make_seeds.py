@@ -7,6 +7,8 @@ corpus/zip      whole torch zip archives (fuzz_zip: the zip locator)
 corpus/legacy   whole legacy streams (fuzz_legacy: ckptio.load on the bytes)
 corpus/unpickle data.pkl records (fuzz_unpickle wraps each input as the
                 data.pkl of an archive that also holds data/0 .. data/3)
+corpus/struct   descriptions for fuzz_struct (tests/torchspace.from_bytes):
+                byte strings that choose the files built
 Regression inputs found by fuzzing are added by hand beside the seeds
 (names starting with "crash-" or "regress-").
 """
@@ -38,7 +40,22 @@ def objects():
     yield "storage", {"st": torch.UntypedStorage(4)}
 
 
+def struct_seeds(folder):
+    """Descriptions that pick each layout of torchspace.from_bytes once, and
+    a few tensors through every rebuild function."""
+    import random
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(9)
+    for layout in (0, 1, 4, 16):
+        for k in range(4):
+            data = bytes([layout, 2 + k]) + bytes(rng.randrange(256) for _ in range(64))
+            with open(os.path.join(folder, f"seed-layout{layout}-{k}"), "wb") as f:
+                f.write(data)
+
+
 def main():
+    struct_seeds(os.path.join(HERE, "corpus", "struct"))
     dirs = {k: os.path.join(HERE, "corpus", k) for k in ("zip", "legacy", "unpickle")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
