@@ -8,11 +8,12 @@ import io
 import os
 import warnings
 
-import torch
-
 from . import _native
 from ._config import ensure_configured
 from ._safe_globals import user_allowed_globals
+from ._torch import require as _require_torch
+
+torch = None  # imported by the first load (import ckptio does not import torch)
 
 # how map_location is applied (ck_map_kind in src/binding/session.h)
 _MAP_NONE, _MAP_CPU, _MAP_DICT, _MAP_CALL = 0, 1, 2, 3
@@ -162,6 +163,9 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     verify: first check the file's integrity (ckptio.verify, strict): CRCs of
     every record, the container, every storage against its record.
     """
+    global torch
+    if torch is None:
+        torch = _require_torch("ckptio.load")
     ensure_configured()
     weights_only = _weights_only_default(weights_only)
     if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
@@ -173,9 +177,11 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
         verify_mapping(mapping, name, strict=True, run_loader=False, encoding=encoding)
     kind, restore = _map_kind(map_location)
     user_globals = user_allowed_globals() if weights_only else None
-    tls = torch.serialization._serialization_tls
-    previous = tls.map_location
-    tls.map_location = map_location
+    # torch >= 2.1 keeps map_location in a thread-local its restore functions read
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    previous = getattr(tls, "map_location", None)
+    if tls is not None:
+        tls.map_location = map_location
     try:
         result = _native.load(
             mapping,
@@ -193,7 +199,8 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
         torch._utils._sparse_tensors_to_validate.clear()
         raise
     finally:
-        tls.map_location = previous
+        if tls is not None:
+            tls.map_location = previous
     if result is _native.TORCHSCRIPT:
         if path is None:
             return torch.jit.load(io.BytesIO(memoryview(mapping)), map_location=map_location)

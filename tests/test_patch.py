@@ -258,3 +258,16 @@ def test_mmcv_names_are_ignored_when_not_patched(monkeypatch):
     monkeypatch.setattr(mmcv_ckpt, "load_url", lambda *a, **k: "mmcv's")
     assert not ckptio.patching.patched()
     assert ours._resolve("load_url") is ours.load_url
+
+
+def test_patch_logs_what_it_replaced(caplog):
+    import logging
+
+    pytest.importorskip("mmcv.runner")
+    import ckptio
+
+    with caplog.at_level(logging.INFO, logger="ckptio"):
+        ckptio.patch()
+        ckptio.unpatch()
+    (msg,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("patch():")]
+    assert "load_checkpoint" in msg and "names replaced in" in msg

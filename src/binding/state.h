@@ -13,6 +13,8 @@
 
 #include <stdint.h>
 
+#include "compat.h"
+
 /* getattr that tells "absent" (0, no exception) from "failed" (-1). */
 #if PY_VERSION_HEX >= 0x030D0000
 #define ck_lookup_attr PyObject_GetOptionalAttr
@@ -151,6 +153,22 @@ typedef struct ck_state {
 
     /* http.c */
     PyObject *DownloadError;
+
+    /* save_hooks.c: made at import */
+    PyTypeObject *SaveStateType;
+    PyObject *SavePickler; /* the _pickle.Pickler subclass every save uses */
+    PyObject *s_storage;   /* "storage" */
+    PyObject *s_meta;      /* "meta" */
+    PyObject *s_cuda;      /* "cuda" */
+    PyObject *s_fake_device;
+    /* save_hooks.c: torch's objects, from configure */
+    PyObject *normalize_storage_type; /* torch.serialization.normalize_storage_type */
+    PyObject *location_tag;           /* torch.serialization.location_tag */
+    PyObject *torch_module;           /* torch (storage classes by name) */
+    PyObject *get_tensor_metadata;    /* torch._C._get_tensor_metadata */
+    PyObject *strided;                /* torch.strided */
+    PyObject *save_legacy;     /* dict: dtype -> (storage class torch pickles, element size) */
+    PyObject *save_new_dtypes; /* frozenset: dtypes torch saves through _rebuild_tensor_v3 */
 } ck_state;
 
 /* The state of the module object m. */

@@ -483,6 +483,21 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
 }
 
 /* The storage's UntypedStorage on the CPU, over its bytes (cached). */
+/* tensor.untyped_storage(), or tensor.storage()._storage on torch 1.13,
+ * whose tensors have no untyped_storage(). */
+static PyObject *untyped_of_tensor(PyObject *tensor, ck_state *st) {
+    PyObject *u = PyObject_CallMethodNoArgs(tensor, st->s_untyped_storage);
+    if (u != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return u;
+    PyErr_Clear();
+    PyObject *typed = PyObject_CallMethod(tensor, "storage", NULL);
+    if (typed == NULL)
+        return NULL;
+    u = PyObject_GetAttrString(typed, "_storage");
+    Py_DECREF(typed);
+    return u;
+}
+
 static PyObject *cpu_ustorage(ck_session *s, ck_storage *e) {
     ck_state *st = s->st;
     if (e->ustorage != NULL)
@@ -500,9 +515,18 @@ static PyObject *cpu_ustorage(ck_session *s, ck_storage *e) {
         if (tensor == NULL)
             return NULL;
     }
-    e->ustorage = PyObject_CallMethodNoArgs(tensor, st->s_untyped_storage);
+    e->ustorage = untyped_of_tensor(tensor, st);
     Py_DECREF(tensor);
     return e->ustorage;
+}
+
+/* typed._untyped_storage, or typed._storage on torch 1.13. */
+static PyObject *untyped_of_typed(PyObject *typed, ck_state *st) {
+    PyObject *u = PyObject_GetAttr(typed, st->s_untyped_attr);
+    if (u != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return u;
+    PyErr_Clear();
+    return PyObject_GetAttrString(typed, "_storage");
 }
 
 /* Decides where the storage lives (map_location), calling restore() where
@@ -542,7 +566,7 @@ static int place_storage(ck_session *s, Py_ssize_t slot, ck_storage *e, int tens
     if (r == NULL)
         return -1;
     if (PyObject_TypeCheck(r, (PyTypeObject *)st->TypedStorage)) {
-        PyObject *u = PyObject_GetAttr(r, st->s_untyped_attr);
+        PyObject *u = untyped_of_typed(r, st);
         Py_DECREF(r);
         if (u == NULL)
             return -1;
@@ -1001,6 +1025,12 @@ PyObject *ck_storage_materialize(ck_session *s, PyObject *ref) {
     PyObject *typed = NULL;
     if (args != NULL && kwargs != NULL)
         typed = PyObject_Call(st->TypedStorage, args, kwargs);
+    if (typed == NULL && kwargs != NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        /* torch 1.13's TypedStorage takes no _internal (nor warns without it) */
+        PyErr_Clear();
+        if (PyDict_DelItemString(kwargs, "_internal") == 0)
+            typed = PyObject_Call(st->TypedStorage, args, kwargs);
+    }
     Py_XDECREF(args);
     Py_XDECREF(kwargs);
     if (typed == NULL)

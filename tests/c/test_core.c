@@ -6,7 +6,6 @@
  * byte at offsets the writer records, so that every rejection in
  * zipread.h is reached by exactly the fault it names.
  */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
 #include <pthread.h>
@@ -390,7 +389,7 @@ static uint32_t rnd(void) {
 
 static void test_crc(void) {
     CHECK(ck_crc32(0, "123456789", 9) == 0xCBF43926u);
-    CHECK(ck_crc32_zlib(0, "123456789", 9) == 0xCBF43926u);
+    CHECK((uint32_t)crc32(0, (const Bytef *)"123456789", 9) == 0xCBF43926u);
     CHECK(ck_crc32(0, "", 0) == 0);
     CHECK(ck_crc32(0, NULL, 0) == 0);
     CHECK(ck_crc32(0, "The quick brown fox jumps over the lazy dog", 43) == 0x414FA339u);
@@ -410,7 +409,7 @@ static void test_crc(void) {
         if (off + len > cap)
             len = cap - off;
         uint32_t a = ck_crc32(0, buf + off, len);
-        uint32_t b = ck_crc32_zlib(0, buf + off, len);
+        uint32_t b = (uint32_t)crc32_z(0, buf + off, len);
         agree &= a == b;
         size_t cut = len ? rnd() % len : 0;
         uint32_t c = ck_crc32(ck_crc32(0, buf + off, cut), buf + off + cut, len - cut);
@@ -873,7 +872,7 @@ static void test_zip_extract(void) {
     CHECK(out != NULL && out_len == sizeof tensor_bytes && ((uintptr_t)out & 63) == 0);
     CHECK(out != NULL && memcmp(out, tensor_bytes, sizeof tensor_bytes) == 0);
     free(out);
-    /* a second extraction reuses the libzip handle */
+    /* a second extraction reuses the decompressor */
     CHECK_ST(ck_zip_extract(&zip, 1, sizeof tensor_bytes, &out, &out_len, &err), CK_OK, &err);
     free(out);
     /* the size limit is applied before anything is allocated */
@@ -888,7 +887,7 @@ static void test_zip_extract(void) {
     ck_zip_close(&zip);
     zfree(&z);
 
-    /* CRC mismatch of a deflated entry, reported by libzip or by us */
+    /* CRC mismatch of a deflated entry */
     standard(&z, Z64_NONE, 1);
     put32(z.buf + z.central_off[1] + 16, 0xDEADBEEFu);
     put32(z.buf + z.local_off[1] + 14, 0xDEADBEEFu);
