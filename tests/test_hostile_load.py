@@ -46,14 +46,16 @@ def test_plain_rebuild_over_quantized_storage(name):
     assert not report.ok and "quantized" in str(report.problems)
 
 
-@pytest.mark.parametrize("command", ["info", "verify"])
-def test_cli_over_quantized_storage(command):
-    """`ckptio info` and `ckptio verify` report the file (exit 1), no crash."""
-    path = ATTACKS / ("quantized_QInt8Storage_v2.pt" if command == "info"
-                      else "quantized_QInt32Storage_v3.pt")
-    proc = _cli(command, path)
+@pytest.mark.parametrize("name", ["quantized_QInt8Storage_v2.pt", "quantized_QInt32Storage_v3.pt"])
+def test_cli_over_quantized_storage(name):
+    """`ckptio verify` reports the file (exit 1); `ckptio info` (a scan that
+    builds no tensor) describes it; neither crashes."""
+    proc = _cli("verify", ATTACKS / name)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "quantized" in proc.stdout + proc.stderr
+    proc = _cli("info", ATTACKS / name)
+    assert proc.returncode in (0, 1), (proc.returncode, proc.stderr[-2000:])
+    assert "Tensor q" in proc.stdout
 
 
 def test_real_quantized_tensors_still_load(tmp_path):
