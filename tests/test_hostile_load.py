@@ -389,3 +389,29 @@ def test_failed_load_leaves_no_sparse_tensor_to_validate():
             ckptio.load(invalid)
         with pytest.raises(RuntimeError, match="size is inconsistent with indices"):
             torch.load(io.BytesIO(invalid))
+
+
+def test_nested_encode_stays_inside_the_bound(tmp_path):
+    """_codecs.encode(..., 'hex') nested 30 deep over a 1 MiB string: each
+    call doubles its input (torch.load is killed for memory). Each call is
+    charged before it runs, so the peak stays inside 64x the file + 4 MiB;
+    the result is refused either by the budget or, once _codecs.encode
+    takes only (str, 'latin1'), by the allowlist."""
+    import tracemalloc
+
+    body = b"c_codecs\nencode\n(" + _u("a" * (1 << 20)) + _u("latin1") + b"tR"
+    for _ in range(30):
+        body = b"c_codecs\nencode\n(" + body + _u("hex") + b"tR"
+    path = tmp_path / "hex.pt"
+    path.write_bytes(_archive(b"\x80\x02" + body + b"."))
+    ckptio.load(_archive(b"\x80\x02" + b"N."))  # configured before measuring
+    tracemalloc.start()
+    try:
+        with pytest.raises(ckptio.CheckpointError) as info:
+            ckptio.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(info.value)
+    size = path.stat().st_size
+    assert peak <= 64 * size + (4 << 20), (peak, size)

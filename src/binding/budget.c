@@ -109,6 +109,7 @@ enum policy {
     P_ITERATE,      /* set, frozenset, Counter, OrderedDict, torch.Size: iterates args[0] */
     P_BYTEARRAY,    /* bytearray(n | data) */
     P_TEXT,         /* complex(str), torch.device(str): parses its text */
+    P_ENCODE,       /* _codecs.encode(obj, codec): output up to 10 bytes per input unit */
     P_SIZED,        /* legacy tensor and storage constructors: ints are sizes */
     P_FROM_CPU,     /* _rebuild_device_tensor_from_cpu_tensor(data, dtype, device, rg) */
     P_FROM_NUMPY,   /* _rebuild_device_tensor_from_numpy(data, dtype, device, rg) */
@@ -131,6 +132,7 @@ static const struct {
     {"builtins.complex", P_TEXT},
     {"torch.device", P_TEXT},
     {"torch.serialization._get_layout", P_TEXT},
+    {"_codecs.encode", P_ENCODE},
     {"torch._utils._rebuild_device_tensor_from_cpu_tensor", P_FROM_CPU},
     {"torch._utils._rebuild_device_tensor_from_numpy", P_FROM_NUMPY},
     {"torch._utils._rebuild_xla_tensor", P_FROM_NUMPY},
@@ -397,6 +399,23 @@ static int charge_call(ck_session *s, PyObject *func, PyObject *args, PyObject *
             len += PyDict_GET_SIZE(kwargs);
         uint64_t per = p == P_BYTEARRAY ? (PyUnicode_Check(a0) ? 4 : 1) : 128;
         return take(s, func, per * (uint64_t)len, "iterating its argument");
+    }
+    case P_ENCODE: {
+        /* charged before the call: the result is charged again as an object
+         * after it, but without this a chain encode(encode(x, 'hex'), 'hex')
+         * would allocate twice what was left before the charge failed. 10
+         * bytes per character or byte covers every codec of CPython
+         * ('unicode_escape' writes a character as '\\U0010ffff', 'hex' 2,
+         * 'quopri' 3, 'latin1' 1, which numpy arrays in protocol-2 pickles use) */
+        PyObject *x = a0;
+        uint64_t len = 0;
+        if (x != NULL && PyUnicode_Check(x))
+            len = (uint64_t)PyUnicode_GET_LENGTH(x);
+        else if (x != NULL && PyBytes_Check(x))
+            len = (uint64_t)PyBytes_GET_SIZE(x);
+        else if (x != NULL && PyByteArray_Check(x))
+            len = (uint64_t)PyByteArray_GET_SIZE(x);
+        return take(s, func, 10 * len, "encoding its argument");
     }
     case P_TEXT:
         for (Py_ssize_t i = 0; i < n; i++)

@@ -747,6 +747,15 @@ case("sparse_stride0_values.pt",
              + int_tuple((1,)) + b"ttR.", {"data/0": FLOATS[:8]}), None, None,
      "a sparse tensor whose indices and values are stride-0 views of 2**27 elements")
 
+# _codecs.encode(x, 'hex') nested 30 deep doubles 1000 bytes 30 times (torch.load
+# is killed for memory); refused by the budget, or by the allowlist once
+# _codecs.encode takes (str, 'latin1') only
+hexed = b"c_codecs\nencode\n(" + binunicode("a" * 1000) + binunicode("latin1") + b"tR"
+for _ in range(30):
+    hexed = b"c_codecs\nencode\n(" + hexed + binunicode("hex") + b"tR"
+case("codecs_hex_nested.pt", archive(P2 + hexed + b"."), None, None,
+     "_codecs.encode(..., 'hex') nested 30 deep over 1000 bytes (2**30 times larger)")
+
 # ---- memory: Python objects, one byte of pickle each
 case("empty_set_storm.pt", archive(P4 + b"\x8f" * (1 << 20) + b"."), None, "would allocate more",
      "2**20 EMPTY_SETs (216 bytes each: 236x the file)")
