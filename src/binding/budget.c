@@ -101,6 +101,79 @@ uint64_t ck_object_cost(ck_state *st, PyObject *o) {
     return n;
 }
 
+/* ---- keys whose hashes a file can choose ------------------------------- */
+
+static int collidable(PyObject *k) {
+    if (PyTuple_Check(k) || PyFrozenSet_Check(k) || PyComplex_Check(k))
+        return 1;
+    if (PyLong_Check(k)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(k, &overflow);
+        const long long lim = ((long long)1 << 61) - 2; /* hash(n) == n below this */
+        return overflow || v > lim || v < -lim;
+    }
+    return 0;
+}
+
+static int too_many_keys(ck_session *s) {
+    ck_raise(s->st->CheckpointError, s->filename,
+             "more than %d dict keys or set items are tuples, frozensets, complex numbers or "
+             "ints beyond 61 bits: their hashes can be made to collide (each insertion would "
+             "compare with all the others), and a checkpoint does not need so many",
+             CK_MAX_COLLIDABLE_KEYS);
+    return -1;
+}
+
+int ck_count_keys(ck_session *s, PyObject *const *items, Py_ssize_t n, Py_ssize_t step) {
+    if (!s->weights_only)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i += step)
+        if (collidable(items[i]) && ++s->collidable_keys > CK_MAX_COLLIDABLE_KEYS)
+            return too_many_keys(s);
+    return 0;
+}
+
+int ck_count_keys_of(ck_session *s, PyObject *c, int pairs) {
+    if (!s->weights_only)
+        return 0;
+    if (PyDict_Check(c)) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(c, &pos, &k, &v))
+            if (collidable(k) && ++s->collidable_keys > CK_MAX_COLLIDABLE_KEYS)
+                return too_many_keys(s);
+        return 0;
+    }
+    if (PyAnySet_Check(c)) {
+        PyObject *it = PyObject_GetIter(c), *k;
+        if (it == NULL)
+            return -1;
+        int rc = 0;
+        while (rc == 0 && (k = PyIter_Next(it)) != NULL) {
+            if (collidable(k) && ++s->collidable_keys > CK_MAX_COLLIDABLE_KEYS)
+                rc = too_many_keys(s);
+            Py_DECREF(k);
+        }
+        Py_DECREF(it);
+        return rc < 0 || PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyList_Check(c) && !PyTuple_Check(c))
+        return 0;
+    PyObject *fast = PySequence_Fast(c, "");
+    if (fast == NULL)
+        return -1;
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PySequence_Fast_GET_SIZE(fast); i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        if (pairs && PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2)
+            item = PyTuple_GET_ITEM(item, 0);
+        if (collidable(item) && ++s->collidable_keys > CK_MAX_COLLIDABLE_KEYS)
+            rc = too_many_keys(s);
+    }
+    Py_DECREF(fast);
+    return rc;
+}
+
 /* ---- builders -------------------------------------------------------- */
 
 /* How a builder's allocation follows from its arguments. */
@@ -398,7 +471,12 @@ static int charge_call(ck_session *s, PyObject *func, PyObject *args, PyObject *
         if (kwargs != NULL)
             len += PyDict_GET_SIZE(kwargs);
         uint64_t per = p == P_BYTEARRAY ? (PyUnicode_Check(a0) ? 4 : 1) : 128;
-        return take(s, func, per * (uint64_t)len, "iterating its argument");
+        if (take(s, func, per * (uint64_t)len, "iterating its argument") < 0)
+            return -1;
+        if (func == (PyObject *)&PySet_Type || func == (PyObject *)&PyFrozenSet_Type ||
+            func == st->Counter || func == st->OrderedDict) /* they hash what they take */
+            return ck_count_keys_of(s, a0, func == st->OrderedDict);
+        return 0;
     }
     case P_ENCODE: {
         /* charged before the call: the result is charged again as an object

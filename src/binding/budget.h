@@ -55,6 +55,22 @@ uint64_t ck_object_cost(ck_state *st, PyObject *o);
  * entry, set slot, with their growth). */
 uint64_t ck_item_cost(PyObject *target);
 
+/* Dict keys and set items whose hashes a file can choose to collide (tuples,
+ * frozensets, complex numbers, ints beyond 61 bits: CPython hashes them
+ * without a key, so n of them with one hash make n insertions cost n**2/2
+ * comparisons): under weights_only at most this many per load. str and
+ * bytes hashes are keyed per process; smaller ints and floats hash
+ * distinct values apart. */
+#define CK_MAX_COLLIDABLE_KEYS 4096
+
+/* Counts the collidable keys among items[0], items[step], ... (n items in
+ * all) against the limit: 0, or -1 with a CheckpointError. */
+int ck_count_keys(ck_session *s, PyObject *const *items, Py_ssize_t n, Py_ssize_t step);
+
+/* The same for the keys of a dict or the items of a set, list or tuple
+ * (pairs: the first item of each). */
+int ck_count_keys_of(ck_session *s, PyObject *container, int pairs);
+
 /* Charges what calling func(*args, **kwargs) (or, with newobj,
  * func.__new__(func, *args, **kwargs)) will allocate, before the call.
  * Returns 0, or -1 with a CheckpointError naming the call. */

@@ -67,14 +67,15 @@ typedef struct ck_session {
     PyObject *encoding; /* str; NULL means 'bytes' (keep bytes) */
     PyObject *errors;   /* str */
     ck_map_kind map_kind;
-    PyObject *map_location;  /* borrowed: the dict for CK_MAP_DICT */
-    PyObject *restore;       /* borrowed: restore_location(storage, location) */
-    PyObject *user_globals;  /* borrowed dict "module.name" -> object, or NULL */
-    PyObject *user_ids;      /* strong set of id() of user_globals values */
-    int byteswap;            /* stored byte order differs from the host's */
-    uint64_t inflate_budget; /* bytes compressed records may still inflate to */
-    uint64_t budget_total;   /* the memory bound of this load (budget.c) */
-    uint64_t budget_left;    /* what is left of it */
+    PyObject *map_location;     /* borrowed: the dict for CK_MAP_DICT */
+    PyObject *restore;          /* borrowed: restore_location(storage, location) */
+    PyObject *user_globals;     /* borrowed dict "module.name" -> object, or NULL */
+    PyObject *user_ids;         /* strong set of id() of user_globals values */
+    int byteswap;               /* stored byte order differs from the host's */
+    uint64_t inflate_budget;    /* bytes compressed records may still inflate to */
+    uint64_t budget_total;      /* the memory bound of this load (budget.c) */
+    uint64_t budget_left;       /* what is left of it */
+    Py_ssize_t collidable_keys; /* dict keys / set items a file can make collide (budget.h) */
 
     /* the plain twins of RefTuples met so far: id -> (reftuple, twin) (tensors.c) */
     PyObject *twins;

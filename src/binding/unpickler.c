@@ -904,7 +904,8 @@ static int do_build(vm *v) {
     Py_ssize_t items = PyDict_Check(st_ready)    ? PyDict_GET_SIZE(st_ready)
                        : PyTuple_Check(st_ready) ? PyTuple_GET_SIZE(st_ready)
                                                  : 0;
-    if (charge(v, 104 * (uint64_t)items) < 0) {
+    if (charge(v, 104 * (uint64_t)items) < 0 ||
+        (PyDict_Check(st_ready) && ck_count_keys_of(v->s, st_ready, 0) < 0)) {
         Py_DECREF(st_ready);
         return -1;
     }
@@ -984,6 +985,8 @@ static int set_items(vm *v, Py_ssize_t k) {
                     Py_TYPE(target)->tp_name);
     if ((v->sp - k) % 2 != 0)
         return fail(v, v->st->UnpicklingError, "odd number of items for SETITEMS");
+    if (PyDict_Check(target) && ck_count_keys(v->s, v->stack + k, v->sp - k, 2) < 0)
+        return -1;
     int exact = PyDict_CheckExact(target);
     for (Py_ssize_t i = k; i < v->sp; i += 2) {
         int rc = exact ? PyDict_SetItem(target, v->stack[i], v->stack[i + 1])
@@ -1046,6 +1049,8 @@ static int add_items(vm *v, Py_ssize_t k) {
         return -1;
     PyObject *target = v->stack[k - 1];
     if (PySet_Check(target) && !PyFrozenSet_Check(target)) {
+        if (ck_count_keys(v->s, v->stack + k, v->sp - k, 1) < 0)
+            return -1;
         for (Py_ssize_t i = k; i < v->sp; i++)
             if (PySet_Add(target, v->stack[i]) < 0)
                 return fail_call(v);
@@ -1433,7 +1438,7 @@ static PyObject *run(vm *v) {
                 rc = too_deep(v);
                 break;
             }
-            if (clean_span(v, k) < 0)
+            if (clean_span(v, k) < 0 || ck_count_keys(v->s, v->stack + k, v->sp - k, 2) < 0)
                 return NULL;
             PyObject *d = PyDict_New();
             if (d == NULL)
@@ -1465,7 +1470,7 @@ static PyObject *run(vm *v) {
                 rc = too_deep(v);
                 break;
             }
-            if (clean_span(v, k) < 0)
+            if (clean_span(v, k) < 0 || ck_count_keys(v->s, v->stack + k, v->sp - k, 1) < 0)
                 return NULL;
             PyObject *items = take_tuple(v, k);
             PyObject *fs = items ? PyFrozenSet_New(items) : NULL;

@@ -775,6 +775,16 @@ case("verify_deflated_half_record.pt",
      "claims 4096 bytes but its record holds 2048",
      "deflated: a 600 KB blob in data.pkl and the tensor record cut in half")
 
+# 100000 dict keys with one hash: ints k * (2**61 - 1) + 7 (CPython hashes
+# ints modulo 2**61 - 1, without a key): every insertion compares with all
+# the keys before it (torch.load: over 100 s for 1.3 MB)
+M61 = (1 << 61) - 1
+collide_keys = b"".join(pickle_int(k * M61 + 7) + b"N" + (b"u(" if k % 1000 == 0 else b"")
+                        for k in range(1, 100_001))
+case("dict_int_collisions.pt", archive(P2 + b"}(" + collide_keys + b"u."), None,
+     "more than 4096 dict keys",
+     "100000 int keys of one hash in a dict (quadratic in CPython's dict)")
+
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
 LOADS = {
