@@ -270,8 +270,8 @@ static int verify_zip(ck_session *s, report *r) {
         done = pkl;
     } else if (pe != NULL) {
         ck_status rc;
-        Py_BEGIN_ALLOW_THREADS rc = ck_zip_extract(&s->zip, (size_t)pkl, pe->size, &owned,
-                                                   &pkl_len, &err);
+        Py_BEGIN_ALLOW_THREADS rc =
+            ck_zip_extract(&s->zip, (size_t)pkl, pe->size, &owned, &pkl_len, &err);
         Py_END_ALLOW_THREADS if (rc == CK_E_NOMEM) {
             PyErr_NoMemory();
             return -1;
@@ -358,7 +358,56 @@ static PyObject *py_verify(PyObject *module, PyObject *args, PyObject *kwargs) {
     return result;
 }
 
+/* scan_pickle(data, filename, file_size, *, encoding='utf-8') -> int: walks
+ * the pickle at the start of data in scan mode (nothing imported or called)
+ * under the limits of a load of a file_size-byte file (nesting depth, the
+ * memory bound, every length checked); returns the bytes it used, or raises
+ * the CheckpointError a load would raise. ckptio info runs it before
+ * Python's own unpickler sees the bytes: that one recurses without a limit
+ * (a tuple 10^6 deep crashes CPython's tuple hash) and has no memory bound. */
+static PyObject *py_scan_pickle(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"data", "filename", "file_size", "encoding", NULL};
+    Py_buffer view;
+    PyObject *filename;
+    Py_ssize_t file_size;
+    const char *encoding = "utf-8";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*Un|$s:scan_pickle", kwlist, &view, &filename,
+                                     &file_size, &encoding))
+        return NULL;
+    ck_state *st = ck_get_state(module);
+    if (ck_torch_ready(st) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    ck_session s;
+    memset(&s, 0, sizeof s);
+    s.st = st;
+    s.filename = filename;
+    s.weights_only = 1;
+    s.map_kind = CK_MAP_CPU;
+    s.buf = view.buf;
+    /* the bound of a load of the whole file, not of this pickle alone */
+    s.len = (size_t)(file_size > view.len ? file_size : view.len);
+    ck_budget_begin(&s);
+    s.len = (size_t)view.len;
+    s.encoding = strcmp(encoding, "bytes") != 0 ? PyUnicode_FromString(encoding) : NULL;
+    s.errors = PyUnicode_FromString("strict");
+    PyObject *pids = PyList_New(0);
+    size_t used = 0;
+    int rc =
+        (s.encoding != NULL || strcmp(encoding, "bytes") == 0) && s.errors != NULL && pids != NULL
+            ? ck_unpickle_scan(&s, view.buf, (size_t)view.len, "the pickle", &used, pids)
+            : -1;
+    Py_XDECREF(pids);
+    ck_session_end(&s);
+    PyBuffer_Release(&view);
+    return rc < 0 ? NULL : PyLong_FromSize_t(used);
+}
+
 PyMethodDef ck_verify_methods[] = {
+    {"scan_pickle", (PyCFunction)(void (*)(void))py_scan_pickle, METH_VARARGS | METH_KEYWORDS,
+     "scan_pickle(data, filename, file_size, *, encoding='utf-8') -> int: walks the pickle at "
+     "the start of data without calling anything, under a load's limits; the bytes it used."},
     {"verify", (PyCFunction)(void (*)(void))py_verify, METH_VARARGS | METH_KEYWORDS,
      "verify(mapping, filename, *, encoding='utf-8', errors='strict') -> dict: CRCs, container "
      "and storage checks (see ckptio.verify)."},

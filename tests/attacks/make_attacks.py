@@ -687,6 +687,9 @@ case("deep_frozenset_key.pt", archive(P4 + b"}" + b"(" * 20_000 + b"N" + b"\x91"
      "nest more than|more than 4096 dict keys", "frozensets nested 20000 deep used as a dict key")
 case("deep_tuple_legacy.pt", legacy(P2 + b"}N" + b"\x85" * 100_000 + b"Ns.", keys=(), data=b""),
      None, "nest more than", "a deep tuple key in a legacy file (the layout scan hashes it too)")
+case("legacy_deep_tuple_sysinfo.pt",
+     legacy(legacy_obj(b"N"), sysinfo=P2 + b"}N" + b"\x85" * 100_000 + b"Ns."), None,
+     "nest more than", "a deep tuple key in the legacy sys_info pickle (read before the objects)")
 case("deep_reduce_chain.pt",
      archive(P2 + b"ccollections\nOrderedDict\nq\x00N" + b"h\x00\x86" * 20_000 + b"."),
      None, "nest more than", "20000 nested (OrderedDict, x) pairs")
