@@ -62,7 +62,7 @@ build: $(DEMO_STAMP)
 
 $(BUILD)/test_core: tests/c/test_core.c $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
-	cc $(CFLAGS_C) tests/c/test_core.c $(CORE_SRC) $(PKG_FLAGS) -o $@
+	cc $(CFLAGS_C) tests/c/test_core.c $(CORE_SRC) $(PKG_FLAGS) -lpthread -o $@
 
 $(BUILD)/test_atomic: tests/c/test_atomic.c $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
@@ -75,7 +75,7 @@ ctest: $(BUILD)/test_core $(BUILD)/test_atomic
 # ---- fuzzing (tests/fuzz): libFuzzer harnesses, each also built with a plain
 # main() that replays its corpus (fuzz-replay, part of `make test`).
 FUZZ := tests/fuzz/build
-FUZZERS := fuzz_zip fuzz_legacy fuzz_unpickle
+FUZZERS := fuzz_zip fuzz_legacy fuzz_unpickle fuzz_struct
 FUZZ_SECONDS ?= 60
 PYCFG = $(PY) -c 'import sysconfig as s; print(s.get_config_var("$(1)") or "")'
 PY_INC = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["include"])')
@@ -83,10 +83,18 @@ PY_SITE = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["purelib"
 PY_LIBS = -L$(shell $(call PYCFG,LIBDIR)) -lpython$(shell $(call PYCFG,LDVERSION)) \
           -Wl,-rpath,$(shell $(call PYCFG,LIBDIR))
 FUZZ_CFLAGS = $(CFLAGS_COMMON) -g -Isrc \
-              -I$(PY_INC) -DCK_FUZZ_SITE='"$(PY_SITE)"'
+              -I$(PY_INC) -DCK_FUZZ_SITE='"$(PY_SITE)"' -DCK_FUZZ_TESTS='"$(CURDIR)/tests"'
 FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 FUZZ_ENV := ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1
 FUZZ_SRC := $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
+# the dictionary (tests/fuzz/make_dict.py: torch's allowlist, opcodes, zip and
+# legacy pieces) for the harnesses that read pickles and files; fuzz_struct's
+# input is a description, not a file
+FUZZ_DICT := tests/fuzz/ckptio.dict
+FUZZ_OPTS_zip := -dict=$(FUZZ_DICT)
+FUZZ_OPTS_legacy := -dict=$(FUZZ_DICT) -max_len=65536
+FUZZ_OPTS_unpickle := -dict=$(FUZZ_DICT)
+FUZZ_OPTS_struct := -max_len=4096
 
 # ckptio with the extension built for fuzzing (coverage + ASan + UBSan)
 $(FUZZ)/py/.built: $(CORE_SRC) $(CORE_HDR) $(wildcard src/binding/*) $(wildcard ckptio/*.py) setup.py | $(DEPS_STAMP)
@@ -115,21 +123,33 @@ $(FUZZ)/replay_%: tests/fuzz/fuzz_%.c $(FUZZ_SRC) | $(DEPS_STAMP)
 
 fuzz: $(addprefix $(FUZZ)/,$(FUZZERS))
 
-# runs each harness FUZZ_SECONDS (new inputs in $(FUZZ)/corpus-*, findings in
-# $(FUZZ)/artifacts); copy findings into tests/fuzz/corpus/<name>/ as regressions
+# runs each harness of FUZZ_ONLY (default: all) FUZZ_SECONDS, with its
+# dictionary and options (new inputs in $(FUZZ)/corpus-*, findings in
+# $(FUZZ)/artifacts, the log in $(FUZZ)/<harness>.log; the last lines give
+# executions and findings); copy findings into tests/fuzz/corpus/<name>/ as
+# regressions. FUZZ_JOBS=N runs N worker processes per harness.
+FUZZ_ONLY ?= $(FUZZERS)
+FUZZ_JOBS ?= 1
 fuzz-run: fuzz
 	mkdir -p $(FUZZ)/artifacts
-	for f in $(FUZZERS); do \
+	for f in $(FUZZ_ONLY); do \
 	  c=$${f#fuzz_}; mkdir -p $(FUZZ)/corpus-$$c; \
+	  opts=$$(case $$c in zip) echo '$(FUZZ_OPTS_zip)';; legacy) echo '$(FUZZ_OPTS_legacy)';; \
+	    unpickle) echo '$(FUZZ_OPTS_unpickle)';; struct) echo '$(FUZZ_OPTS_struct)';; esac); \
+	  echo "== $$f $(FUZZ_SECONDS) s $$opts"; \
 	  $(FUZZ_ENV) $(FUZZ)/$$f -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=6144 -timeout=30 \
-	    -detect_leaks=0 -artifact_prefix=$(FUZZ)/artifacts/$$c- \
-	    $(FUZZ)/corpus-$$c tests/fuzz/corpus/$$c || exit 1; \
+	    -detect_leaks=0 -print_final_stats=1 \
+	    $$([ $(FUZZ_JOBS) -gt 1 ] && echo -jobs=$(FUZZ_JOBS) -workers=$(FUZZ_JOBS)) \
+	    -artifact_prefix=$(FUZZ)/artifacts/$$c- $$opts \
+	    $(FUZZ)/corpus-$$c tests/fuzz/corpus/$$c 2>&1 | tee $(FUZZ)/$$f.log | tail -40; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done
 
-fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpickle
+fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpickle $(FUZZ)/replay_struct
 	$(FUZZ)/replay_zip tests/fuzz/corpus/zip tests/fuzz/corpus/legacy tests/attacks
 	$(FUZZ)/replay_legacy tests/fuzz/corpus/legacy tests/fuzz/corpus/zip tests/attacks
 	$(FUZZ)/replay_unpickle tests/fuzz/corpus/unpickle
+	$(FUZZ)/replay_struct tests/fuzz/corpus/struct
 
 # ---- the whole pytest suite against the extension built with AddressSanitizer
 # and UBSan (build/asan; python -P keeps the in-place build off sys.path)

@@ -251,6 +251,18 @@ def _scan_tables():
     return tables
 
 
+def ensure_scan_tables():
+    """Configures the extension at least for the scan alone (ckptio info's
+    pre-pass), without importing torch: torch's tables where they are
+    configured already, else the stand-ins (a later ensure_configured
+    replaces them)."""
+    global _configured
+    if _configured is True or _configured == "scan":
+        return
+    _native.configure(_scan_tables())
+    _configured = "scan"
+
+
 def ensure_scan_configured():
     """Configures the extension for ckptio.verify's checks: with torch's
     tables when torch is installed, else with stand-ins that only the scan

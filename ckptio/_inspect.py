@@ -7,8 +7,12 @@ functions, storage classes and dtypes become small records (dtype, shape,
 storage key), a known set of containers is rebuilt as itself, and every
 other global becomes an inert ``Opaque`` stand-in that records its name.
 Nothing in the file is called. The sizes a hostile file can choose are
-bounded: data.pkl may inflate to at most 16x the file (as verify), the walk
-over the result is iterative and visits each object once.
+bounded: data.pkl may inflate to at most 16x the file (as verify); every
+pickle is first walked by the extension's scan (``_native.scan_pickle``:
+nothing called, the loader's nesting limit and memory bound), since
+Python's unpickler has neither (a tuple nested 10^6 deep crashes CPython's
+tuple hash, 1 MiB of EMPTY_SET makes 270 MB); the walk over the result is
+iterative and visits each object once.
 """
 import collections
 import io
@@ -239,7 +243,27 @@ def _zip_pickle(path, size):
         raise InspectError(f"cannot read the zip archive: {exc}") from None
 
 
-def _legacy_pickle(path):
+def _scan(data, path, size):
+    """Walks the pickle at the start of data with the extension's scan (see
+    the module docstring); InspectError for what a load would refuse. Skipped
+    where the extension cannot be imported (a source tree without a build)."""
+    try:
+        from . import _native
+        from ._config import ensure_scan_tables
+    except ImportError:
+        return
+    ensure_scan_tables()
+    from . import CheckpointError
+
+    try:
+        _native.scan_pickle(data, str(path), size)
+    except CheckpointError as exc:
+        msg = str(exc)
+        prefix = f"{path}: "
+        raise InspectError(msg[len(prefix):] if msg.startswith(prefix) else msg) from None
+
+
+def _legacy_pickle(path, size):
     """The main pickle of a legacy (pre-1.6) file: magic, protocol and
     system-info pickles come first."""
     with open(path, "rb") as f:
@@ -247,7 +271,10 @@ def _legacy_pickle(path):
     stream = io.BytesIO(data)
     try:
         for _ in range(3):
+            _scan(data[stream.tell():], path, size)
             pickle.Unpickler(stream, encoding="utf-8").load()  # plain values only
+    except InspectError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a damaged header is just a bad file
         raise InspectError(f"not a legacy torch.save file: {exc}") from None
     return data[stream.tell():]
@@ -265,9 +292,10 @@ def inspect(path):
     if fmt == "zip":
         data, records = _zip_pickle(path, size)
     elif fmt == "legacy":
-        data = _legacy_pickle(path)
+        data = _legacy_pickle(path, size)
     else:
         raise InspectError(f"{fmt} format: not a checkpoint ckptio info reads")
+    _scan(data, path, size)
     seen = {}
     try:
         obj = _Unpickler(data, seen).load()

@@ -85,11 +85,12 @@ def _strip(name, message):
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=True):
+def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=True,
+                   encoding="utf-8"):
     """verify() on bytes already held in a Mapping (used by load(verify=True),
     which loads the same Mapping afterwards and so skips the loader here)."""
     have_torch = ensure_scan_configured()
-    raw = _native.verify(mapping, name)
+    raw = _native.verify(mapping, name, encoding=encoding)
     fmt = raw.pop("format")
     problems = [Problem(*p) for p in raw.pop("problems")]
     notes = []
@@ -112,6 +113,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=Tr
                 mapping,
                 name,
                 weights_only=weights_only,
+                encoding=encoding,
                 map_kind=_MAP_CPU,
                 user_globals=user_allowed_globals(),
             )
@@ -127,7 +129,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=Tr
     return report
 
 
-def verify(f, strict=False, *, weights_only=True):
+def verify(f, strict=False, *, weights_only=True, encoding="utf-8"):
     """Checks a checkpoint's integrity without handing its objects back.
 
     f: a path, a bytes-like object or a binary file object (as for
@@ -139,8 +141,11 @@ def verify(f, strict=False, *, weights_only=True):
     weights_only=False decodes the pickle with any global it names (for
     trusted files whose meta holds objects outside the allowlist: the
     globals are imported and called, as by torch.load(weights_only=False)).
+    encoding: how Python 2 byte strings in the pickle decode, as for
+    ckptio.load (a file load accepts with encoding='latin1' verifies with it).
     """
     from .serialization import _source
 
     mapping, name, _ = _source(f, None)
-    return verify_mapping(mapping, name, strict=strict, weights_only=weights_only)
+    return verify_mapping(mapping, name, strict=strict, weights_only=weights_only,
+                          encoding=encoding)

@@ -174,7 +174,7 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     if verify:
         from ._verify import verify_mapping
 
-        verify_mapping(mapping, name, strict=True, run_loader=False)
+        verify_mapping(mapping, name, strict=True, run_loader=False, encoding=encoding)
     kind, restore = _map_kind(map_location)
     user_globals = user_allowed_globals() if weights_only else None
     # torch >= 2.1 keeps map_location in a thread-local its restore functions read
@@ -193,6 +193,11 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
             restore=restore,
             user_globals=user_globals,
         )
+    except BaseException:
+        # sparse tensors rebuilt before the failure wait in torch's module-level
+        # list for validation: they must not fail the next load (of another file)
+        torch._utils._sparse_tensors_to_validate.clear()
+        raise
     finally:
         if tls is not None:
             tls.map_location = previous
@@ -200,5 +205,8 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
         if path is None:
             return torch.jit.load(io.BytesIO(memoryview(mapping)), map_location=map_location)
         return torch.jit.load(path, map_location=map_location)
-    torch._utils._validate_loaded_sparse_tensors()
+    try:
+        torch._utils._validate_loaded_sparse_tensors()
+    except RuntimeError as exc:  # with torch.sparse.check_sparse_tensor_invariants on
+        raise _native.CheckpointError(f"{name}: a sparse tensor is invalid: {exc}") from exc
     return result

@@ -14,6 +14,11 @@ import tracemalloc
 import pytest
 
 import ckptio
+from ckptio._config import ensure_configured
+
+# torch is imported by the first load (import ckptio does not import it):
+# import it here, so that no test's measurement counts torch's own import
+ensure_configured()
 
 HERE = pathlib.Path(__file__).parent / "attacks"
 MANIFEST = json.loads((HERE / "MANIFEST.json").read_text())

@@ -233,11 +233,17 @@ def test_huge_memo_index_does_not_allocate():
 
 
 def test_deep_nesting_is_no_crash():
-    depth = 200_000
+    """Nesting up to the depth limit (10000) loads; deeper is refused, never
+    a crash; marks are not nesting."""
+    depth = 10_000
     pkl = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
     result = _pickle_in_archive(pkl)
     assert isinstance(result, list)
-    marks = b"\x80\x02" + b"(" * depth + b"N."
+    for deeper in (b"]" * (depth + 1) + b"a" * depth, b"N" + b"\x85" * (depth + 1),
+                   b"]" * 200_000 + b"a" * 199_999):
+        with pytest.raises(ckptio.CheckpointError, match="nest more than 10000 levels"):
+            _pickle_in_archive(b"\x80\x02" + deeper + b".")
+    marks = b"\x80\x02" + b"(" * 200_000 + b"N."
     assert _pickle_in_archive(marks) is None
 
 

@@ -124,8 +124,11 @@ def test_record_holds_more_than_its_storage(good):
     longer = rezip(good, replace={"data/1": bytes(64)})
     report = ckptio.verify(longer)
     assert [p.kind for p in report.problems] == ["storage"]
-    assert report.problems[0].record == "archive/data/1"
-    assert "holds 64 bytes but its storage 40" in report.problems[0].message
+    assert report.problems[0].record == "data/1"
+    assert "claims 40 bytes but its record holds 64" in report.problems[0].message
+    # torch.load refuses such a record ("record size ... does not match"); so does ckptio.load
+    with pytest.raises(ckptio.CheckpointError, match="claims 40 bytes but its record holds 64"):
+        ckptio.load(longer)
 
 
 def test_missing_records(good):

@@ -3,6 +3,7 @@
 #define CKPTIO_IMPORT_ARRAY
 #include "state.h"
 
+#include "budget.h"
 #include "errors.h"
 #include "hostcopy.h"
 #include "keys.h"
@@ -231,6 +232,8 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         }
         Py_DECREF(id);
     }
+    if (ck_budget_configure(st) < 0)
+        return NULL;
     st->torch_ready = 1;
     Py_RETURN_NONE;
 }
@@ -359,6 +362,7 @@ static int module_exec(PyObject *m) {
     X(compat_name_mapping)                                                                         \
     X(compat_import_mapping)                                                                       \
     X(extension_registry)                                                                          \
+    X(builder_policy)                                                                              \
     X(s_new)                                                                                       \
     X(s_set_)                                                                                      \
     X(s_view)                                                                                      \
@@ -404,6 +408,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
 #undef VISIT
     Py_VISIT(st->MappingType);
     Py_VISIT(st->StorageRefType);
+    Py_VISIT(st->RefTupleType);
     Py_VISIT(st->SaveStateType);
     for (int i = 0; i < CK_DT_COUNT; i++) {
         Py_VISIT(st->dtypes[i].dtype);
@@ -421,6 +426,7 @@ static int module_clear(PyObject *m) {
 #undef CLEAR
     Py_CLEAR(st->MappingType);
     Py_CLEAR(st->StorageRefType);
+    Py_CLEAR(st->RefTupleType);
     Py_CLEAR(st->SaveStateType);
     for (int i = 0; i < CK_DT_COUNT; i++) {
         Py_CLEAR(st->dtypes[i].dtype);

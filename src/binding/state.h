@@ -89,6 +89,7 @@ typedef struct ck_state {
     /* heap types */
     PyTypeObject *MappingType;
     PyTypeObject *StorageRefType;
+    PyTypeObject *RefTupleType; /* tuples holding StorageRefs (tensors.c) */
     /* result marker for TorchScript archives under weights_only=False */
     PyObject *torchscript_marker;
 
@@ -122,6 +123,7 @@ typedef struct ck_state {
     PyObject *compat_name_mapping; /* _compat_pickle.NAME_MAPPING (fix_imports) */
     PyObject *compat_import_mapping;
     PyObject *extension_registry; /* copyreg._inverted_registry */
+    PyObject *builder_policy;     /* dict: id(builder) -> how it allocates (budget.c) */
     ck_dtype_info dtypes[CK_DT_COUNT];
 
     /* interned attribute names */

@@ -58,9 +58,9 @@ typedef struct ck_zip {
     uint64_t cd_offset;
     uint64_t cd_size;
     int zip64; /* 1 when a zip64 end record was used */
-    /* private: open-addressing index over names relative to the prefix */
+    /* private: the entry indices sorted by name relative to the prefix
+     * (binary search; see build_index) */
     uint32_t *index_;
-    size_t index_cap_;
     /* private: libdeflate's decompressor, made for the first compressed
      * record and reused */
     struct libdeflate_decompressor *inflater_;

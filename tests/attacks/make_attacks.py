@@ -301,10 +301,10 @@ laughs += b"h" + bytes([60]) + b"."
 case("memo_billion_laughs_refs.pt", archive(laughs, {"data/0": FLOATS}), None, None,
      "a DAG of tuples 60 deep over a memoized storage reference: 2**60 paths")
 case("deep_nesting_lists.pt", archive(P2 + b"]" * 100_000 + b"a" * 99_999 + b"."), None,
-     None, "100000 nested lists (loads: a valid, deep pickle)")
+     "nest more than", "100000 nested lists (over the 10000-level depth limit)")
 case("deep_nesting_tuples_refs.pt",
      archive(P2 + storage_pid() + b"q\x00" + b"\x85" * 50_000 + b".", {"data/0": FLOATS}),
-     None, "nested too deeply", "a memoized storage reference inside 50000 nested 1-tuples")
+     None, "nest more than", "a memoized storage reference inside 50000 nested 1-tuples")
 case("cycle_list_with_ref.pt",
      archive(P2 + b"]q\x00h\x00h\x00a" + storage_pid() + b"q\x01ah\x01a.", {"data/0": FLOATS}),
      "ok", None, "a list holding itself and a memoized storage reference")
@@ -587,17 +587,219 @@ with tarfile.open(fileobj=tar, mode="w", format=tarfile.USTAR_FORMAT) as t:
 case("tar_format.pt", tar.getvalue(), None, "tar format", "torch 0.1.x's tar format")
 
 
+# ===========================================================================
+# 6. second round (issue 9): crashes and quadratic blow-ups from small files
+# ===========================================================================
+
+
+def fnv1a_collisions(n, bits=18, target=0x15555):
+    """n record names whose 64-bit FNV-1a hashes agree in their low `bits`
+    bits (the slot in an unkeyed 2**bits-slot table): "data/" + 4 base-36
+    digits + 3 bytes chosen so. The low bits of FNV-1a depend only on the
+    low bits of its state, so the last two bytes can steer them."""
+    import itertools
+
+    import numpy as np
+
+    prime, mask = np.uint64(1099511628211), np.uint64((1 << bits) - 1)
+    free = np.array([b for b in range(0x21, 0x7F) if b not in b"/.\\"], dtype=np.uint64)
+    usable = np.zeros(256, bool)
+    usable[free.astype(int)] = True
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    prefixes = [("data/" + "".join(t)).encode()
+                for t in itertools.islice(itertools.product(digits, repeat=4), n * 3 // 2)]
+    h = np.full(len(prefixes), np.uint64(1469598103934665603), dtype=np.uint64)
+    raw = np.frombuffer(b"".join(prefixes), np.uint8).reshape(len(prefixes), -1)
+    for col in raw.T.astype(np.uint64):
+        h = (h ^ col) * prime
+    high, low = np.uint64(target & ~0xFF), target & 0xFF
+    found = {}
+    for b1 in free:
+        h1 = (h ^ b1) * prime
+        for b2 in free:
+            h2 = (h1 ^ b2) * prime
+            hit = np.nonzero((h2 & mask & ~np.uint64(0xFF)) == high)[0]
+            b3 = ((h2[hit] & np.uint64(0xFF)) ^ np.uint64(low)).astype(int)
+            for i, c in zip(hit[usable[b3]], b3[usable[b3]]):
+                found.setdefault(int(i), prefixes[i] + bytes([int(b1), int(b2), c]))
+        if len(found) >= n:
+            break
+    names = [found[k] for k in sorted(found)][:n]
+    assert len(names) == n
+    return names
+
+
+collide = {name.decode(): b"" for name in fnv1a_collisions(100_000)}
+collide["data/0"] = FLOATS
+case("zip_name_collisions.pt", archive(state_dict(("w", tensor())), collide), None, None,
+     "100000 records whose names collide in the low 18 bits of FNV-1a (29 s in an unkeyed "
+     "hash index; torch 0.13 s): loads in O(n log n)")
+
+# a plain tensor rebuilt over each quantized storage type (was a SIGSEGV in
+# load, verify and `ckptio info`; torch fails with an internal assert)
+QUANTIZED = {"QInt8Storage": ("qint8", 1), "QUInt8Storage": ("quint8", 1),
+             "QInt32Storage": ("qint32", 4), "QUInt4x2Storage": ("quint4x2", 1),
+             "QUInt2x4Storage": ("quint2x4", 1)}
+for stype, (qdtype, qsize) in QUANTIZED.items():
+    case(f"quantized_{stype}_v2.pt",
+         archive(state_dict(("w", tensor(stype=stype))), {"data/0": FLOATS[: 4 * qsize]}), None,
+         "quantized", f"_rebuild_tensor_v2 over a {stype}")
+    v3 = (b"ctorch._utils\n_rebuild_tensor_v3\n(" + storage_pid(stype) + b"K\x00" + int_tuple((4,))
+          + int_tuple((1,)) + b"\x89ccollections\nOrderedDict\n)Rctorch\n" + qdtype.encode()
+          + b"\ntR")
+    case(f"quantized_{stype}_v3.pt", archive(state_dict(("w", v3)), {"data/0": FLOATS[: 4 * qsize]}),
+         None, "quantized", f"_rebuild_tensor_v3 over a {stype} with dtype torch.{qdtype}")
+case("quantized_dtype_over_float_v3.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_tensor_v3\n(" + storage_pid() + b"K\x00"
+                         + int_tuple((4,)) + int_tuple((1,)) + b"\x89ccollections\nOrderedDict\n)R"
+                         + b"ctorch\nqint8\ntR")), {"data/0": FLOATS}), None, "quantized",
+     "_rebuild_tensor_v3 with dtype torch.qint8 over a FloatStorage")
+case("quantized_v1.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_tensor\n(" + storage_pid("QInt8Storage")
+                         + b"K\x00" + int_tuple((4,)) + int_tuple((1,)) + b"tR")),
+             {"data/0": FLOATS[:4]}), None, "quantized", "_rebuild_tensor over a QInt8Storage")
+case("storage_record_larger.pt",
+     archive(state_dict(("w", tensor(numel=2, size=(2,)))), {"data/0": FLOATS}), None,
+     "claims 8 bytes but its record holds 16",
+     "a storage of 2 floats over a 16-byte record (torch.load refuses it; mmap=True does not)")
+
+# 20,000 legacy storage views, each a view of the previous one (was a C
+# stack overflow: one nested call per link)
+chain, prev = b"", "0"
+for i in range(1, 20_001):
+    chain += (b"(" + binunicode("storage") + (b"ctorch\nFloatStorage\nq\x01" if i == 1 else b"h\x01")
+              + binunicode(prev) + (binunicode("cpu") + b"q\x02" if i == 1 else b"h\x02")
+              + b"K\x04(" + binunicode(f"v{i}") + b"K\x00K\x04ttQ")
+    prev = f"v{i}"
+last = chain.rindex(b"(" + binunicode("storage"))
+case("legacy_view_chain.pt",
+     legacy(P2 + b"}(" + binunicode("views") + b"](" + chain[:last] + b"e" + binunicode("w")
+            + TORCH_TENSOR + b"(" + chain[last:] + b"K\x00" + int_tuple((4,)) + int_tuple((1,))
+            + b"\x89ccollections\nOrderedDict\n)RtRu."), None, None,
+     "20000 storage views, each of the previous one; loads (torch 0.75 s)")
+
+
+# nesting: 10^6 TUPLE1 as a dict key made both torch.load and ckptio crash in
+# CPython's (recursive) tuple hash; the depth limit refuses it at 10000
+case("deep_tuple_key.pt", archive(P2 + b"}N" + b"\x85" * 1_000_000 + b"Ns."), None,
+     "nest more than", "a tuple nested 10^6 deep used as a dict key (SIGSEGV in torch)")
+case("deep_frozenset_key.pt", archive(P4 + b"}" + b"(" * 20_000 + b"N" + b"\x91" * 20_000 + b"Ns."), None,
+     "nest more than|more than 4096 dict keys", "frozensets nested 20000 deep used as a dict key")
+case("deep_tuple_legacy.pt", legacy(P2 + b"}N" + b"\x85" * 100_000 + b"Ns.", keys=(), data=b""),
+     None, "nest more than", "a deep tuple key in a legacy file (the layout scan hashes it too)")
+case("legacy_deep_tuple_sysinfo.pt",
+     legacy(legacy_obj(b"N"), sysinfo=P2 + b"}N" + b"\x85" * 100_000 + b"Ns."), None,
+     "nest more than", "a deep tuple key in the legacy sys_info pickle (read before the objects)")
+case("deep_reduce_chain.pt",
+     archive(P2 + b"ccollections\nOrderedDict\nq\x00N" + b"h\x00\x86" * 20_000 + b"."),
+     None, "nest more than", "20000 nested (OrderedDict, x) pairs")
+
+# a storage reference kept in the memo made every REDUCE/NEWOBJ walk its
+# whole argument graph: 95000 NEWOBJ(set, (L,)) over a 30000-item list L
+# (minutes; torch 1 s); each is O(1) now. Ends in an unknown opcode, so the
+# outcome also proves the machine got to the end.
+rewalk = (P2 + b"}q\x03" + storage_pid() + b"q\x00" + b"cbuiltins\nset\nq\x02" + b"](" + b")" * 30_000
+          + b"eq\x01" + b"h\x03K\x00h\x02h\x01\x85\x81s" * 95_000 + b"\xff")
+case("memo_ref_rewalk.pt", archive(rewalk, {"data/0": FLOATS}), UP, "opcode 0xff",
+     "95000 NEWOBJs over one memoized list, with a storage reference in the memo")
+
+# ---- memory: allowlisted builders asked for more than the file could hold
+# (each allocated ~1 GiB or more from a few hundred bytes in torch.load)
+G30 = pickle_int(1 << 30)
+stride0 = tensor(numel=1, size=(1 << 27,), stride=(0,))  # 2**27 elements over one float
+case("bytearray_huge.pt", archive(P2 + b"cbuiltins\nbytearray\n" + G30 + b"\x85R."), None,
+     "bytearray.*would allocate 1073741824 bytes", "bytearray(2**30) from a 385-byte file")
+case("bytearray_newobj.pt", archive(P2 + b"cbuiltins\nbytearray\n" + G30 + b"\x85\x81."), "ok",
+     None, "NEWOBJ bytearray.__new__(bytearray, 2**30): makes an empty bytearray, as in torch")
+case("device_tensor_stride0.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_device_tensor_from_cpu_tensor\n(" + stride0
+                         + b"ctorch\nfloat64\n" + binunicode("cpu") + b"\x89tR")),
+             {"data/0": FLOATS[:4]}), None, "would allocate 1073741824 bytes",
+     "_rebuild_device_tensor_from_cpu_tensor over a stride-0 view of 2**27 elements (to float64)")
+case("legacy_tensor_ctor_huge.pt",
+     archive(P2 + b"ctorch\nFloatTensor\n" + G30 + b"\x85R."), None, "would allocate",
+     "torch.FloatTensor(2**30): a 4 GiB legacy constructor")
+case("tensor_newobj_huge.pt",
+     archive(P2 + b"ctorch\nTensor\n" + G30 + G30 + b"\x86\x81."), None, "more than 2..64 bytes",
+     "NEWOBJ torch.Tensor.__new__(Tensor, 2**30, 2**30)")
+case("untyped_storage_huge.pt",
+     archive(P2 + b"ctorch.storage\nUntypedStorage\n" + pickle_int(1 << 34) + b"\x85R."), None,
+     "would allocate", "torch.UntypedStorage(2**34)")
+case("qtensor_size_huge.pt",
+     archive(P2 + b"ctorch._utils\n_rebuild_qtensor\n(" + storage_pid("QInt8Storage")
+             + b"K\x00" + int_tuple((1 << 15, 1 << 15)) + int_tuple((0, 0))
+             + b"(ctorch\nper_tensor_affine\nG?\xb9\x99\x99\x99\x99\x99\x9aK\x00t\x89"
+             + b"ccollections\nOrderedDict\n)RtR.", {"data/0": FLOATS[:4]}), None,
+     "would allocate", "_rebuild_qtensor with size 2**15 x 2**15 over a 4-element storage "
+     "(_empty_affine_quantized allocates 1 GiB first)")
+for builder in ("builtins\nset", "collections\nCounter", "torch\nSize", "builtins\nbytearray"):
+    short = builder.split("\n")[1].lower()
+    case(f"iterate_tensor_{short}.pt",
+         archive(state_dict(("w", f"c{builder}\n".encode() + b"(" + stride0 + b"tR")),
+                 {"data/0": FLOATS[:4]}), None, "element by element",
+         f"{builder.replace(chr(10), '.')} over a stride-0 view of 2**27 elements (one object "
+         "per element)")
+case("from_type_v2_bytearray.pt",
+     archive(P2 + b"ctorch._tensor\n_rebuild_from_type_v2\n(cbuiltins\nbytearray\nctorch\nTensor\n("
+             + G30 + b"t}tR."), None, "would allocate",
+     "_rebuild_from_type_v2(bytearray, Tensor, (2**30,), {}): the builder inside the rebuild")
+case("sparse_stride0_values.pt",
+     archive(P2 + b"ctorch._utils\n_rebuild_sparse_tensor\n(ctorch.serialization\n_get_layout\n"
+             + binunicode("torch.sparse_coo") + b"\x85R("
+             + tensor(stype="LongStorage", numel=1, size=(1, 1 << 27), stride=(0, 0)) + stride0
+             + int_tuple((1,)) + b"ttR.", {"data/0": FLOATS[:8]}), None, None,
+     "a sparse tensor whose indices and values are stride-0 views of 2**27 elements")
+
+# _codecs.encode(x, 'hex') nested 30 deep doubles 1000 bytes 30 times (torch.load
+# is killed for memory); refused by the budget, or by the allowlist once
+# _codecs.encode takes (str, 'latin1') only
+hexed = b"c_codecs\nencode\n(" + binunicode("a" * 1000) + binunicode("latin1") + b"tR"
+for _ in range(30):
+    hexed = b"c_codecs\nencode\n(" + hexed + binunicode("hex") + b"tR"
+case("codecs_hex_nested.pt", archive(P2 + hexed + b"."), None, None,
+     "_codecs.encode(..., 'hex') nested 30 deep over 1000 bytes (2**30 times larger)")
+
+# ---- memory: Python objects, one byte of pickle each
+case("empty_set_storm.pt", archive(P4 + b"\x8f" * (1 << 20) + b"."), None, "would allocate more",
+     "2**20 EMPTY_SETs (216 bytes each: 236x the file)")
+case("empty_dict_storm.pt", archive(P4 + b"}" * (1 << 20) + b"."), None, "would allocate more",
+     "2**20 EMPTY_DICTs (64 bytes each and a stack slot)")
+case("frozenset_storm.pt", archive(P4 + b"(\x91" * (1 << 19) + b"."), None, "would allocate more",
+     "2**19 empty FROZENSETs")
+
+
+# verify inflated a deflated data.pkl twice; the second time did not fit its
+# limit and the storage checks were skipped: a 600 KB blob in data.pkl and a
+# tensor record cut in half verified clean
+blob = b"B" + struct.pack("<I", 600_000) + b"\0" * 600_000
+case("verify_deflated_half_record.pt",
+     archive(state_dict(("w", tensor(numel=1024, size=(1024,))), ("blob", blob)),
+             {"data/0": b"\x01" * 2048}, compress=True), None,
+     "claims 4096 bytes but its record holds 2048",
+     "deflated: a 600 KB blob in data.pkl and the tensor record cut in half")
+
+# 100000 dict keys with one hash: ints k * (2**61 - 1) + 7 (CPython hashes
+# ints modulo 2**61 - 1, without a key): every insertion compares with all
+# the keys before it (torch.load: over 100 s for 1.3 MB)
+M61 = (1 << 61) - 1
+collide_keys = b"".join(pickle_int(k * M61 + 7) + b"N" + (b"u(" if k % 1000 == 0 else b"")
+                        for k in range(1, 100_001))
+case("dict_int_collisions.pt", archive(P2 + b"}(" + collide_keys + b"u."), None,
+     "more than 4096 dict keys",
+     "100000 int keys of one hash in a dict (quadratic in CPython's dict)")
+
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
 LOADS = {
     "build_ordereddict_class.pt",  # sets an entry of the OrderedDict's __dict__, as torch does
     "build_ordereddict_setstate.pt",  # the same; a planted __setstate__ is never called
     "deep_marks.pt",
-    "deep_nesting_lists.pt",
     "memo_billion_laughs_refs.pt",
     "storage_two_dtypes_one_key.pt",  # the second use takes the first's dtype, as in torch
     "legacy_view_of_itself.pt",
     "legacy_deep_marks.pt",
+    "zip_name_collisions.pt",
+    "legacy_view_chain.pt",
 }
 
 
@@ -610,7 +812,8 @@ TRUSTED_TOO = (
     "legacy_bad_", "memo_long_binget", "memo_get", "memo_long_binput", "memo_memoize",
     "string_", "binbytes8", "bytearray8", "frame_", "long4", "stack_underflow",
     "pickle_truncated", "unknown_opcode", "proto_", "next_buffer", "deep_nesting_tuples",
-    "tar_format",
+    "tar_format", "quantized_", "legacy_view_chain", "deep_", "memo_ref_rewalk",
+    "empty_set_storm",
 )
 NOT_TRUSTED_TOO = {"zip_deflate_small_bomb.pt", "zip_deflate_pickle_bomb.pt",
                    "storage_two_dtypes_one_key.pt"}
