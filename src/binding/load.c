@@ -25,7 +25,7 @@
 
 const char ck_load_doc[] =
     "load(mapping, filename, *, weights_only=True, encoding='utf-8', errors='strict',\n"
-    "     map_kind=0, map_location=None, restore=None, user_globals=None)\n"
+    "     map_kind=0, map_location=None, restore=None, user_globals=None, allow=0)\n"
     "Decodes the checkpoint held by mapping (see ckptio.load for the public API).";
 
 static int host_is_little(void) {
@@ -406,15 +406,16 @@ static PyObject *load_any(ck_session *s) {
 
 PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"mapping",  "filename",     "weights_only", "encoding",     "errors",
-                             "map_kind", "map_location", "restore",      "user_globals", NULL};
+                             "map_kind", "map_location", "restore",      "user_globals", "allow",
+                             NULL};
     ck_state *st = ck_get_state(module);
     PyObject *mapping, *filename, *map_location = Py_None, *restore = Py_None,
                                   *user_globals = Py_None;
-    int weights_only = 1, map_kind = CK_MAP_NONE;
+    int weights_only = 1, map_kind = CK_MAP_NONE, allow = 0;
     const char *encoding = "utf-8", *errors = "strict";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$pssiOOO", kwlist, &mapping, &filename,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$pssiOOOi", kwlist, &mapping, &filename,
                                      &weights_only, &encoding, &errors, &map_kind, &map_location,
-                                     &restore, &user_globals))
+                                     &restore, &user_globals, &allow))
         return NULL;
     if (ck_torch_ready(st) < 0)
         return NULL;
@@ -439,6 +440,7 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     ck_session s;
     ck_session_begin(&s, st, filename, mapping);
     s.weights_only = weights_only;
+    s.allow = allow;
     s.map_kind = (ck_map_kind)map_kind;
     s.map_location = map_location;
     s.restore = restore;

@@ -3,6 +3,7 @@
 #define CKPTIO_IMPORT_ARRAY
 #include "state.h"
 
+#include "dataset.h"
 #include "errors.h"
 #include "hostcopy.h"
 #include "keys.h"
@@ -270,7 +271,7 @@ static int module_exec(PyObject *m) {
             return -1;
     if (ck_errors_init(m, st) < 0 || ck_mapping_init(m, st) < 0 || ck_tensors_init(m, st) < 0)
         return -1;
-    if (ck_http_init(m, st) < 0)
+    if (ck_http_init(m, st) < 0 || ck_dataset_init(st) < 0)
         return -1;
     st->torchscript_marker = PyUnicode_InternFromString("<ckptio torchscript archive>");
     if (st->torchscript_marker == NULL ||
@@ -362,7 +363,14 @@ static int module_exec(PyObject *m) {
     X(s_get)                                                                                       \
     X(s_add_note)                                                                                  \
     X(s_storage_word)                                                                              \
-    X(s_torch_tensor_module)
+    X(s_torch_tensor_module)                                                                       \
+    X(np_reconstruct)                                                                              \
+    X(np_scalar)                                                                                   \
+    X(np_array_setstate)                                                                           \
+    X(builtin_getattr)                                                                             \
+    X(codecs_encode)                                                                               \
+    X(dataset_globals)                                                                             \
+    X(HistoryBuffer)
 
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     ck_state *st = ck_get_state(m);

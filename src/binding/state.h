@@ -149,6 +149,15 @@ typedef struct ck_state {
 
     /* http.c */
     PyObject *DownloadError;
+
+    /* the data sets beyond torch's allowlist (dataset.c, npdata.c, histbuf.c) */
+    PyObject *np_reconstruct;    /* numpy's multiarray._reconstruct */
+    PyObject *np_scalar;         /* numpy's multiarray.scalar */
+    PyObject *np_array_setstate; /* ndarray.__setstate__, from the type */
+    PyObject *builtin_getattr;
+    PyObject *codecs_encode;   /* _codecs.encode */
+    PyObject *dataset_globals; /* dict: "module.name" -> object (HistoryBuffer aside) */
+    PyObject *HistoryBuffer;   /* mmengine's class, once a pickle named it */
 } ck_state;
 
 /* The state of the module object m. */

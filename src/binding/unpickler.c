@@ -3,6 +3,7 @@
 #include <stdarg.h>
 #include <string.h>
 
+#include "dataset.h"
 #include "errors.h"
 #include "globals.h"
 #include "tensors.h"
@@ -510,6 +511,11 @@ static int refuse(vm *v, const char *fmt, PyObject *obj) {
     return rc;
 }
 
+/* A data-set builder refused the opcode (dataset.h). */
+static int data_refused(vm *v, const ck_why *why) {
+    return fail(v, v->st->UnpicklingError, "weights-only load refused: %s", why->text);
+}
+
 static int do_reduce(vm *v) {
     PyObject *args = pop(v);
     if (args == NULL)
@@ -530,6 +536,15 @@ static int do_reduce(vm *v) {
     }
     int handled = 0;
     PyObject *r = ck_native_call(v->s, func, args, &handled);
+    if (!handled && v->s->weights_only) {
+        ck_why why;
+        int d = ck_dataset_reduce(v->s, func, args, &r, &why);
+        if (d == CK_DATA_REFUSED) {
+            Py_DECREF(args);
+            return data_refused(v, &why);
+        }
+        handled = d != CK_DATA_NO;
+    }
     if (!handled) {
         if (v->s->weights_only && func != v->st->OrderedDict) {
             int ok = ck_is_allowed_object(v->s, func);
@@ -598,8 +613,18 @@ static int do_newobj(vm *v, int ex) {
     PyObject *a = ready_args(v, args);
     if (a == NULL)
         goto out;
+    ck_why why;
+    int d = CK_DATA_NO;
+    r = NULL;
     if (v->s->weights_only && cls == v->st->Parameter) {
         r = PyObject_Call(cls, a, kwargs);
+    } else if (v->s->weights_only &&
+               (d = ck_dataset_newobj(v->s, cls, a, kwargs, &r, &why)) != CK_DATA_NO) {
+        if (d == CK_DATA_REFUSED) {
+            Py_DECREF(a);
+            data_refused(v, &why);
+            goto out;
+        }
     } else {
         if (v->s->weights_only) {
             int ok = ck_is_allowed_object(v->s, cls);
@@ -737,7 +762,8 @@ static int do_build(vm *v) {
     if (st_ready == NULL)
         return -1;
     ck_state *st = v->st;
-    int rc = 0;
+    int rc = 0, data;
+    ck_why why;
     PyObject *type = (PyObject *)Py_TYPE(inst);
     if (v->s->weights_only) {
         if (type == st->Tensor) {
@@ -759,6 +785,11 @@ static int do_build(vm *v) {
             PyObject *d = PyObject_GetAttr(inst, st->s_dict);
             rc = d ? PyDict_Update(d, st_ready) : -1;
             Py_XDECREF(d);
+        } else if ((data = ck_dataset_build(v->s, inst, st_ready, &why)) != CK_DATA_NO) {
+            Py_DECREF(st_ready);
+            if (data == CK_DATA_REFUSED)
+                return data_refused(v, &why);
+            return data == CK_DATA_DONE ? 0 : fail_call(v);
         } else {
             int ok = ck_is_allowed_object(v->s, type);
             if (ok <= 0) {
