@@ -394,7 +394,9 @@ static PyObject *load_any(ck_session *s) {
     if (n >= 262 && memcmp(b + 257, "ustar", 5) == 0)
         return ck_raise(st->CheckpointError, s->filename,
                         "tar format of torch 0.1.x: not supported (re-save it with torch.save)");
-    if (b[0] == 0x80) {
+    /* a legacy stream starts with its magic number's pickle: PROTO (protocol 2
+     * and up) or, written with pickle_protocol 0 or 1, the text LONG opcode */
+    if (b[0] == 0x80 || b[0] == 'L') {
         s->byteswap = !host_is_little(); /* legacy data is always little-endian */
         return load_legacy(s);
     }
