@@ -8,6 +8,7 @@ pickle and every tensor's geometry; legacy files are checked by the loader
 alone.
 """
 from . import _native
+from ._allow import allow_bits as _allow_bits
 from ._config import ensure_configured
 from ._safe_globals import user_allowed_globals
 
@@ -83,7 +84,7 @@ def _strip(name, message):
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=True):
+def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=True, allow=None):
     """verify() on bytes already held in a Mapping (used by load(verify=True),
     which loads the same Mapping afterwards and so skips the loader here)."""
     ensure_configured()
@@ -99,6 +100,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=Tr
                 weights_only=weights_only,
                 map_kind=_MAP_CPU,
                 user_globals=user_allowed_globals(),
+                allow=_allow_bits(allow),
             )
             del result
         except _native.UnpicklingError as exc:
@@ -112,7 +114,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=Tr
     return report
 
 
-def verify(f, strict=False, *, weights_only=True):
+def verify(f, strict=False, *, weights_only=True, allow=None):
     """Checks a checkpoint's integrity without handing its objects back.
 
     f: a path, a bytes-like object or a binary file object (as for
@@ -124,8 +126,10 @@ def verify(f, strict=False, *, weights_only=True):
     weights_only=False decodes the pickle with any global it names (for
     trusted files whose meta holds objects outside the allowlist: the
     globals are imported and called, as by torch.load(weights_only=False)).
+    allow: the data sets decoded beyond torch's allowlist, as for
+    ckptio.load ('openmmlab': numpy values and mmengine's HistoryBuffer).
     """
     from .serialization import _source
 
     mapping, name, _ = _source(f, None)
-    return verify_mapping(mapping, name, strict=strict, weights_only=weights_only)
+    return verify_mapping(mapping, name, strict=strict, weights_only=weights_only, allow=allow)

@@ -1,8 +1,11 @@
 """The ckptio command line (console script `ckptio`, or `python -m ckptio`).
 
-    ckptio info FILE [--json] [--unsafe]
-    ckptio verify FILE... [--quiet] [--json] [--unsafe]
-    ckptio convert IN OUT [--revise-keys PATTERN=REPL]... [--unsafe] [--quiet]
+    ckptio info FILE [--json] [--unsafe] [--allow openmmlab|none]
+    ckptio verify FILE... [--quiet] [--json] [--unsafe] [--allow openmmlab|none]
+    ckptio convert IN OUT [--revise-keys PATTERN=REPL]... [--unsafe] [--allow ...] [--quiet]
+
+Files are decoded with weights_only and allow='openmmlab' (numpy values and
+mmengine's HistoryBuffer, built data-only) unless --allow none or --unsafe.
     ckptio bench [...]
 
 Exit status: 0 all is well, 1 a problem was found (damage, a file that
@@ -50,7 +53,7 @@ def _format_of(path):
     return "unknown"
 
 
-def _load(path, unsafe):
+def _load(path, unsafe, allow):
     """(object, format) of a torch checkpoint or a safetensors file."""
     import ckptio
 
@@ -59,7 +62,7 @@ def _load(path, unsafe):
         import safetensors.torch
 
         return safetensors.torch.load_file(path), fmt
-    return ckptio.load(path, map_location="cpu", weights_only=not unsafe), fmt
+    return ckptio.load(path, map_location="cpu", weights_only=not unsafe, allow=allow), fmt
 
 
 def _tensors(obj, prefix="", seen=None):
@@ -104,7 +107,7 @@ def info(args):
 
     path = args.file
     start = time.perf_counter()
-    obj, fmt = _load(path, args.unsafe)
+    obj, fmt = _load(path, args.unsafe, _allow(args))
     records = None
     if fmt == "zip":
         import zipfile
@@ -177,7 +180,7 @@ def verify(args):
     reports = []
     for path in args.files:
         _say(args, f"verifying {path}")
-        report = ckptio.verify(path, weights_only=not args.unsafe)
+        report = ckptio.verify(path, weights_only=not args.unsafe, allow=_allow(args))
         reports.append(report)
         if not report.ok:
             status = PROBLEM
@@ -249,7 +252,7 @@ def convert(args):
     out_fmt = args.to or ("safetensors" if args.output.endswith(".safetensors") else "torch")
     start = time.perf_counter()
     _say(args, f"loading {args.input}")
-    obj, fmt = _load(args.input, args.unsafe)
+    obj, fmt = _load(args.input, args.unsafe, _allow(args))
     n = sum(1 for _ in _tensors(obj))
     _say(args, f"loaded {fmt} format, {n} tensors ({time.perf_counter() - start:.2f} s)")
     if rules or out_fmt == "safetensors":
@@ -286,6 +289,14 @@ def convert(args):
     return OK
 
 
+ALLOW_HELP = ("data decoded beyond torch's allowlist: 'openmmlab' (default: numpy values and "
+              "mmengine's HistoryBuffer, built data-only) or 'none' (torch's allowlist only)")
+
+
+def _allow(args):
+    return None if args.allow == "none" else args.allow
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="ckptio", description="PyTorch checkpoint tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -294,6 +305,8 @@ def _parser():
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--unsafe", action="store_true",
                    help="weights_only=False: run any global the file names (trusted files only)")
+    p.add_argument("--allow", choices=["openmmlab", "none"], default="openmmlab",
+                   help=ALLOW_HELP)
     p.add_argument("--max-keys", type=int, default=50, help="top-level keys shown (default 50)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(run=info)
@@ -303,6 +316,8 @@ def _parser():
     p.add_argument("-q", "--quiet", action="store_true", help="one line per file, no progress")
     p.add_argument("--unsafe", action="store_true",
                    help="weights_only=False: run any global the file names (trusted files only)")
+    p.add_argument("--allow", choices=["openmmlab", "none"], default="openmmlab",
+                   help=ALLOW_HELP)
     p.set_defaults(run=verify)
     p = sub.add_parser("convert", help="torch zip <-> safetensors, legacy -> zip, key renames")
     p.add_argument("input", metavar="IN")
@@ -313,6 +328,8 @@ def _parser():
                    help="rename state-dict keys with re.sub (repeatable), e.g. '^module\\.='")
     p.add_argument("--unsafe", action="store_true",
                    help="weights_only=False: run any global the file names (trusted files only)")
+    p.add_argument("--allow", choices=["openmmlab", "none"], default="openmmlab",
+                   help=ALLOW_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(run=convert)
     sub.add_parser("bench", help="measure loading and saving (ckptio bench --help)",
