@@ -513,7 +513,10 @@ static int refuse(vm *v, const char *fmt, PyObject *obj) {
 
 /* A data-set builder refused the opcode (dataset.h). */
 static int data_refused(vm *v, const ck_why *why) {
-    return fail(v, v->st->UnpicklingError, "weights-only load refused: %s", why->text);
+    return fail(v, v->st->UnpicklingError,
+                "weights-only load refused: %s (load with weights_only=False, command line "
+                "--unsafe, only if you trust the file's source)",
+                why->text);
 }
 
 static int do_reduce(vm *v) {
