@@ -435,7 +435,9 @@ def test_numpy_1x_files_from_debian_python(tmp_path):
 def _legacy_objects():
     base = torch.arange(12.0)
     return {
-        "state_dict": collections.OrderedDict(w=base.view(3, 4), b=torch.ones(2, dtype=torch.int64)),
+        "state_dict": collections.OrderedDict(
+            w=base.view(3, 4), b=torch.ones(2, dtype=torch.int64)
+        ),
         "view": base[2:7],
         "meta": {"epoch": 3, "name": "x", "raw": b"\x00\xff", "big": 2**70, "f": 0.1},
     }

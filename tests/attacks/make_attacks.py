@@ -671,7 +671,8 @@ def omm_case(name, value, error=UP, match=None, why="", allow=OMM):
 # what must load (the builders' own paths, also fuzz seeds through the replay)
 omm_case("good_history_buffer", b"}(" + binunicode("train/loss") + history_buffer() + b"u",
          None, None, "a HistoryBuffer as mmengine writes it")
-omm_case("good_numpy", b"(" + np_array((2, 2), np_dtype("f4"), np_bytes(struct.pack("<4f", *range(4))))
+omm_case("good_numpy", b"("
+         + np_array((2, 2), np_dtype("f4"), np_bytes(struct.pack("<4f", *range(4))))
          + np_array((2,), np_dtype("i4", ">"), np_bytes(struct.pack(">2i", 1, 2)), rec=NP_REC_1X)
          + np_array((1,), np_dtype("O8", "|", flags=63), b"]" + binunicode("x") + b"a")
          + np_scalar(np_dtype("f8"), np_bytes(struct.pack("<d", 0.5)))
@@ -686,7 +687,8 @@ omm_case("getattr_function_globals", GETATTR + TORCH_TENSOR + binunicode("__glob
          "getattr(torch._utils._rebuild_tensor_v2, '__globals__'): a module's namespace")
 omm_case("getattr_module_through_builtin", GETATTR + CODECS + binunicode("__self__") + b"\x86R",
          UP, "only on mmengine's HistoryBuffer",
-         "getattr(_codecs.encode, '__self__'): the _codecs module reached through an allowed object")
+         "getattr(_codecs.encode, '__self__'): the _codecs module, reached through an allowed "
+         "object")
 omm_case("getattr_chain", hb_getattr("__globals__", obj=hb_getattr("min")), UP,
          "only on mmengine's HistoryBuffer",
          "getattr(getattr(HistoryBuffer, 'min'), '__globals__'): a chain out of an allowed method")
@@ -738,7 +740,8 @@ for label, payload in (("os_system", OS_SYSTEM), ("exec", EXEC),
                        ("subprocess", b"csubprocess\nPopen\n(" + binunicode("touch")
                         + binunicode(SENTINEL) + b"l\x85R")):
     omm_case(f"object_array_{label}",
-             np_array((2,), np_dtype("O8", "|", flags=63), b"(" + binunicode("ok") + payload + b"l"),
+             np_array((2,), np_dtype("O8", "|", flags=63),
+                      b"(" + binunicode("ok") + payload + b"l"),
              UP, None, f"an object array whose elements hold a forbidden {label} REDUCE")
 omm_case("object_array_short_list",
          np_array((2**30,), np_dtype("O8", "|", flags=63), b"]" + binunicode("x") + b"a"), UP,
