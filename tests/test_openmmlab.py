@@ -516,3 +516,24 @@ class _Tiny(torch.nn.Module):
         self.fc = torch.nn.Linear(4, 2)
         self.bn = torch.nn.BatchNorm1d(2)
 
+
+
+def test_protocol_4_opcodes_are_read_under_weights_only(tmp_path):
+    """The README's claim: ckptio reads opcodes torch's weights-only unpickler
+    refuses (FRAME, SHORT_BINUNICODE, MEMOIZE, ...); the allowlist still gates
+    every global."""
+    path = tmp_path / "p4.pth"
+    obj = {"w": torch.arange(3.0), "meta": {"name": "x", "n": 2**70}}
+    torch.save(obj, path, pickle_protocol=4)
+    with pytest.raises(Exception, match="Unsupported operand"):
+        torch.load(path, weights_only=True)
+    assert_same(ckptio.load(path), torch.load(path, weights_only=False))
+    evil = tmp_path / "p4_evil.pth"
+    torch.save({"x": _Payload()}, evil, pickle_protocol=4)
+    with pytest.raises(ckptio.UnpicklingError, match="posix.system|os.system"):
+        ckptio.load(evil, allow="openmmlab")
+
+
+class _Payload:
+    def __reduce__(self):
+        return os.system, ("touch CKPTIO_PWNED",)
