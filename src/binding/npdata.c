@@ -34,7 +34,9 @@ int ck_np_init(ck_state *st) {
     st->np_reconstruct = Py_NewRef(PyTuple_GET_ITEM(red, 0));
     Py_DECREF(red);
     double one = 1.0;
-    PyObject *sc = PyArray_Scalar(&one, PyArray_DescrFromType(NPY_DOUBLE), NULL);
+    PyArray_Descr *f8 = PyArray_DescrFromType(NPY_DOUBLE);
+    PyObject *sc = PyArray_Scalar(&one, f8, NULL); /* does not take f8's reference */
+    Py_DECREF(f8);
     red = sc ? PyObject_CallMethod(sc, "__reduce__", NULL) : NULL;
     Py_XDECREF(sc);
     if (red == NULL)
