@@ -27,7 +27,9 @@ Differences from torch.hub, on purpose:
   and a RuntimeError (like torch's hash error, whose text is kept);
 - download_url_to_file returns the transfer's record (torch: None), and the
   file is fsynced before the rename (torch does not: ``fsync=False`` to skip);
-- the User-Agent is "ckptio" (torch: "torch.hub").
+- the User-Agent is "ckptio" (torch: "torch.hub");
+- load_url decodes safely by default (weights_only with allow='openmmlab';
+  torch.hub: weights_only=False, so any downloaded file can run code).
 
 Progress, as torch.hub: tqdm's bar when tqdm is installed, else ckptio's own
 on stderr (a line every 10% when stderr is not a terminal, so logs stay
@@ -49,6 +51,7 @@ import zipfile
 from urllib.parse import urlparse
 
 from . import _native
+from ._allow import OPENMMLAB
 from ._native import DownloadError
 
 # matches bfd8deac from resnet18-bfd8deac.pth (torch.hub.HASH_REGEX)
@@ -252,7 +255,7 @@ def _is_legacy_zip_format(filename):
     return False
 
 
-def _legacy_zip_load(filename, model_dir, map_location, weights_only):
+def _legacy_zip_load(filename, model_dir, map_location, weights_only, allow):
     from .serialization import load
 
     warnings.warn(
@@ -274,7 +277,7 @@ def _legacy_zip_load(filename, model_dir, map_location, weights_only):
                 f"{model_dir}"
             )
         f.extract(members[0], root)
-    return load(target, map_location=map_location, weights_only=weights_only)
+    return load(target, map_location=map_location, weights_only=weights_only, allow=allow)
 
 
 def load_url(
@@ -284,14 +287,20 @@ def load_url(
     progress=True,
     check_hash=False,
     file_name=None,
-    weights_only=False,
+    weights_only=None,
+    allow=OPENMMLAB,
 ):
     """torch.hub.load_state_dict_from_url with ckptio doing the transfer and
     the load: the file is downloaded into model_dir (default
     ``get_dir()/checkpoints``) unless already there, then read with
     ``ckptio.load(cached_file, map_location=map_location,
-    weights_only=weights_only)``. weights_only defaults to False, as in
-    torch.hub (torch 2.13)."""
+    weights_only=weights_only, allow=allow)``.
+
+    Unlike torch.hub (whose weights_only defaults to False), a downloaded
+    file is decoded safely by default: weights_only (torch's allowlist)
+    plus allow='openmmlab' (numpy values and mmengine's HistoryBuffer,
+    decoded data-only). weights_only=False, for files from a source you
+    trust, resolves and calls any global the file names."""
     from .serialization import load
 
     if os.getenv("TORCH_MODEL_ZOO"):
@@ -317,5 +326,5 @@ def load_url(
         # same file uses its result instead of downloading it again
         download_url_to_file(url, cached_file, hash_prefix, progress=progress, if_missing=True)
     if _is_legacy_zip_format(cached_file):
-        return _legacy_zip_load(cached_file, model_dir, map_location, weights_only)
-    return load(cached_file, map_location=map_location, weights_only=weights_only)
+        return _legacy_zip_load(cached_file, model_dir, map_location, weights_only, allow)
+    return load(cached_file, map_location=map_location, weights_only=weights_only, allow=allow)

@@ -217,7 +217,7 @@ def _format(head, size):
         return "pytorch1"
     if head[257:262] == b"ustar":
         return "tar"
-    if head[:1] == b"\x80":
+    if head[:1] in (b"\x80", b"L"):  # PROTO, or LONG (pickle protocols 0 and 1)
         return "legacy"
     return "unknown"
 

@@ -8,6 +8,7 @@ pickle and every tensor's geometry; legacy files are checked by the loader
 alone.
 """
 from . import _native
+from ._allow import allow_bits as _allow_bits
 from ._config import ensure_scan_configured
 from ._safe_globals import user_allowed_globals
 
@@ -86,7 +87,7 @@ def _strip(name, message):
 
 
 def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=True,
-                   encoding="utf-8"):
+                   encoding="utf-8", allow=None):
     """verify() on bytes already held in a Mapping (used by load(verify=True),
     which loads the same Mapping afterwards and so skips the loader here)."""
     have_torch = ensure_scan_configured()
@@ -116,6 +117,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=Tr
                 encoding=encoding,
                 map_kind=_MAP_CPU,
                 user_globals=user_allowed_globals(),
+                allow=_allow_bits(allow),
             )
             del result
         except _native.UnpicklingError as exc:
@@ -129,7 +131,7 @@ def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=Tr
     return report
 
 
-def verify(f, strict=False, *, weights_only=True, encoding="utf-8"):
+def verify(f, strict=False, *, weights_only=True, encoding="utf-8", allow=None):
     """Checks a checkpoint's integrity without handing its objects back.
 
     f: a path, a bytes-like object or a binary file object (as for
@@ -143,9 +145,11 @@ def verify(f, strict=False, *, weights_only=True, encoding="utf-8"):
     globals are imported and called, as by torch.load(weights_only=False)).
     encoding: how Python 2 byte strings in the pickle decode, as for
     ckptio.load (a file load accepts with encoding='latin1' verifies with it).
+    allow: the data sets decoded beyond torch's allowlist, as for
+    ckptio.load ('openmmlab': numpy values and mmengine's HistoryBuffer).
     """
     from .serialization import _source
 
     mapping, name, _ = _source(f, None)
     return verify_mapping(mapping, name, strict=strict, weights_only=weights_only,
-                          encoding=encoding)
+                          encoding=encoding, allow=allow)

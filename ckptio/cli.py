@@ -1,8 +1,11 @@
 """The ckptio command line (console script `ckptio`, or `python -m ckptio`).
 
-    ckptio info FILE [--json] [--unsafe] [--depth N] [--max-keys N]
-    ckptio verify FILE... [--quiet] [--json] [--unsafe]
-    ckptio convert IN OUT [--revise-keys PATTERN=REPL]... [--unsafe] [--quiet]
+    ckptio info FILE [--json] [--unsafe] [--allow openmmlab|none] [--depth N] [--max-keys N]
+    ckptio verify FILE... [--quiet] [--json] [--unsafe] [--allow openmmlab|none]
+    ckptio convert IN OUT [--revise-keys PATTERN=REPL]... [--unsafe] [--allow ...] [--quiet]
+
+Files are decoded with weights_only and allow='openmmlab' (numpy values and
+mmengine's HistoryBuffer, built data-only) unless --allow none or --unsafe.
     ckptio bench [...]
 
 Exit status: 0 all is well, 1 a problem was found (damage, a file that
@@ -72,7 +75,7 @@ def _format_of(path):
     return _format(head, size)
 
 
-def _load(path, unsafe):
+def _load(path, unsafe, allow):
     """(object, format) of a torch checkpoint or a safetensors file."""
     import ckptio
 
@@ -81,7 +84,7 @@ def _load(path, unsafe):
         import safetensors.torch
 
         return safetensors.torch.load_file(path), fmt
-    return ckptio.load(path, map_location="cpu", weights_only=not unsafe), fmt
+    return ckptio.load(path, map_location="cpu", weights_only=not unsafe, allow=allow), fmt
 
 
 def _tensors(obj, prefix="", seen=None):
@@ -201,6 +204,7 @@ def _tree_lines(node, indent, max_keys):
 
 def info(args):
     """Reads the pickle without torch and without running it (_inspect)."""
+    from ._allow import allowed_by
     from ._inspect import InspectError, inspect, is_weights_only_safe, walk
 
     path = args.file
@@ -210,11 +214,16 @@ def info(args):
     except InspectError as exc:
         raise ValueError(f"{path}: {exc}") from None
     obj, fmt = found["object"], found["format"]
-    refused = sorted(g for g in found["globals"] if not is_weights_only_safe(g))
+    data_sets = _allow(args)
+    refused = sorted(g for g in found["globals"]
+                     if not is_weights_only_safe(g) and not allowed_by(g, data_sets))
     if refused and not args.unsafe:
+        in_set = [g for g in refused if allowed_by(g, "openmmlab")]
+        hint = (f"; allow='openmmlab' decodes {', '.join(in_set)} as data (the default, "
+                "without --allow none)") if in_set else ""
         raise ValueError(
             f"{path}: the pickle names globals outside the weights-only allowlist: "
-            f"{', '.join(refused)} (ckptio.load refuses the file unless they are allowed; "
+            f"{', '.join(refused)} (ckptio.load refuses the file unless they are allowed{hint}; "
             "ckptio info --unsafe describes it anyway: info never runs them)")
     tensors = list(walk(obj))
     by_dtype = collections.OrderedDict()
@@ -308,7 +317,7 @@ def verify(args):
     for path in args.files:
         _say(args, f"verifying {path}")
         try:
-            report = ckptio.verify(path, weights_only=not args.unsafe)
+            report = ckptio.verify(path, weights_only=not args.unsafe, allow=_allow(args))
         except OSError as exc:
             report = VerifyReport(path, "unreadable", [
                 Problem("io", None, None, exc.strerror or str(exc))], {})
@@ -381,7 +390,7 @@ def convert(args):
     out_fmt = args.to or ("safetensors" if args.output.endswith(".safetensors") else "torch")
     start = time.perf_counter()
     _say(args, f"loading {args.input}")
-    obj, fmt = _load(args.input, args.unsafe)
+    obj, fmt = _load(args.input, args.unsafe, _allow(args))
     n = sum(1 for _ in _tensors(obj))
     _say(args, f"loaded {fmt} format, {n} tensors ({time.perf_counter() - start:.2f} s)")
     if rules or out_fmt == "safetensors":
@@ -418,6 +427,14 @@ def convert(args):
     return OK
 
 
+ALLOW_HELP = ("data decoded beyond torch's allowlist: 'openmmlab' (default: numpy values and "
+              "mmengine's HistoryBuffer, built data-only) or 'none' (torch's allowlist only)")
+
+
+def _allow(args):
+    return None if args.allow == "none" else args.allow
+
+
 def _parser():
     from ._version import __version__
 
@@ -430,6 +447,8 @@ def _parser():
     p.add_argument("--unsafe", action="store_true",
                    help="describe a file whose pickle names globals outside the weights-only "
                         "allowlist (info never runs them)")
+    p.add_argument("--allow", choices=["openmmlab", "none"], default="openmmlab",
+                   help=ALLOW_HELP)
     p.add_argument("--max-keys", type=int, default=50,
                    help="keys shown per level (default 50)")
     p.add_argument("--depth", type=int, default=3,
@@ -442,6 +461,8 @@ def _parser():
     p.add_argument("-q", "--quiet", action="store_true", help="one line per file, no progress")
     p.add_argument("--unsafe", action="store_true",
                    help="weights_only=False: run any global the file names (trusted files only)")
+    p.add_argument("--allow", choices=["openmmlab", "none"], default="openmmlab",
+                   help=ALLOW_HELP)
     p.set_defaults(run=verify)
     p = sub.add_parser("convert", help="torch zip <-> safetensors, legacy -> zip, key renames")
     p.add_argument("input", metavar="IN")
@@ -452,6 +473,8 @@ def _parser():
                    help="rename state-dict keys with re.sub (repeatable), e.g. '^module\\.='")
     p.add_argument("--unsafe", action="store_true",
                    help="weights_only=False: run any global the file names (trusted files only)")
+    p.add_argument("--allow", choices=["openmmlab", "none"], default="openmmlab",
+                   help=ALLOW_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(run=convert)
     sub.add_parser("bench", help="measure loading and saving (ckptio bench --help)",

@@ -9,6 +9,7 @@ import os
 import warnings
 
 from . import _native
+from ._allow import allow_bits as _allow_bits
 from ._config import ensure_configured
 from ._safe_globals import user_allowed_globals
 from ._torch import require as _require_torch
@@ -146,7 +147,10 @@ def _load_safetensors(path, map_location):
     return safetensors.torch.load_file(path, device=device)
 
 
-def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8", verify=False):
+def load(
+    f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8", verify=False,
+    allow=None,
+):
     """Loads what torch.save wrote, with torch.load's meaning and result.
 
     f: a path (str or os.PathLike), a bytes-like object, or a binary file
@@ -162,11 +166,19 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     encoding: how Python 2 byte strings are decoded ('bytes' keeps bytes).
     verify: first check the file's integrity (ckptio.verify, strict): CRCs of
     every record, the container, every storage against its record.
+    allow (default None: torch's allowlist only): 'openmmlab' also decodes,
+    data-only, what mmengine's and mmcv's runners write into checkpoints:
+    numpy arrays, dtypes and scalars, mmengine's HistoryBuffer and
+    getattr(HistoryBuffer, <statistics method>) (see the README's security
+    section). It is the default of ckptio.checkpoint, ckptio.mmengine,
+    ckptio.load_url and the command line. No effect when weights_only is
+    False (then every global is allowed).
     """
     global torch
     if torch is None:
         torch = _require_torch("ckptio.load")
     ensure_configured()
+    allow_bits = _allow_bits(allow)
     weights_only = _weights_only_default(weights_only)
     if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
         return _load_safetensors(os.fspath(f), map_location)
@@ -192,6 +204,7 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
             map_location=map_location,
             restore=restore,
             user_globals=user_globals,
+            allow=allow_bits,
         )
     except BaseException:
         # sparse tensors rebuilt before the failure wait in torch's module-level

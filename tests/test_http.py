@@ -526,8 +526,8 @@ def test_load_url_file_name_and_model_dir(checkpoint, tmp_path):
     assert torch.equal(out["w"], sd["w"])
 
 
-def test_load_url_map_location_and_weights_only_default(tmp_path):
-    # torch.hub's weights_only default is False: arbitrary pickles load
+def test_load_url_map_location(tmp_path):
+    # (safe by default, unlike torch.hub: see test_openmmlab's load_url test)
     path = tmp_path / "src.pth"
     torch.save({"w": torch.ones(2), "cfg": {"lr": 0.1}}, path)
     with FaultServer(path.read_bytes()) as fs:

@@ -164,8 +164,8 @@ def test_mmengine_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
     assert runner_module._load_checkpoint_to_model is ours_mmengine._load_checkpoint_to_model
     assert mm_runner.load_checkpoint is ours_mmengine.load_checkpoint
     # mmengine stores HistoryBuffer objects and numpy arrays in its checkpoints,
-    # which torch's weights-only default refuses (for mmengine as for ckptio)
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # which torch's weights-only default refuses; ckptio's mmengine surface
+    # decodes them data-only (allow='openmmlab'), with no environment variable
 
     class Net(BaseModel):
         def __init__(self):

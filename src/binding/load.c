@@ -26,7 +26,7 @@
 
 const char ck_load_doc[] =
     "load(mapping, filename, *, weights_only=True, encoding='utf-8', errors='strict',\n"
-    "     map_kind=0, map_location=None, restore=None, user_globals=None)\n"
+    "     map_kind=0, map_location=None, restore=None, user_globals=None, allow=0)\n"
     "Decodes the checkpoint held by mapping (see ckptio.load for the public API).";
 
 static int host_is_little(void) {
@@ -405,7 +405,9 @@ static PyObject *load_any(ck_session *s) {
     if (n >= 262 && memcmp(b + 257, "ustar", 5) == 0)
         return ck_raise(st->CheckpointError, s->filename,
                         "tar format of torch 0.1.x: not supported (re-save it with torch.save)");
-    if (b[0] == 0x80) {
+    /* a legacy stream starts with its magic number's pickle: PROTO (protocol 2
+     * and up) or, written with pickle_protocol 0 or 1, the text LONG opcode */
+    if (b[0] == 0x80 || b[0] == 'L') {
         s->byteswap = !host_is_little(); /* legacy data is always little-endian */
         return load_legacy(s);
     }
@@ -417,15 +419,16 @@ static PyObject *load_any(ck_session *s) {
 
 PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"mapping",  "filename",     "weights_only", "encoding",     "errors",
-                             "map_kind", "map_location", "restore",      "user_globals", NULL};
+                             "map_kind", "map_location", "restore",      "user_globals", "allow",
+                             NULL};
     ck_state *st = ck_get_state(module);
     PyObject *mapping, *filename, *map_location = Py_None, *restore = Py_None,
                                   *user_globals = Py_None;
-    int weights_only = 1, map_kind = CK_MAP_NONE;
+    int weights_only = 1, map_kind = CK_MAP_NONE, allow = 0;
     const char *encoding = "utf-8", *errors = "strict";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$pssiOOO", kwlist, &mapping, &filename,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$pssiOOOi", kwlist, &mapping, &filename,
                                      &weights_only, &encoding, &errors, &map_kind, &map_location,
-                                     &restore, &user_globals))
+                                     &restore, &user_globals, &allow))
         return NULL;
     if (ck_torch_ready(st) < 0)
         return NULL;
@@ -450,6 +453,7 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     ck_session s;
     ck_session_begin(&s, st, filename, mapping);
     s.weights_only = weights_only;
+    s.allow = allow;
     s.map_kind = (ck_map_kind)map_kind;
     s.map_location = map_location;
     s.restore = restore;

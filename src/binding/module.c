@@ -4,6 +4,7 @@
 #include "state.h"
 
 #include "budget.h"
+#include "dataset.h"
 #include "errors.h"
 #include "hostcopy.h"
 #include "keys.h"
@@ -290,7 +291,7 @@ static int module_exec(PyObject *m) {
             return -1;
     if (ck_errors_init(m, st) < 0 || ck_mapping_init(m, st) < 0 || ck_tensors_init(m, st) < 0)
         return -1;
-    if (ck_http_init(m, st) < 0 || ck_save_hooks_init(m, st) < 0)
+    if (ck_http_init(m, st) < 0 || ck_save_hooks_init(m, st) < 0 || ck_dataset_init(st) < 0)
         return -1;
     st->torchscript_marker = PyUnicode_InternFromString("<ckptio torchscript archive>");
     if (st->torchscript_marker == NULL ||
@@ -397,7 +398,14 @@ static int module_exec(PyObject *m) {
     X(get_tensor_metadata)                                                                         \
     X(strided)                                                                                     \
     X(save_legacy)                                                                                 \
-    X(save_new_dtypes)
+    X(save_new_dtypes)                                                                             \
+    X(np_reconstruct)                                                                              \
+    X(np_scalar)                                                                                   \
+    X(np_array_setstate)                                                                           \
+    X(builtin_getattr)                                                                             \
+    X(codecs_encode)                                                                               \
+    X(dataset_globals)                                                                             \
+    X(HistoryBuffer)
 
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     ck_state *st = ck_get_state(m);

@@ -64,6 +64,7 @@ typedef struct ck_session {
 
     /* options */
     int weights_only;
+    int allow;          /* CK_ALLOW_* bits (dataset.h): data sets beyond torch's allowlist */
     PyObject *encoding; /* str; NULL means 'bytes' (keep bytes) */
     PyObject *errors;   /* str */
     ck_map_kind map_kind;

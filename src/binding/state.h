@@ -169,6 +169,14 @@ typedef struct ck_state {
     PyObject *strided;                /* torch.strided */
     PyObject *save_legacy;     /* dict: dtype -> (storage class torch pickles, element size) */
     PyObject *save_new_dtypes; /* frozenset: dtypes torch saves through _rebuild_tensor_v3 */
+    /* the data sets beyond torch's allowlist (dataset.c, npdata.c, histbuf.c) */
+    PyObject *np_reconstruct;    /* numpy's multiarray._reconstruct */
+    PyObject *np_scalar;         /* numpy's multiarray.scalar */
+    PyObject *np_array_setstate; /* ndarray.__setstate__, from the type */
+    PyObject *builtin_getattr;
+    PyObject *codecs_encode;   /* _codecs.encode */
+    PyObject *dataset_globals; /* dict: "module.name" -> object (HistoryBuffer aside) */
+    PyObject *HistoryBuffer;   /* mmengine's class, once a pickle named it */
 } ck_state;
 
 /* The state of the module object m. */

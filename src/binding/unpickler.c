@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "budget.h"
+#include "dataset.h"
 #include "errors.h"
 #include "globals.h"
 #include "tensors.h"
@@ -621,6 +622,14 @@ static int refuse(vm *v, const char *fmt, PyObject *obj) {
     return rc;
 }
 
+/* A data-set builder refused the opcode (dataset.h). */
+static int data_refused(vm *v, const ck_why *why) {
+    return fail(v, v->st->UnpicklingError,
+                "weights-only load refused: %s (load with weights_only=False, command line "
+                "--unsafe, only if you trust the file's source)",
+                why->text);
+}
+
 static int do_reduce(vm *v) {
     PyObject *args = pop(v);
     if (args == NULL)
@@ -642,6 +651,15 @@ static int do_reduce(vm *v) {
     }
     int handled = 0;
     PyObject *r = ck_native_call(v->s, func, args, &handled);
+    if (!handled && v->s->weights_only) {
+        ck_why why;
+        int d = ck_dataset_reduce(v->s, func, args, &r, &why);
+        if (d == CK_DATA_REFUSED) {
+            Py_DECREF(args);
+            return data_refused(v, &why);
+        }
+        handled = d != CK_DATA_NO;
+    }
     if (!handled) {
         if (clean_slot(v, v->sp - 1) < 0) {
             Py_DECREF(args);
@@ -736,12 +754,22 @@ static int do_newobj(vm *v, int ex) {
     PyObject *a = ready_args(v, args);
     if (a == NULL)
         goto out;
+    ck_why why;
+    int d = CK_DATA_NO;
+    r = NULL;
     if (ck_charge_call(v->s, cls, a, kwargs, 1) < 0) {
         Py_DECREF(a);
         goto out;
     }
     if (v->s->weights_only && cls == v->st->Parameter) {
         r = PyObject_Call(cls, a, kwargs);
+    } else if (v->s->weights_only &&
+               (d = ck_dataset_newobj(v->s, cls, a, kwargs, &r, &why)) != CK_DATA_NO) {
+        if (d == CK_DATA_REFUSED) {
+            Py_DECREF(a);
+            data_refused(v, &why);
+            goto out;
+        }
     } else {
         if (v->s->weights_only) {
             int ok = ck_is_allowed_object(v->s, cls);
@@ -910,7 +938,8 @@ static int do_build(vm *v) {
         return -1;
     }
     ck_state *st = v->st;
-    int rc = 0;
+    int rc = 0, data;
+    ck_why why;
     PyObject *type = (PyObject *)Py_TYPE(inst);
     if (v->s->weights_only) {
         if (type == st->Tensor) {
@@ -928,6 +957,11 @@ static int do_build(vm *v) {
             PyObject *d = PyObject_GetAttr(inst, st->s_dict);
             rc = d ? PyDict_Update(d, st_ready) : -1;
             Py_XDECREF(d);
+        } else if ((data = ck_dataset_build(v->s, inst, st_ready, &why)) != CK_DATA_NO) {
+            Py_DECREF(st_ready);
+            if (data == CK_DATA_REFUSED)
+                return data_refused(v, &why);
+            return data == CK_DATA_DONE ? 0 : fail_call(v);
         } else {
             int ok = ck_is_allowed_object(v->s, type);
             if (ok <= 0) {

@@ -306,7 +306,7 @@ static const char *format_of(const uint8_t *b, size_t n) {
         return "pytorch1";
     if (n >= 262 && memcmp(b + 257, "ustar", 5) == 0)
         return "tar";
-    if (n >= 1 && b[0] == 0x80)
+    if (n >= 1 && (b[0] == 0x80 || b[0] == 'L')) /* PROTO, or LONG (protocols 0, 1) */
         return "legacy";
     return "unknown";
 }

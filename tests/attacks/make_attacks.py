@@ -788,9 +788,272 @@ case("dict_int_collisions.pt", archive(P2 + b"}(" + collide_keys + b"u."), None,
      "more than 4096 dict keys",
      "100000 int keys of one hash in a dict (quadratic in CPython's dict)")
 
+
+# 7. the openmmlab data set (allow='openmmlab'): hostile files that reuse the
+#    very globals mmengine's and mmcv's checkpoints name
+# ===========================================================================
+
+OMM = "openmmlab"
+NP_REC = b"cnumpy._core.multiarray\n_reconstruct\n"
+NP_REC_1X = b"cnumpy.core.multiarray\n_reconstruct\n"
+NDARRAY = b"cnumpy\nndarray\n"
+NP_DTYPE = b"cnumpy\ndtype\n"
+NP_SCALAR = b"cnumpy._core.multiarray\nscalar\n"
+GETATTR = b"c__builtin__\ngetattr\n"
+HB = b"cmmengine.logging.history_buffer\nHistoryBuffer\n"
+CODECS = b"c_codecs\nencode\n"
+OS_SYSTEM = b"cos\nsystem\n" + binunicode(SHELL) + b"\x85R"
+EXEC = b"cbuiltins\nexec\n" + binunicode(PY) + b"\x85R"
+
+
+def np_bytes(raw):
+    """bytes as protocol 2 writes them: _codecs.encode(str, 'latin1')."""
+    return CODECS + binunicode(raw.decode("latin1")) + binunicode("latin1") + b"\x86R"
+
+
+def np_dtype(typestr, endian="<", elsize=-1, align=-1, flags=0, state=None):
+    """numpy.dtype(typestr, False, True) + BUILD (3, endian, None, None, None, ...)."""
+    if state is None:
+        state = (b"(" + pickle_int(3) + binunicode(endian) + b"NNN" + pickle_int(elsize)
+                 + pickle_int(align) + pickle_int(flags) + b"t")
+    return NP_DTYPE + binunicode(typestr) + b"\x89\x88\x87R" + state + b"b"
+
+
+def np_array(shape, dtype, data, fortran=False, rec=NP_REC, cls=NDARRAY, rshape=(0,),
+             code=None, version=1):
+    """_reconstruct(cls, rshape, b'b') + BUILD (version, shape, dtype, fortran, data)."""
+    return (rec + cls + int_tuple(rshape) + (np_bytes(b"b") if code is None else code) + b"\x87R"
+            + b"(" + pickle_int(version) + int_tuple(shape) + dtype
+            + (b"\x88" if fortran else b"\x89") + data + b"tb")
+
+
+def np_scalar(dtype, data):
+    return NP_SCALAR + dtype + data + b"\x86R"
+
+
+def hb_getattr(name, obj=HB):
+    return GETATTR + obj + binunicode(name) + b"\x86R"
+
+
+def stat_methods(pairs=None):
+    """statistics_methods as mmengine writes it: {name: getattr(HistoryBuffer, name)}."""
+    pairs = [(n, hb_getattr(n)) for n in ("min", "max", "current", "mean")] if pairs is None \
+        else pairs
+    return b"}(" + b"".join(binunicode(k) + v for k, v in pairs) + b"u"
+
+
+def hb_state(**override):
+    """The state of a HistoryBuffer, key by key (None drops a key)."""
+    items = {
+        "max_length": pickle_int(1000000),
+        "_log_history": np_array((2,), np_dtype("f8"), np_bytes(struct.pack("<2d", 0.5, 0.25))),
+        "_count_history": np_array((2,), np_dtype("i8"), np_bytes(struct.pack("<2q", 1, 1))),
+        "statistics_methods": stat_methods(),
+    }
+    items.update(override)
+    return b"}(" + b"".join(binunicode(k) + v for k, v in items.items() if v is not None) + b"u"
+
+
+def history_buffer(state=None):
+    return HB + b")\x81" + (hb_state() if state is None else state) + b"b"
+
+
+def mm_checkpoint(value):
+    """A checkpoint shaped like a Runner's: a state_dict tensor, then value in
+    message_hub."""
+    return archive(state_dict(("w", tensor()), ("message_hub", value)), {"data/0": FLOATS})
+
+
+def omm_case(name, value, error=UP, match=None, why="", allow=OMM):
+    case(f"omm_{name}.pt", mm_checkpoint(value), error, match, why)
+    CASES[f"omm_{name}.pt"][1]["allow"] = allow
+
+
+# what must load (the builders' own paths, also fuzz seeds through the replay)
+omm_case("good_history_buffer", b"}(" + binunicode("train/loss") + history_buffer() + b"u",
+         None, None, "a HistoryBuffer as mmengine writes it")
+omm_case("good_numpy", b"("
+         + np_array((2, 2), np_dtype("f4"), np_bytes(struct.pack("<4f", *range(4))))
+         + np_array((2,), np_dtype("i4", ">"), np_bytes(struct.pack(">2i", 1, 2)), rec=NP_REC_1X)
+         + np_array((1,), np_dtype("O8", "|", flags=63), b"]" + binunicode("x") + b"a")
+         + np_scalar(np_dtype("f8"), np_bytes(struct.pack("<d", 0.5)))
+         + np_array((0, 3), np_dtype("f8"), b"c__builtin__\nbytes\n)R") + b"l",
+         None, None, "numpy arrays (both spellings, both byte orders, object, empty), a scalar")
+
+# getattr on anything but HistoryBuffer's statistics methods
+omm_case("getattr_other_class", GETATTR + b"ccollections\nOrderedDict\n" + binunicode("fromkeys")
+         + b"\x86R", UP, "only on mmengine's HistoryBuffer", "getattr on another allowed class")
+omm_case("getattr_function_globals", GETATTR + TORCH_TENSOR + binunicode("__globals__")
+         + b"\x86R", UP, "only on mmengine's HistoryBuffer",
+         "getattr(torch._utils._rebuild_tensor_v2, '__globals__'): a module's namespace")
+omm_case("getattr_module_through_builtin", GETATTR + CODECS + binunicode("__self__") + b"\x86R",
+         UP, "only on mmengine's HistoryBuffer",
+         "getattr(_codecs.encode, '__self__'): the _codecs module, reached through an allowed "
+         "object")
+omm_case("getattr_chain", hb_getattr("__globals__", obj=hb_getattr("min")), UP,
+         "only on mmengine's HistoryBuffer",
+         "getattr(getattr(HistoryBuffer, 'min'), '__globals__'): a chain out of an allowed method")
+omm_case("getattr_chain_to_os_system",
+         GETATTR + hb_getattr("__globals__", obj=hb_getattr("__init__")) + binunicode("os")
+         + b"\x86R", UP, "statistics", "getattr(HistoryBuffer.__init__.__globals__, 'os')...")
+for dunder in ("__class__", "__dict__", "__init__", "__subclasses__", "__setstate__",
+               "__getattribute__", "__reduce_ex__", "__module__"):
+    omm_case(f"getattr_dunder{dunder.strip('_')}", hb_getattr(dunder), UP, "statistics methods",
+             f"getattr(HistoryBuffer, {dunder!r})")
+for method in ("update", "statistics", "register_statistics", "_set_default_statistics",
+               "_statistics_methods", "data"):
+    omm_case(f"getattr_method_{method.strip('_')}", hb_getattr(method), UP, "statistics methods",
+             f"getattr(HistoryBuffer, {method!r}): its own, but not a statistics method")
+omm_case("getattr_three_args", GETATTR + HB + binunicode("min") + b"N\x87R", UP, "two arguments",
+         "getattr with a default")
+omm_case("getattr_name_not_str", GETATTR + HB + b"K\x01\x86R", UP, "statistics methods",
+         "getattr(HistoryBuffer, 1)")
+omm_case("getattr_on_ndarray", GETATTR + NDARRAY + binunicode("__reduce__") + b"\x86R", UP,
+         "only on mmengine's HistoryBuffer", "getattr(numpy.ndarray, '__reduce__')")
+omm_case("dotted_global_out_of_history_buffer",
+         b"cmmengine.logging.history_buffer\nHistoryBuffer.__init__\n", UP, "not an allowed global",
+         "GLOBAL HistoryBuffer.__init__ as a dotted name")
+omm_case("global_numpy_of_history_buffer_module", b"cmmengine.logging.history_buffer\nnp\n", UP,
+         "not an allowed global", "another name of the HistoryBuffer's module (its numpy)")
+
+# _reconstruct with another first argument, or other arguments
+omm_case("reconstruct_tensor", NP_REC + b"ctorch\nTensor\n" + int_tuple((0,)) + np_bytes(b"b")
+         + b"\x87R", UP, "numpy.ndarray itself", "_reconstruct(torch.Tensor, ...)")
+omm_case("reconstruct_ordereddict", NP_REC_1X + b"ccollections\nOrderedDict\n" + int_tuple((0,))
+         + np_bytes(b"b") + b"\x87R", UP, "numpy.ndarray itself",
+         "_reconstruct(OrderedDict, ...), numpy 1.x spelling")
+omm_case("reconstruct_dtype_class", NP_REC + NP_DTYPE + int_tuple((0,)) + np_bytes(b"b")
+         + b"\x87R", UP, "numpy.ndarray itself", "_reconstruct(numpy.dtype, ...)")
+omm_case("reconstruct_history_buffer", NP_REC + HB + int_tuple((0,)) + np_bytes(b"b") + b"\x87R",
+         UP, "numpy.ndarray itself", "_reconstruct(HistoryBuffer, ...)")
+omm_case("reconstruct_huge_shape", NP_REC + NDARRAY + int_tuple((2**40,)) + np_bytes(b"b")
+         + b"\x87R", UP, r"shape \(0,\)", "_reconstruct(ndarray, (2**40,), b'b')")
+omm_case("reconstruct_other_typecode", NP_REC + NDARRAY + int_tuple((0,)) + np_bytes(b"O")
+         + b"\x87R", UP, "typecode", "_reconstruct(ndarray, (0,), b'O')")
+omm_case("ndarray_called", NDARRAY + int_tuple((2, 3)) + b"\x85R", UP, "only allowlisted",
+         "numpy.ndarray((2, 3)) through REDUCE")
+omm_case("dtype_newobj", NP_DTYPE + binunicode("f8") + b"\x85\x81", UP, "only nn.Parameter",
+         "NEWOBJ of numpy.dtype")
+
+# object arrays holding what the rules refuse
+for label, payload in (("os_system", OS_SYSTEM), ("exec", EXEC),
+                       ("getattr_init", hb_getattr("__init__")),
+                       ("subprocess", b"csubprocess\nPopen\n(" + binunicode("touch")
+                        + binunicode(SENTINEL) + b"l\x85R")):
+    omm_case(f"object_array_{label}",
+             np_array((2,), np_dtype("O8", "|", flags=63),
+                      b"(" + binunicode("ok") + payload + b"l"),
+             UP, None, f"an object array whose elements hold a forbidden {label} REDUCE")
+omm_case("object_array_short_list",
+         np_array((2**30,), np_dtype("O8", "|", flags=63), b"]" + binunicode("x") + b"a"), UP,
+         "exactly that many", "an object array of 2**30 elements with a one-item list")
+omm_case("object_array_list_for_floats",
+         np_array((1,), np_dtype("f8"), b"]" + b"G" + struct.pack(">d", 1.0) + b"a"), UP, "bytes",
+         "a list as the data of a float array")
+omm_case("object_scalar", np_scalar(np_dtype("O8", "|", flags=63), binunicode("x")), UP,
+         "not decoded", "scalar(dtype('O'), obj)")
+
+# _codecs.encode: latin1 of a str only (refused without the set too)
+for label, args in (("rot13", binunicode("x") + binunicode("rot13") + b"\x86"),
+                    ("utf8", binunicode("x") + binunicode("utf-8") + b"\x86"),
+                    ("zlib", binunicode("x") + binunicode("zlib_codec") + b"\x86"),
+                    ("hex", binunicode("x") + binunicode("hex") + b"\x86"),
+                    ("one_arg", binunicode("x") + b"\x85"),
+                    ("three_args", binunicode("x") + binunicode("latin1") + binunicode("strict")
+                     + b"\x87"),
+                    ("bytes_input", b"C\x01x" + binunicode("latin1") + b"\x86"),
+                    ("int_input", b"K\x01" + binunicode("latin1") + b"\x86"),
+                    ("not_latin1", binunicode("\u1234") + binunicode("latin1") + b"\x86")):
+    omm_case(f"codecs_{label}", CODECS + args + b"R", UP, "_codecs.encode",
+             f"_codecs.encode with {label}", allow=None)
+
+# HistoryBuffer state that plays tricks
+OD = b"ccollections\nOrderedDict\n"
+for label, state, match in (
+        ("class", hb_state(__class__=OD), "may hold only"),
+        ("dict", hb_state(__dict__=b"}" + binunicode("x") + b"K\x01s"), "may hold only"),
+        ("setstate", hb_state(__setstate__=hb_getattr("min")), "may hold only"),
+        ("slotstate", b"(" + hb_state() + b"}" + binunicode("__class__") + OD + b"st",
+         "must be a dict"),
+        ("foreign_callable", hb_state(statistics_methods=stat_methods(
+            [("mean", CODECS)])), "HistoryBuffer.mean"),
+        ("allowed_torch_function", hb_state(statistics_methods=stat_methods(
+            [("mean", TORCH_TENSOR)])), "HistoryBuffer.mean"),
+        ("ordereddict_as_method", hb_state(statistics_methods=stat_methods(
+            [("min", OD)])), "HistoryBuffer.min"),
+        ("swapped_method", hb_state(statistics_methods=stat_methods(
+            [("mean", hb_getattr("max"))])), "HistoryBuffer.mean"),
+        ("extra_method_name", hb_state(statistics_methods=stat_methods(
+            [("evil", hb_getattr("min"))])), "may name only"),
+        ("methods_not_dict", hb_state(statistics_methods=b"]"), "must be a dict"),
+        ("max_length_str", hb_state(max_length=binunicode("x")), "max_length"),
+        ("history_list", hb_state(_log_history=b"]"), "numeric numpy array"),
+        ("history_object_array", hb_state(_log_history=np_array(
+            (1,), np_dtype("O8", "|", flags=63), b"]" + OS_SYSTEM + b"a")), "os"),
+        ("history_2d", hb_state(_log_history=np_array(
+            (1, 1), np_dtype("f8"), np_bytes(struct.pack("<d", 1.0)))), "1-d"),
+        ("missing_keys", hb_state(_count_history=None), "lacks"),
+):
+    omm_case(f"history_buffer_{label}", history_buffer(state), UP, match,
+             f"HistoryBuffer BUILD: {label}")
+omm_case("history_buffer_newobj_args", HB + b"K\x01\x85\x81", UP, "without arguments",
+         "HistoryBuffer.__new__(HistoryBuffer, 1)")
+omm_case("history_buffer_reduce_init", HB + b"(]]K\x01t" + b"R", UP, "only allowlisted",
+         "HistoryBuffer([], [], 1): its __init__ called through REDUCE")
+omm_case("history_buffer_built_twice", history_buffer() + hb_state(__class__=OD) + b"b", UP,
+         "may hold only", "a valid BUILD, then a second BUILD with __class__")
+
+# huge numpy shapes over small data: refused before anything is allocated
+for label, shape, typestr, data in (
+        ("huge_over_8_bytes", (2**40,), "f8", struct.pack("<d", 1.0)),
+        ("product_overflow", (2**31, 2**31, 2**31), "f8", b""),
+        ("zero_dim_with_huge", (0, 2**62), "f8", b""),
+        ("negative_dim", (-1,), "f8", b""),
+        ("too_many_dims", (1,) * 33, "f8", struct.pack("<d", 1.0)),
+        ("data_too_long", (1,), "f8", b"\x00" * 16),
+        ("huge_str_itemsize", (2**20,), "U268435456", b"x"),
+):
+    omm_case(f"array_{label}", np_array(shape, np_dtype(typestr), np_bytes(data)), UP, None,
+             f"numpy array of shape {shape if len(shape) < 5 else '(1,)*33'} over "
+             f"{len(data)} bytes")
+omm_case("array_bad_version", np_array((1,), np_dtype("f8"), np_bytes(b"\x00" * 8), version=2),
+         UP, "numpy's", "array state version 2")
+omm_case("array_dtype_not_dtype", np_array((1,), binunicode("f8"), np_bytes(b"\x00" * 8)), UP,
+         "must be a numpy dtype", "a str where the dtype goes")
+omm_case("array_build_on_scalar", np_scalar(np_dtype("f8"), np_bytes(b"\x00" * 8))
+         + b"(" + pickle_int(1) + int_tuple((1,)) + np_dtype("f8") + b"\x89"
+         + np_bytes(b"\x00" * 8) + b"tb", UP, "BUILD", "BUILD on a numpy scalar")
+for label, typestr, state in (
+        ("void", "V8", None), ("datetime", "M8", None), ("odd_size", "i3", None),
+        ("garbage", "f8 ", None), ("huge_str", "U99999999999", None),
+        ("structured_state", "f8", b"(" + pickle_int(3) + binunicode("<") + b"N("
+         + binunicode("a") + b"tNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"),
+        ("metadata", "f8", b"(" + pickle_int(4) + binunicode("<") + b"NNNJ\xff\xff\xff\xff"
+         + b"J\xff\xff\xff\xffK\x00}t"),
+        ("pipe_order_multibyte", "f8", b"(" + pickle_int(3) + binunicode("|")
+         + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"),
+        ("elsize_mismatch", "U5", b"(" + pickle_int(3) + binunicode("<") + b"NNN"
+         + pickle_int(40) + pickle_int(4) + pickle_int(8) + b"t"),
+        ("state_not_tuple", "f8", b"]"),
+):
+    omm_case(f"dtype_{label}", np_dtype(typestr, state=state), UP, "dtype",
+             f"numpy dtype {typestr!r}: {label}")
+omm_case("dtype_align_true", NP_DTYPE + binunicode("f8") + b"\x88\x88\x87R", UP, "dtype",
+         "dtype('f8', True, True)")
+omm_case("scalar_short_data", np_scalar(np_dtype("f8"), np_bytes(b"\x00" * 4)), UP, "needs 8",
+         "a float64 scalar over 4 bytes")
+omm_case("scalar_dtype_not_dtype", np_scalar(binunicode("f8"), np_bytes(b"\x00" * 8)), UP,
+         "must be a numpy dtype", "scalar('f8', ...)")
+omm_case("payload_in_message_hub",
+         b"}(" + binunicode("train/loss") + history_buffer() + binunicode("evil") + OS_SYSTEM
+         + b"u", UP, "os", "os.system beside a valid HistoryBuffer in a Runner-shaped file")
+
+
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
 LOADS = {
+    "omm_good_history_buffer.pt",
+    "omm_good_numpy.pt",
     "build_ordereddict_class.pt",  # sets an entry of the OrderedDict's __dict__, as torch does
     "build_ordereddict_setstate.pt",  # the same; a planted __setstate__ is never called
     "deep_marks.pt",

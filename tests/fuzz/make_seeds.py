@@ -1,7 +1,7 @@
 """Writes the seed corpora of the fuzz harnesses (tests/fuzz/corpus/*), from
 small checkpoints written by torch.save (zip and legacy formats).
 
-    .venv/bin/python tests/fuzz/make_seeds.py
+    .venv/bin/python tests/fuzz/make_seeds.py [NAME ...]   (only those seeds)
 
 corpus/zip      whole torch zip archives (fuzz_zip: the zip locator)
 corpus/legacy   whole legacy streams (fuzz_legacy: ckptio.load on the bytes)
@@ -75,12 +75,44 @@ def struct_seeds(folder):
                 f.write(data)
 
 
-def main():
-    struct_seeds(os.path.join(HERE, "corpus", "struct"))
+def openmmlab_objects():
+    """What mmengine's Runner and mmcv's runners write besides tensors (the
+    openmmlab data set): numpy arrays, dtypes and scalars, HistoryBuffers."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer, MessageHub
+
+    hub = MessageHub("ckptio-seeds")
+    for i in range(3):
+        hub.update_scalar("train/loss", 1.0 / (i + 1))
+        hub.update_scalar("train/lr", 0.01)
+    hub.update_info("best_score", np.float64(0.75))
+    hub_state = hub.state_dict()
+    hub_state["log_scalars"]["empty"] = HistoryBuffer()
+    yield "mmengine_message_hub", {
+        "state_dict": {"w": torch.ones(2)}, "message_hub": hub_state,
+        "meta": {"epoch": 2, "iter": 8, "seed": 0}}
+    yield "numpy", {
+        "f4": np.arange(6, dtype=np.float32).reshape(2, 3), "be": np.arange(3, dtype=">i8"),
+        "b": np.array([True, False]), "u": np.array(["ab", "c"]), "s": np.array([b"x"]),
+        "o": np.array([1, "a", None], dtype=object), "f": np.asfortranarray(np.eye(2)),
+        "e": np.zeros((0, 2)), "z": np.array(1.5), "c": np.array([1 + 2j], dtype=np.complex64),
+        "scalars": [np.float64(0.5), np.float32(1.5), np.int64(3), np.bool_(True),
+                    np.str_("x"), np.float16(2.0), np.uint8(7)]}
+    yield "mmcv_meta", {
+        "state_dict": {"w": torch.ones(2)},
+        "meta": {"hook_msgs": {"best_score": np.float64(0.5), "best_ckpt": "best.pth"},
+                 "epoch": 2, "iter": 4, "mmcv_version": "1.7.2"}}
+
+
+def main(only=()):
+    if not only:
+        struct_seeds(os.path.join(HERE, "corpus", "struct"))
     dirs = {k: os.path.join(HERE, "corpus", k) for k in ("zip", "legacy", "unpickle")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
-    for name, obj in objects():
+    for name, obj in list(objects()) + list(openmmlab_objects()):
+        if only and name not in only:
+            continue
         buf = io.BytesIO()
         torch.save(obj, buf)
         data = buf.getvalue()
@@ -106,4 +138,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -2,7 +2,8 @@
  * objects (fuzz_legacy, fuzz_unpickle): Python is started once, with the
  * project's root (where the ckptio package and its _native extension are)
  * and the venv's site-packages (torch, numpy) at the front of sys.path;
- * then every input goes to ckptio.load as bytes.
+ * then every input goes to ckptio.load as bytes, with torch's allowlist and
+ * again with allow='openmmlab' (numpy values and mmengine's HistoryBuffer).
  *
  * A load may fail only with ckptio.CheckpointError (UnpicklingError is a
  * subclass), and ckptio.verify (with CK_FUZZ_VERIFY) must report, never
@@ -60,6 +61,10 @@ static const char ck_fuzz_code[] = "import os, sys\n"
                                    "        data = transform(data)\n"
                                    "    try:\n"
                                    "        ckptio.load(data)\n"
+                                   "    except ckptio.CheckpointError:\n"
+                                   "        pass\n"
+                                   "    try:\n"
+                                   "        ckptio.load(data, allow='openmmlab')\n"
                                    "    except ckptio.CheckpointError:\n"
                                    "        pass\n"
                                    "    if VERIFY:\n"
