@@ -2,25 +2,40 @@
 # fresh Debian machine by themselves (apt packages, .venv, pip packages,
 # the extension) and are quick when everything is already in place.
 SHELL := /bin/bash
-PY := .venv/bin/python
+VENV := .venv
+PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := build-essential pkg-config libzip-dev zlib1g-dev libcurl4-openssl-dev \
-            libdeflate-dev libssl-dev clang python3-venv python3-torch python3-numpy \
-            libclang-rt-dev clang-format
-DEPS_STAMP := .venv/.ckptio-deps
+# what building the extension needs (make demo, make build, make wheel); the
+# tests add Debian's torch 1.13 (an old writer/reader, and a runtime in CI),
+# clang and its sanitizer/fuzzer runtimes, clang-format, zlib for test_core
+APT_BUILD := build-essential pkg-config libdeflate-dev libcurl4-openssl-dev python3-venv
+APT_PKGS := $(APT_BUILD) zlib1g-dev clang python3-torch python3-numpy libclang-rt-dev \
+            clang-format
+DEMO_STAMP := $(VENV)/.ckptio-demo
+DEPS_STAMP := $(VENV)/.ckptio-deps
 CORE_SRC := $(wildcard src/core/*.c)
 CORE_HDR := $(wildcard src/core/*.h)
-PKG_FLAGS = $(shell pkg-config --cflags --libs libzip zlib libcurl libdeflate libcrypto)
-CFLAGS_C := -std=gnu11 -O2 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc
+PKG_FLAGS = $(shell pkg-config --cflags --libs zlib libcurl libdeflate)
+# the flags of src/cflags.txt (also setup.py's); -Werror where CKPTIO_WERROR=1 (CI)
+WERROR := $(if $(filter 1,$(CKPTIO_WERROR)),-Werror)
+CFLAGS_COMMON := $(shell sed 's/\#.*//' src/cflags.txt) $(WERROR)
+CFLAGS_C := $(CFLAGS_COMMON) -g -Isrc
 BUILD := tests/c/build
 
-.PHONY: demo test bench build apt ctest fuzz fuzz-run fuzz-replay asan format clean
+.PHONY: demo test bench build wheel apt apt-build ctest fuzz fuzz-run fuzz-replay asan format clean
 
 demo: build
 	$(PY) -m ckptio bench
 
-test: build ctest fuzz-replay
+test: $(DEPS_STAMP) build ctest fuzz-replay
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# a manylinux wheel for .venv's Python (tools/wheel.sh; PYTHON=... for another)
+wheel: | apt-build
+	tools/wheel.sh $(or $(PYTHON),$(PY))
+
+apt-build:
+	@$(MAKE) -s apt APT_PKGS="$(APT_BUILD)"
 
 apt:
 	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -30,38 +45,56 @@ apt:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(DEPS_STAMP): requirements-dev.txt | apt
-	test -x $(PY) || python3 -m venv .venv
+# the demo's packages (requirements-demo.txt), then the tests' on top
+$(DEMO_STAMP): requirements-demo.txt | apt-build
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-demo.txt
 	$(PY) -m pip install -q --no-build-isolation mmcv==1.7.2
 	touch $@
 
-build: $(DEPS_STAMP)
+$(DEPS_STAMP): requirements-test.txt $(DEMO_STAMP) | apt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+build: $(DEMO_STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
 $(BUILD)/test_core: tests/c/test_core.c $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
-	cc $(CFLAGS_C) tests/c/test_core.c $(CORE_SRC) $(PKG_FLAGS) -o $@
+	cc $(CFLAGS_C) tests/c/test_core.c $(CORE_SRC) $(PKG_FLAGS) -lpthread -o $@
 
-ctest: $(BUILD)/test_core
+$(BUILD)/test_atomic: tests/c/test_atomic.c $(CORE_SRC) $(CORE_HDR) | apt
+	mkdir -p $(BUILD)
+	cc $(CFLAGS_C) tests/c/test_atomic.c $(CORE_SRC) $(PKG_FLAGS) -o $@
+
+ctest: $(BUILD)/test_core $(BUILD)/test_atomic
 	$(BUILD)/test_core
+	$(BUILD)/test_atomic
 
 # ---- fuzzing (tests/fuzz): libFuzzer harnesses, each also built with a plain
 # main() that replays its corpus (fuzz-replay, part of `make test`).
 FUZZ := tests/fuzz/build
-FUZZERS := fuzz_zip fuzz_legacy fuzz_unpickle
+FUZZERS := fuzz_zip fuzz_legacy fuzz_unpickle fuzz_struct
 FUZZ_SECONDS ?= 60
 PYCFG = $(PY) -c 'import sysconfig as s; print(s.get_config_var("$(1)") or "")'
 PY_INC = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["include"])')
 PY_SITE = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["purelib"])')
 PY_LIBS = -L$(shell $(call PYCFG,LIBDIR)) -lpython$(shell $(call PYCFG,LDVERSION)) \
           -Wl,-rpath,$(shell $(call PYCFG,LIBDIR))
-FUZZ_CFLAGS = -std=gnu11 -g -Wall -Wextra -Werror -Wno-missing-field-initializers -Isrc \
-              -I$(PY_INC) -DCK_FUZZ_SITE='"$(PY_SITE)"'
+FUZZ_CFLAGS = $(CFLAGS_COMMON) -g -Isrc \
+              -I$(PY_INC) -DCK_FUZZ_SITE='"$(PY_SITE)"' -DCK_FUZZ_TESTS='"$(CURDIR)/tests"'
 FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 FUZZ_ENV := ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1
 FUZZ_SRC := $(wildcard tests/fuzz/*.c tests/fuzz/*.h)
+# the dictionary (tests/fuzz/make_dict.py: torch's allowlist, opcodes, zip and
+# legacy pieces) for the harnesses that read pickles and files; fuzz_struct's
+# input is a description, not a file
+FUZZ_DICT := tests/fuzz/ckptio.dict
+FUZZ_OPTS_zip := -dict=$(FUZZ_DICT)
+FUZZ_OPTS_legacy := -dict=$(FUZZ_DICT) -max_len=65536
+FUZZ_OPTS_unpickle := -dict=$(FUZZ_DICT)
+FUZZ_OPTS_struct := -max_len=4096
 
 # ckptio with the extension built for fuzzing (coverage + ASan + UBSan)
 $(FUZZ)/py/.built: $(CORE_SRC) $(CORE_HDR) $(wildcard src/binding/*) $(wildcard ckptio/*.py) setup.py | $(DEPS_STAMP)
@@ -90,39 +123,50 @@ $(FUZZ)/replay_%: tests/fuzz/fuzz_%.c $(FUZZ_SRC) | $(DEPS_STAMP)
 
 fuzz: $(addprefix $(FUZZ)/,$(FUZZERS))
 
-# runs each harness FUZZ_SECONDS (new inputs in $(FUZZ)/corpus-*, findings in
-# $(FUZZ)/artifacts); copy findings into tests/fuzz/corpus/<name>/ as regressions
+# runs each harness of FUZZ_ONLY (default: all) FUZZ_SECONDS, with its
+# dictionary and options (new inputs in $(FUZZ)/corpus-*, findings in
+# $(FUZZ)/artifacts, the log in $(FUZZ)/<harness>.log; the last lines give
+# executions and findings); copy findings into tests/fuzz/corpus/<name>/ as
+# regressions. FUZZ_JOBS=N runs N worker processes per harness.
+FUZZ_ONLY ?= $(FUZZERS)
+FUZZ_JOBS ?= 1
 fuzz-run: fuzz
 	mkdir -p $(FUZZ)/artifacts
-	for f in $(FUZZERS); do \
+	for f in $(FUZZ_ONLY); do \
 	  c=$${f#fuzz_}; mkdir -p $(FUZZ)/corpus-$$c; \
+	  opts=$$(case $$c in zip) echo '$(FUZZ_OPTS_zip)';; legacy) echo '$(FUZZ_OPTS_legacy)';; \
+	    unpickle) echo '$(FUZZ_OPTS_unpickle)';; struct) echo '$(FUZZ_OPTS_struct)';; esac); \
+	  echo "== $$f $(FUZZ_SECONDS) s $$opts"; \
 	  $(FUZZ_ENV) $(FUZZ)/$$f -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=6144 -timeout=30 \
-	    -detect_leaks=0 -artifact_prefix=$(FUZZ)/artifacts/$$c- \
-	    $(FUZZ)/corpus-$$c tests/fuzz/corpus/$$c || exit 1; \
+	    -detect_leaks=0 -print_final_stats=1 \
+	    $$([ $(FUZZ_JOBS) -gt 1 ] && echo -jobs=$(FUZZ_JOBS) -workers=$(FUZZ_JOBS)) \
+	    -artifact_prefix=$(FUZZ)/artifacts/$$c- $$opts \
+	    $(FUZZ)/corpus-$$c tests/fuzz/corpus/$$c 2>&1 | tee $(FUZZ)/$$f.log | tail -40; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done
 
-fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpickle
+fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpickle $(FUZZ)/replay_struct
 	$(FUZZ)/replay_zip tests/fuzz/corpus/zip tests/fuzz/corpus/legacy tests/attacks
 	$(FUZZ)/replay_legacy tests/fuzz/corpus/legacy tests/fuzz/corpus/zip tests/attacks
 	$(FUZZ)/replay_unpickle tests/fuzz/corpus/unpickle
+	$(FUZZ)/replay_struct tests/fuzz/corpus/struct
 
 # ---- the whole pytest suite against the extension built with AddressSanitizer
 # and UBSan (build/asan; python -P keeps the in-place build off sys.path)
 # libstdc++ preloaded with libasan, so that ASan's C++ exception interceptor
 # finds __cxa_throw (C++ extensions such as matplotlib's throw at import)
+# detect_stack_use_after_return: a pointer into a returned C frame (the save
+# pickler's hooks once held one) is reported, not read as stale stack
 ASAN_LIB = $(shell cc -print-file-name=libasan.so) $(shell cc -print-file-name=libstdc++.so)
+ASAN_ENV = PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD="$(ASAN_LIB)" \
+  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1:detect_stack_use_after_return=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 asan: $(DEPS_STAMP)
 	rm -rf build/asan
 	CKPTIO_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp
 	cp -r $$(ls -d ckptio/* | grep -v -e __pycache__ -e '\.so$$') build/asan/ckptio/
-	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD="$(ASAN_LIB)" \
-	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
-	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(PY) -P -c 'import ckptio._native as n, sys; assert "build/asan" in n.__file__, n.__file__' && \
-	PYTHONPATH=$(CURDIR)/build/asan LD_PRELOAD="$(ASAN_LIB)" \
-	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
-	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(PY) -P -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+	$(ASAN_ENV) $(PY) -P -c 'import ckptio._native as n, sys; assert "build/asan" in n.__file__, n.__file__'
+	$(ASAN_ENV) $(PY) -P -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
 format:
 	clang-format -i src/*/*.c src/*/*.h tests/c/*.c

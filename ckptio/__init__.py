@@ -1,56 +1,55 @@
 """ckptio: fast, safe, zero-copy loading and saving of PyTorch checkpoints,
-and a drop-in replacement for mmcv's checkpoint helpers."""
-from ._native import CheckpointError, UnpicklingError
-from ._safe_globals import add_safe_globals, clear_safe_globals, get_safe_globals, safe_globals
-from .serialization import load
-from ._save import save
-from ._hub import DownloadError, download_url_to_file, load_url
-from ._mmsave import get_state_dict, save_checkpoint, weights_to_cpu
-from .checkpoint import (
-    CheckpointLoader,
-    _load_checkpoint,
-    _load_checkpoint_with_prefix,
-    load_checkpoint,
-    load_state_dict,
-)
-from .patching import patch, unpatch
-from ._verify import verify
-from ._async import async_save, wait_async_saves
+and a drop-in replacement for mmcv's checkpoint helpers.
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointLoader",
-    "DownloadError",
-    "UnpicklingError",
-    "_load_checkpoint",
-    "_load_checkpoint_with_prefix",
-    "add_safe_globals",
-    "async_save",
-    "clear_safe_globals",
-    "download_url_to_file",
-    "get_safe_globals",
-    "get_state_dict",
-    "load",
-    "load_checkpoint",
-    "load_state_dict",
-    "load_url",
-    "patch",
-    "safe_globals",
-    "save",
-    "save_checkpoint",
-    "unpatch",
-    "verify",
-    "wait_async_saves",
-    "weights_to_cpu",
-]
+``import ckptio`` is light: it imports neither torch nor numpy nor the C
+extension. Each name below is imported on first use (PEP 562), and torch
+only by the functions that need it (``ckptio.verify`` does not).
+"""
+import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+# name -> the module that defines it
+_LAZY = {
+    "CheckpointError": "._native",
+    "UnpicklingError": "._native",
+    "DownloadError": "._native",
+    "add_safe_globals": "._safe_globals",
+    "clear_safe_globals": "._safe_globals",
+    "get_safe_globals": "._safe_globals",
+    "safe_globals": "._safe_globals",
+    "load": ".serialization",
+    "save": "._save",
+    "download_url_to_file": "._hub",
+    "load_url": "._hub",
+    "get_state_dict": "._mmsave",
+    "save_checkpoint": "._mmsave",
+    "weights_to_cpu": "._mmsave",
+    "CheckpointLoader": ".checkpoint",
+    "_load_checkpoint": ".checkpoint",
+    "_load_checkpoint_with_prefix": ".checkpoint",
+    "load_checkpoint": ".checkpoint",
+    "load_state_dict": ".checkpoint",
+    "patch": ".patching",
+    "unpatch": ".patching",
+    "verify": "._verify",
+    "async_save": "._async",
+    "wait_async_saves": "._async",
+}
+
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
-    # ckptio.dcp imports torch.distributed.checkpoint: only when asked for
-    if name == "dcp":
-        import importlib
-
+    if name == "dcp":  # imports torch.distributed.checkpoint: only when asked for
         return importlib.import_module(".dcp", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptio' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

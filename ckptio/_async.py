@@ -228,7 +228,7 @@ def _run():
         failed = False
         if fut.set_running_or_notify_cancel():
             try:
-                _save.save(snapshot, f, _to_cpu=to_cpu, **kwargs)
+                _save.save_with(snapshot, f, to_cpu=to_cpu, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - handed to the future
                 # the traceback may keep views of the arena: it is not reused
                 failed = True

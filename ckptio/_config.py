@@ -9,10 +9,10 @@ import collections
 import copyreg
 import warnings
 
-import torch
-
 from . import _native
+from ._torch import require as _require_torch
 
+torch = None  # imported by ensure_configured
 _configured = False
 
 
@@ -45,6 +45,62 @@ def _dtype_rows():
     return rows
 
 
+class _Absent:
+    """Stands for a torch function this torch does not have (torch 1.13 has
+    no _rebuild_tensor_v3, ...): never identical to what a pickle names, so
+    the C side never takes its path."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args):
+        raise _native.CheckpointError(
+            f"this checkpoint needs torch's {self.name}, which torch {torch.__version__} lacks")
+
+    def __repr__(self):
+        return f"<absent {self.name}>"
+
+
+def _set_obj_state(obj, state):
+    """torch._utils._set_obj_state (torch >= 2.0), as torch 1.13's
+    _rebuild_from_type_v2 does it inline: a (dict, slots) pair or a dict of
+    attributes."""
+    if isinstance(state, tuple):
+        if len(state) != 2:
+            raise RuntimeError(f"Invalid serialized state: {state}")
+        dict_state, slots_state = state
+    else:
+        dict_state, slots_state = state, None
+    if dict_state:
+        for k, v in dict_state.items():
+            setattr(obj, k, v)
+    if slots_state:
+        for k, v in slots_state.items():
+            setattr(obj, k, v)
+    return obj
+
+
+def _torch_attr(owner, name, fallback=None):
+    """owner.name, or a stand-in where this torch lacks it (torch 1.13)."""
+    value = getattr(owner, name, None)
+    if value is not None:
+        return value
+    return fallback if fallback is not None else _Absent(name)
+
+
+def _save_legacy_rows(new_dtypes):
+    """dtype -> (the storage class torch pickles for it, element size) for
+    every dtype torch.save writes through a TypedStorage (what
+    TypedStorage._pickle_storage_type names)."""
+    return {
+        dtype: (getattr(torch, name), _element_size(dtype))
+        for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+        if dtype not in new_dtypes
+    }
+
+
 def _tables():
     wo = torch._weights_only_unpickler
     allowed = dict(wo._get_allowed_globals())
@@ -53,9 +109,17 @@ def _tables():
     StorageType = torch.serialization.StorageType
 
     storage_dtype = {torch.UntypedStorage: code[torch.uint8]}
+    typed = torch.storage.TypedStorage
     for obj in allowed.values():
         if isinstance(obj, StorageType) and obj.dtype in code:
             storage_dtype[obj] = code[obj.dtype]
+        elif isinstance(obj, type) and issubclass(obj, typed) and obj is not typed:
+            # torch 1.13 allowlists the legacy classes themselves (torch.FloatStorage)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dtype = getattr(obj, "dtype", None)
+            if dtype in code:
+                storage_dtype[obj] = code[dtype]
     storage_by_name = {}
     for dtype, name in torch.storage._dtype_to_storage_type_map().items():
         if dtype in code:
@@ -64,6 +128,8 @@ def _tables():
             storage_dtype[obj] = code[dtype]
 
     utils = torch._utils
+    # torch 1.13 has no storage of the new dtypes, nor tensor metadata
+    new_dtypes = frozenset(getattr(torch.storage, "_new_dtypes", tuple)())
     return {
         "from_numpy": torch.from_numpy,
         "empty": torch.empty,
@@ -71,13 +137,13 @@ def _tables():
         "Parameter": torch.nn.Parameter,
         "make_subclass": torch.Tensor._make_subclass,
         "tensor_setstate": torch.Tensor.__setstate__,
-        "set_tensor_metadata": torch._C._set_tensor_metadata,
-        "set_obj_state": utils._set_obj_state,
+        "set_tensor_metadata": _torch_attr(torch._C, "_set_tensor_metadata"),
+        "set_obj_state": _torch_attr(utils, "_set_obj_state", _set_obj_state),
         "rebuild_tensor": utils._rebuild_tensor,
         "rebuild_tensor_v2": utils._rebuild_tensor_v2,
-        "rebuild_tensor_v3": utils._rebuild_tensor_v3,
+        "rebuild_tensor_v3": _torch_attr(utils, "_rebuild_tensor_v3"),
         "rebuild_parameter": utils._rebuild_parameter,
-        "rebuild_parameter_with_state": utils._rebuild_parameter_with_state,
+        "rebuild_parameter_with_state": _torch_attr(utils, "_rebuild_parameter_with_state"),
         "rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2,
         "TypedStorage": torch.storage.TypedStorage,
         "UntypedStorage": torch.UntypedStorage,
@@ -86,17 +152,132 @@ def _tables():
         "storage_dtype": storage_dtype,
         "storage_by_name": storage_by_name,
         "allowed": allowed,
-        "wo_name_mapping": dict(utils.NAME_MAPPING),
-        "wo_import_mapping": dict(utils.IMPORT_MAPPING),
+        "wo_name_mapping": dict(getattr(utils, "NAME_MAPPING", {})),  # torch >= 2.1
+        "wo_import_mapping": dict(getattr(utils, "IMPORT_MAPPING", {})),
         "compat_name_mapping": dict(_compat_pickle.NAME_MAPPING),
         "compat_import_mapping": dict(_compat_pickle.IMPORT_MAPPING),
         "extension_registry": copyreg._inverted_registry,
         "dtypes": rows,
+        # save (src/binding/save_hooks.c): torch.serialization._save's helpers
+        "normalize_storage_type": torch.serialization.normalize_storage_type,
+        "location_tag": torch.serialization.location_tag,
+        "torch": torch,
+        "get_tensor_metadata": getattr(torch._C, "_get_tensor_metadata", _no_metadata),
+        "strided": torch.strided,
+        "save_new_dtypes": new_dtypes,
+        "save_legacy": _save_legacy_rows(new_dtypes),
     }
 
 
+def _no_metadata(tensor):
+    """torch._C._get_tensor_metadata where torch (1.13) has none."""
+    return {}
+
+
 def ensure_configured():
-    global _configured
-    if not _configured:
+    global _configured, torch
+    if _configured is not True:
+        torch = _require_torch("decoding a checkpoint")
         _native.configure(_tables())
         _configured = True
+
+
+# ---- without torch: the tables the scan (ckptio.verify's pickle walk) needs
+
+# torch.storage._dtype_to_storage_type_map(), the same in torch 1.13 to 2.14
+_STORAGE_NAMES = {
+    "float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
+    "int64": "LongStorage", "int32": "IntStorage", "int16": "ShortStorage",
+    "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
+    "bfloat16": "BFloat16Storage", "complex128": "ComplexDoubleStorage",
+    "complex64": "ComplexFloatStorage", "qint8": "QInt8Storage", "qint32": "QInt32Storage",
+    "quint8": "QUInt8Storage", "quint4x2": "QUInt4x2Storage", "quint2x4": "QUInt2x4Storage",
+}
+_ELEMENT_SIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
+    "complex32": 4, "int64": 8, "int32": 4, "int16": 2, "uint16": 2, "uint32": 4, "uint64": 8,
+    "qint32": 4, "bits16": 2,
+}  # every other dtype ckptio knows has 1-byte elements
+
+
+class _StandIn:
+    """Names a torch object (a dtype, a storage class) for the scan, which
+    compares and counts but never calls or builds anything."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"<torch.{self.name} (torch is not installed)>"
+
+
+def _scan_tables():
+    rows = []
+    storage_by_name = {}
+    storage_dtype = {}
+    for code, name in enumerate(_native.DTYPE_NAMES):
+        rows.append((_StandIn(name), _ELEMENT_SIZES.get(name, 1), None))
+        if name in _STORAGE_NAMES:
+            stype = _StandIn(_STORAGE_NAMES[name])
+            storage_by_name[stype.name] = stype
+            storage_dtype[stype] = code
+    untyped = _StandIn("UntypedStorage")
+    storage_dtype[untyped] = _native.DTYPE_NAMES.index("uint8")
+    tables = {key: None for key in (
+        "from_numpy", "empty", "Tensor", "Parameter", "make_subclass", "tensor_setstate",
+        "set_tensor_metadata", "set_obj_state", "rebuild_tensor", "rebuild_tensor_v2",
+        "rebuild_tensor_v3", "rebuild_parameter", "rebuild_parameter_with_state",
+        "rebuild_from_type_v2", "TypedStorage")}
+    tables.update({
+        "UntypedStorage": untyped,
+        "OrderedDict": collections.OrderedDict,
+        "Counter": collections.Counter,
+        "storage_dtype": storage_dtype,
+        "storage_by_name": storage_by_name,
+        "allowed": {},
+        "wo_name_mapping": {},
+        "wo_import_mapping": {},
+        "compat_name_mapping": dict(_compat_pickle.NAME_MAPPING),
+        "compat_import_mapping": dict(_compat_pickle.IMPORT_MAPPING),
+        "extension_registry": copyreg._inverted_registry,
+        "dtypes": rows,
+        "save_new_dtypes": frozenset(),
+        "save_legacy": {},
+    })
+    tables.update({key: None for key in (
+        "normalize_storage_type", "location_tag", "torch", "get_tensor_metadata", "strided")})
+    return tables
+
+
+def ensure_scan_tables():
+    """Configures the extension at least for the scan alone (ckptio info's
+    pre-pass), without importing torch: torch's tables where they are
+    configured already, else the stand-ins (a later ensure_configured
+    replaces them)."""
+    global _configured
+    if _configured is True or _configured == "scan":
+        return
+    _native.configure(_scan_tables())
+    _configured = "scan"
+
+
+def ensure_scan_configured():
+    """Configures the extension for ckptio.verify's checks: with torch's
+    tables when torch is installed, else with stand-ins that only the scan
+    uses (the loader is then never called: see _verify). Returns True when
+    torch is there."""
+    global _configured
+    if _configured is True:
+        return True
+    from ._torch import available
+
+    if available():
+        ensure_configured()
+        return True
+    if _configured is not False:
+        return False
+    _native.configure(_scan_tables())
+    _configured = "scan"
+    return False

@@ -14,34 +14,58 @@ and an atomic rename into place.
 Differences from torch.hub, on purpose:
 - the partial file is ``<dst>.partial`` (torch: a random name per call) so
   that a later call resumes it; it is kept after a transient failure or
-  Ctrl-C when the server gave an ETag or Last-Modified, and removed after a
-  permanent one (HTTP 4xx, HTML page, hash mismatch). It is locked, so
-  processes downloading the same file take turns, and load_url's waiting
-  process uses the file the first one finished;
+  Ctrl-C when the server gave a strong ETag (or Last-Modified, when a hash
+  prefix checks the result), and removed after a permanent one (HTTP 4xx,
+  HTML page, hash mismatch). It is private (0600) and only a private file of
+  this user is ever adopted. It is locked, so processes downloading the same
+  file take turns (a waiter gives up after ``lock_timeout`` seconds without
+  progress of the holder), and load_url's waiting process uses the file the
+  first one finished;
 - an HTML page (login or error page served with 200) is an error, not a
   checkpoint in the cache;
 - failures raise ``ckptio.DownloadError``, an OSError (like urllib's errors)
   and a RuntimeError (like torch's hash error, whose text is kept);
 - download_url_to_file returns the transfer's record (torch: None), and the
   file is fsynced before the rename (torch does not: ``fsync=False`` to skip);
-- the progress bar is tqdm's, shown only when tqdm is installed and stderr is
-  a terminal (torch falls back to its own bar and writes to logs too);
-- the User-Agent is "ckptio" (torch: "torch.hub").
+- the User-Agent is "ckptio" (torch: "torch.hub");
+- load_url decodes safely by default (weights_only with allow='openmmlab';
+  torch.hub: weights_only=False, so any downloaded file can run code).
+
+Progress, as torch.hub: tqdm's bar when tqdm is installed, else ckptio's own
+on stderr (a line every 10% when stderr is not a terminal, so logs stay
+readable). The ``ckptio`` logger reports retries and their pauses (WARNING),
+waits for another process's download, resumed or discarded partials, cache
+hits and the fallback below (INFO).
+
+Where the system has no libcurl (a minimal container), downloads go through
+torch.hub.download_url_to_file instead, with a warning: same file, same hash
+check, but no resume, retries or lock.
 """
+import logging
 import os
 import re
 import sys
+import time
 import warnings
 import zipfile
 from urllib.parse import urlparse
 
 from . import _native
+from ._allow import OPENMMLAB
 from ._native import DownloadError
 
 # matches bfd8deac from resnet18-bfd8deac.pth (torch.hub.HASH_REGEX)
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 
 _USER_AGENT = "ckptio"
+
+_log = logging.getLogger("ckptio")
+_NOTE_LEVELS = {1: logging.INFO, 2: logging.WARNING}
+
+
+def _note(level, message):
+    """The C download's log lines (retries, waits, resumes) into the logger."""
+    _log.log(_NOTE_LEVELS.get(level, logging.INFO), "%s", message)
 
 __all__ = ["DownloadError", "HASH_REGEX", "download_url_to_file", "get_dir", "load_url"]
 
@@ -67,13 +91,78 @@ def get_dir():
     return os.path.join(_get_torch_home(), "hub")
 
 
+class _TextBar:
+    """tqdm's interface as far as _ProgressBar uses it, for when tqdm is not
+    installed (torch.hub has the same fallback): on a terminal one line
+    redrawn, elsewhere a line at every 10% (or every 30 s when the size is
+    unknown), so that logs get a few lines and not thousands."""
+
+    def __init__(self, total=None, **_):
+        self.total = total
+        self.n = 0
+        self._tty = _isatty()
+        self._start = self._last = time.monotonic()
+        self._step = -1
+
+    @staticmethod
+    def _size(n):
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if n < 1024 or unit == "GiB":
+                return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            n /= 1024
+        return f"{n:.1f} TiB"
+
+    def _line(self):
+        rate = self.n / max(time.monotonic() - self._start, 1e-9)
+        done = self._size(self.n)
+        if self.total:
+            return f"{100.0 * self.n / self.total:5.1f}% {done} of {self._size(self.total)}, " \
+                   f"{self._size(rate)}/s"
+        return f"{done}, {self._size(rate)}/s"
+
+    def update(self, n):
+        self.n += n
+        now = time.monotonic()
+        if self._tty:
+            if now - self._last >= 0.1 or (self.total and self.n >= self.total):
+                sys.stderr.write("\r" + self._line())
+                sys.stderr.flush()
+                self._last = now
+            return
+        if self.total:
+            step = int(10 * self.n / self.total)
+            if step > self._step:
+                self._step = step
+                sys.stderr.write(self._line() + "\n")
+        elif now - self._last >= 30:
+            self._last = now
+            sys.stderr.write(self._line() + "\n")
+
+    def close(self):
+        if self._tty:
+            sys.stderr.write("\r" + self._line() + "\n")
+        elif not self.total or self._step < 10:
+            sys.stderr.write(self._line() + "\n")
+        sys.stderr.flush()
+
+
+def _isatty():
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class _ProgressBar:
-    """Feeds (done, total) reports from the C download into a tqdm bar, made
-    at the first report (when the size is known)."""
+    """Feeds (done, total) reports from the C download into a bar (tqdm's
+    when installed, else _TextBar), made at the first report (when the size
+    is known)."""
 
     def __init__(self):
-        from tqdm import tqdm
-
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = _TextBar
         self._tqdm = tqdm
         self._bar = None
         self._done = 0
@@ -98,19 +187,34 @@ class _ProgressBar:
 
 
 def _progress_bar(progress):
-    """A tqdm-backed progress callable, or None when no bar is to be shown."""
-    if not progress:
+    """A progress callable, or None when no bar is to be shown (progress
+    false, or no stderr at all)."""
+    if not progress or sys.stderr is None:
         return None
+    return _ProgressBar()
+
+
+def _without_libcurl(url, dst, hash_prefix, progress, why):
+    """download_url_to_file through torch.hub, where libcurl is absent."""
+    import urllib.error
+
+    import torch.hub
+
+    _log.warning("%s; downloading %s with torch.hub instead (no resume, no retries)", why, url)
     try:
-        isatty = sys.stderr is not None and sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        isatty = False
-    if not isatty:
-        return None
-    try:
-        return _ProgressBar()
-    except ImportError:
-        return None
+        torch.hub.download_url_to_file(url, dst, hash_prefix, progress=progress)
+    except urllib.error.HTTPError as exc:
+        raise _download_error(f"HTTP {exc.code} from {url}", url, exc.code) from exc
+    except (OSError, RuntimeError) as exc:
+        raise _download_error(f"download of {url} failed: {exc}", url, 0) from exc
+    return {"size": os.path.getsize(dst), "sha256": "", "resumed_from": 0, "attempts": 1,
+            "status": 200, "existed": False}
+
+
+def _download_error(message, url, status):
+    exc = DownloadError(message)
+    exc.url, exc.status = url, status
+    return exc
 
 
 def download_url_to_file(url, dst, hash_prefix=None, progress=True, **options):
@@ -121,12 +225,16 @@ def download_url_to_file(url, dst, hash_prefix=None, progress=True, **options):
     DownloadError (a RuntimeError) 'invalid hash value (expected "...", got
     "...")' and nothing is left behind. ``options`` go to
     ckptio._native.download (retries, backoff, timeout, low_speed_limit,
-    low_speed_time, keep_partial, fsync, if_missing, sha256). Returns the
-    transfer's record: size, sha256 (hex; '' unless hash_prefix or sha256=True),
+    low_speed_time, keep_partial, fsync, if_missing, sha256, lock_timeout).
+    Returns the transfer's record: size, sha256 (hex; '' unless hash_prefix or sha256=True),
     resumed_from, attempts, status, existed.
     """
     dst = os.path.expanduser(os.fspath(dst))
+    libs = _native.libraries()
+    if libs["libcurl"] is None:
+        return _without_libcurl(url, dst, hash_prefix, progress, libs["libcurl_error"])
     bar = _progress_bar(progress)
+    options.setdefault("note", _note)
     options.setdefault("user_agent", _USER_AGENT)
     # like torch.hub, hash only to check a prefix (or when asked to)
     options.setdefault("sha256", hash_prefix is not None)
@@ -147,7 +255,7 @@ def _is_legacy_zip_format(filename):
     return False
 
 
-def _legacy_zip_load(filename, model_dir, map_location, weights_only):
+def _legacy_zip_load(filename, model_dir, map_location, weights_only, allow):
     from .serialization import load
 
     warnings.warn(
@@ -169,7 +277,7 @@ def _legacy_zip_load(filename, model_dir, map_location, weights_only):
                 f"{model_dir}"
             )
         f.extract(members[0], root)
-    return load(target, map_location=map_location, weights_only=weights_only)
+    return load(target, map_location=map_location, weights_only=weights_only, allow=allow)
 
 
 def load_url(
@@ -179,14 +287,20 @@ def load_url(
     progress=True,
     check_hash=False,
     file_name=None,
-    weights_only=False,
+    weights_only=None,
+    allow=OPENMMLAB,
 ):
     """torch.hub.load_state_dict_from_url with ckptio doing the transfer and
     the load: the file is downloaded into model_dir (default
     ``get_dir()/checkpoints``) unless already there, then read with
     ``ckptio.load(cached_file, map_location=map_location,
-    weights_only=weights_only)``. weights_only defaults to False, as in
-    torch.hub (torch 2.13)."""
+    weights_only=weights_only, allow=allow)``.
+
+    Unlike torch.hub (whose weights_only defaults to False), a downloaded
+    file is decoded safely by default: weights_only (torch's allowlist)
+    plus allow='openmmlab' (numpy values and mmengine's HistoryBuffer,
+    decoded data-only). weights_only=False, for files from a source you
+    trust, resolves and calls any global the file names."""
     from .serialization import load
 
     if os.getenv("TORCH_MODEL_ZOO"):
@@ -200,7 +314,9 @@ def load_url(
     if file_name is not None:
         filename = file_name
     cached_file = os.path.join(model_dir, filename)
-    if not os.path.exists(cached_file):
+    if os.path.exists(cached_file):
+        _log.info("using %s, already in the cache, for %s", cached_file, url)
+    else:
         sys.stdout.write(f'Downloading: "{url}" to {cached_file}\n')
         hash_prefix = None
         if check_hash:
@@ -210,5 +326,5 @@ def load_url(
         # same file uses its result instead of downloading it again
         download_url_to_file(url, cached_file, hash_prefix, progress=progress, if_missing=True)
     if _is_legacy_zip_format(cached_file):
-        return _legacy_zip_load(cached_file, model_dir, map_location, weights_only)
-    return load(cached_file, map_location=map_location, weights_only=weights_only)
+        return _legacy_zip_load(cached_file, model_dir, map_location, weights_only, allow)
+    return load(cached_file, map_location=map_location, weights_only=weights_only, allow=allow)

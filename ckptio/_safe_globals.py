@@ -4,7 +4,7 @@ ckptio honours both its own list (ckptio.add_safe_globals) and torch's
 (torch.serialization.add_safe_globals), so code that already allowlists its
 classes for torch.load needs no change.
 """
-import torch
+import sys
 
 _marked: set = set()
 
@@ -65,6 +65,9 @@ def _as_dict(entries):
 def user_allowed_globals():
     """'module.qualname' -> object for every user-allowlisted global (torch's
     list first, ckptio's over it)."""
-    out = dict(torch._weights_only_unpickler._get_user_allowed_globals())
+    torch = sys.modules.get("torch")
+    wo = getattr(torch, "_weights_only_unpickler", None) if torch is not None else None
+    user = getattr(wo, "_get_user_allowed_globals", None)  # torch >= 2.4
+    out = dict(user()) if user is not None else {}
     out.update(_as_dict(_marked))
     return out

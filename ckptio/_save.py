@@ -7,64 +7,23 @@ id), storage bytes written straight from tensor memory. A path target is
 written to a temporary file in the same directory and renamed over the old
 file only once everything is on disk.
 """
-import collections
 import os
 import sys
-import warnings
 
-import torch
+from . import _native
+from ._torch import require as _require_torch
 
-from . import _hostcopy, _native
-
-_hooks = None
+torch = None  # imported by the first save
 
 
-def _torch_hooks():
-    """The torch objects the C pickling hooks use (looked up once), and
-    whether the C tensor reduction may run (not under torch's skip_data or
-    fake-tensor modes, whose rules only torch's own code knows)."""
-    global _hooks
-    if _hooks is None:
-        ser = torch.serialization
-        new_dtypes = frozenset(torch.storage._new_dtypes())
-        legacy = {}  # dtype -> (storage class torch pickles, element size)
-        with warnings.catch_warnings():  # TypedStorage and quantized dtypes warn
-            warnings.simplefilter("ignore")
-            _legacy_rows(legacy, new_dtypes)
-        _hooks = (
-            torch.storage.TypedStorage,
-            torch.UntypedStorage,
-            ser.normalize_storage_type,
-            ser.location_tag,
-            torch,
-            torch.uint8,
-            torch.Tensor,
-            torch._utils._rebuild_tensor_v2,
-            torch._utils._rebuild_tensor_v3,
-            collections.OrderedDict,
-            legacy,
-            new_dtypes,
-            torch._C._get_tensor_metadata,
-            torch.strided,
-        )
-    tls = torch.serialization._serialization_tls
-    fast = not getattr(tls, "skip_data", False) and not getattr(
+def _fast():
+    """Whether the C tensor reduction may run: not under torch's skip_data or
+    fake-tensor modes, whose rules only torch's own code knows. (torch's
+    objects reach C once, through ckptio._config.)"""
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    return not getattr(tls, "skip_data", False) and not getattr(
         tls, "materialize_fake_tensors", False
     )
-    return _hooks + (fast,)
-
-
-def _legacy_rows(legacy, new_dtypes):
-    """Fills legacy with dtype -> (the storage class torch pickles for it,
-    element size) for every dtype torch saves through a TypedStorage."""
-    for dtype in set(d for d in vars(torch).values() if isinstance(d, torch.dtype)):
-        if dtype in new_dtypes:
-            continue
-        try:
-            typed = torch.empty(0, dtype=dtype)._typed_storage()
-            legacy[dtype] = (getattr(torch, typed._pickle_storage_type()), typed.element_size())
-        except (KeyError, AttributeError, RuntimeError, TypeError):
-            continue
 
 
 def _archive_folder(path):
@@ -95,50 +54,68 @@ def _options():
         return 64, True
 
 
-def save(obj, f, *, fsync=True, _zip64_threshold=0xFFFFFFFF, _to_cpu=None):
+def save(obj, f, *, fsync=True):
     """Saves obj as torch.save(obj, f) does, byte for byte.
 
     f: a path (str or os.PathLike), written atomically (temporary file in
     the same directory, fsync when fsync=True, rename over the target, fsync
-    of the directory; a symbolic link is followed and the file it names
-    replaced), or a binary file object, written sequentially from its
-    current position and flushed (and fsynced when it has a file descriptor
-    and fsync=True). Storages on other devices are copied to the CPU first.
+    of the directory; symbolic links are followed and the file they name
+    replaced, the links kept; a loop fails with ELOOP as in torch), or a
+    binary file object, written sequentially from its current position and
+    flushed (and fsynced when it has a file descriptor and fsync=True). A
+    path naming a FIFO or a device is written into, as torch.save does, with
+    no temporary and no rename. Storages on other devices are copied to the
+    CPU first.
 
     Unlike torch.save, a path's old file is replaced, not overwritten in
     place: other hard links to it keep the old content.
-
-    _to_cpu: called once with the list of storages not on the CPU, returns
-    their CPU copies in the same order; by default the CUDA ones are copied
-    in one batch into one host arena (ckptio._hostcopy.storages_to_cpu),
-    any other with storage.cpu().
+    CUDA storages are copied in one batch into one host arena
+    (ckptio._hostcopy.storages_to_cpu), any other with storage.cpu().
     """
-    if getattr(torch.serialization._serialization_tls, "skip_data", False):
+    save_with(obj, f, fsync=fsync)
+
+
+def save_with(obj, f, *, fsync=True, zip64_threshold=0xFFFFFFFF, to_cpu=None, named_temp=False):
+    """ckptio.save with the knobs tests and the mmcv surface use:
+    zip64_threshold (record size from which zip64 fields are written; torch's
+    is 0xFFFFFFFF), to_cpu (called once with the list of storages not on
+    the CPU, returns their CPU copies in the same order) and named_temp
+    (never an O_TMPFILE inode, always a named temporary: tests of the
+    fallback for file systems without O_TMPFILE)."""
+    global torch
+    if torch is None:
+        torch = _require_torch("ckptio.save")
+    from . import _hostcopy
+    from ._config import ensure_configured
+
+    if getattr(getattr(torch.serialization, "_serialization_tls", None), "skip_data", False):
         # torch.serialization.skip_data(): records of reserved, unwritten
         # space, torch's own feature; torch.save is the writer for it
         torch.save(obj, f)
         return
+    ensure_configured()
     alignment, crc = _options()
     common = dict(
+        fast=_fast(),
         byteorder=sys.byteorder,
         alignment=alignment,
         compute_crc32=crc,
-        zip64_threshold=_zip64_threshold,
-        to_cpu=_hostcopy.storages_to_cpu if _to_cpu is None else _to_cpu,
+        zip64_threshold=zip64_threshold,
+        to_cpu=_hostcopy.storages_to_cpu if to_cpu is None else to_cpu,
     )
     if isinstance(f, (str, os.PathLike)):
         path = os.fspath(f)
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         folder = _archive_folder(path)  # from the name given, as torch takes it
-        # torch.save writes through a symbolic link; replace the file it points to
-        target = os.path.realpath(path) if os.path.islink(path) else path
-        _native.save(obj, target, folder, _torch_hooks(), to_path=True, fsync=fsync, **common)
+        # symbolic links are followed in C (src/core/atomic.c), as torch's open() does
+        _native.save(obj, path, folder, to_path=True, fsync=fsync, named_temp=named_temp,
+                     **common)
         return
     write = getattr(f, "write", None)
     if not callable(write):
         raise AttributeError(f"Buffer of {type(f).__name__} has no callable attribute 'write'")
-    _native.save(obj, write, "archive", _torch_hooks(), to_path=False, fsync=False, **common)
+    _native.save(obj, write, "archive", to_path=False, fsync=False, **common)
     flush = getattr(f, "flush", None)  # torch.save flushes the buffer too
     if callable(flush):
         flush()

@@ -8,7 +8,8 @@ pickle and every tensor's geometry; legacy files are checked by the loader
 alone.
 """
 from . import _native
-from ._config import ensure_configured
+from ._allow import allow_bits as _allow_bits
+from ._config import ensure_scan_configured
 from ._safe_globals import user_allowed_globals
 
 _MAP_CPU = 1  # ck_map_kind in src/binding/session.h
@@ -46,11 +47,12 @@ class VerifyReport:
     holds: bytes, records, compressed, crc_checked, crc_unrecorded (records
     whose CRC torch left as 0), storages, storage_bytes, unused_records."""
 
-    def __init__(self, name, format, problems, counts):
+    def __init__(self, name, format, problems, counts, notes=()):
         self.name = name
         self.format = format
         self.problems = list(problems)
         self.counts = dict(counts)
+        self.notes = list(notes)  # what was not checked, and why
 
     @property
     def ok(self):
@@ -74,6 +76,7 @@ class VerifyReport:
             f"unused data records: {c.get('unused_records', 0)}",
         ]
         lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
         lines.append("  ok" if self.ok else f"  {len(self.problems)} problem(s)")
         return "\n".join(lines)
 
@@ -83,22 +86,38 @@ def _strip(name, message):
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=True):
+def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=True,
+                   encoding="utf-8", allow=None):
     """verify() on bytes already held in a Mapping (used by load(verify=True),
     which loads the same Mapping afterwards and so skips the loader here)."""
-    ensure_configured()
-    raw = _native.verify(mapping, name)
+    have_torch = ensure_scan_configured()
+    raw = _native.verify(mapping, name, encoding=encoding)
     fmt = raw.pop("format")
     problems = [Problem(*p) for p in raw.pop("problems")]
+    notes = []
     foreign = fmt in ("tar", "pytorch1", "unknown")
-    if foreign or (run_loader and not problems and fmt != "torchscript"):
+    wants_loader = foreign or (run_loader and not problems and fmt != "torchscript")
+    if wants_loader and not have_torch:
+        if fmt in ("legacy", "tar", "pytorch1"):
+            notes.append("torch is not installed: a legacy (pre-1.6) file is checked by "
+                         "decoding it, which needs torch; nothing was checked")
+        else:
+            notes.append("torch is not installed: the container, CRCs, pickle and storages "
+                         "were checked, the tensors' shapes and strides were not")
+        if fmt == "unknown":
+            problems.append(Problem("format", None, None,
+                                    "not a torch.save file (neither a zip archive nor a pickle)"))
+        wants_loader = False
+    if wants_loader:
         try:
             result = _native.load(
                 mapping,
                 name,
                 weights_only=weights_only,
+                encoding=encoding,
                 map_kind=_MAP_CPU,
                 user_globals=user_allowed_globals(),
+                allow=_allow_bits(allow),
             )
             del result
         except _native.UnpicklingError as exc:
@@ -106,13 +125,13 @@ def verify_mapping(mapping, name, strict=False, run_loader=True, weights_only=Tr
         except _native.CheckpointError as exc:
             kind = "format" if foreign else "load"
             problems.append(Problem(kind, None, None, _strip(name, str(exc))))
-    report = VerifyReport(name, fmt, problems, raw)
+    report = VerifyReport(name, fmt, problems, raw, notes)
     if strict and problems:
         raise _native.CheckpointError(f"{name}: verify: {problems[0]}")
     return report
 
 
-def verify(f, strict=False, *, weights_only=True):
+def verify(f, strict=False, *, weights_only=True, encoding="utf-8", allow=None):
     """Checks a checkpoint's integrity without handing its objects back.
 
     f: a path, a bytes-like object or a binary file object (as for
@@ -124,8 +143,13 @@ def verify(f, strict=False, *, weights_only=True):
     weights_only=False decodes the pickle with any global it names (for
     trusted files whose meta holds objects outside the allowlist: the
     globals are imported and called, as by torch.load(weights_only=False)).
+    encoding: how Python 2 byte strings in the pickle decode, as for
+    ckptio.load (a file load accepts with encoding='latin1' verifies with it).
+    allow: the data sets decoded beyond torch's allowlist, as for
+    ckptio.load ('openmmlab': numpy values and mmengine's HistoryBuffer).
     """
     from .serialization import _source
 
     mapping, name, _ = _source(f, None)
-    return verify_mapping(mapping, name, strict=strict, weights_only=weights_only)
+    return verify_mapping(mapping, name, strict=strict, weights_only=weights_only,
+                          encoding=encoding, allow=allow)

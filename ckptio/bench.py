@@ -71,6 +71,19 @@ def small_spec(n=4000):
     return [(f"blocks.{i // 4}.unit{i % 4}.weight", (64,)) for i in range(n)]
 
 
+
+def state_dict_of(obj):
+    """The tensors of a checkpoint's state dict: obj["state_dict"] for an
+    mmcv/mmengine checkpoint, obj itself for a plain state dict (what
+    torch.save(model.state_dict()) writes); non-tensor entries are left out."""
+    import torch
+
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"the checkpoint holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
 class SpecModel:
     """Builds an nn.Module whose state_dict has exactly the given keys."""
 
@@ -277,7 +290,7 @@ def _methods(path, st_path):
 
     def model():
         if "model" not in state:
-            sd = torch.load(path, weights_only=False, mmap=True)["state_dict"]
+            sd = state_dict_of(torch.load(path, weights_only=False, mmap=True))
             state["model"] = SpecModel.build([(k, tuple(v.shape)) for k, v in sd.items()])
             del sd
         return state["model"]
@@ -285,7 +298,7 @@ def _methods(path, st_path):
     def e2e(loader):
         def run():
             m = model()
-            sd = loader()["state_dict"]
+            sd = state_dict_of(loader())
             m.load_state_dict(sd)
             return m
 
@@ -383,7 +396,7 @@ def measure(files, runs, quick=False):
     small = files["small"]
     import torch
 
-    n_small = len(torch.load(small, weights_only=False, mmap=True)["state_dict"])
+    n_small = len(state_dict_of(torch.load(small, weights_only=False, mmap=True)))
     results["small"] = {"file": small, "tensors": n_small, "rows": {}}
     for method in ("torch.load", "torch.load(mmap)", "ckptio.load"):
         r = run_child(method, small, None, max(runs, 10))

@@ -12,10 +12,12 @@ mmcv would call it. After ckptio.patch(), patches of ``mmcv.__path__`` and of
 those three names in mmcv.runner.checkpoint take effect here too.
 
 Deliberate differences from mmcv 1.7.2:
-- Files are decoded by ckptio.load, with torch.load's default: weights_only
-  unless given, as torch 2.13 does for mmcv's plain ``torch.load`` call, so
-  the same files load and the same ones fail (ckptio.UnpicklingError, a
-  pickle.UnpicklingError subclass, with ckptio's own message).
+- Files are decoded by ckptio.load with weights_only (torch 2.13's default
+  for mmcv's plain ``torch.load`` call) and allow='openmmlab': the numpy
+  values mmcv's runners put in ``meta`` (and mmengine's HistoryBuffer) are
+  decoded data-only, where torch 2.13 refuses the file. Globals outside both
+  sets are refused (ckptio.UnpicklingError, a pickle.UnpicklingError
+  subclass, with ckptio's own message).
 - mmcv and torchvision are not imported: torchvision only when a
   ``torchvision://`` name is resolved; mmcv's print_log, module-wrapper
   registry and FileClient are used when mmcv is already imported (see
@@ -48,6 +50,7 @@ import torch.nn as nn
 from . import _hub, _native, patching
 from ._mmsave import _save_to_state_dict, get_state_dict, save_checkpoint, weights_to_cpu
 from ._mmcompat import get_dist_info, is_module_wrapper, mkdir_or_exist, print_log, version_before
+from ._allow import OPENMMLAB
 from .serialization import load as _ckptio_load
 
 ENV_MMCV_HOME = "MMCV_HOME"
@@ -63,7 +66,7 @@ def _load_file(f, map_location):
     torch_load = torch.load
     if torch_load is not _TORCH_LOAD:
         return torch_load(f, map_location=map_location)
-    return _ckptio_load(f, map_location=map_location)
+    return _ckptio_load(f, map_location=map_location, allow=OPENMMLAB)
 
 
 def _model_zoo_file(name):
@@ -309,7 +312,7 @@ class CheckpointLoader:
         cls._announce(checkpoint_loader.__name__[10:], filename, logger)
         checkpoint = checkpoint_loader(filename, map_location)
         if checkpoint_loader not in cls._builtin and _decodable(checkpoint):
-            checkpoint = _ckptio_load(checkpoint, map_location=map_location)
+            checkpoint = _ckptio_load(checkpoint, map_location=map_location, allow=OPENMMLAB)
         return checkpoint
 
     @classmethod

@@ -10,9 +10,11 @@ mmengine's own hub/*.json, looked up through ``mmengine.__path__`` at call
 time) are mmengine's. What reads checkpoint bytes is ckptio's.
 
 Deliberate differences from mmengine 0.10.7:
-- Files are decoded by ckptio.load with torch.load's default weights_only,
-  as torch 2.13 does for mmengine's plain ``torch.load`` call (a replaced
-  ``torch.load``, e.g. a test's mock, is called instead).
+- Files are decoded by ckptio.load with weights_only and allow='openmmlab'
+  (a replaced ``torch.load``, e.g. a test's mock, is called instead): a
+  Runner's checkpoint (numpy arrays and scalars, HistoryBuffer in
+  ``message_hub``) loads, decoded data-only, where torch 2.13's weights-only
+  default refuses it (mmengine issue #1655).
 - A scheme loader registered by the user may return a path, a bytes-like
   object or a binary file; ckptio decodes it with ckptio.load.
 - http(s) downloads go through ckptio._hub.load_url (libcurl); save_checkpoint

@@ -18,8 +18,11 @@ watched: a value put there after patch() is what ckptio's functions use (see
 override), so those tests run unchanged against ckptio.
 """
 
+import logging
 import sys
 from importlib import import_module
+
+_log = logging.getLogger("ckptio")
 
 # (module whose surface is replaced, ckptio module with the replacements)
 _TARGETS = (
@@ -128,6 +131,9 @@ def patch(*, async_save=False):
             swap = swaps.get(id(value))
             if swap is not None and swap[0] is value:
                 _set(module, name, swap[1])
+    _log.info("patch(): %d names replaced in %d modules (%s)", len(_replaced),
+              len({id(m) for m, _, _ in _replaced}),
+              ", ".join(sorted({n for _, n, _ in _replaced})) or "mmcv and mmengine not imported")
     for module_name, attrs in _WATCHED.items():
         module = sys.modules.get(module_name)
         for attr in attrs:

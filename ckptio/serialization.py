@@ -8,11 +8,13 @@ import io
 import os
 import warnings
 
-import torch
-
 from . import _native
+from ._allow import allow_bits as _allow_bits
 from ._config import ensure_configured
 from ._safe_globals import user_allowed_globals
+from ._torch import require as _require_torch
+
+torch = None  # imported by the first load (import ckptio does not import torch)
 
 # how map_location is applied (ck_map_kind in src/binding/session.h)
 _MAP_NONE, _MAP_CPU, _MAP_DICT, _MAP_CALL = 0, 1, 2, 3
@@ -145,7 +147,10 @@ def _load_safetensors(path, map_location):
     return safetensors.torch.load_file(path, device=device)
 
 
-def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8", verify=False):
+def load(
+    f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8", verify=False,
+    allow=None,
+):
     """Loads what torch.save wrote, with torch.load's meaning and result.
 
     f: a path (str or os.PathLike), a bytes-like object, or a binary file
@@ -163,8 +168,19 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     encoding: how Python 2 byte strings are decoded ('bytes' keeps bytes).
     verify: first check the file's integrity (ckptio.verify, strict): CRCs of
     every record, the container, every storage against its record.
+    allow (default None: torch's allowlist only): 'openmmlab' also decodes,
+    data-only, what mmengine's and mmcv's runners write into checkpoints:
+    numpy arrays, dtypes and scalars, mmengine's HistoryBuffer and
+    getattr(HistoryBuffer, <statistics method>) (see the README's security
+    section). It is the default of ckptio.checkpoint, ckptio.mmengine,
+    ckptio.load_url and the command line. No effect when weights_only is
+    False (then every global is allowed).
     """
+    global torch
+    if torch is None:
+        torch = _require_torch("ckptio.load")
     ensure_configured()
+    allow_bits = _allow_bits(allow)
     weights_only = _weights_only_default(weights_only)
     if isinstance(f, (str, os.PathLike)) and os.path.isdir(f):
         from ._dirs import load_directory  # DCP checkpoints, per-rank files
@@ -177,12 +193,14 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
     if verify:
         from ._verify import verify_mapping
 
-        verify_mapping(mapping, name, strict=True, run_loader=False)
+        verify_mapping(mapping, name, strict=True, run_loader=False, encoding=encoding)
     kind, restore = _map_kind(map_location)
     user_globals = user_allowed_globals() if weights_only else None
-    tls = torch.serialization._serialization_tls
-    previous = tls.map_location
-    tls.map_location = map_location
+    # torch >= 2.1 keeps map_location in a thread-local its restore functions read
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    previous = getattr(tls, "map_location", None)
+    if tls is not None:
+        tls.map_location = map_location
     try:
         result = _native.load(
             mapping,
@@ -193,12 +211,22 @@ def load(f, map_location=None, *, weights_only=None, mmap=None, encoding="utf-8"
             map_location=map_location,
             restore=restore,
             user_globals=user_globals,
+            allow=allow_bits,
         )
+    except BaseException:
+        # sparse tensors rebuilt before the failure wait in torch's module-level
+        # list for validation: they must not fail the next load (of another file)
+        torch._utils._sparse_tensors_to_validate.clear()
+        raise
     finally:
-        tls.map_location = previous
+        if tls is not None:
+            tls.map_location = previous
     if result is _native.TORCHSCRIPT:
         if path is None:
             return torch.jit.load(io.BytesIO(memoryview(mapping)), map_location=map_location)
         return torch.jit.load(path, map_location=map_location)
-    torch._utils._validate_loaded_sparse_tensors()
+    try:
+        torch._utils._validate_loaded_sparse_tensors()
+    except RuntimeError as exc:  # with torch.sparse.check_sparse_tensor_invariants on
+        raise _native.CheckpointError(f"{name}: a sparse tensor is invalid: {exc}") from exc
     return result

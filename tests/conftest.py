@@ -47,3 +47,12 @@ except Exception:
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
         del sys.modules[name]
     sys.modules["torchvision"], sys.modules["torchvision.models"] = _stand_in_torchvision()
+
+
+# CKPTIO_EXPECT_INSTALLED=1 (CI's run against the wheel): the suite must be
+# testing the installed package, not a source tree that happens to be on
+# sys.path
+if __import__("os").environ.get("CKPTIO_EXPECT_INSTALLED") == "1":
+    import ckptio._native as _native_under_test
+
+    assert "site-packages" in _native_under_test.__file__, _native_under_test.__file__

@@ -12,11 +12,15 @@ Every request to the file consumes the next mode of `plan` (then `default`):
     bad_range    206 whose Content-Range starts one byte after what was asked
     redirect     302 to the same path with "?moved=1" (the next mode serves it)
     etag_change  the file becomes `next_payload` with a new ETag, then as ok
+    same_date_change  the file becomes `next_payload` with a new ETag but the same
+                 Last-Modified (a server that keeps the date), then as ok
     <number>     that HTTP status with a small text body (e.g. "404", "500", "429")
 
 Range requests ("bytes=N-") are honoured when `ranges` is true and If-Range
 (when sent) matches the current ETag or Last-Modified; otherwise the whole
-file is sent with 200. Each request is appended to `log` as a dict with the
+file is sent with 200. `validators` false sends neither ETag nor
+Last-Modified, `etags` false only Last-Modified; `etag` may be set to a weak
+one (W/"..."). Each request is appended to `log` as a dict with the
 method, path, Range, If-Range, mode and status.
 
 Content comes from `payload` (bytes) or `path` (a file sent with
@@ -42,10 +46,11 @@ class _Handler(BaseHTTPRequestHandler):
         fs = self.server.owner
         with fs.lock:
             mode = fs.plan.pop(0) if fs.plan else fs.default
-            if mode == "etag_change":
+            if mode in ("etag_change", "same_date_change"):
                 fs.version += 1
                 fs.etag = '"v%d"' % fs.version
-                fs.last_modified = formatdate(1_600_000_000 + fs.version, usegmt=True)
+                if mode == "etag_change":
+                    fs.last_modified = formatdate(1_600_000_000 + fs.version, usegmt=True)
                 if fs.next_payload is not None:
                     fs.payload = fs.next_payload
                 mode = "ok"
@@ -111,7 +116,9 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= size:
                 extra = {"Content-Range": "bytes */%d" % size}
                 if fs.validators:
-                    extra.update({"ETag": etag, "Last-Modified": lm})
+                    extra.update({"Last-Modified": lm})
+                    if fs.etags:
+                        extra["ETag"] = etag
                 self._status_only(entry, 416, "range not satisfiable\n", extra=extra)
                 return
         if mode == "bad_range" and start == 0:
@@ -125,7 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fs.ranges:
             self.send_header("Accept-Ranges", "bytes")
         if fs.validators:
-            self.send_header("ETag", etag)
+            if fs.etags:
+                self.send_header("ETag", etag)
             self.send_header("Last-Modified", lm)
         if partial:
             real = start + 1 if mode == "bad_range" else start
@@ -179,12 +187,13 @@ class _Handler(BaseHTTPRequestHandler):
 class FaultServer:
     """The server; use as a context manager. url(name) is the file's URL."""
 
-    def __init__(self, payload=b"", path=None, ranges=True, validators=True, tls=None):
+    def __init__(self, payload=b"", path=None, ranges=True, validators=True, tls=None, etags=True):
         self.payload = payload
         self.next_payload = None
         self.path = path
         self.ranges = ranges
         self.validators = validators
+        self.etags = etags  # False: Last-Modified only
         self.plan = []
         self.default = "ok"
         self.log = []

@@ -90,7 +90,19 @@ def assert_same(ours, theirs, path="result", sharing=None):
         return
     if isinstance(theirs, np.ndarray):
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, path
+        if theirs.dtype == object:  # elements, not their addresses
+            for i, (a, b) in enumerate(zip(ours.ravel(), theirs.ravel())):
+                assert_same(a, b, f"{path}.flat[{i}]", sharing)
+            return
         assert ours.tobytes() == theirs.tobytes(), path
+        return
+    if (
+        hasattr(theirs, "__dict__")
+        and not isinstance(theirs, type)
+        and type(theirs).__eq__ is object.__eq__
+    ):
+        # plain objects (mmengine's HistoryBuffer): the same attributes
+        assert_same(vars(ours), vars(theirs), f"{path}.__dict__", sharing)
         return
     if isinstance(theirs, float) and math.isnan(theirs):
         assert math.isnan(ours), path

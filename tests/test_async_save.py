@@ -358,7 +358,7 @@ def test_a_failed_hook_save_is_raised_by_the_next(patched_async, tmp_path, monke
     from ckptio import _save
     from ckptio._mmengine_save import save_checkpoint
 
-    real = _save.save
+    real = _save.save_with
     fail = [True]
 
     def flaky(obj, f, **kw):
@@ -366,7 +366,7 @@ def test_a_failed_hook_save_is_raised_by_the_next(patched_async, tmp_path, monke
             raise OSError(28, "No space left on device")
         return real(obj, f, **kw)
 
-    monkeypatch.setattr(_save, "save", flaky)
+    monkeypatch.setattr(_save, "save_with", flaky)
     with caplog.at_level(logging.ERROR, logger="ckptio"):
         save_checkpoint({"x": torch.ones(1)}, str(tmp_path / "a.pth"))
         assert ckptio.wait_async_saves(60)

@@ -14,6 +14,16 @@ import tracemalloc
 import pytest
 
 import ckptio
+from ckptio._config import ensure_configured
+
+# torch is imported by the first load (import ckptio does not import it):
+# import it here, so that no test's measurement counts torch's own import
+ensure_configured()
+
+try:  # imported once here, so that its import is not counted against a file
+    import mmengine.logging.history_buffer  # noqa: F401
+except ImportError:
+    pass
 
 HERE = pathlib.Path(__file__).parent / "attacks"
 MANIFEST = json.loads((HERE / "MANIFEST.json").read_text())
@@ -52,7 +62,7 @@ def test_attack(name, mmap, tmp_path, monkeypatch):
     meta = MANIFEST[name]
     path = HERE / name
     monkeypatch.chdir(tmp_path)
-    result, error, peak = _load_measured(path, mmap=mmap)
+    result, error, peak = _load_measured(path, mmap=mmap, allow=meta.get("allow"))
     assert not (tmp_path / SENTINEL).exists(), "the payload ran"
     size = path.stat().st_size
     assert peak <= RATIO * size + FLOOR, f"{name}: {peak} bytes allocated for a {size}-byte file"
@@ -67,6 +77,30 @@ def test_attack(name, mmap, tmp_path, monkeypatch):
     assert str(path) in msg, f"{name}: the message does not name the file: {msg}"
     if meta["match"]:
         assert re.search(meta["match"], msg), f"{name}: {msg!r} lacks {meta['match']!r}"
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_attack_with_and_without_the_openmmlab_set(name, tmp_path, monkeypatch):
+    """The data set only adds data decoding: every hostile file ends the same
+    way with allow='openmmlab' as without it (and the set's own cases are
+    refused without it too, at their GLOBAL), never running its payload."""
+    meta = MANIFEST[name]
+    path = HERE / name
+    monkeypatch.chdir(tmp_path)
+    other = None if meta.get("allow") else "openmmlab"
+    result, error, peak = _load_measured(path, allow=other)
+    assert not (tmp_path / SENTINEL).exists(), "the payload ran"
+    size = path.stat().st_size
+    assert peak <= RATIO * size + FLOOR, f"{name}: {peak} bytes allocated for a {size}-byte file"
+    if meta["error"] == "ok" and other == "openmmlab":
+        assert error is None, f"{name} should load with the set too: {error!r}"
+        return
+    if meta["error"] == "ok":
+        assert isinstance(error, ckptio.UnpicklingError), f"{name}: {error!r}"
+        return
+    assert error is not None, f"{name} loaded with allow={other!r}"
+    cls = ckptio.UnpicklingError if meta["error"] == "UnpicklingError" else ckptio.CheckpointError
+    assert isinstance(error, cls), f"{name}: {type(error).__name__}: {error}"
 
 
 TRUSTED_TOO = sorted(n for n, m in MANIFEST.items() if m["trusted_too"])

@@ -233,11 +233,17 @@ def test_huge_memo_index_does_not_allocate():
 
 
 def test_deep_nesting_is_no_crash():
-    depth = 200_000
+    """Nesting up to the depth limit (10000) loads; deeper is refused, never
+    a crash; marks are not nesting."""
+    depth = 10_000
     pkl = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
     result = _pickle_in_archive(pkl)
     assert isinstance(result, list)
-    marks = b"\x80\x02" + b"(" * depth + b"N."
+    for deeper in (b"]" * (depth + 1) + b"a" * depth, b"N" + b"\x85" * (depth + 1),
+                   b"]" * 200_000 + b"a" * 199_999):
+        with pytest.raises(ckptio.CheckpointError, match="nest more than 10000 levels"):
+            _pickle_in_archive(b"\x80\x02" + deeper + b".")
+    marks = b"\x80\x02" + b"(" * 200_000 + b"N."
     assert _pickle_in_archive(marks) is None
 
 
@@ -325,3 +331,40 @@ def test_torch_also_refuses_what_we_refuse(tmp_path):
         torch.load(path)
     with pytest.raises(pickle.UnpicklingError):
         ckptio.load(path)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_compression_torch_cannot_read_is_refused(tmp_path, method):
+    """torch.load reads stored and deflated records only; a record in any
+    other method (a checkpoint re-zipped by hand) is a clear error, here as
+    in torch, and verify reports it."""
+    path = tmp_path / "rezipped.pth"
+    torch.save({"w": torch.arange(1000, dtype=torch.float32)}, path)
+    with zipfile.ZipFile(path) as zi:
+        items = [(i.filename, zi.read(i.filename)) for i in zi.infolist()]
+    with zipfile.ZipFile(path, "w", method) as zo:
+        for name, data in items:
+            zo.writestr(name, data)
+    with pytest.raises(ckptio.CheckpointError, match=r"rezipped\.pth.*compression method"):
+        ckptio.load(path)
+    report = ckptio.verify(path)
+    assert not report.ok and "compression method" in str(report.problems[0])
+
+
+def test_deflated_records_load_bit_exact(tmp_path):
+    """A torch.save file re-zipped with deflate (libdeflate inflates it)."""
+    path = tmp_path / "deflated.pth"
+    sd = {f"t{i}": torch.randn(64, 33) for i in range(8)}
+    sd["half"] = torch.randn(5, 7).half()
+    torch.save(sd, path)
+    with zipfile.ZipFile(path) as zi:
+        items = [(i.filename, zi.read(i.filename)) for i in zi.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zo:
+        for name, data in items:
+            zo.writestr(name, data)
+    ref = torch.load(path, weights_only=True)
+    got = ckptio.load(path)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert ref[k].dtype == got[k].dtype and torch.equal(ref[k], got[k])
+    assert ckptio.verify(path).ok

@@ -29,3 +29,18 @@ def test_unknown_section_is_a_usage_error(capsys):
     except SystemExit as exc:
         assert exc.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_load_section_on_a_plain_state_dict(tmp_path):
+    """ckptio bench FILE where FILE is torch.save(model.state_dict()), no
+    "state_dict" key and no meta (the end-to-end rows build the model from
+    its keys)."""
+    spec = bench.small_spec(12)
+    plain = tmp_path / "plain.pth"
+    ckpt = bench.make_checkpoint(spec, with_meta=False)
+    torch.save(dict(ckpt["state_dict"]), plain)
+    small = tmp_path / "small.pth"
+    torch.save(bench.make_checkpoint(bench.small_spec(20), with_meta=False), small)
+    result = bench.measure({"big": str(plain), "small": str(small)}, 1)
+    assert list(result["rows"]) == bench.LOAD_ROWS
+    assert all(r["time"] > 0 for r in result["rows"].values())

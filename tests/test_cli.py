@@ -14,6 +14,9 @@ import ckptio
 from ckptio import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where the ckptio under test lives (the source tree, or site-packages when
+# the suite runs against the installed wheel): what subprocesses import
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(ckptio.__file__)))
 
 
 @pytest.fixture
@@ -40,18 +43,56 @@ def test_info_text_and_json(ckpt, capsys):
     path, sd = ckpt
     assert run("info", path) == 0
     out = capsys.readouterr().out
-    assert f"{path}: zip format" in out
-    assert "tensors: 4" in out and "float32: 2 tensors" in out and "float16: 1 tensors" in out
+    assert f"{path}: zip format" in out and "KiB" in out
+    n_params = sum(t.numel() for t in sd.values())
+    assert f"parameters: {n_params} ({n_params:,}) in 4 tensors" in out
+    assert "float32: 2 tensors, 112 parameters, 448 B" in out
+    assert "float16: 1 tensors" in out
+    assert "keys by prefix (depth 3):" in out
+    assert "  state_dict: 121 parameters in 4 tensors" in out
+    assert "      conv: 112 parameters in 2 tensors, 448 B" in out
     assert "state_dict: OrderedDict of 4 items" in out and "epoch: 12" in out
     assert run("info", path, "--json") == 0
     result = json.loads(capsys.readouterr().out)
     assert result["format"] == "zip" and result["tensors"] == 4
+    assert result["parameters"] == n_params
     assert result["records"] == len(zipfile.ZipFile(path).namelist())
-    assert result["dtypes"]["float32"] == {"tensors": 2, "bytes": (108 + 4) * 4}
-    assert result["dtypes"]["int64"] == {"tensors": 1, "bytes": 8}
+    assert result["dtypes"]["float32"] == {"tensors": 2, "parameters": 112, "bytes": 448}
+    assert result["dtypes"]["int64"] == {"tensors": 1, "parameters": 1, "bytes": 8}
     assert result["storage_bytes"] == sum(t.numel() * t.element_size() for t in sd.values())
     assert result["meta"] == {"epoch": 12, "CLASSES": ["cat", "dog"]}
-    assert set(result["top_level"]) == {"state_dict", "meta"}
+    assert result["top_level"]["state_dict"] == {"type": "OrderedDict", "items": 4}
+    conv = result["tree"]["state_dict"]["children"]["module"]["children"]["conv"]
+    assert conv["parameters"] == 112 and conv["tensors"] == 2 and conv["bytes"] == 448
+    assert conv["children"] == {}  # depth 3
+    assert run("info", path, "--json", "--depth", "4") == 0
+    tree = json.loads(capsys.readouterr().out)["tree"]
+    conv = tree["state_dict"]["children"]["module"]["children"]["conv"]
+    assert conv["children"]["weight"] == {"tensors": 1, "parameters": 108, "bytes": 432,
+                                          "children": {}}
+
+
+def test_info_matches_torch_on_shared_views_and_params(tmp_path, capsys):
+    w = torch.randn(6, 4)
+    obj = {"w": torch.nn.Parameter(w), "view": w[2:], "h": torch.ones(3, dtype=torch.bfloat16),
+           "n": [torch.zeros(2, 2), (torch.arange(5),)]}
+    path = tmp_path / "v.pth"
+    torch.save(obj, path)
+    assert run("info", path, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tensors"] == 5
+    assert result["parameters"] == 24 + 16 + 3 + 4 + 5
+    assert result["storages"] == 4  # w and its view share one
+    assert result["top_level"]["w"] == {"type": "Parameter", "dtype": "float32", "shape": [6, 4]}
+    assert result["top_level"]["view"]["shape"] == [4, 4]
+
+
+def test_info_legacy_file(tmp_path, capsys):
+    path = tmp_path / "old.pth"
+    torch.save({"a": torch.ones(2, 3)}, path, _use_new_zipfile_serialization=False)
+    assert run("info", path, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["format"] == "legacy" and result["parameters"] == 6
 
 
 def test_info_refuses_unsafe_files_unless_asked(tmp_path, capsys):
@@ -61,6 +102,9 @@ def test_info_refuses_unsafe_files_unless_asked(tmp_path, capsys):
     evil = os.path.join(ROOT, "tests", "attacks", "global_os_system.pt")
     assert run("info", evil) == 1
     assert "os.system" in capsys.readouterr().err
+    # --unsafe describes it, still without running anything (info never calls)
+    assert run("info", evil, "--unsafe") == 0
+    assert "os.system" in capsys.readouterr().out
 
 
 def test_verify_exit_codes(ckpt, tmp_path, capsys):
@@ -163,10 +207,120 @@ def test_bench_dispatch(monkeypatch):
 
 def test_python_dash_m(ckpt):
     path, _ = ckpt
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT)
     proc = subprocess.run([sys.executable, "-m", "ckptio", "verify", "-q", str(path)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+                          capture_output=True, text=True, env=env, cwd=str(path.parent))
     assert proc.returncode == 0 and proc.stdout.strip() == f"{path}: ok"
     proc = subprocess.run([sys.executable, "-m", "ckptio", "info"], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
+                          text=True, env=env, cwd=str(path.parent))
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+# ---- hostile names, pipes, several files, no torch -------------------------
+
+
+ESCAPES = ["\x1b]0;pwned\x07", "\x1b[2J", "\x9b31m", "a\rb", "\u202eevil", "x\x00y", "\x08"]
+
+
+def test_control_characters_from_a_file_never_reach_the_terminal(tmp_path):
+    """Keys, meta and a file name chosen by an attacker: every control
+    character (ESC, CSI, BEL, CR, NUL, bidi override) is printed escaped."""
+    name = tmp_path / "evil\x1b[31m.pth"
+    sd = collections.OrderedDict((f"layer{e}.weight", torch.ones(1)) for e in ESCAPES)
+    torch.save({"state_dict": sd, "meta": {"note\x1b[5m": "\x1b]8;;http://x\x07link",
+                                           "x": ESCAPES}}, name)
+    for argv in (["info", name], ["info", name, "--depth", "1"], ["verify", name],
+                 ["verify", "-q", name, tmp_path / "missing\x1b[0m.pth"]):
+        proc = subprocess.run([sys.executable, "-m", "ckptio", *map(str, argv)],
+                              capture_output=True, text=True, cwd=str(tmp_path),
+                              env=dict(os.environ, PYTHONPATH=PKG_ROOT))
+        for stream in (proc.stdout, proc.stderr):
+            assert "\x1b" not in stream and "\x9b" not in stream and "\x07" not in stream
+            assert "\r" not in stream and "\x00" not in stream and "\u202e" not in stream
+            assert "\x08" not in stream
+        assert "\\x1b" in proc.stdout + proc.stderr
+    assert cli._clean("ok name") == "ok name"
+    assert cli._clean("a\x1bb\u202e") == "a\\x1bb\\u202e"
+
+
+def test_verify_reports_every_file_even_when_one_is_missing(ckpt, tmp_path, capsys):
+    path, _ = ckpt
+    missing = tmp_path / "missing.pth"
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    assert run("verify", "-q", path, missing, junk, path) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{path}: ok" and lines[3] == f"{path}: ok"
+    assert lines[1].startswith(f"{missing}: PROBLEM: io") and "No such file" in lines[1]
+    assert lines[2].startswith(f"{junk}: PROBLEM")
+    assert run("verify", "--json", path, missing, path) == 1
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["ok"] for r in reports] == [True, False, True]
+    assert reports[1]["problems"][0]["kind"] == "io"
+
+
+def test_piping_into_head_prints_no_traceback(tmp_path):
+    sd = collections.OrderedDict((f"block{i}.layer{j}.weight", torch.ones(1))
+                                 for i in range(300) for j in range(4))
+    path = tmp_path / "many.pth"
+    torch.save(sd, path)
+    for cmd in ("info", "verify"):
+        proc = subprocess.run(
+            f"{sys.executable} -m ckptio {cmd} {path} {'--depth 3 --max-keys 100000' if cmd == 'info' else path} | head -n 1",
+            shell=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=PKG_ROOT))
+        assert proc.stdout.count("\n") == 1
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None; sys.argv[0] = 'ckptio'; "
+
+
+def run_without_torch(*argv):
+    code = NO_TORCH + "from ckptio.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=PKG_ROOT))
+
+
+def test_info_and_verify_without_torch(ckpt, tmp_path):
+    path, _ = ckpt
+    proc = run_without_torch("info", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["parameters"] == 121
+    proc = run_without_torch("verify", path)
+    assert proc.returncode == 0 and "ok" in proc.stdout
+    assert "shapes and strides were not" in proc.stdout
+    # damage is still found without torch
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        rec = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    start = data.index(b"PK\x03\x04", rec.header_offset)
+    name_len = int.from_bytes(data[start + 26:start + 28], "little")
+    extra_len = int.from_bytes(data[start + 28:start + 30], "little")
+    data[start + 30 + name_len + extra_len + 3] ^= 0xFF
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(bytes(data))
+    assert run_without_torch("verify", "-q", bad).returncode == 1
+    # what needs torch says so
+    proc = run_without_torch("convert", path, tmp_path / "out.pth")
+    assert proc.returncode == 1 and "needs torch, which is not installed" in proc.stderr
+
+
+def test_help_and_version_import_neither_torch_nor_numpy():
+    code = ("import sys; sys.argv[0] = 'ckptio'; from ckptio.cli import main\n"
+            "for a in (['--help'], ['--version'], ['info', '--help']):\n"
+            "    try:\n        main(a)\n    except SystemExit:\n        pass\n"
+            "bad = [m for m in ('torch', 'numpy', 'ckptio._native') if m in sys.modules]\n"
+            "print('LOADED', bad)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=PKG_ROOT))
+    assert "LOADED []" in proc.stdout, proc.stdout + proc.stderr
+    assert ckptio.__version__ in proc.stdout
+
+
+def test_import_ckptio_is_light():
+    code = ("import sys, ckptio; assert 'torch' not in sys.modules; "
+            "ckptio.verify; ckptio.load; ckptio.save; assert 'torch' not in sys.modules; "
+            "print(sorted(ckptio.__all__) == sorted(n for n in dir(ckptio) if n in ckptio.__all__))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=PKG_ROOT))
+    assert proc.stdout.strip() == "True", proc.stderr

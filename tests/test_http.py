@@ -3,6 +3,7 @@ server: every failure leaves nothing at the destination, resumes really ask
 for a Range, and what lands in place is byte-identical to what was served."""
 import errno
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -359,14 +360,87 @@ def test_tqdm_bar_when_stderr_is_a_tty(server, dst, monkeypatch):
     assert bar.kw["unit"] == "B"
 
 
-def test_no_bar_when_disabled_or_not_a_tty(server, dst, monkeypatch):
+def test_no_bar_when_disabled(server, dst, monkeypatch):
     FakeTqdm.instances = []
     monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     ckptio.download_url_to_file(server.url(), dst, progress=False)
+    assert FakeTqdm.instances == []
+
+
+def test_tqdm_bar_also_when_stderr_is_not_a_tty(server, dst, monkeypatch):
+    """As torch.hub: progress=True shows tqdm's bar in logs too."""
+    FakeTqdm.instances = []
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     ckptio.download_url_to_file(server.url(), dst, progress=True)
-    assert FakeTqdm.instances == []
+    (bar,) = FakeTqdm.instances
+    assert bar.n == len(DATA) and bar.closed
+
+
+def test_own_bar_without_tqdm_and_without_a_tty(server, dst, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    ckptio.download_url_to_file(server.url(), dst, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and "\r" not in "".join(lines)
+    assert lines[-1].startswith("100.0%") and "MiB of" in lines[-1]
+    assert 1 <= len(lines) <= 12  # a line per 10%, not one per chunk
+
+
+def test_own_bar_on_a_tty_redraws_one_line(server, dst, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    ckptio.download_url_to_file(server.url(), dst, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\r") and err.endswith("\n") and err.count("\n") == 1
+    assert "100.0%" in err.rsplit("\r", 1)[-1]
+
+
+def test_logger_reports_retries_and_resume(server, dst, caplog):
+    server.plan = ["503", "short"]
+    with caplog.at_level(logging.INFO, logger="ckptio"):
+        ckptio.download_url_to_file(server.url(), dst, progress=False, backoff=0.0)
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "ckptio"]
+    retries = [m for lvl, m in records if lvl == logging.WARNING and m.startswith("retrying")]
+    assert len(retries) == 2 and server.url() in retries[0] and "HTTP 503" in retries[0]
+    assert "attempt 2 of 5" in retries[0]
+    assert any("resuming" in m and "from byte" in m for _, m in records)
+
+
+def test_logger_reports_a_kept_partial(server, dst, caplog):
+    server.default = "short"
+    with caplog.at_level(logging.INFO, logger="ckptio"):
+        with pytest.raises(ckptio.DownloadError):
+            ckptio.download_url_to_file(server.url(), dst, progress=False, retries=0)
+    assert any("keeping" in r.getMessage() and ".partial" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_without_libcurl_torch_hub_downloads(server, tmp_path):
+    """A system without libcurl: the same file via torch.hub, with a warning."""
+    import subprocess
+
+    dst = str(tmp_path / "f.bin")
+    code = (
+        "import logging, ckptio\n"
+        "logging.basicConfig(level=logging.INFO, format='%(name)s %(levelname)s %(message)s')\n"
+        f"r = ckptio.download_url_to_file({server.url()!r}, {dst!r}, {DIGEST[:10]!r}, "
+        "progress=False)\n"
+        "print(r['size'])\n"
+        "try:\n"
+        f"    ckptio.download_url_to_file({server.url()!r}, {dst + '2'!r}, '0000', progress=False)\n"
+        "except ckptio.DownloadError as e:\n"
+        "    print('hash:', e)\n"
+    )
+    env = dict(os.environ, CKPTIO_LIBCURL="/nonexistent/libcurl.so.4")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert read(dst) == DATA
+    assert out.stdout.splitlines()[0] == str(len(DATA))
+    assert "invalid hash value" in out.stdout
+    assert "ckptio WARNING" in out.stderr and "with torch.hub instead" in out.stderr
 
 
 # ---- torch.hub surface ---------------------------------------------------------
@@ -452,8 +526,8 @@ def test_load_url_file_name_and_model_dir(checkpoint, tmp_path):
     assert torch.equal(out["w"], sd["w"])
 
 
-def test_load_url_map_location_and_weights_only_default(tmp_path):
-    # torch.hub's weights_only default is False: arbitrary pickles load
+def test_load_url_map_location(tmp_path):
+    # (safe by default, unlike torch.hub: see test_openmmlab's load_url test)
     path = tmp_path / "src.pth"
     torch.save({"w": torch.ones(2), "cfg": {"lr": 0.1}}, path)
     with FaultServer(path.read_bytes()) as fs:
@@ -509,7 +583,7 @@ def test_waiting_for_the_lock_can_be_interrupted(server, dst):
     def progress(done, total):
         raise Stop
 
-    with open(dst + ".partial", "wb") as holder:
+    with private_file(dst + ".partial") as holder:  # as another download makes it
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(Stop):
             _native.download(server.url(), dst, progress=progress, **FAST)
@@ -517,14 +591,16 @@ def test_waiting_for_the_lock_can_be_interrupted(server, dst):
     assert not os.path.exists(dst)
 
 
-def test_partial_that_is_a_symlink_is_refused(server, dst, tmp_path):
+def test_partial_that_is_a_symlink_is_replaced_not_followed(server, dst, tmp_path):
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
+    os.chmod(victim, 0o600)
     os.symlink(victim, dst + ".partial")
-    with pytest.raises(ckptio.DownloadError) as ei:
-        _native.download(server.url(), dst, **FAST)
-    assert ei.value.errno == errno.ELOOP and "[Errno" in str(ei.value)
-    assert victim.read_bytes() == b"keep me" and not os.path.exists(dst)
+    write_meta(dst, server.etag, server.url(), len(DATA))
+    _native.download(server.url(), dst, **FAST)
+    assert victim.read_bytes() == b"keep me" and read(dst) == DATA
+    assert [e["range"] for e in server.log] == [None]
+    assert leftovers(dst) == ["victim"]
 
 
 def test_proxy_from_the_environment(server, dst, monkeypatch):
@@ -602,12 +678,12 @@ def test_if_missing_uses_the_file_another_download_finished(server, dst, if_miss
     def run():
         result["r"] = _native.download(server.url(), dst, if_missing=if_missing, **FAST)
 
-    with open(dst + ".partial", "wb") as holder:
+    with private_file(dst + ".partial") as holder:  # as another download makes it
         fcntl.flock(holder, fcntl.LOCK_EX)
         t = threading.Thread(target=run)
         t.start()
         # what the holder does on success: the partial becomes dst
-        with open(dst + ".partial", "wb") as f:
+        with private_file(dst + ".partial") as f:
             f.write(b"finished elsewhere")
         os.rename(dst + ".partial", dst)
     t.join()
@@ -652,11 +728,21 @@ def test_bad_arguments(server, dst):
     assert server.log == [] and not os.path.exists(dst)
 
 
-def write_kept_partial(dst, data, etag, url):
-    with open(dst + ".partial", "wb") as f:
+def private_file(path, mode="wb"):
+    """A file made as ckptio makes its partials: 0600, this user's."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), mode)
+
+
+def write_meta(dst, etag, url, total, last_modified=""):
+    with private_file(dst + ".partial.meta", "w") as f:
+        f.write(f"ckptio-partial 1\nurl {url}\netag {etag}\nlast-modified {last_modified}\n"
+                f"total {total}\n")
+
+
+def write_kept_partial(dst, data, etag, url, last_modified=""):
+    with private_file(dst + ".partial") as f:
         f.write(data)
-    with open(dst + ".partial.meta", "w") as f:
-        f.write(f"ckptio-partial 1\nurl {url}\netag {etag}\nlast-modified \ntotal {len(data)}\n")
+    write_meta(dst, etag, url, len(data), last_modified)
 
 
 def test_complete_partial_is_finished_without_a_transfer(server, dst):
@@ -737,3 +823,231 @@ def test_any_fault_sequence_gives_the_file_or_nothing(tmp_path_factory, plan, re
         if e["range"] is not None:
             assert e["range"].startswith("bytes=") and e["range"].endswith("-")
             assert int(e["range"][6:-1]) > 0 and e["if_range"] is not None
+
+
+# ---- resume only with a strong validator ------------------------------------------
+
+NEW = bytes(reversed(DATA))  # same length: a splice would go unnoticed by size
+NEW_DIGEST = hashlib.sha256(NEW).hexdigest()
+
+
+def ranges_and_statuses(fs):
+    return [(e["range"], e["status"]) for e in fs.log]
+
+
+def test_changed_file_with_the_same_date_is_not_spliced(dst):
+    """Last-Modified alone never validates a resume: the server changed the
+    file but kept its date, so a Range + If-Range: <date> would have been
+    answered with the new file's tail after the old file's head."""
+    with FaultServer(DATA, etags=False) as fs:
+        fs.next_payload = NEW
+        fs.plan = ["short", "same_date_change"]
+        r = _native.download(fs.url(), dst, **FAST)
+        log = ranges_and_statuses(fs)
+    assert read(dst) == NEW and r["resumed_from"] == 0
+    assert log == [(None, 200), (None, 200)]
+    assert leftovers(dst) == []
+
+
+def test_date_alone_never_resumes_a_kept_partial(dst):
+    with FaultServer(DATA, etags=False) as fs:
+        fs.plan = ["short"]
+        with pytest.raises(ckptio.DownloadError):
+            _native.download(fs.url(), dst, retries=0, **FAST)
+        assert leftovers(dst) == []  # nothing to resume with: not kept
+        _native.download(fs.url(), dst, **FAST)
+        assert [e["range"] for e in fs.log] == [None, None]
+    assert read(dst) == DATA
+
+
+def test_date_resumes_when_a_hash_checks_the_whole_file(dst):
+    with FaultServer(DATA, etags=False) as fs:
+        fs.plan = ["short"]
+        r = _native.download(fs.url(), dst, hash_prefix=DIGEST[:12], **FAST)
+        log = ranges_and_statuses(fs)
+    assert read(dst) == DATA and r["sha256"] == DIGEST
+    assert log == [(None, 200), ("bytes=%d-" % (len(DATA) // 2), 206)]
+
+
+def test_date_resume_spliced_by_a_changed_file_is_caught_by_the_hash_and_redone(dst):
+    with FaultServer(DATA, etags=False) as fs:
+        fs.next_payload = NEW
+        fs.plan = ["short", "same_date_change"]
+        r = _native.download(fs.url(), dst, hash_prefix=NEW_DIGEST[:12], **FAST)
+        log = ranges_and_statuses(fs)
+    assert read(dst) == NEW and r["sha256"] == NEW_DIGEST and r["attempts"] == 3
+    half = "bytes=%d-" % (len(DATA) // 2)
+    assert log == [(None, 200), (half, 206), (None, 200)]
+    assert leftovers(dst) == []
+
+
+def test_weak_etag_means_a_full_download(dst):
+    with FaultServer(DATA) as fs:
+        fs.etag = 'W/"v1"'
+        fs.plan = ["short"]
+        r = _native.download(fs.url(), dst, **FAST)
+        log = ranges_and_statuses(fs)
+    assert read(dst) == DATA and r["resumed_from"] == 0
+    assert log == [(None, 200), (None, 200)]
+
+
+def test_kept_partial_with_a_weak_etag_is_not_resumed(dst):
+    with FaultServer(DATA) as fs:
+        fs.etag = 'W/"v1"'
+        write_kept_partial(dst, DATA[: len(DATA) // 2], fs.etag, fs.url())
+        r = _native.download(fs.url(), dst, **FAST)
+        log = ranges_and_statuses(fs)
+    assert read(dst) == DATA and r["resumed_from"] == 0 and log == [(None, 200)]
+
+
+# ---- partials this process did not make -------------------------------------------
+
+def plant(dst, url, etag, owner=None, mode=0o600):
+    """A partial whose bytes are wrong but whose meta names the right URL and
+    ETag: adopting it would produce a corrupt file."""
+    write_kept_partial(dst, b"\0" * (len(DATA) // 2), etag, url)
+    for path in (dst + ".partial", dst + ".partial.meta"):
+        os.chmod(path, mode)
+        if owner is not None:
+            os.chown(path, owner, owner)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_partial_planted_by_another_user_is_replaced(server, dst):
+    plant(dst, server.url(), server.etag, owner=12345)
+    r = _native.download(server.url(), dst, **FAST)
+    assert read(dst) == DATA and r["resumed_from"] == 0
+    assert ranges_and_statuses(server) == [(None, 200)]
+    assert os.stat(dst).st_uid == os.geteuid() and leftovers(dst) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as two other users needs root")
+def test_unreadable_partial_of_another_user_is_replaced(server):
+    """In a shared, world-writable cache a user (12345) finds a partial of
+    another (12346) that it may not even open: removed and replaced."""
+    import shutil
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="ckptio-shared-")
+    try:
+        os.chmod(shared, 0o777)
+        dst = os.path.join(shared, "file.bin")
+        plant(dst, server.url(), server.etag, owner=12346)
+        pid = os.fork()
+        if pid == 0:  # the other user, with the extension already loaded
+            code = 1
+            try:
+                os.setgid(12345)
+                os.setuid(12345)
+                _native.download(server.url(), dst, **FAST)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert read(dst) == DATA and os.stat(dst).st_uid == 12345
+        assert ranges_and_statuses(server) == [(None, 200)] and leftovers(dst) == []
+    finally:
+        shutil.rmtree(shared)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_meta_planted_by_another_user_is_ignored(server, dst):
+    plant(dst, server.url(), server.etag)
+    os.chown(dst + ".partial.meta", 12345, 12345)
+    _native.download(server.url(), dst, **FAST)
+    assert read(dst) == DATA and ranges_and_statuses(server) == [(None, 200)]
+    assert leftovers(dst) == []
+
+
+def test_partial_readable_by_others_is_not_ours(server, dst):
+    plant(dst, server.url(), server.etag, mode=0o644)
+    _native.download(server.url(), dst, **FAST)
+    assert read(dst) == DATA and ranges_and_statuses(server) == [(None, 200)]
+
+
+def test_partial_hard_linked_to_another_file_is_not_written(server, dst, tmp_path):
+    """A hard link planted at the partial's path to a file of ours elsewhere:
+    resuming or truncating it would destroy that file."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    os.chmod(victim, 0o600)
+    os.link(victim, dst + ".partial")
+    write_meta(dst, server.etag, server.url(), len(DATA))
+    _native.download(server.url(), dst, **FAST)
+    assert victim.read_bytes() == b"keep me" and read(dst) == DATA
+    assert ranges_and_statuses(server) == [(None, 200)]
+
+
+def test_partials_are_private_until_the_file_is_in_place(server, dst):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    server.default = "slow"
+    seen = {}
+
+    def watch():
+        import time
+
+        server.body_started.wait(10)
+        deadline = time.monotonic() + 10  # the client writes the meta file on the first body bytes
+        while not os.path.exists(dst + ".partial.meta") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["mode"] = os.stat(dst + ".partial").st_mode & 0o777
+        seen["meta"] = os.stat(dst + ".partial.meta").st_mode & 0o777
+        server.stop.set()
+
+    t = threading.Thread(target=watch)
+    t.start()
+    with pytest.raises(ckptio.DownloadError):
+        _native.download(server.url(), dst, retries=0, low_speed_limit=10**9, low_speed_time=1,
+                         **FAST)
+    t.join()
+    assert seen == {"mode": 0o600, "meta": 0o600}
+    server.default = "ok"
+    server.stop.clear()
+    _native.download(server.url(), dst, **FAST)
+    assert os.stat(dst).st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---- the wait for another download's lock ------------------------------------------
+
+def test_wait_for_a_stalled_lock_holder_times_out(server, dst):
+    import fcntl
+    import time
+
+    with private_file(dst + ".partial") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.raises(ckptio.DownloadError, match="without progress") as ei:
+            _native.download(server.url(), dst, lock_timeout=0.5, **FAST)
+        waited = time.monotonic() - start
+    assert 0.5 <= waited < 5
+    assert dst + ".partial" in str(ei.value)
+    assert server.log == [] and not os.path.exists(dst)
+
+
+def test_wait_lasts_while_the_holder_makes_progress(server, dst):
+    """The timeout counts time without progress, not the whole wait: a holder
+    still writing its partial is waited for."""
+    import fcntl
+    import time
+
+    result = {}
+
+    def waiter():
+        result["r"] = _native.download(server.url(), dst, lock_timeout=1.0, if_missing=True,
+                                       **FAST)
+
+    with private_file(dst + ".partial") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        t = threading.Thread(target=waiter)
+        t.start()
+        for _ in range(25):  # 2.5 s in all, more than twice the timeout
+            time.sleep(0.1)
+            holder.write(b"x" * 1000)
+            holder.flush()
+        with private_file(dst + ".partial") as f:
+            f.write(DATA)
+        os.rename(dst + ".partial", dst)
+    t.join()
+    assert result["r"]["existed"] and read(dst) == DATA and server.log == []

@@ -164,8 +164,8 @@ def test_mmengine_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
     assert runner_module._load_checkpoint_to_model is ours_mmengine._load_checkpoint_to_model
     assert mm_runner.load_checkpoint is ours_mmengine.load_checkpoint
     # mmengine stores HistoryBuffer objects and numpy arrays in its checkpoints,
-    # which torch's weights-only default refuses (for mmengine as for ckptio)
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # which torch's weights-only default refuses; ckptio's mmengine surface
+    # decodes them data-only (allow='openmmlab'), with no environment variable
 
     class Net(BaseModel):
         def __init__(self):
@@ -258,3 +258,16 @@ def test_mmcv_names_are_ignored_when_not_patched(monkeypatch):
     monkeypatch.setattr(mmcv_ckpt, "load_url", lambda *a, **k: "mmcv's")
     assert not ckptio.patching.patched()
     assert ours._resolve("load_url") is ours.load_url
+
+
+def test_patch_logs_what_it_replaced(caplog):
+    import logging
+
+    pytest.importorskip("mmcv.runner")
+    import ckptio
+
+    with caplog.at_level(logging.INFO, logger="ckptio"):
+        ckptio.patch()
+        ckptio.unpatch()
+    (msg,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("patch():")]
+    assert "load_checkpoint" in msg and "names replaced in" in msg

@@ -124,8 +124,11 @@ def test_record_holds_more_than_its_storage(good):
     longer = rezip(good, replace={"data/1": bytes(64)})
     report = ckptio.verify(longer)
     assert [p.kind for p in report.problems] == ["storage"]
-    assert report.problems[0].record == "archive/data/1"
-    assert "holds 64 bytes but its storage 40" in report.problems[0].message
+    assert report.problems[0].record == "data/1"
+    assert "claims 40 bytes but its record holds 64" in report.problems[0].message
+    # torch.load refuses such a record ("record size ... does not match"); so does ckptio.load
+    with pytest.raises(ckptio.CheckpointError, match="claims 40 bytes but its record holds 64"):
+        ckptio.load(longer)
 
 
 def test_missing_records(good):
@@ -240,8 +243,11 @@ def test_empty_tensors_in_deflated_records():
 
 
 def test_globals_outside_the_allowlist_are_a_problem_unless_trusted(tmp_path):
-    # an mmengine-style meta with a numpy scalar: refused by the default
-    # weights_only decode, fine for a trusted file
+    # an mmengine-style meta with a numpy scalar: refused by torch's weights_only
+    # allowlist, decoded data-only with allow='openmmlab' (the command line's
+    # default), fine for a trusted file
+    import argparse
+
     import numpy as np
 
     from ckptio import cli
@@ -251,6 +257,13 @@ def test_globals_outside_the_allowlist_are_a_problem_unless_trusted(tmp_path):
     report = ckptio.verify(path)
     assert not report.ok and report.problems[0].kind == "pickle"
     assert "numpy" in report.problems[0].message
+    assert "allow='openmmlab'" in report.problems[0].message
+    assert ckptio.verify(path, allow="openmmlab").ok
     assert ckptio.verify(path, weights_only=False).ok
-    assert cli.main(["verify", "-q", str(path)]) == 1
-    assert cli.main(["verify", "-q", "--unsafe", str(path)]) == 0
+    assert cli.main(["verify", "-q", str(path)]) == 0
+    assert cli.main(["verify", "-q", "--allow", "none", str(path)]) == 1
+    assert cli.main(["verify", "-q", "--allow", "none", "--unsafe", str(path)]) == 0
+    other = tmp_path / "ns.pth"
+    torch.save({"cfg": argparse.Namespace(lr=0.1)}, other)
+    assert cli.main(["verify", "-q", str(other)]) == 1
+    assert cli.main(["verify", "-q", "--unsafe", str(other)]) == 0

@@ -4,6 +4,7 @@
 
 #include "core/atomic.h"
 #include "core/zipwrite.h"
+#include "budget.h"
 #include "errors.h"
 #include "globals.h"
 #include "load.h"
@@ -26,6 +27,7 @@ static int session_options(ck_session *s, PyObject *user_globals) {
     s->user_globals = user_globals;
     uint64_t budget = (uint64_t)s->len * DCP_INFLATE_RATIO;
     s->inflate_budget = budget > DCP_INFLATE_FLOOR ? budget : DCP_INFLATE_FLOOR;
+    ck_budget_begin(s); /* the memory bound of a load of this unit (budget.h) */
     s->encoding = PyUnicode_FromString("utf-8");
     s->errors = s->encoding ? PyUnicode_FromString("strict") : NULL;
     if (s->errors == NULL)
@@ -94,13 +96,12 @@ static PyObject *py_unpickle(PyObject *module, PyObject *args, PyObject *kwargs)
     PyObject *result = NULL;
     if (session_options(&s, user_globals == Py_None ? NULL : user_globals) == 0) {
         s.weights_only = weights_only;
+        ck_budget_begin(&s); /* the trusted floor when weights_only is off */
         if (s.len == 0)
             ck_raise(st->CheckpointError, name, "the file is empty");
         else
             result = ck_unpickle(&s, s.buf, s.len, "pickle", NULL);
     }
-    if (result != NULL && (s.live_refs != 0 || s.refs_escaped))
-        Py_SETREF(result, ck_materialize_refs(&s, result));
     ck_session_end(&s);
     return result;
 }
@@ -317,7 +318,7 @@ static PyObject *py_atomic_file(PyObject *module, PyObject *args, PyObject *kwar
     ck_error_clear(&err);
     ck_status status;
     const char *target = PyBytes_AS_STRING(encoded);
-    Py_BEGIN_ALLOW_THREADS status = ck_atomic_open(&self->at, target, &err);
+    Py_BEGIN_ALLOW_THREADS status = ck_atomic_open(&self->at, target, 0, &err);
     Py_END_ALLOW_THREADS Py_DECREF(encoded);
     if (status != CK_OK) {
         ck_raise_core(st, path, &err);

@@ -1,5 +1,6 @@
 #include "globals.h"
 
+#include "dataset.h"
 #include "errors.h"
 
 static const char *const blocked_modules[] = {"sys", "os", "posix", "nt"};
@@ -81,6 +82,11 @@ static PyObject *resolve_weights_only(ck_session *s, PyObject *module, PyObject 
     PyObject *full = PyUnicode_FromFormat("%U.%U", module, name);
     if (full == NULL)
         return NULL;
+    PyObject *data = ck_dataset_global(s, full);
+    if (data != NULL || PyErr_Occurred()) {
+        Py_DECREF(full);
+        return data;
+    }
     PyObject *obj = lookup_allowed(s, full);
     if (obj == NULL && !PyErr_Occurred()) {
         PyObject *alias = numpy_alias(module);
@@ -123,12 +129,24 @@ static PyObject *resolve_weights_only(ck_session *s, PyObject *module, PyObject 
                  "GLOBAL %U: import torch.distributed.tensor before loading DTensors with "
                  "weights_only=True",
                  full);
+    else if (ck_dataset_names(st, full))
+        ck_raise(st->UnpicklingError, s->filename,
+                 "weights-only load refused GLOBAL %U: it is outside torch's default "
+                 "allowlist. ckptio decodes it, with numpy values and mmengine's "
+                 "HistoryBuffer, data-only (nothing the file names is called) with "
+                 "ckptio.load(f, allow='openmmlab'), the default of ckptio.checkpoint, "
+                 "ckptio.mmengine, ckptio.load_url and the ckptio command line (--allow "
+                 "openmmlab); or allow it as torch does, with ckptio.add_safe_globals([%U]) "
+                 "(its own code then runs), or load with weights_only=False (command line: "
+                 "--unsafe) if you trust the file's source",
+                 full, full);
     else
         ck_raise(st->UnpicklingError, s->filename,
                  "weights-only load refused GLOBAL %U: it is not an allowed global. If you "
                  "trust it, allow it with ckptio.add_safe_globals([%U]) (or "
                  "torch.serialization.add_safe_globals), or load with weights_only=False "
-                 "if you trust the file's source",
+                 "(command line: ckptio info/verify/convert --unsafe) if you trust the file's "
+                 "source",
                  full, full);
     Py_DECREF(full);
     return NULL;

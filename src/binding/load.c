@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "budget.h"
 #include "errors.h"
 #include "globals.h"
 #include "mapping.h"
@@ -25,7 +26,7 @@
 
 const char ck_load_doc[] =
     "load(mapping, filename, *, weights_only=True, encoding='utf-8', errors='strict',\n"
-    "     map_kind=0, map_location=None, restore=None, user_globals=None)\n"
+    "     map_kind=0, map_location=None, restore=None, user_globals=None, allow=0)\n"
     "Decodes the checkpoint held by mapping (see ckptio.load for the public API).";
 
 static int host_is_little(void) {
@@ -57,6 +58,10 @@ static int record_bytes(ck_session *s, const char *rel, const uint8_t **data, si
         ck_raise(s->st->CheckpointError, s->filename,
                  "compressed record %s would inflate to %llu bytes, past the limit of %llu", rel,
                  (unsigned long long)e->size, (unsigned long long)s->inflate_budget);
+        return -1;
+    }
+    if (ck_charge(s, e->size) < 0) {
+        ck_raise_over_budget(s, rel);
         return -1;
     }
     ck_error err;
@@ -167,8 +172,6 @@ static PyObject *load_zip(ck_session *s) {
     if (ck_storages_alloc(s, s->zip.n_entries) == 0)
         result = ck_unpickle(s, pkl, pkl_len, "data.pkl", NULL);
     free(owned);
-    if (result != NULL && (s->live_refs != 0 || s->refs_escaped))
-        Py_SETREF(result, ck_materialize_refs(s, result));
     return result;
 }
 
@@ -206,7 +209,12 @@ static int layout_from_pids(ck_session *s, PyObject *pids, PyObject *roots, PyOb
         if (!PyTuple_Check(pid) || PyTuple_GET_SIZE(pid) != 6)
             continue; /* refused (or a module) when the objects are built */
         PyObject *key = PyTuple_GET_ITEM(pid, 2);
-        if (!PyUnicode_Check(key) || PyDict_Contains(roots, key))
+        if (!PyUnicode_Check(key))
+            continue;
+        int seen = PyDict_Contains(roots, key);
+        if (seen < 0)
+            return -1;
+        if (seen)
             continue;
         PyObject *code = PyDict_GetItemWithError(st->storage_dtype, PyTuple_GET_ITEM(pid, 1));
         if (code == NULL) {
@@ -286,7 +294,10 @@ static PyObject *load_legacy(ck_session *s) {
             ck_raise(st->CheckpointError, s->filename, "storage keys must be strings");
             goto out;
         }
-        if (PyDict_Contains(s->legacy_slots, key)) {
+        int twice = PyDict_Contains(s->legacy_slots, key);
+        if (twice < 0)
+            goto out;
+        if (twice) {
             ck_raise(st->CheckpointError, s->filename, "storage '%U' is listed twice", key);
             goto out;
         }
@@ -363,6 +374,8 @@ static PyObject *load_legacy(ck_session *s) {
         if (listed < 0)
             goto out;
         int is_view = PySet_Contains(views, rkey);
+        if (is_view < 0)
+            goto out;
         if (!listed && !is_view) {
             ck_raise(st->CheckpointError, s->filename, "storage '%U' has no data in the file",
                      rkey);
@@ -370,8 +383,6 @@ static PyObject *load_legacy(ck_session *s) {
         }
     }
     result = ck_unpickle(s, s->buf + obj_pos, obj_len, "object pickle", NULL);
-    if (result != NULL && (s->live_refs != 0 || s->refs_escaped))
-        Py_SETREF(result, ck_materialize_refs(s, result));
 out:
     Py_XDECREF(pids);
     Py_XDECREF(keys);
@@ -394,7 +405,9 @@ PyObject *ck_load_any(ck_session *s) {
     if (n >= 262 && memcmp(b + 257, "ustar", 5) == 0)
         return ck_raise(st->CheckpointError, s->filename,
                         "tar format of torch 0.1.x: not supported (re-save it with torch.save)");
-    if (b[0] == 0x80) {
+    /* a legacy stream starts with its magic number's pickle: PROTO (protocol 2
+     * and up) or, written with pickle_protocol 0 or 1, the text LONG opcode */
+    if (b[0] == 0x80 || b[0] == 'L') {
         s->byteswap = !host_is_little(); /* legacy data is always little-endian */
         return load_legacy(s);
     }
@@ -406,15 +419,16 @@ PyObject *ck_load_any(ck_session *s) {
 
 PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"mapping",  "filename",     "weights_only", "encoding",     "errors",
-                             "map_kind", "map_location", "restore",      "user_globals", NULL};
+                             "map_kind", "map_location", "restore",      "user_globals", "allow",
+                             NULL};
     ck_state *st = ck_get_state(module);
     PyObject *mapping, *filename, *map_location = Py_None, *restore = Py_None,
                                   *user_globals = Py_None;
-    int weights_only = 1, map_kind = CK_MAP_NONE;
+    int weights_only = 1, map_kind = CK_MAP_NONE, allow = 0;
     const char *encoding = "utf-8", *errors = "strict";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$pssiOOO", kwlist, &mapping, &filename,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$pssiOOOi", kwlist, &mapping, &filename,
                                      &weights_only, &encoding, &errors, &map_kind, &map_location,
-                                     &restore, &user_globals))
+                                     &restore, &user_globals, &allow))
         return NULL;
     if (ck_torch_ready(st) < 0)
         return NULL;
@@ -439,6 +453,7 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     ck_session s;
     ck_session_begin(&s, st, filename, mapping);
     s.weights_only = weights_only;
+    s.allow = allow;
     s.map_kind = (ck_map_kind)map_kind;
     s.map_location = map_location;
     s.restore = restore;
@@ -446,6 +461,7 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     uint64_t budget = (uint64_t)s.len * CK_INFLATE_RATIO;
     uint64_t floor = weights_only ? CK_INFLATE_FLOOR_SAFE : CK_INFLATE_FLOOR;
     s.inflate_budget = budget > floor ? budget : floor;
+    ck_budget_begin(&s);
     if (strcmp(encoding, "bytes") != 0) {
         s.encoding = PyUnicode_FromString(encoding);
         if (s.encoding == NULL)

@@ -3,15 +3,19 @@
 #define CKPTIO_IMPORT_ARRAY
 #include "state.h"
 
+#include "budget.h"
+#include "dataset.h"
 #include "dcp.h"
 #include "errors.h"
 #include "hostcopy.h"
 #include "keys.h"
+#include "libs.h"
 #include "http.h"
 #include "load.h"
 #include "mapping.h"
 #include "npy.h"
 #include "save.h"
+#include "save_hooks.h"
 #include "tensors.h"
 #include "verify.h"
 
@@ -75,16 +79,19 @@ static const struct {
     [CK_DT_INT7] = {"int7", -1},
 };
 
+/* The numpy type whose array torch.from_numpy wraps before the view to a
+ * dtype numpy lacks (bfloat16, float8...): signed integers, which every
+ * torch reads (torch < 2.3 refuses numpy's uint16/32/64). */
 static int view_type_for(int elsize) {
     switch (elsize) {
     case 1:
         return NPY_UINT8;
     case 2:
-        return NPY_UINT16;
+        return NPY_INT16;
     case 4:
-        return NPY_UINT32;
+        return NPY_INT32;
     case 8:
-        return NPY_UINT64;
+        return NPY_INT64;
     default:
         return -1;
     }
@@ -142,6 +149,12 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         O("UntypedStorage", UntypedStorage),
         O("OrderedDict", OrderedDict),
         O("Counter", Counter),
+        O("normalize_storage_type", normalize_storage_type),
+        O("location_tag", location_tag),
+        O("torch", torch_module),
+        O("get_tensor_metadata", get_tensor_metadata),
+        O("strided", strided),
+        O("save_new_dtypes", save_new_dtypes),
 #undef O
     };
     for (size_t i = 0; i < sizeof objects / sizeof objects[0]; i++)
@@ -160,11 +173,16 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         D("compat_name_mapping", compat_name_mapping),
         D("compat_import_mapping", compat_import_mapping),
         D("extension_registry", extension_registry),
+        D("save_legacy", save_legacy),
 #undef D
     };
     for (size_t i = 0; i < sizeof dicts / sizeof dicts[0]; i++)
         if (take_dict(config, dicts[i].key, (PyObject **)((char *)st + dicts[i].offset)) < 0)
             return NULL;
+    if (!PyAnySet_Check(st->save_new_dtypes)) {
+        PyErr_SetString(PyExc_TypeError, "configure: save_new_dtypes must be a set");
+        return NULL;
+    }
 
     /* dtypes: a list aligned with DTYPE_NAMES of (dtype or None, elsize,
      * cpu template or None) */
@@ -216,6 +234,8 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         }
         Py_DECREF(id);
     }
+    if (ck_budget_configure(st) < 0)
+        return NULL;
     st->torch_ready = 1;
     Py_RETURN_NONE;
 }
@@ -254,6 +274,7 @@ static PyMethodDef *const method_groups[] = {
     ck_keys_methods,
     ck_http_methods,
     ck_verify_methods,
+    ck_libs_methods,
     ck_dcp_methods,
     NULL, /* sentinel: units add their tables before it */
 };
@@ -272,7 +293,7 @@ static int module_exec(PyObject *m) {
             return -1;
     if (ck_errors_init(m, st) < 0 || ck_mapping_init(m, st) < 0 || ck_tensors_init(m, st) < 0)
         return -1;
-    if (ck_http_init(m, st) < 0)
+    if (ck_http_init(m, st) < 0 || ck_save_hooks_init(m, st) < 0 || ck_dataset_init(st) < 0)
         return -1;
     st->torchscript_marker = PyUnicode_InternFromString("<ckptio torchscript archive>");
     if (st->torchscript_marker == NULL ||
@@ -290,7 +311,9 @@ static int module_exec(PyObject *m) {
         intern(&st->s_wrap_storage, "wrap_storage") || intern(&st->s_internal, "_internal") ||
         intern(&st->s_cpu, "cpu") || intern(&st->s_get, "get") ||
         intern(&st->s_add_note, "add_note") || intern(&st->s_storage_word, "Storage") ||
-        intern(&st->s_torch_tensor_module, "torch._tensor"))
+        intern(&st->s_torch_tensor_module, "torch._tensor") || intern(&st->s_storage, "storage") ||
+        intern(&st->s_meta, "meta") || intern(&st->s_cuda, "cuda") ||
+        intern(&st->s_fake_device, "_fake_device"))
         return -1;
     PyObject *names = PyTuple_New(CK_DT_COUNT);
     if (names == NULL)
@@ -342,6 +365,7 @@ static int module_exec(PyObject *m) {
     X(compat_name_mapping)                                                                         \
     X(compat_import_mapping)                                                                       \
     X(extension_registry)                                                                          \
+    X(builder_policy)                                                                              \
     X(s_new)                                                                                       \
     X(s_set_)                                                                                      \
     X(s_view)                                                                                      \
@@ -364,7 +388,26 @@ static int module_exec(PyObject *m) {
     X(s_get)                                                                                       \
     X(s_add_note)                                                                                  \
     X(s_storage_word)                                                                              \
-    X(s_torch_tensor_module)
+    X(s_torch_tensor_module)                                                                       \
+    X(SavePickler)                                                                                 \
+    X(s_storage)                                                                                   \
+    X(s_meta)                                                                                      \
+    X(s_cuda)                                                                                      \
+    X(s_fake_device)                                                                               \
+    X(normalize_storage_type)                                                                      \
+    X(location_tag)                                                                                \
+    X(torch_module)                                                                                \
+    X(get_tensor_metadata)                                                                         \
+    X(strided)                                                                                     \
+    X(save_legacy)                                                                                 \
+    X(save_new_dtypes)                                                                             \
+    X(np_reconstruct)                                                                              \
+    X(np_scalar)                                                                                   \
+    X(np_array_setstate)                                                                           \
+    X(builtin_getattr)                                                                             \
+    X(codecs_encode)                                                                               \
+    X(dataset_globals)                                                                             \
+    X(HistoryBuffer)
 
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     ck_state *st = ck_get_state(m);
@@ -375,6 +418,8 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg) {
 #undef VISIT
     Py_VISIT(st->MappingType);
     Py_VISIT(st->StorageRefType);
+    Py_VISIT(st->RefTupleType);
+    Py_VISIT(st->SaveStateType);
     for (int i = 0; i < CK_DT_COUNT; i++) {
         Py_VISIT(st->dtypes[i].dtype);
         Py_VISIT(st->dtypes[i].cpu_template);
@@ -391,6 +436,8 @@ static int module_clear(PyObject *m) {
 #undef CLEAR
     Py_CLEAR(st->MappingType);
     Py_CLEAR(st->StorageRefType);
+    Py_CLEAR(st->RefTupleType);
+    Py_CLEAR(st->SaveStateType);
     for (int i = 0; i < CK_DT_COUNT; i++) {
         Py_CLEAR(st->dtypes[i].dtype);
         Py_CLEAR(st->dtypes[i].cpu_template);

@@ -21,6 +21,7 @@ void ck_session_end(ck_session *s) {
         ck_zip_close(&s->zip);
     Py_CLEAR(s->user_ids);
     Py_CLEAR(s->legacy_slots);
+    Py_CLEAR(s->twins);
     Py_CLEAR(s->encoding);
     Py_CLEAR(s->errors);
 }

@@ -7,6 +7,13 @@
 #include "state.h"
 #include "core/zipread.h"
 
+/* Containers the pickle builds nest at most this deep (the depth of an
+ * object is counted as the machine builds it: one more than its deepest
+ * item). CPython hashes and compares nested tuples by recursion in C (a
+ * tuple 10^6 deep crashes torch.load in tuple hash); CPython 3.13 takes
+ * 10,000 levels of C recursion as safe, and pickle's writer stops there too. */
+#define CK_MAX_DEPTH 10000
+
 /* How map_location is applied to a storage saved at `location`. */
 typedef enum ck_map_kind {
     CK_MAP_NONE, /* map_location=None: 'cpu' stays, others via restore() */
@@ -57,21 +64,24 @@ typedef struct ck_session {
 
     /* options */
     int weights_only;
+    int allow;          /* CK_ALLOW_* bits (dataset.h): data sets beyond torch's allowlist */
     PyObject *encoding; /* str; NULL means 'bytes' (keep bytes) */
     PyObject *errors;   /* str */
     ck_map_kind map_kind;
-    PyObject *map_location;  /* borrowed: the dict for CK_MAP_DICT */
-    PyObject *restore;       /* borrowed: restore_location(storage, location) */
-    PyObject *user_globals;  /* borrowed dict "module.name" -> object, or NULL */
-    PyObject *user_ids;      /* strong set of id() of user_globals values */
-    int byteswap;            /* stored byte order differs from the host's */
-    int unaligned_ok;        /* storages may stay unaligned in place (their tensors are only
-                                read by copying: DCP items); else misaligned bytes are copied */
-    uint64_t inflate_budget; /* bytes compressed records may still inflate to */
+    PyObject *map_location;     /* borrowed: the dict for CK_MAP_DICT */
+    PyObject *restore;          /* borrowed: restore_location(storage, location) */
+    PyObject *user_globals;     /* borrowed dict "module.name" -> object, or NULL */
+    PyObject *user_ids;         /* strong set of id() of user_globals values */
+    int byteswap;               /* stored byte order differs from the host's */
+    int unaligned_ok;           /* storages may stay unaligned in place (their tensors are only
+                                   read by copying: DCP items); else misaligned bytes are copied */
+    uint64_t inflate_budget;    /* bytes compressed records may still inflate to */
+    uint64_t budget_total;      /* the memory bound of this load (budget.c) */
+    uint64_t budget_left;       /* what is left of it */
+    Py_ssize_t collidable_keys; /* dict keys / set items a file can make collide (budget.h) */
 
-    /* storage references handed to Python code (not yet consumed natively) */
-    Py_ssize_t live_refs;
-    int refs_escaped; /* a reference was memoized or passed on: walk the result */
+    /* the plain twins of RefTuples met so far: id -> (reftuple, twin) (tensors.c) */
+    PyObject *twins;
 } ck_session;
 
 /* Starts a session over the bytes of mapping (a ckptio._native.Mapping,

@@ -13,6 +13,8 @@
 
 #include <stdint.h>
 
+#include "compat.h"
+
 /* getattr that tells "absent" (0, no exception) from "failed" (-1). */
 #if PY_VERSION_HEX >= 0x030D0000
 #define ck_lookup_attr PyObject_GetOptionalAttr
@@ -87,6 +89,7 @@ typedef struct ck_state {
     /* heap types */
     PyTypeObject *MappingType;
     PyTypeObject *StorageRefType;
+    PyTypeObject *RefTupleType; /* tuples holding StorageRefs (tensors.c) */
     /* result marker for TorchScript archives under weights_only=False */
     PyObject *torchscript_marker;
 
@@ -120,6 +123,7 @@ typedef struct ck_state {
     PyObject *compat_name_mapping; /* _compat_pickle.NAME_MAPPING (fix_imports) */
     PyObject *compat_import_mapping;
     PyObject *extension_registry; /* copyreg._inverted_registry */
+    PyObject *builder_policy;     /* dict: id(builder) -> how it allocates (budget.c) */
     ck_dtype_info dtypes[CK_DT_COUNT];
 
     /* interned attribute names */
@@ -149,6 +153,30 @@ typedef struct ck_state {
 
     /* http.c */
     PyObject *DownloadError;
+
+    /* save_hooks.c: made at import */
+    PyTypeObject *SaveStateType;
+    PyObject *SavePickler; /* the _pickle.Pickler subclass every save uses */
+    PyObject *s_storage;   /* "storage" */
+    PyObject *s_meta;      /* "meta" */
+    PyObject *s_cuda;      /* "cuda" */
+    PyObject *s_fake_device;
+    /* save_hooks.c: torch's objects, from configure */
+    PyObject *normalize_storage_type; /* torch.serialization.normalize_storage_type */
+    PyObject *location_tag;           /* torch.serialization.location_tag */
+    PyObject *torch_module;           /* torch (storage classes by name) */
+    PyObject *get_tensor_metadata;    /* torch._C._get_tensor_metadata */
+    PyObject *strided;                /* torch.strided */
+    PyObject *save_legacy;     /* dict: dtype -> (storage class torch pickles, element size) */
+    PyObject *save_new_dtypes; /* frozenset: dtypes torch saves through _rebuild_tensor_v3 */
+    /* the data sets beyond torch's allowlist (dataset.c, npdata.c, histbuf.c) */
+    PyObject *np_reconstruct;    /* numpy's multiarray._reconstruct */
+    PyObject *np_scalar;         /* numpy's multiarray.scalar */
+    PyObject *np_array_setstate; /* ndarray.__setstate__, from the type */
+    PyObject *builtin_getattr;
+    PyObject *codecs_encode;   /* _codecs.encode */
+    PyObject *dataset_globals; /* dict: "module.name" -> object (HistoryBuffer aside) */
+    PyObject *HistoryBuffer;   /* mmengine's class, once a pickle named it */
 } ck_state;
 
 /* The state of the module object m. */

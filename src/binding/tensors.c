@@ -2,6 +2,7 @@
 
 #include <string.h>
 
+#include "budget.h"
 #include "errors.h"
 #include "mapping.h"
 #include "npy.h"
@@ -39,13 +40,54 @@ static PyType_Spec storage_ref_spec = {
     .slots = storage_ref_slots,
 };
 
+/* A tuple whose items include a StorageRef or another RefTuple: the
+ * arguments of torch's rebuild functions, built by the pickle machine. It
+ * stays inside the machine (stack, memo, other RefTuples); wherever it
+ * would reach Python code, a result or another container, its twin (the
+ * same tuple with the storages torch would have made) goes instead. */
+static PyType_Slot ref_tuple_slots[] = {
+    {Py_tp_doc, "Rebuild arguments naming storages, before the storages are needed."},
+    {0, NULL},
+};
+
+static PyType_Spec ref_tuple_spec = {
+    .name = "ckptio._native.RefTuple",
+    .basicsize = 0, /* tuple's */
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = ref_tuple_slots,
+};
+
 int ck_tensors_init(PyObject *m, ck_state *st) {
     st->StorageRefType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &storage_ref_spec, NULL);
-    return st->StorageRefType == NULL ? -1 : 0;
+    if (st->StorageRefType == NULL)
+        return -1;
+    st->RefTupleType =
+        (PyTypeObject *)PyType_FromModuleAndSpec(m, &ref_tuple_spec, (PyObject *)&PyTuple_Type);
+    return st->RefTupleType == NULL ? -1 : 0;
 }
 
 int ck_is_storage_ref(ck_state *st, PyObject *obj) {
     return Py_IS_TYPE(obj, st->StorageRefType);
+}
+
+int ck_holds_refs(ck_state *st, PyObject *obj) {
+    return Py_IS_TYPE(obj, st->StorageRefType) || Py_IS_TYPE(obj, st->RefTupleType);
+}
+
+PyObject *ck_tuple_steal(ck_session *s, PyObject **items, Py_ssize_t n) {
+    ck_state *st = s->st;
+    int held = 0;
+    for (Py_ssize_t i = 0; i < n && !held; i++)
+        held = ck_holds_refs(st, items[i]);
+    PyObject *t = held ? st->RefTupleType->tp_alloc(st->RefTupleType, n) : PyTuple_New(n);
+    if (t == NULL) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            Py_DECREF(items[i]);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(t, i, items[i]);
+    return t;
 }
 
 int ck_storages_alloc(ck_session *s, size_t n) {
@@ -148,10 +190,15 @@ static int claim(ck_session *s, ck_storage *e, PyObject *key, int dtype, int unt
                  uint64_t nbytes, PyObject *location) {
     if (e->used)
         return 0;
-    if (nbytes > e->src_size) {
+    /* torch.save writes each record with exactly its storage's bytes, and
+     * torch.load refuses a record of any other size ("record size ... does
+     * not match expected size"); so does ckptio, also where torch.load
+     * (mmap=True) slices a larger record without looking */
+    if (nbytes != e->src_size) {
         ck_raise(s->st->CheckpointError, s->filename,
-                 "storage '%U' claims %llu bytes but its record holds %llu", key,
-                 (unsigned long long)nbytes, (unsigned long long)e->src_size);
+                 "storage '%U' claims %llu bytes but its record holds %llu%s", key,
+                 (unsigned long long)nbytes, (unsigned long long)e->src_size,
+                 nbytes > e->src_size ? "" : " (torch.save writes exactly the storage's bytes)");
         return -1;
     }
     e->used = 1;
@@ -170,7 +217,6 @@ static PyObject *new_ref_for(ck_session *s, ck_storage *e, Py_ssize_t slot) {
         ref->slot = slot;
         e->ref = (PyObject *)ref;
     }
-    s->live_refs++;
     return Py_NewRef(e->ref);
 }
 
@@ -284,13 +330,16 @@ PyObject *ck_persistent_load(ck_session *s, PyObject *pid) {
     }
     ck_storage *ve = &s->storages[vslot];
     if (!ve->used) {
+        /* a view of a view is a view of the root, at the sum of the offsets:
+         * views never chain (a file of 20,000 views each of the previous one
+         * would otherwise be placed by 20,000 nested calls) */
         ve->used = 1;
         ve->dtype = dtype;
         ve->untyped = untyped;
         ve->nbytes = size_b;
         ve->location = Py_NewRef(location);
-        ve->view_of = slot;
-        ve->view_offset = off_b;
+        ve->view_of = e->view_of >= 0 ? e->view_of : slot;
+        ve->view_offset = e->view_of >= 0 ? e->view_offset + off_b : off_b;
     }
     result = new_ref_for(s, ve, vslot);
 out:
@@ -348,6 +397,10 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
     PyObject *owner;
     if (e->view_of >= 0) {
         ck_storage *root = &s->storages[e->view_of];
+        if (root->view_of >= 0) { /* never: views are flattened as they are met */
+            ck_raise(st->CheckpointError, s->filename, "a storage view's root is a view");
+            return -1;
+        }
         if (root->place == CK_PLACE_UNSET && place_storage(s, e->view_of, root, root->dtype) < 0)
             return -1;
         if (root->ptr == NULL) {
@@ -374,6 +427,10 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
                      e->zip_index, (unsigned long long)s->inflate_budget);
             return -1;
         }
+        if (ck_charge(s, ze->size) < 0) {
+            ck_raise_over_budget(s, "inflating a compressed storage record");
+            return -1;
+        }
         uint8_t *out = NULL;
         size_t out_len = 0;
         ck_error err;
@@ -397,6 +454,11 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
     int swap = s->byteswap && !e->untyped && elsize > 1;
     uintptr_t align = elsize >= 8 ? 8 : (uintptr_t)elsize;
     if (swap || (!s->unaligned_ok && align > 1 && ((uintptr_t)ptr % align) != 0)) {
+        if (ck_charge(s, e->nbytes) < 0) {
+            Py_DECREF(owner);
+            ck_raise_over_budget(s, "copying a storage to align or byte-swap it");
+            return -1;
+        }
         ck_region copy = {0};
         ck_error err;
         ck_error_clear(&err);
@@ -421,6 +483,21 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
 }
 
 /* The storage's UntypedStorage on the CPU, over its bytes (cached). */
+/* tensor.untyped_storage(), or tensor.storage()._storage on torch 1.13,
+ * whose tensors have no untyped_storage(). */
+static PyObject *untyped_of_tensor(PyObject *tensor, ck_state *st) {
+    PyObject *u = PyObject_CallMethodNoArgs(tensor, st->s_untyped_storage);
+    if (u != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return u;
+    PyErr_Clear();
+    PyObject *typed = PyObject_CallMethod(tensor, "storage", NULL);
+    if (typed == NULL)
+        return NULL;
+    u = PyObject_GetAttrString(typed, "_storage");
+    Py_DECREF(typed);
+    return u;
+}
+
 static PyObject *cpu_ustorage(ck_session *s, ck_storage *e) {
     ck_state *st = s->st;
     if (e->ustorage != NULL)
@@ -438,9 +515,18 @@ static PyObject *cpu_ustorage(ck_session *s, ck_storage *e) {
         if (tensor == NULL)
             return NULL;
     }
-    e->ustorage = PyObject_CallMethodNoArgs(tensor, st->s_untyped_storage);
+    e->ustorage = untyped_of_tensor(tensor, st);
     Py_DECREF(tensor);
     return e->ustorage;
+}
+
+/* typed._untyped_storage, or typed._storage on torch 1.13. */
+static PyObject *untyped_of_typed(PyObject *typed, ck_state *st) {
+    PyObject *u = PyObject_GetAttr(typed, st->s_untyped_attr);
+    if (u != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return u;
+    PyErr_Clear();
+    return PyObject_GetAttrString(typed, "_storage");
 }
 
 /* Decides where the storage lives (map_location), calling restore() where
@@ -480,7 +566,7 @@ static int place_storage(ck_session *s, Py_ssize_t slot, ck_storage *e, int tens
     if (r == NULL)
         return -1;
     if (PyObject_TypeCheck(r, (PyTypeObject *)st->TypedStorage)) {
-        PyObject *u = PyObject_GetAttr(r, st->s_untyped_attr);
+        PyObject *u = untyped_of_typed(r, st);
         Py_DECREF(r);
         if (u == NULL)
             return -1;
@@ -633,6 +719,14 @@ static PyObject *build_tensor(ck_session *s, Py_ssize_t slot, int dtype, PyObjec
     if (di->dtype == NULL || di->elsize <= 0)
         return ck_raise(st->CheckpointError, s->filename,
                         "storage dtype is not available in this torch");
+    if (di->cpu_template == NULL)
+        /* quantized dtypes: torch's _rebuild_tensor fails on them too (an
+         * internal assert); a quantized tensor is saved with
+         * _rebuild_qtensor, which ckptio hands to torch */
+        return ck_raise(st->CheckpointError, s->filename,
+                        "a plain tensor rebuild names the quantized dtype %R: torch cannot "
+                        "rebuild it either (quantized tensors are saved with _rebuild_qtensor)",
+                        di->dtype);
     geometry g;
     if (parse_geometry(s, offset, size, stride, &g) < 0)
         return NULL;
@@ -682,27 +776,28 @@ static PyObject *build_tensor(ck_session *s, Py_ssize_t slot, int dtype, PyObjec
 }
 
 /* requires_grad, tensor metadata (conj/neg bits) and backward hooks, as
- * torch's _rebuild_tensor_v2/v3 apply them. Steals t; returns it or NULL. */
+ * torch's _rebuild_tensor_v2/v3 apply them. Steals t; returns it or NULL.
+ * hooks and metadata are the pickle's objects: what reaches torch is their
+ * clean form (ck_clean). */
 static PyObject *finish_tensor(ck_session *s, PyObject *t, PyObject *requires_grad, PyObject *hooks,
                                PyObject *metadata) {
     ck_state *st = s->st;
-    if (requires_grad != NULL) {
-        int rg = PyObject_IsTrue(requires_grad);
-        if (rg < 0)
+    PyObject *clean = NULL;
+    if (requires_grad == Py_True) {
+        PyObject *r = PyObject_CallMethodOneArg(t, st->s_requires_grad_, Py_True);
+        if (r == NULL)
             goto fail;
-        if (rg) {
-            PyObject *r = PyObject_CallMethodOneArg(t, st->s_requires_grad_, Py_True);
-            if (r == NULL)
-                goto fail;
-            Py_DECREF(r);
-        }
+        Py_DECREF(r);
     }
     if (metadata != NULL && metadata != Py_None) {
         int has = PyObject_IsTrue(metadata);
         if (has < 0)
             goto fail;
         if (has) {
-            PyObject *r = PyObject_CallFunctionObjArgs(st->set_tensor_metadata, t, metadata, NULL);
+            if ((clean = ck_clean(s, metadata)) == NULL)
+                goto fail;
+            PyObject *r = PyObject_CallFunctionObjArgs(st->set_tensor_metadata, t, clean, NULL);
+            Py_CLEAR(clean);
             if (r == NULL)
                 goto fail;
             Py_DECREF(r);
@@ -714,8 +809,14 @@ static PyObject *finish_tensor(ck_session *s, PyObject *t, PyObject *requires_gr
         int has = PyObject_IsTrue(hooks);
         if (has < 0)
             goto fail;
-        if (has && PyObject_SetAttrString(t, "_backward_hooks", hooks) < 0)
-            goto fail;
+        if (has) {
+            if ((clean = ck_clean(s, hooks)) == NULL)
+                goto fail;
+            int rc = PyObject_SetAttrString(t, "_backward_hooks", clean);
+            Py_CLEAR(clean);
+            if (rc < 0)
+                goto fail;
+        }
     }
     return t;
 fail:
@@ -723,13 +824,19 @@ fail:
     return NULL;
 }
 
-static Py_ssize_t ref_slot(ck_session *s, PyObject *obj) {
-    return ck_is_storage_ref(s->st, obj) ? ((ck_storage_ref *)obj)->slot : -1;
+/* torch sets tensor.requires_grad = requires_grad, which refuses anything
+ * but a bool ("requires_grad must be a bool"); so does ckptio. */
+static int check_requires_grad(ck_session *s, PyObject *requires_grad, const char *func) {
+    if (PyBool_Check(requires_grad))
+        return 0;
+    ck_raise(s->st->CheckpointError, s->filename,
+             "%s: requires_grad must be a bool, got %.80s (torch refuses it too)", func,
+             Py_TYPE(requires_grad)->tp_name);
+    return -1;
 }
 
-static void consume_ref(ck_session *s) {
-    if (s->live_refs > 0)
-        s->live_refs--;
+static Py_ssize_t ref_slot(ck_session *s, PyObject *obj) {
+    return ck_is_storage_ref(s->st, obj) ? ((ck_storage_ref *)obj)->slot : -1;
 }
 
 /* _rebuild_tensor(storage, offset, size, stride),
@@ -756,11 +863,14 @@ static PyObject *rebuild_tensor(ck_session *s, int version, PyObject *args) {
     } else if (version == 2 && PyTuple_GET_SIZE(args) > 6) {
         metadata = PyTuple_GET_ITEM(args, 6);
     }
+    if (version > 1 &&
+        check_requires_grad(s, PyTuple_GET_ITEM(args, 4),
+                            version == 2 ? "_rebuild_tensor_v2" : "_rebuild_tensor_v3") < 0)
+        return NULL;
     PyObject *t = build_tensor(s, slot, dtype, PyTuple_GET_ITEM(args, 1), PyTuple_GET_ITEM(args, 2),
                                PyTuple_GET_ITEM(args, 3));
     if (t == NULL)
         return NULL;
-    consume_ref(s);
     if (version == 1)
         return t;
     return finish_tensor(s, t, PyTuple_GET_ITEM(args, 4), PyTuple_GET_ITEM(args, 5), metadata);
@@ -772,22 +882,34 @@ static PyObject *rebuild_tensor(ck_session *s, int version, PyObject *args) {
 static PyObject *rebuild_parameter(ck_session *s, PyObject *args, int with_state) {
     ck_state *st = s->st;
     PyObject *data = PyTuple_GET_ITEM(args, 0);
-    PyObject *param = PyObject_CallFunctionObjArgs(st->make_subclass, st->Parameter, data,
-                                                   PyTuple_GET_ITEM(args, 1), NULL);
+    PyObject *requires_grad = PyTuple_GET_ITEM(args, 1);
+    if (check_requires_grad(s, requires_grad,
+                            with_state ? "_rebuild_parameter_with_state" : "_rebuild_parameter") <
+        0)
+        return NULL;
+    PyObject *param =
+        PyObject_CallFunctionObjArgs(st->make_subclass, st->Parameter, data, requires_grad, NULL);
     if (param == NULL)
         return NULL;
     PyObject *hooks = PyTuple_GET_ITEM(args, 2);
     if (hooks != Py_None) {
         int has = PyObject_IsTrue(hooks);
-        if (has < 0 || (has && PyObject_SetAttrString(param, "_backward_hooks", hooks) < 0)) {
+        PyObject *clean = has > 0 ? ck_clean(s, hooks) : NULL;
+        int rc =
+            has < 0 ||
+            (has && (clean == NULL || PyObject_SetAttrString(param, "_backward_hooks", clean) < 0));
+        Py_XDECREF(clean);
+        if (rc) {
             Py_DECREF(param);
             return NULL;
         }
     }
     if (!with_state)
         return param;
+    PyObject *state = ck_clean(s, PyTuple_GET_ITEM(args, 3));
     PyObject *r =
-        PyObject_CallFunctionObjArgs(st->set_obj_state, param, PyTuple_GET_ITEM(args, 3), NULL);
+        state != NULL ? PyObject_CallFunctionObjArgs(st->set_obj_state, param, state, NULL) : NULL;
+    Py_XDECREF(state);
     Py_DECREF(param);
     return r;
 }
@@ -811,14 +933,20 @@ static PyObject *apply_type_and_state(ck_session *s, PyObject *ret, PyObject *ne
         }
         PyErr_Clear();
     }
-    PyObject *r;
-    if (setstate != NULL && setstate != st->tensor_setstate) {
-        r = PyObject_CallMethodOneArg(ret, st->s_setstate, state);
-        Py_XDECREF(r);
-        r = r != NULL ? Py_NewRef(ret) : NULL;
+    PyObject *r = NULL;
+    PyObject *clean = ck_clean(s, state);
+    if (clean == NULL) {
+        /* nothing to call */
+    } else if (setstate != NULL && setstate != st->tensor_setstate) {
+        PyObject *done = PyObject_CallMethodOneArg(ret, st->s_setstate, clean);
+        if (done != NULL) {
+            Py_DECREF(done);
+            r = Py_NewRef(ret);
+        }
     } else {
-        r = PyObject_CallFunctionObjArgs(st->set_obj_state, ret, state, NULL);
+        r = PyObject_CallFunctionObjArgs(st->set_obj_state, ret, clean, NULL);
     }
+    Py_XDECREF(clean);
     Py_XDECREF(setstate);
     Py_DECREF(ret);
     return r;
@@ -831,7 +959,7 @@ static int is_plain_tensor(ck_state *st, PyObject *obj) {
 PyObject *ck_native_call(ck_session *s, PyObject *func, PyObject *args, int *handled) {
     ck_state *st = s->st;
     *handled = 0;
-    if (!PyTuple_CheckExact(args))
+    if (!PyTuple_CheckExact(args) && !Py_IS_TYPE(args, st->RefTupleType))
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
     PyObject *first = n > 0 ? PyTuple_GET_ITEM(args, 0) : NULL;
@@ -884,6 +1012,8 @@ PyObject *ck_storage_materialize(ck_session *s, PyObject *ref) {
     ck_storage *e = &s->storages[slot];
     if (e->typed != NULL)
         return Py_NewRef(e->typed);
+    if (ck_charge(s, 1024) < 0) /* a TypedStorage, its UntypedStorage and tensor */
+        return ck_raise_over_budget(s, "making a storage object");
     if (e->place == CK_PLACE_UNSET && place_storage(s, slot, e, e->dtype) < 0)
         return NULL;
     PyObject *us = e->place == CK_PLACE_CPU ? cpu_ustorage(s, e) : e->ustorage;
@@ -895,6 +1025,12 @@ PyObject *ck_storage_materialize(ck_session *s, PyObject *ref) {
     PyObject *typed = NULL;
     if (args != NULL && kwargs != NULL)
         typed = PyObject_Call(st->TypedStorage, args, kwargs);
+    if (typed == NULL && kwargs != NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        /* torch 1.13's TypedStorage takes no _internal (nor warns without it) */
+        PyErr_Clear();
+        if (PyDict_DelItemString(kwargs, "_internal") == 0)
+            typed = PyObject_Call(st->TypedStorage, args, kwargs);
+    }
     Py_XDECREF(args);
     Py_XDECREF(kwargs);
     if (typed == NULL)
@@ -903,140 +1039,64 @@ PyObject *ck_storage_materialize(ck_session *s, PyObject *ref) {
     return Py_NewRef(typed);
 }
 
-/* Containers already walked in this call: id(container) -> (container,
- * result), both strong so that no id is reused while the walk runs. A
- * pickle can share one container many times (a DAG of 60 levels of pairs has
- * 2**60 paths) and lists or dicts can hold themselves; each container is
- * walked once. Lists and dicts are entered before their items are walked
- * (their result is themselves), so every cycle ends. */
-static PyObject *seen_get(PyObject *seen, PyObject *obj, PyObject **key) {
-    *key = PyLong_FromVoidPtr(obj);
-    if (*key == NULL)
-        return NULL;
-    PyObject *pair = PyDict_GetItemWithError(seen, *key); /* borrowed */
-    return pair != NULL ? Py_NewRef(PyTuple_GET_ITEM(pair, 1)) : NULL;
-}
-
-static int seen_put(PyObject *seen, PyObject *key, PyObject *obj, PyObject *result) {
-    PyObject *pair = PyTuple_Pack(2, obj, result);
-    int rc = pair != NULL ? PyDict_SetItem(seen, key, pair) : -1;
-    Py_XDECREF(pair);
-    return rc;
-}
-
-static PyObject *walk(ck_session *s, PyObject *obj, PyObject *seen) {
-    ck_state *st = s->st;
-    if (ck_is_storage_ref(st, obj))
-        return ck_storage_materialize(s, obj);
-    if (!PyTuple_Check(obj) && !PyList_Check(obj) && !PyDict_Check(obj))
-        return Py_NewRef(obj);
-    PyObject *key = NULL;
-    PyObject *known = seen_get(seen, obj, &key);
-    if (known != NULL || PyErr_Occurred()) {
-        Py_XDECREF(key);
-        return known;
-    }
-    if (!PyTuple_Check(obj) && seen_put(seen, key, obj, obj) < 0) {
-        Py_DECREF(key);
-        return NULL;
-    }
-    if (Py_EnterRecursiveCall(" while resolving storages in a checkpoint")) {
-        Py_DECREF(key);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (PyTuple_Check(obj)) {
-        Py_ssize_t n = PyTuple_GET_SIZE(obj);
-        PyObject *items = NULL;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *item = PyTuple_GET_ITEM(obj, i);
-            PyObject *w = walk(s, item, seen);
-            if (w == NULL)
-                goto tuple_fail;
-            if (w != item && items == NULL) {
-                items = PyTuple_New(n);
-                if (items == NULL) {
-                    Py_DECREF(w);
-                    goto tuple_fail;
-                }
-                for (Py_ssize_t j = 0; j < i; j++)
-                    PyTuple_SET_ITEM(items, j, Py_NewRef(PyTuple_GET_ITEM(obj, j)));
-            }
-            if (items != NULL)
-                PyTuple_SET_ITEM(items, i, w);
-            else
-                Py_DECREF(w);
-        }
-        result = items != NULL ? items : Py_NewRef(obj);
-        if (seen_put(seen, key, obj, result) < 0)
-            Py_CLEAR(result);
-        goto done;
-    tuple_fail:
-        Py_XDECREF(items);
-        goto done;
-    }
-    if (PyList_Check(obj)) {
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(obj); i++) {
-            PyObject *item = PyList_GET_ITEM(obj, i);
-            PyObject *w = walk(s, item, seen);
-            if (w == NULL)
-                goto done;
-            if (w != item)
-                PyList_SetItem(obj, i, w); /* steals w */
-            else
-                Py_DECREF(w);
-        }
-        result = Py_NewRef(obj);
-        goto done;
-    }
-    /* dicts and OrderedDicts: values only; the key set never changes */
-    {
-        PyObject *items = PyDict_Items(obj);
-        if (items == NULL)
-            goto done;
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-            PyObject *pair = PyList_GET_ITEM(items, i);
-            PyObject *value = PyTuple_GET_ITEM(pair, 1);
-            PyObject *w = walk(s, value, seen);
-            if (w == NULL) {
-                Py_DECREF(items);
-                goto done;
-            }
-            if (w != value && PyObject_SetItem(obj, PyTuple_GET_ITEM(pair, 0), w) < 0) {
-                Py_DECREF(w);
-                Py_DECREF(items);
-                goto done;
-            }
-            Py_DECREF(w);
-        }
-        Py_DECREF(items);
-        result = Py_NewRef(obj);
-    }
-done:
-    Py_LeaveRecursiveCall();
-    Py_DECREF(key);
-    return result;
-}
-
-PyObject *ck_materialize_refs(ck_session *s, PyObject *obj) {
-    PyObject *seen = PyDict_New();
-    if (seen == NULL)
-        return NULL;
-    PyObject *result = walk(s, obj, seen);
-    Py_DECREF(seen);
-    if (result == NULL && PyErr_ExceptionMatches(PyExc_RecursionError)) {
-        PyErr_Clear();
+/* The twin of a RefTuple: the same items, each storage reference replaced
+ * by its TypedStorage and each inner RefTuple by its own twin. Twins are
+ * kept per RefTuple (s->twins: id -> (reftuple, twin), both strong, so no
+ * id is reused), so each RefTuple is copied once however often it is
+ * reached, and a memoized one gives the same tuple every time, as torch's
+ * would be. RefTuples nest at most as deep as the machine's depth limit. */
+static PyObject *twin_of(ck_session *s, PyObject *rt, int depth) {
+    if (depth > CK_MAX_DEPTH)
         return ck_raise(s->st->CheckpointError, s->filename,
-                        "storages are nested too deeply in the checkpoint's objects (over the "
-                        "recursion limit, %d levels)",
-                        Py_GetRecursionLimit());
+                        "storages are nested more than %d tuples deep", CK_MAX_DEPTH);
+    if (s->twins == NULL && (s->twins = PyDict_New()) == NULL)
+        return NULL;
+    PyObject *key = PyLong_FromVoidPtr(rt);
+    if (key == NULL)
+        return NULL;
+    PyObject *pair = PyDict_GetItemWithError(s->twins, key); /* borrowed */
+    if (pair != NULL || PyErr_Occurred()) {
+        Py_DECREF(key);
+        return pair != NULL ? Py_NewRef(PyTuple_GET_ITEM(pair, 1)) : NULL;
     }
+    Py_ssize_t n = PyTuple_GET_SIZE(rt);
+    if (ck_charge(s, ck_object_cost(s->st, rt) + 200) < 0) { /* the copy and its cache entry */
+        Py_DECREF(key);
+        return ck_raise_over_budget(s, "copying rebuild arguments");
+    }
+    PyObject *twin = PyTuple_New(n);
+    for (Py_ssize_t i = 0; twin != NULL && i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(rt, i);
+        PyObject *c = Py_IS_TYPE(item, s->st->RefTupleType) ? twin_of(s, item, depth + 1)
+                      : ck_is_storage_ref(s->st, item)      ? ck_storage_materialize(s, item)
+                                                            : Py_NewRef(item);
+        if (c == NULL)
+            Py_CLEAR(twin);
+        else
+            PyTuple_SET_ITEM(twin, i, c);
+    }
+    pair = twin != NULL ? PyTuple_Pack(2, rt, twin) : NULL;
+    if (pair == NULL || PyDict_SetItem(s->twins, key, pair) < 0)
+        Py_CLEAR(twin);
+    Py_XDECREF(pair);
+    Py_DECREF(key);
+    return twin;
+}
+
+PyObject *ck_clean(ck_session *s, PyObject *obj) {
+    PyObject *r;
+    if (ck_is_storage_ref(s->st, obj))
+        r = ck_storage_materialize(s, obj);
+    else if (Py_IS_TYPE(obj, s->st->RefTupleType))
+        r = twin_of(s, obj, 1);
+    else
+        return Py_NewRef(obj);
     /* placing a storage calls torch's restore_location (e.g. for a location
      * tag no device has): under weights_only, as for every call the pickle
      * causes, that failure becomes a CheckpointError with the original as
      * its cause */
-    if (result == NULL && s->weights_only)
+    if (r == NULL && s->weights_only && !PyErr_ExceptionMatches(s->st->CheckpointError))
         return ck_wrap_pending(s->st, s->st->CheckpointError, s->filename,
                                "while placing the checkpoint's storages");
-    return result;
+    return r;
 }

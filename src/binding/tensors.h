@@ -10,9 +10,12 @@
  *   - any other tensor (views, shared storages) is template.new().set_(
  *     untyped_storage, offset, size, stride), exactly as torch does, so it
  *     is not an autograd view and shares the storage with the others.
- * Where Python code (a user global, _rebuild_qtensor, ...) receives a
- * StorageRef, it is first turned into the TypedStorage torch.load would
- * have passed (ck_storage_materialize).
+ * A StorageRef never reaches Python code, a result or a container other
+ * than a tuple: a tuple built over one is a RefTuple (ck_tuple_steal), and
+ * wherever the pickle machine hands an object on (to a call, into a list,
+ * dict or set, as the result) it hands ck_clean(object): the TypedStorage
+ * torch.load would have made, or the RefTuple's plain twin. So nothing is
+ * ever walked to find references, and each argument costs O(1).
  */
 #ifndef CKPTIO_BINDING_TENSORS_H
 #define CKPTIO_BINDING_TENSORS_H
@@ -45,9 +48,17 @@ PyObject *ck_native_call(ck_session *s, PyObject *func, PyObject *args, int *han
  * storage, so repeated references give the same object). */
 PyObject *ck_storage_materialize(ck_session *s, PyObject *ref);
 
-/* Returns obj with every StorageRef inside tuples, lists, dicts and sets
- * replaced by its materialized storage (containers other than tuples are
- * changed in place; a tuple is rebuilt when it changes). New reference. */
-PyObject *ck_materialize_refs(ck_session *s, PyObject *obj);
+/* 1 if obj is a StorageRef or a RefTuple (a tuple holding either). */
+int ck_holds_refs(ck_state *st, PyObject *obj);
+
+/* A tuple of the n items (references stolen, also on failure): a RefTuple
+ * when an item holds storage references, else a plain tuple. */
+PyObject *ck_tuple_steal(ck_session *s, PyObject **items, Py_ssize_t n);
+
+/* obj as Python code may see it (new reference): a StorageRef becomes its
+ * TypedStorage, a RefTuple its twin (a plain tuple of clean items, made
+ * once per RefTuple); anything else is itself. O(1) unless a twin is made,
+ * and each RefTuple is copied at most once per load. */
+PyObject *ck_clean(ck_session *s, PyObject *obj);
 
 #endif

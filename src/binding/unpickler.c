@@ -3,6 +3,8 @@
 #include <stdarg.h>
 #include <string.h>
 
+#include "budget.h"
+#include "dataset.h"
 #include "errors.h"
 #include "globals.h"
 #include "tensors.h"
@@ -166,16 +168,18 @@ typedef struct vm {
     const uint8_t *end;
     const char *what;
     PyObject **stack;
+    uint32_t *depth; /* per stack slot: how deep the object nests (CK_MAX_DEPTH) */
     Py_ssize_t sp;
     Py_ssize_t scap;
     Py_ssize_t *marks;
     Py_ssize_t mp;
     Py_ssize_t mcap;
     PyObject **memo; /* dense part: indices < memo_cap */
+    uint32_t *memo_depth;
     size_t memo_cap;
     size_t memo_limit;     /* the dense part never grows past this */
     size_t memo_count;     /* live entries, dense and sparse (MEMOIZE's next index) */
-    PyObject *memo_sparse; /* dict int -> object for indices >= memo_limit */
+    PyObject *memo_sparse; /* dict int -> (object, depth) for indices >= memo_limit */
     int proto;
     uint8_t op;
     size_t op_pos;
@@ -224,6 +228,16 @@ static int underflow(vm *v) {
     return fail(v, v->st->UnpicklingError, "stack underflow");
 }
 
+/* Takes bytes from the load's memory budget (budget.h), or fails. */
+static int charge(vm *v, uint64_t bytes) {
+    if (ck_charge(v->s, bytes) == 0)
+        return 0;
+    char ctx[128];
+    context(v, ctx, sizeof ctx);
+    ck_raise_over_budget(v->s, ctx);
+    return -1;
+}
+
 /* ---- stacks ------------------------------------------------------------ */
 
 static int grow(void **arr, Py_ssize_t *cap, size_t item) {
@@ -242,16 +256,87 @@ static int grow(void **arr, Py_ssize_t *cap, size_t item) {
     return 0;
 }
 
-/* Pushes o (a new reference, stolen). o == NULL means the call that made it
- * failed: the error is passed on. */
-static inline int push(vm *v, PyObject *o) {
+static int grow_stack(vm *v) {
+    Py_ssize_t cap = v->scap;
+    if (charge(v, (uint64_t)(cap ? cap : 64) * (sizeof(PyObject *) + sizeof(uint32_t))) < 0 ||
+        grow((void **)&v->stack, &cap, sizeof(PyObject *)) < 0)
+        return -1;
+    uint32_t *d = PyMem_Realloc(v->depth, (size_t)cap * sizeof(uint32_t));
+    if (d == NULL) {
+        PyErr_NoMemory();
+        return -1; /* the larger stack is kept; scap still says the old size */
+    }
+    v->depth = d;
+    v->scap = cap;
+    return 0;
+}
+
+static int too_deep(vm *v) {
+    return fail(v, v->st->CheckpointError,
+                "objects nest more than %d levels deep (a checkpoint never does; CPython "
+                "would recurse in C over them)",
+                CK_MAX_DEPTH);
+}
+
+/* Pushes o (a new reference, stolen) nesting `depth` levels deep. o == NULL
+ * means the call that made it failed: the error is passed on. */
+static inline int push_d(vm *v, PyObject *o, uint32_t depth) {
     if (o == NULL)
         return -1;
-    if (v->sp == v->scap && grow((void **)&v->stack, &v->scap, sizeof(PyObject *)) < 0) {
+    if (depth > CK_MAX_DEPTH) {
+        Py_DECREF(o);
+        return too_deep(v);
+    }
+    if (v->sp == v->scap && grow_stack(v) < 0) {
         Py_DECREF(o);
         return -1;
     }
+    v->depth[v->sp] = depth;
     v->stack[v->sp++] = o;
+    return 0;
+}
+
+/* Pushes o, an object just made (charged to the budget), `depth` deep. */
+static inline int push_new(vm *v, PyObject *o, uint32_t depth) {
+    if (o != NULL && charge(v, ck_object_cost(v->st, o)) < 0) {
+        Py_DECREF(o);
+        return -1;
+    }
+    return push_d(v, o, depth);
+}
+
+/* Pushes a leaf just made. */
+static inline int push(vm *v, PyObject *o) {
+    return push_new(v, o, 0);
+}
+
+/* The deepest of stack[k .. sp), plus one: the depth of a container of them. */
+static uint32_t span_depth(const vm *v, Py_ssize_t k) {
+    uint32_t d = 0;
+    for (Py_ssize_t i = k; i < v->sp; i++)
+        if (v->depth[i] > d)
+            d = v->depth[i];
+    return d + 1;
+}
+
+/* Slot i is about to be handed on (to a call, a container, the result):
+ * a storage reference, or a tuple holding one, becomes its clean form. */
+static int clean_slot(vm *v, Py_ssize_t i) {
+    PyObject *o = v->stack[i];
+    if (!ck_holds_refs(v->st, o))
+        return 0;
+    PyObject *c = ck_clean(v->s, o);
+    if (c == NULL)
+        return -1;
+    v->stack[i] = c;
+    Py_DECREF(o);
+    return 0;
+}
+
+static int clean_span(vm *v, Py_ssize_t k) {
+    for (Py_ssize_t i = k; i < v->sp; i++)
+        if (clean_slot(v, i) < 0)
+            return -1;
     return 0;
 }
 
@@ -286,19 +371,24 @@ static Py_ssize_t pop_mark(vm *v) {
     return v->marks[--v->mp];
 }
 
-/* Moves stack[k .. sp) into a new tuple and truncates the stack to k. */
+/* Moves stack[k .. sp) into a new tuple (a RefTuple when an item holds
+ * storage references) and truncates the stack to k. */
 static PyObject *take_tuple(vm *v, Py_ssize_t k) {
     Py_ssize_t n = v->sp - k;
-    PyObject *t = PyTuple_New(n);
-    if (t == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(t, i, v->stack[k + i]);
     v->sp = k;
-    return t;
+    return ck_tuple_steal(v->s, n > 0 ? v->stack + k : NULL, n); /* no stack yet when empty */
 }
 
+/* Pushes the tuple of stack[k .. sp) in their place. */
+static int push_tuple(vm *v, Py_ssize_t k) {
+    uint32_t d = span_depth(v, k);
+    return push_new(v, take_tuple(v, k), d);
+}
+
+/* Moves the clean forms of stack[k .. sp) into a new list. */
 static PyObject *take_list(vm *v, Py_ssize_t k) {
+    if (clean_span(v, k) < 0)
+        return NULL;
     Py_ssize_t n = v->sp - k;
     PyObject *l = PyList_New(n);
     if (l == NULL)
@@ -424,9 +514,7 @@ static PyObject *decode_long(const uint8_t *p, size_t n) {
 
 /* ---- memo ---------------------------------------------------------------- */
 
-static int memo_put(vm *v, uint64_t idx, PyObject *obj) {
-    if (ck_is_storage_ref(v->st, obj))
-        v->s->refs_escaped = 1;
+static int memo_put(vm *v, uint64_t idx, PyObject *obj, uint32_t depth) {
     if (idx < v->memo_limit) {
         if (idx >= v->memo_cap) {
             size_t ncap = v->memo_cap ? v->memo_cap : 256;
@@ -434,6 +522,8 @@ static int memo_put(vm *v, uint64_t idx, PyObject *obj) {
                 ncap *= 2;
             if (ncap > v->memo_limit)
                 ncap = v->memo_limit;
+            if (charge(v, (ncap - v->memo_cap) * (sizeof(PyObject *) + sizeof(uint32_t))) < 0)
+                return -1;
             PyObject **n = PyMem_Realloc(v->memo, ncap * sizeof(PyObject *));
             if (n == NULL) {
                 PyErr_NoMemory();
@@ -441,64 +531,86 @@ static int memo_put(vm *v, uint64_t idx, PyObject *obj) {
             }
             memset(n + v->memo_cap, 0, (ncap - v->memo_cap) * sizeof(PyObject *));
             v->memo = n;
+            uint32_t *d = PyMem_Realloc(v->memo_depth, ncap * sizeof(uint32_t));
+            if (d == NULL) {
+                PyErr_NoMemory();
+                return -1; /* memo_cap still the old size: the new slots stay unused */
+            }
+            v->memo_depth = d;
             v->memo_cap = ncap;
         }
         if (v->memo[idx] == NULL)
             v->memo_count++;
         Py_XSETREF(v->memo[idx], Py_NewRef(obj));
+        v->memo_depth[idx] = depth;
         return 0;
     }
+    if (charge(v, 200) < 0) /* a dict entry, its key and (object, depth) */
+        return -1;
     if (v->memo_sparse == NULL && (v->memo_sparse = PyDict_New()) == NULL)
         return -1;
     PyObject *key = PyLong_FromUnsignedLongLong(idx);
-    if (key == NULL)
+    PyObject *entry = key != NULL ? Py_BuildValue("(OI)", obj, (unsigned int)depth) : NULL;
+    if (entry == NULL) {
+        Py_XDECREF(key);
         return -1;
+    }
     int had = PyDict_Contains(v->memo_sparse, key);
-    int rc = had < 0 ? -1 : PyDict_SetItem(v->memo_sparse, key, obj);
+    int rc = had < 0 ? -1 : PyDict_SetItem(v->memo_sparse, key, entry);
+    Py_DECREF(entry);
     Py_DECREF(key);
     if (rc == 0 && had == 0)
         v->memo_count++;
     return rc;
 }
 
-/* New reference to memo[idx], or NULL with an error. */
-static PyObject *memo_get(vm *v, uint64_t idx) {
+/* Pushes memo[idx]. */
+static int memo_get(vm *v, uint64_t idx) {
     PyObject *obj = NULL;
+    uint32_t depth = 0;
     if (idx < v->memo_cap) {
         obj = v->memo[idx];
+        depth = obj != NULL ? v->memo_depth[idx] : 0;
     } else if (v->memo_sparse != NULL) {
         PyObject *key = PyLong_FromUnsignedLongLong(idx);
         if (key == NULL)
-            return NULL;
-        obj = PyDict_GetItemWithError(v->memo_sparse, key);
+            return -1;
+        PyObject *entry = PyDict_GetItemWithError(v->memo_sparse, key);
         Py_DECREF(key);
-        if (obj == NULL && PyErr_Occurred())
-            return NULL;
+        if (entry == NULL && PyErr_Occurred())
+            return -1;
+        if (entry != NULL) {
+            obj = PyTuple_GET_ITEM(entry, 0);
+            depth = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(entry, 1));
+        }
     }
-    if (obj == NULL) {
-        fail(v, v->st->UnpicklingError, "memo value not found at index %llu",
-             (unsigned long long)idx);
-        return NULL;
-    }
-    if (ck_is_storage_ref(v->st, obj))
-        v->s->refs_escaped = 1;
-    return Py_NewRef(obj);
+    if (obj == NULL)
+        return fail(v, v->st->UnpicklingError, "memo value not found at index %llu",
+                    (unsigned long long)idx);
+    return push_d(v, Py_NewRef(obj), depth);
 }
 
 /* ---- calls ------------------------------------------------------------- */
 
-/* args with StorageRefs turned into storages, when any may be inside. */
+/* args as Python code may see them (storages, not storage references). */
 static PyObject *ready_args(vm *v, PyObject *args) {
-    if (v->s->live_refs == 0 && !v->s->refs_escaped)
-        return Py_NewRef(args);
-    return ck_materialize_refs(v->s, args);
+    return ck_clean(v->s, args);
 }
 
 static int is_ordered_dict_type(vm *v, PyObject *obj) {
     return (PyObject *)Py_TYPE(obj) == v->st->OrderedDict;
 }
 
+/* Refuses obj, shown by its repr when that is short by nature (a class or
+ * a function: their names), else by its type: the repr of an object the
+ * pickle built (a list of a million items, a storage) could be as large as
+ * the file and take as long to make. */
 static int refuse(vm *v, const char *fmt, PyObject *obj) {
+    if (!PyType_Check(obj) && !PyCFunction_Check(obj) && !PyFunction_Check(obj)) {
+        char what[128];
+        snprintf(what, sizeof what, "a %.80s object", Py_TYPE(obj)->tp_name);
+        return fail(v, v->st->UnpicklingError, fmt, what);
+    }
     PyObject *r = PyObject_Repr(obj);
     if (r == NULL) {
         PyErr_Clear();
@@ -510,10 +622,19 @@ static int refuse(vm *v, const char *fmt, PyObject *obj) {
     return rc;
 }
 
+/* A data-set builder refused the opcode (dataset.h). */
+static int data_refused(vm *v, const ck_why *why) {
+    return fail(v, v->st->UnpicklingError,
+                "weights-only load refused: %s (load with weights_only=False, command line "
+                "--unsafe, only if you trust the file's source)",
+                why->text);
+}
+
 static int do_reduce(vm *v) {
     PyObject *args = pop(v);
     if (args == NULL)
         return -1;
+    uint32_t depth = v->depth[v->sp]; /* the result nests as deep as its arguments */
     PyObject *func = top(v);
     if (func == NULL) {
         Py_DECREF(args);
@@ -530,7 +651,21 @@ static int do_reduce(vm *v) {
     }
     int handled = 0;
     PyObject *r = ck_native_call(v->s, func, args, &handled);
+    if (!handled && v->s->weights_only) {
+        ck_why why;
+        int d = ck_dataset_reduce(v->s, func, args, &r, &why);
+        if (d == CK_DATA_REFUSED) {
+            Py_DECREF(args);
+            return data_refused(v, &why);
+        }
+        handled = d != CK_DATA_NO;
+    }
     if (!handled) {
+        if (clean_slot(v, v->sp - 1) < 0) {
+            Py_DECREF(args);
+            return -1;
+        }
+        func = v->stack[v->sp - 1];
         if (v->s->weights_only && func != v->st->OrderedDict) {
             int ok = ck_is_allowed_object(v->s, func);
             if (ok <= 0) {
@@ -543,6 +678,11 @@ static int do_reduce(vm *v) {
             }
         }
         PyObject *a = ready_args(v, args);
+        if (a != NULL && ck_charge_call(v->s, func, a, NULL, 0) < 0) {
+            Py_DECREF(a);
+            Py_DECREF(args);
+            return -1;
+        }
         r = a != NULL ? PyObject_Call(func, a, NULL) : NULL;
         Py_XDECREF(a);
     }
@@ -550,6 +690,10 @@ static int do_reduce(vm *v) {
     if (r == NULL)
         return fail_call(v);
     Py_SETREF(v->stack[v->sp - 1], r);
+    if (charge(v, ck_object_cost(v->st, r)) < 0)
+        return -1;
+    if (v->depth[v->sp - 1] < depth)
+        v->depth[v->sp - 1] = depth;
     return 0;
 }
 
@@ -575,13 +719,25 @@ static PyObject *call_new(vm *v, PyObject *cls, PyObject *args, PyObject *kwargs
 
 static int do_newobj(vm *v, int ex) {
     PyObject *kwargs = NULL;
-    if (ex && (kwargs = pop(v)) == NULL)
-        return -1;
+    uint32_t depth = 0;
+    if (ex) {
+        if ((kwargs = pop(v)) == NULL)
+            return -1;
+        depth = v->depth[v->sp];
+    }
     PyObject *args = pop(v);
+    if (args != NULL && v->depth[v->sp] > depth)
+        depth = v->depth[v->sp];
     PyObject *cls = args ? pop(v) : NULL;
     int rc = -1;
     if (cls == NULL)
         goto out;
+    if (!v->scan && ck_holds_refs(v->st, cls)) {
+        PyObject *c = ck_clean(v->s, cls);
+        if (c == NULL)
+            goto out;
+        Py_SETREF(cls, c);
+    }
     if (v->scan) {
         rc = push(v, Py_NewRef(Py_None));
         goto out;
@@ -598,8 +754,22 @@ static int do_newobj(vm *v, int ex) {
     PyObject *a = ready_args(v, args);
     if (a == NULL)
         goto out;
+    ck_why why;
+    int d = CK_DATA_NO;
+    r = NULL;
+    if (ck_charge_call(v->s, cls, a, kwargs, 1) < 0) {
+        Py_DECREF(a);
+        goto out;
+    }
     if (v->s->weights_only && cls == v->st->Parameter) {
         r = PyObject_Call(cls, a, kwargs);
+    } else if (v->s->weights_only &&
+               (d = ck_dataset_newobj(v->s, cls, a, kwargs, &r, &why)) != CK_DATA_NO) {
+        if (d == CK_DATA_REFUSED) {
+            Py_DECREF(a);
+            data_refused(v, &why);
+            goto out;
+        }
     } else {
         if (v->s->weights_only) {
             int ok = ck_is_allowed_object(v->s, cls);
@@ -620,7 +790,7 @@ static int do_newobj(vm *v, int ex) {
         fail_call(v);
         goto out;
     }
-    rc = push(v, r);
+    rc = push_new(v, r, depth);
 out:
     Py_XDECREF(kwargs);
     Py_XDECREF(args);
@@ -628,8 +798,8 @@ out:
     return rc;
 }
 
-/* INST and OBJ: pickle's _instantiate. */
-static int instantiate(vm *v, PyObject *cls, PyObject *args) {
+/* INST and OBJ: pickle's _instantiate; the result nests `depth` deep. */
+static int instantiate(vm *v, PyObject *cls, PyObject *args, uint32_t depth) {
     if (v->scan)
         return push(v, Py_NewRef(Py_None));
     if (v->s->weights_only) {
@@ -644,6 +814,10 @@ static int instantiate(vm *v, PyObject *cls, PyObject *args) {
     PyObject *a = ready_args(v, args);
     if (a == NULL)
         return -1;
+    if (ck_charge_call(v->s, cls, a, NULL, 0) < 0) {
+        Py_DECREF(a);
+        return -1;
+    }
     PyObject *r;
     int has_initargs = PyObject_HasAttrString(cls, "__getinitargs__");
     if (PyTuple_GET_SIZE(a) > 0 || !PyType_Check(cls) || has_initargs)
@@ -653,7 +827,7 @@ static int instantiate(vm *v, PyObject *cls, PyObject *args) {
     Py_DECREF(a);
     if (r == NULL)
         return fail_call(v);
-    return push(v, r);
+    return push_new(v, r, depth);
 }
 
 /* BUILD with pickle's semantics: __setstate__, else __dict__ and slots. */
@@ -723,21 +897,49 @@ static int build_generic(vm *v, PyObject *inst, PyObject *state) {
     return 0;
 }
 
+/* 0 when r (a call's result, or NULL) succeeded; releases it. */
+static int done(PyObject *r) {
+    int rc = r != NULL ? 0 : -1;
+    Py_XDECREF(r);
+    return rc;
+}
+
 static int do_build(vm *v) {
     PyObject *state = pop(v);
     if (state == NULL)
         return -1;
+    uint32_t depth = v->depth[v->sp] + 1;
     PyObject *inst = top(v);
     if (inst == NULL || v->scan) {
         Py_DECREF(state);
         return inst == NULL ? -1 : 0;
     }
+    if (v->depth[v->sp - 1] < depth) {
+        if (depth > CK_MAX_DEPTH) {
+            Py_DECREF(state);
+            return too_deep(v);
+        }
+        v->depth[v->sp - 1] = depth;
+    }
     PyObject *st_ready = ready_args(v, state);
     Py_DECREF(state);
-    if (st_ready == NULL)
+    if (st_ready == NULL || clean_slot(v, v->sp - 1) < 0) {
+        Py_XDECREF(st_ready);
         return -1;
+    }
+    inst = v->stack[v->sp - 1];
+    /* the state's items go into the instance's __dict__ (or its own items) */
+    Py_ssize_t items = PyDict_Check(st_ready)    ? PyDict_GET_SIZE(st_ready)
+                       : PyTuple_Check(st_ready) ? PyTuple_GET_SIZE(st_ready)
+                                                 : 0;
+    if (charge(v, 104 * (uint64_t)items) < 0 ||
+        (PyDict_Check(st_ready) && ck_count_keys_of(v->s, st_ready, 0) < 0)) {
+        Py_DECREF(st_ready);
+        return -1;
+    }
     ck_state *st = v->st;
-    int rc = 0;
+    int rc = 0, data;
+    ck_why why;
     PyObject *type = (PyObject *)Py_TYPE(inst);
     if (v->s->weights_only) {
         if (type == st->Tensor) {
@@ -747,18 +949,19 @@ static int do_build(vm *v) {
                 return fail(v, st->UnpicklingError, "tensor BUILD state must be a tuple");
             }
             PyObject *set_ = PyObject_GetAttr(inst, st->s_set_);
-            PyObject *r = set_ ? PyObject_Call(set_, st_ready, NULL) : NULL;
+            rc = done(set_ ? PyObject_Call(set_, st_ready, NULL) : NULL);
             Py_XDECREF(set_);
-            Py_XDECREF(r);
-            rc = r ? 0 : -1;
         } else if (type == st->Parameter) {
-            PyObject *r = PyObject_CallMethodOneArg(inst, st->s_setstate, st_ready);
-            Py_XDECREF(r);
-            rc = r ? 0 : -1;
+            rc = done(PyObject_CallMethodOneArg(inst, st->s_setstate, st_ready));
         } else if (is_ordered_dict_type(v, inst)) {
             PyObject *d = PyObject_GetAttr(inst, st->s_dict);
             rc = d ? PyDict_Update(d, st_ready) : -1;
             Py_XDECREF(d);
+        } else if ((data = ck_dataset_build(v->s, inst, st_ready, &why)) != CK_DATA_NO) {
+            Py_DECREF(st_ready);
+            if (data == CK_DATA_REFUSED)
+                return data_refused(v, &why);
+            return data == CK_DATA_DONE ? 0 : fail_call(v);
         } else {
             int ok = ck_is_allowed_object(v->s, type);
             if (ok <= 0) {
@@ -784,11 +987,31 @@ static int is_setitem_target(vm *v, PyObject *obj) {
     return PyDict_CheckExact(obj) || t == v->st->OrderedDict || t == v->st->Counter;
 }
 
-static int set_items(vm *v, PyObject *target, Py_ssize_t k) {
+/* Before stack[k .. sp) go into the container at k - 1: the container now
+ * nests one deeper than its deepest new item, and what goes in is clean. */
+static int fill_target(vm *v, Py_ssize_t k) {
+    uint32_t depth = span_depth(v, k);
+    if (depth > CK_MAX_DEPTH)
+        return too_deep(v);
+    if (v->depth[k - 1] < depth)
+        v->depth[k - 1] = depth;
+    if (clean_slot(v, k - 1) < 0 || clean_span(v, k) < 0)
+        return -1;
+    uint64_t n = (uint64_t)(v->sp - k);
+    if (v->op == OP_SETITEM || v->op == OP_SETITEMS)
+        n /= 2;
+    return charge(v, n * ck_item_cost(v->stack[k - 1]));
+}
+
+/* SETITEM(S): the pairs stack[k .. sp) into stack[k - 1]. */
+static int set_items(vm *v, Py_ssize_t k) {
     if (v->scan) {
         drop_from(v, k);
         return 0;
     }
+    if (fill_target(v, k) < 0)
+        return -1;
+    PyObject *target = v->stack[k - 1];
     if (v->s->weights_only && !is_setitem_target(v, target))
         return fail(v, v->st->UnpicklingError,
                     "weights-only load can only set items of dict, OrderedDict or Counter, "
@@ -796,6 +1019,8 @@ static int set_items(vm *v, PyObject *target, Py_ssize_t k) {
                     Py_TYPE(target)->tp_name);
     if ((v->sp - k) % 2 != 0)
         return fail(v, v->st->UnpicklingError, "odd number of items for SETITEMS");
+    if (PyDict_Check(target) && ck_count_keys(v->s, v->stack + k, v->sp - k, 2) < 0)
+        return -1;
     int exact = PyDict_CheckExact(target);
     for (Py_ssize_t i = k; i < v->sp; i += 2) {
         int rc = exact ? PyDict_SetItem(target, v->stack[i], v->stack[i + 1])
@@ -807,11 +1032,15 @@ static int set_items(vm *v, PyObject *target, Py_ssize_t k) {
     return 0;
 }
 
-static int append_items(vm *v, PyObject *target, Py_ssize_t k) {
+/* APPEND(S): stack[k .. sp) onto stack[k - 1]. */
+static int append_items(vm *v, Py_ssize_t k) {
     if (v->scan) {
         drop_from(v, k);
         return 0;
     }
+    if (fill_target(v, k) < 0)
+        return -1;
+    PyObject *target = v->stack[k - 1];
     if (PyList_CheckExact(target)) {
         for (Py_ssize_t i = k; i < v->sp; i++)
             if (PyList_Append(target, v->stack[i]) < 0)
@@ -833,28 +1062,29 @@ static int append_items(vm *v, PyObject *target, Py_ssize_t k) {
     }
     int rc = 0;
     if (extend != NULL) {
-        PyObject *r = PyObject_CallOneArg(extend, items);
+        rc = done(PyObject_CallOneArg(extend, items));
         Py_DECREF(extend);
-        Py_XDECREF(r);
-        rc = r ? 0 : -1;
     } else {
-        for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(items); i++) {
-            PyObject *r =
-                PyObject_CallMethodOneArg(target, v->st->s_append, PyList_GET_ITEM(items, i));
-            Py_XDECREF(r);
-            rc = r ? 0 : -1;
-        }
+        for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(items); i++)
+            rc =
+                done(PyObject_CallMethodOneArg(target, v->st->s_append, PyList_GET_ITEM(items, i)));
     }
     Py_DECREF(items);
     return rc < 0 ? fail_call(v) : 0;
 }
 
-static int add_items(vm *v, PyObject *target, Py_ssize_t k) {
+/* ADDITEMS: stack[k .. sp) into the set stack[k - 1]. */
+static int add_items(vm *v, Py_ssize_t k) {
     if (v->scan) {
         drop_from(v, k);
         return 0;
     }
+    if (fill_target(v, k) < 0)
+        return -1;
+    PyObject *target = v->stack[k - 1];
     if (PySet_Check(target) && !PyFrozenSet_Check(target)) {
+        if (ck_count_keys(v->s, v->stack + k, v->sp - k, 1) < 0)
+            return -1;
         for (Py_ssize_t i = k; i < v->sp; i++)
             if (PySet_Add(target, v->stack[i]) < 0)
                 return fail_call(v);
@@ -865,10 +1095,8 @@ static int add_items(vm *v, PyObject *target, Py_ssize_t k) {
         return fail(v, v->st->UnpicklingError, "weights-only load can only add to sets, not %.80s",
                     Py_TYPE(target)->tp_name);
     for (Py_ssize_t i = k; i < v->sp; i++) {
-        PyObject *r = PyObject_CallMethodOneArg(target, v->st->s_add, v->stack[i]);
-        if (r == NULL)
+        if (done(PyObject_CallMethodOneArg(target, v->st->s_add, v->stack[i])) < 0)
             return fail_call(v);
-        Py_DECREF(r);
     }
     drop_from(v, k);
     return 0;
@@ -889,7 +1117,7 @@ static int do_global(vm *v, PyObject *module, PyObject *name) {
     PyObject *obj = ck_resolve_global(v->s, module, name, v->proto);
     if (obj == NULL)
         return fail_call(v);
-    return push(v, obj);
+    return push_d(v, obj, 0); /* an existing object: nothing allocated */
 }
 
 static int do_ext(vm *v, long code) {
@@ -925,7 +1153,7 @@ static int do_persid(vm *v, PyObject *pid) {
     Py_DECREF(pid);
     if (r == NULL)
         return fail_call(v);
-    return push(v, r);
+    return push_d(v, r, 0); /* the storage's one reference (tensors.c charges storages) */
 }
 
 /* ---- the loop ----------------------------------------------------------- */
@@ -965,10 +1193,13 @@ static PyObject *run(vm *v) {
             PyObject *r = pop(v);
             if (r == NULL)
                 return NULL;
+            Py_SETREF(r, ck_clean(v->s, r));
             return r;
         }
         case OP_MARK:
-            if (v->mp == v->mcap && grow((void **)&v->marks, &v->mcap, sizeof(Py_ssize_t)) < 0)
+            if (v->mp == v->mcap &&
+                (charge(v, (uint64_t)(v->mcap ? v->mcap : 64) * sizeof(Py_ssize_t)) < 0 ||
+                 grow((void **)&v->marks, &v->mcap, sizeof(Py_ssize_t)) < 0))
                 return NULL;
             v->marks[v->mp++] = v->sp;
             break;
@@ -993,9 +1224,7 @@ static PyObject *run(vm *v) {
             PyObject *o = top(v);
             if (o == NULL)
                 return NULL;
-            if (ck_is_storage_ref(st, o))
-                v->s->refs_escaped = 1;
-            rc = push(v, Py_NewRef(o));
+            rc = push_d(v, Py_NewRef(o), v->depth[v->sp - 1]);
             break;
         }
         case OP_NONE:
@@ -1027,6 +1256,8 @@ static PyObject *run(vm *v) {
             size_t n = v->p[0];
             v->p += 1;
             NEED(n);
+            if (charge(v, n) < 0)
+                return NULL;
             rc = push(v, decode_long(v->p, n));
             v->p += n;
             break;
@@ -1040,6 +1271,8 @@ static PyObject *run(vm *v) {
                 break;
             }
             NEED(n);
+            if (charge(v, 2 * (uint64_t)n) < 0) /* the digits, and from_bytes' bytes */
+                return NULL;
             rc = push(v, decode_long(v->p, (size_t)n));
             v->p += n;
             break;
@@ -1056,6 +1289,8 @@ static PyObject *run(vm *v) {
             }
             if (v->op == OP_LONG && n > 0 && line[n - 1] == 'L')
                 n--;
+            if (charge(v, n) < 0)
+                return NULL;
             char *c = line_copy(v, line, n);
             if (c == NULL)
                 return NULL;
@@ -1190,13 +1425,13 @@ static PyObject *run(vm *v) {
                       "out-of-band buffers (pickle protocol 5) cannot appear in a checkpoint");
             break;
         case OP_EMPTY_TUPLE:
-            rc = push(v, PyTuple_New(0));
+            rc = push_new(v, PyTuple_New(0), 1);
             break;
         case OP_TUPLE: {
             Py_ssize_t k = pop_mark(v);
             if (k < 0)
                 return NULL;
-            rc = push(v, take_tuple(v, k));
+            rc = push_tuple(v, k);
             break;
         }
         case OP_TUPLE1:
@@ -1207,21 +1442,22 @@ static PyObject *run(vm *v) {
                 underflow(v);
                 return NULL;
             }
-            rc = push(v, take_tuple(v, v->sp - n));
+            rc = push_tuple(v, v->sp - n);
             break;
         }
         case OP_EMPTY_LIST:
-            rc = push(v, PyList_New(0));
+            rc = push_new(v, PyList_New(0), 1);
             break;
         case OP_LIST: {
             Py_ssize_t k = pop_mark(v);
             if (k < 0)
                 return NULL;
-            rc = push(v, take_list(v, k));
+            uint32_t d = span_depth(v, k);
+            rc = push_new(v, take_list(v, k), d);
             break;
         }
         case OP_EMPTY_DICT:
-            rc = push(v, PyDict_New());
+            rc = push_new(v, PyDict_New(), 1);
             break;
         case OP_DICT: {
             Py_ssize_t k = pop_mark(v);
@@ -1231,6 +1467,13 @@ static PyObject *run(vm *v) {
                 rc = fail(v, st->UnpicklingError, "odd number of items for DICT");
                 break;
             }
+            uint32_t depth = span_depth(v, k);
+            if (depth > CK_MAX_DEPTH) {
+                rc = too_deep(v);
+                break;
+            }
+            if (clean_span(v, k) < 0 || ck_count_keys(v->s, v->stack + k, v->sp - k, 2) < 0)
+                return NULL;
             PyObject *d = PyDict_New();
             if (d == NULL)
                 return NULL;
@@ -1246,20 +1489,27 @@ static PyObject *run(vm *v) {
                 break;
             }
             drop_from(v, k);
-            rc = push(v, d);
+            rc = push_new(v, d, depth);
             break;
         }
         case OP_EMPTY_SET:
-            rc = push(v, PySet_New(NULL));
+            rc = push_new(v, PySet_New(NULL), 1);
             break;
         case OP_FROZENSET: {
             Py_ssize_t k = pop_mark(v);
             if (k < 0)
                 return NULL;
+            uint32_t depth = span_depth(v, k);
+            if (depth > CK_MAX_DEPTH) {
+                rc = too_deep(v);
+                break;
+            }
+            if (clean_span(v, k) < 0 || ck_count_keys(v->s, v->stack + k, v->sp - k, 1) < 0)
+                return NULL;
             PyObject *items = take_tuple(v, k);
             PyObject *fs = items ? PyFrozenSet_New(items) : NULL;
             Py_XDECREF(items);
-            rc = fs ? push(v, fs) : fail_call(v);
+            rc = fs ? push_new(v, fs, depth) : fail_call(v);
             break;
         }
         case OP_APPEND: {
@@ -1271,9 +1521,9 @@ static PyObject *run(vm *v) {
                 Py_DECREF(item);
                 return NULL;
             }
-            if (push(v, item) < 0)
+            if (push_d(v, item, v->depth[v->sp]) < 0)
                 return NULL;
-            rc = append_items(v, target, v->sp - 1);
+            rc = append_items(v, v->sp - 1);
             break;
         }
         case OP_APPENDS:
@@ -1286,10 +1536,9 @@ static PyObject *run(vm *v) {
                 underflow(v);
                 return NULL;
             }
-            PyObject *target = v->stack[k - 1];
-            rc = v->op == OP_APPENDS    ? append_items(v, target, k)
-                 : v->op == OP_SETITEMS ? set_items(v, target, k)
-                                        : add_items(v, target, k);
+            rc = v->op == OP_APPENDS    ? append_items(v, k)
+                 : v->op == OP_SETITEMS ? set_items(v, k)
+                                        : add_items(v, k);
             break;
         }
         case OP_SETITEM: {
@@ -1297,7 +1546,7 @@ static PyObject *run(vm *v) {
                 underflow(v);
                 return NULL;
             }
-            rc = set_items(v, v->stack[v->sp - 3], v->sp - 2);
+            rc = set_items(v, v->sp - 2);
             break;
         }
         case OP_GET:
@@ -1316,7 +1565,7 @@ static PyObject *run(vm *v) {
                 idx = rd_u32(v->p);
                 v->p += 4;
             }
-            rc = push(v, memo_get(v, idx));
+            rc = memo_get(v, idx);
             break;
         }
         case OP_PUT:
@@ -1341,7 +1590,7 @@ static PyObject *run(vm *v) {
             PyObject *o = top(v);
             if (o == NULL)
                 return NULL;
-            rc = memo_put(v, idx, o);
+            rc = memo_put(v, idx, o, v->depth[v->sp - 1]);
             break;
         }
         case OP_GLOBAL: {
@@ -1417,8 +1666,9 @@ static PyObject *run(vm *v) {
                 rc = fail_call(v);
                 break;
             }
+            uint32_t depth = span_depth(v, k);
             PyObject *args = take_tuple(v, k);
-            rc = args ? instantiate(v, cls, args) : -1;
+            rc = args ? instantiate(v, cls, args, depth) : -1;
             Py_XDECREF(args);
             Py_DECREF(cls);
             break;
@@ -1431,10 +1681,13 @@ static PyObject *run(vm *v) {
                 rc = fail(v, st->UnpicklingError, "OBJ needs a class after its MARK");
                 break;
             }
+            if (!v->scan && clean_slot(v, k) < 0)
+                return NULL;
             PyObject *cls = Py_NewRef(v->stack[k]);
+            uint32_t depth = span_depth(v, k + 1);
             PyObject *args = take_tuple(v, k + 1);
             drop_from(v, k);
-            rc = args ? instantiate(v, cls, args) : -1;
+            rc = args ? instantiate(v, cls, args, depth) : -1;
             Py_XDECREF(args);
             Py_DECREF(cls);
             break;
@@ -1479,20 +1732,26 @@ static PyObject *unpickle(ck_session *s, const uint8_t *data, size_t len, const 
     v.end = data + len;
     v.what = what;
     v.proto = 0;
-    /* every PUT takes at least two bytes, so a valid pickle's dense memo
-     * indices stay below len/2; larger ones go to the sparse dict */
-    v.memo_limit = len / 2 + 16;
+    /* every PUT or MEMOIZE takes at least one byte, so a valid pickle's
+     * memo indices stay below len; larger ones go to the sparse dict */
+    v.memo_limit = len + 16;
 
+    /* a scan's objects are gone before the real pass: it has a budget of its own */
+    uint64_t budget = s->budget_left;
     PyObject *result = run(&v);
+    if (v.scan)
+        s->budget_left = budget;
     if (result != NULL && consumed != NULL)
         *consumed = (size_t)(v.p - v.start);
 
     drop_from(&v, 0);
     PyMem_Free(v.stack);
+    PyMem_Free(v.depth);
     PyMem_Free(v.marks);
     for (size_t i = 0; i < v.memo_cap; i++)
         Py_XDECREF(v.memo[i]);
     PyMem_Free(v.memo);
+    PyMem_Free(v.memo_depth);
     Py_XDECREF(v.memo_sparse);
     return result;
 }

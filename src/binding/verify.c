@@ -5,14 +5,15 @@
  *   - the container: ck_zip_open's validation (end records, central
  *     directory, every record inside the data area, no overlaps, names);
  *   - every record's CRC-32 (stored records here, compressed ones while
- *     they are inflated, within the loader's inflation limit);
+ *     they are inflated, within the loader's inflation limit; data.pkl is
+ *     inflated first and kept, so that the storage checks always run or a
+ *     problem says why they cannot);
  *   - the version and data.pkl records are present;
  *   - data.pkl is walked in the loader's scan mode (nothing imported or
  *     called) and each persistent id is given to the loader's own
  *     persistent_load, which checks that its record data/<key> exists and
- *     holds at least the bytes the pickle claims (no tensor is built); a
- *     record holding more bytes than its storage is reported too, since
- *     torch.save writes them exactly.
+ *     holds exactly the bytes the pickle claims, as torch.save writes them
+ *     and torch.load requires (no tensor is built).
  * TorchScript archives (format "torchscript") get the container and CRC
  * checks only. For other formats only the format is reported; ckptio.verify
  * (Python) then runs the loader itself, which checks the rest.
@@ -26,6 +27,7 @@
 
 #include <string.h>
 
+#include "budget.h"
 #include "errors.h"
 #include "mapping.h"
 #include "session.h"
@@ -106,14 +108,20 @@ static int add_pending(report *r, const char *kind, const char *record, long lon
 }
 
 /* Checks every record's CRC-32; inflates compressed ones (within the
- * budget) to check theirs. */
-static int check_records(ck_session *s, report *r, uint64_t *budget) {
+ * budget) to check theirs. Entry `done` (or -1) was inflated and checked
+ * already. */
+static int check_records(ck_session *s, report *r, uint64_t *budget, ptrdiff_t done) {
     ck_zip *zip = &s->zip;
     for (size_t i = 0; i < zip->n_entries; i++) {
         const ck_zip_entry *e = &zip->entries[i];
         ck_error err;
         ck_error_clear(&err);
         r->records++;
+        if ((ptrdiff_t)i == done) {
+            r->compressed++;
+            r->crc_checked++;
+            continue;
+        }
         if (e->method == CK_ZIP_METHOD_STORED) {
             if (e->crc32 == 0 && e->size > 0) {
                 /* torch >= 2.6 may leave CRCs unrecorded: nothing to compare */
@@ -220,14 +228,7 @@ static int check_storages(ck_session *s, report *r, const uint8_t *pkl, size_t p
             continue;
         }
         r->storages++;
-        r->storage_bytes += e->nbytes;
-        if (e->nbytes != e->src_size) {
-            char msg[200];
-            snprintf(msg, sizeof msg, "the record holds %llu bytes but its storage %llu",
-                     (unsigned long long)e->src_size, (unsigned long long)e->nbytes);
-            const ck_zip_entry *ze = &s->zip.entries[i];
-            rc = add_text(r, "storage", ze->name, ze->name_len, (long long)ze->data_offset, msg);
-        }
+        r->storage_bytes += e->nbytes; /* == the record's size: persistent_load checked it */
     }
     return rc;
 }
@@ -241,27 +242,60 @@ static int verify_zip(ck_session *s, report *r) {
     uint64_t budget = (uint64_t)s->len * CK_VERIFY_INFLATE_RATIO;
     if (budget < CK_VERIFY_INFLATE_FLOOR)
         budget = CK_VERIFY_INFLATE_FLOOR;
-    if (check_records(s, r, &budget) < 0)
-        return -1;
     if (ck_zip_find(&s->zip, "constants.pkl", 13) >= 0) {
         r->torchscript = 1; /* records checked; its pickles are torch.jit's to read */
-        return 0;
+        return check_records(s, r, &budget, -1);
     }
-    if (ck_zip_find(&s->zip, "version", 7) < 0 && ck_zip_find(&s->zip, ".data/version", 13) < 0 &&
-        add_text(r, "record", "version", 7, -1, "the archive has no version record") < 0)
-        return -1;
+    /* data.pkl is inflated first, once, and kept for the storage checks: they
+     * must never be skipped for want of budget left by the other records */
     ptrdiff_t pkl = ck_zip_find(&s->zip, "data.pkl", 8);
-    if (pkl < 0)
-        return add_text(r, "record", "data.pkl", 8, -1, "the archive has no data.pkl record");
-    const ck_zip_entry *e = &s->zip.entries[pkl];
-    if (e->method == CK_ZIP_METHOD_STORED)
-        return check_storages(s, r, s->buf + e->data_offset, (size_t)e->size);
-    uint8_t *out = NULL;
-    size_t out_len = 0;
-    if (e->size > budget || ck_zip_extract(&s->zip, (size_t)pkl, e->size, &out, &out_len, &err))
-        return 0; /* reported by check_records */
-    int rc = check_storages(s, r, out, out_len);
-    free(out);
+    const ck_zip_entry *pe = pkl >= 0 ? &s->zip.entries[pkl] : NULL;
+    const uint8_t *pkl_data = NULL;
+    size_t pkl_len = 0;
+    uint8_t *owned = NULL;
+    int pkl_ready = 0;
+    ptrdiff_t done = -1;
+    if (pe != NULL && pe->method == CK_ZIP_METHOD_STORED) {
+        pkl_data = s->buf + pe->data_offset;
+        pkl_len = (size_t)pe->size;
+        pkl_ready = 1; /* its CRC is checked with the other records */
+    } else if (pe != NULL && pe->size > budget) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "data.pkl inflates to %llu bytes, past the limit of %llu for compressed records "
+                 "(16x the file, at least 1 MiB): its storages cannot be checked",
+                 (unsigned long long)pe->size, (unsigned long long)budget);
+        if (add_text(r, "limit", pe->name, pe->name_len, (long long)pe->data_offset, msg) < 0)
+            return -1;
+        done = pkl;
+    } else if (pe != NULL) {
+        ck_status rc;
+        Py_BEGIN_ALLOW_THREADS rc =
+            ck_zip_extract(&s->zip, (size_t)pkl, pe->size, &owned, &pkl_len, &err);
+        Py_END_ALLOW_THREADS if (rc == CK_E_NOMEM) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        done = pkl;
+        if (rc != CK_OK) {
+            if (add_text(r, rc == CK_E_CRC ? "crc" : "record", pe->name, pe->name_len,
+                         (long long)pe->data_offset, err.msg) < 0)
+                return -1;
+        } else {
+            budget -= pkl_len;
+            pkl_data = owned;
+            pkl_ready = 1;
+        }
+    }
+    int rc = check_records(s, r, &budget, done);
+    if (rc == 0 && ck_zip_find(&s->zip, "version", 7) < 0 &&
+        ck_zip_find(&s->zip, ".data/version", 13) < 0)
+        rc = add_text(r, "record", "version", 7, -1, "the archive has no version record");
+    if (rc == 0 && pe == NULL)
+        rc = add_text(r, "record", "data.pkl", 8, -1, "the archive has no data.pkl record");
+    if (rc == 0 && pkl_ready)
+        rc = check_storages(s, r, pkl_data, pkl_len);
+    free(owned);
     return rc;
 }
 
@@ -272,14 +306,17 @@ static const char *format_of(const uint8_t *b, size_t n) {
         return "pytorch1";
     if (n >= 262 && memcmp(b + 257, "ustar", 5) == 0)
         return "tar";
-    if (n >= 1 && b[0] == 0x80)
+    if (n >= 1 && (b[0] == 0x80 || b[0] == 'L')) /* PROTO, or LONG (protocols 0, 1) */
         return "legacy";
     return "unknown";
 }
 
-static PyObject *py_verify(PyObject *module, PyObject *args) {
+static PyObject *py_verify(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"mapping", "filename", "encoding", "errors", NULL};
     PyObject *mapping, *filename;
-    if (!PyArg_ParseTuple(args, "OU:verify", &mapping, &filename))
+    const char *encoding = "utf-8", *errors = "strict";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$ss:verify", kwlist, &mapping, &filename,
+                                     &encoding, &errors))
         return NULL;
     ck_state *st = ck_get_state(module);
     if (ck_torch_ready(st) < 0)
@@ -293,13 +330,18 @@ static PyObject *py_verify(PyObject *module, PyObject *args) {
     s.weights_only = 1;
     s.map_kind = CK_MAP_CPU;
     s.inflate_budget = 0; /* the scan inflates nothing */
-    s.encoding = PyUnicode_FromString("utf-8");
-    s.errors = PyUnicode_FromString("strict");
+    ck_budget_begin(&s);
+    /* strings of Python 2 era pickles decode as the load would decode them */
+    s.encoding = strcmp(encoding, "bytes") != 0 ? PyUnicode_FromString(encoding) : NULL;
+    s.errors = PyUnicode_FromString(errors);
     report r = {0};
     r.filename = filename;
     r.problems = PyList_New(0);
     const char *format = format_of(s.buf, s.len);
-    int rc = s.encoding != NULL && s.errors != NULL && r.problems != NULL ? 0 : -1;
+    int rc = (s.encoding != NULL || strcmp(encoding, "bytes") == 0) && s.errors != NULL &&
+                     r.problems != NULL
+                 ? 0
+                 : -1;
     if (rc == 0 && strcmp(format, "zip") == 0)
         rc = verify_zip(&s, &r);
     PyObject *result = NULL;
@@ -316,8 +358,58 @@ static PyObject *py_verify(PyObject *module, PyObject *args) {
     return result;
 }
 
+/* scan_pickle(data, filename, file_size, *, encoding='utf-8') -> int: walks
+ * the pickle at the start of data in scan mode (nothing imported or called)
+ * under the limits of a load of a file_size-byte file (nesting depth, the
+ * memory bound, every length checked); returns the bytes it used, or raises
+ * the CheckpointError a load would raise. ckptio info runs it before
+ * Python's own unpickler sees the bytes: that one recurses without a limit
+ * (a tuple 10^6 deep crashes CPython's tuple hash) and has no memory bound. */
+static PyObject *py_scan_pickle(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"data", "filename", "file_size", "encoding", NULL};
+    Py_buffer view;
+    PyObject *filename;
+    Py_ssize_t file_size;
+    const char *encoding = "utf-8";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*Un|$s:scan_pickle", kwlist, &view, &filename,
+                                     &file_size, &encoding))
+        return NULL;
+    ck_state *st = ck_get_state(module);
+    if (ck_torch_ready(st) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    ck_session s;
+    memset(&s, 0, sizeof s);
+    s.st = st;
+    s.filename = filename;
+    s.weights_only = 1;
+    s.map_kind = CK_MAP_CPU;
+    s.buf = view.buf;
+    /* the bound of a load of the whole file, not of this pickle alone */
+    s.len = (size_t)(file_size > view.len ? file_size : view.len);
+    ck_budget_begin(&s);
+    s.len = (size_t)view.len;
+    s.encoding = strcmp(encoding, "bytes") != 0 ? PyUnicode_FromString(encoding) : NULL;
+    s.errors = PyUnicode_FromString("strict");
+    PyObject *pids = PyList_New(0);
+    size_t used = 0;
+    int rc =
+        (s.encoding != NULL || strcmp(encoding, "bytes") == 0) && s.errors != NULL && pids != NULL
+            ? ck_unpickle_scan(&s, view.buf, (size_t)view.len, "the pickle", &used, pids)
+            : -1;
+    Py_XDECREF(pids);
+    ck_session_end(&s);
+    PyBuffer_Release(&view);
+    return rc < 0 ? NULL : PyLong_FromSize_t(used);
+}
+
 PyMethodDef ck_verify_methods[] = {
-    {"verify", py_verify, METH_VARARGS,
-     "verify(mapping, filename) -> dict: CRCs, container and storage checks (see ckptio.verify)."},
+    {"scan_pickle", (PyCFunction)(void (*)(void))py_scan_pickle, METH_VARARGS | METH_KEYWORDS,
+     "scan_pickle(data, filename, file_size, *, encoding='utf-8') -> int: walks the pickle at "
+     "the start of data without calling anything, under a load's limits; the bytes it used."},
+    {"verify", (PyCFunction)(void (*)(void))py_verify, METH_VARARGS | METH_KEYWORDS,
+     "verify(mapping, filename, *, encoding='utf-8', errors='strict') -> dict: CRCs, container "
+     "and storage checks (see ckptio.verify)."},
     {NULL, NULL, 0, NULL},
 };

@@ -10,7 +10,4 @@
  * including blocks larger than 4 GiB. */
 uint32_t ck_crc32(uint32_t crc, const void *data, size_t len);
 
-/* zlib's crc32 for the same bytes; kept for the benchmark's comparison. */
-uint32_t ck_crc32_zlib(uint32_t crc, const void *data, size_t len);
-
 #endif

@@ -1,4 +1,3 @@
-#define _GNU_SOURCE
 #include "devcopy.h"
 
 #include <dlfcn.h>

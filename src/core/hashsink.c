@@ -8,9 +8,14 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <openssl/evp.h>
-
 #include "fdio.h"
+#include "sha256.h"
+
+/* _GNU_SOURCE comes from the build (setup.py, Makefile), once for every
+ * file; without it the writeback below was silently compiled out. */
+#if defined(__linux__) && !defined(SYNC_FILE_RANGE_WRITE)
+#error "sync_file_range undeclared: build with -D_GNU_SOURCE (as setup.py, Makefile do)"
+#endif
 
 #define SLOT_SIZE (1u << 20)
 #define SLOTS 4
@@ -20,10 +25,11 @@ struct ck_hashsink {
     int fd;
     const char *path;
     int writeback;
-    int hash;         /* 0: no worker, no digest */
-    uint64_t written; /* bytes written by this sink */
-    uint64_t synced;  /* writeback started up to here */
-    EVP_MD_CTX *sha;
+    int hash;            /* 0: no worker, no digest */
+    uint64_t written;    /* bytes written by this sink */
+    uint64_t synced;     /* writeback started up to here */
+    uint64_t writebacks; /* sync_file_range calls made */
+    ck_sha256 *sha;
     unsigned char *slots[SLOTS];
     size_t len[SLOTS];
     size_t cur_len; /* bytes gathered in slot posted % SLOTS */
@@ -49,7 +55,7 @@ static void *worker_main(void *arg) {
         unsigned idx = (unsigned)(s->hashed % SLOTS);
         size_t n = s->len[idx];
         pthread_mutex_unlock(&s->mu);
-        EVP_DigestUpdate(s->sha, s->slots[idx], n);
+        ck_sha256_update(s->sha, s->slots[idx], n);
         pthread_mutex_lock(&s->mu);
         s->hashed++;
         pthread_cond_broadcast(&s->cv);
@@ -70,8 +76,8 @@ ck_status ck_hashsink_open(int fd, const char *path, int writeback, int hash, ck
     s->hash = hash;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
-    s->sha = EVP_MD_CTX_new();
-    int ok = s->sha != NULL && EVP_DigestInit_ex(s->sha, EVP_sha256(), NULL) == 1;
+    s->sha = ck_sha256_new(0);
+    int ok = s->sha != NULL;
     for (int i = 0; ok && i < SLOTS; i++)
         ok = (s->slots[i] = malloc(SLOT_SIZE)) != NULL;
     if (!ok) {
@@ -115,6 +121,7 @@ static ck_status post_current(ck_hashsink *s, ck_error *err) {
         /* the whole file: pages already clean or under writeback are skipped */
         sync_file_range(s->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
         s->synced = s->written;
+        s->writebacks++;
     }
 #endif
     return CK_OK;
@@ -165,14 +172,14 @@ ck_status ck_hashsink_flush(ck_hashsink *s, ck_error *err) {
 
 void ck_hashsink_absorb(ck_hashsink *s, const void *p, size_t n) {
     if (s->hash)
-        EVP_DigestUpdate(s->sha, p, n);
+        ck_sha256_update(s->sha, p, n);
 }
 
 ck_status ck_hashsink_reset(ck_hashsink *s, ck_error *err) {
     drain(s);
     s->cur_len = 0;
     s->written = s->synced = 0;
-    if (EVP_DigestInit_ex(s->sha, EVP_sha256(), NULL) != 1)
+    if (ck_sha256_reset(s->sha) != 0)
         return ck_fail(err, CK_E_NOMEM, "SHA-256 initialisation failed");
     return CK_OK;
 }
@@ -184,13 +191,16 @@ ck_status ck_hashsink_hex(ck_hashsink *s, char hex[65], ck_error *err) {
     hex[0] = 0;
     if (!s->hash)
         return CK_OK;
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int mdlen = 0;
-    if (EVP_DigestFinal_ex(s->sha, md, &mdlen) != 1 || mdlen != 32)
+    unsigned char md[32];
+    if (ck_sha256_final(s->sha, md) != 0)
         return ck_fail(err, CK_E_NOMEM, "SHA-256 finalisation failed");
     for (unsigned i = 0; i < 32; i++)
         snprintf(hex + 2 * i, 3, "%02x", md[i]);
     return CK_OK;
+}
+
+uint64_t ck_hashsink_writebacks(const ck_hashsink *s) {
+    return s->writebacks;
 }
 
 void ck_hashsink_close(ck_hashsink *s) {
@@ -205,7 +215,7 @@ void ck_hashsink_close(ck_hashsink *s) {
     }
     for (int i = 0; i < SLOTS; i++)
         free(s->slots[i]);
-    EVP_MD_CTX_free(s->sha);
+    ck_sha256_free(s->sha);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);

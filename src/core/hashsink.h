@@ -48,6 +48,10 @@ ck_status ck_hashsink_reset(ck_hashsink *sink, ck_error *err);
  * a sink without hash). */
 ck_status ck_hashsink_hex(ck_hashsink *sink, char hex[65], ck_error *err);
 
+/* How many times the sink started writeback (sync_file_range); the C tests
+ * check with it that writeback is compiled in. */
+uint64_t ck_hashsink_writebacks(const ck_hashsink *sink);
+
 /* Stops the worker and frees the sink (NULL is allowed). Bytes not flushed
  * are dropped. */
 void ck_hashsink_close(ck_hashsink *sink);

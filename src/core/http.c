@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,8 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <curl/curl.h>
-
+#include "curlshim.h"
 #include "hashsink.h"
 #include "fdio.h"
 
@@ -48,6 +48,9 @@ typedef struct download {
     uint64_t have;     /* bytes of the file held, in the partial or in the sink */
     uint64_t total;    /* expected size of the file, 0 unknown */
     uint64_t resumed_from;
+    int attempts;  /* requests made, over every pass */
+    int spliced;   /* bytes of an earlier response were kept (a 206 or a complete partial) */
+    int no_resume; /* a spliced result failed its hash: no more resumes by date */
     /* validators of the file being assembled in the partial */
     char etag[VALIDATOR_MAX];
     char last_modified[VALIDATOR_MAX];
@@ -97,6 +100,7 @@ void ck_http_opts_init(ck_http_opts *opts) {
     opts->keep_partial = 1;
     opts->fsync = 1;
     opts->sha256 = 1;
+    opts->lock_timeout_s = 300.0;
 }
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -155,13 +159,33 @@ static int has_prefix_ci(const char *s, size_t n, const char *prefix) {
     return n >= k && strncasecmp(s, prefix, k) == 0;
 }
 
-/* A strong ETag can go in If-Range; a weak one (W/"...") cannot. */
-static const char *if_range_value(const download *d) {
-    if (d->etag[0] != 0 && strncmp(d->etag, "W/", 2) != 0)
+/* Whether the file in the partial has a strong ETag (not W/"..."). */
+static int strong_etag(const download *d) {
+    return d->etag[0] != 0 && strncmp(d->etag, "W/", 2) != 0;
+}
+
+/* The validator a resume may rely on, or NULL (no resume: the file is taken
+ * from its first byte). A strong ETag names one exact representation. A weak
+ * one never does, and a Last-Modified date alone does not either (a file
+ * rewritten within the same second, or by a server that keeps the date,
+ * would be spliced from two versions); the date is used only when a hash
+ * prefix checks the whole result, and a mismatch after a resume then takes
+ * the file again from zero (ck_http_download). */
+static const char *resume_validator(const download *d) {
+    if (strong_etag(d))
         return d->etag;
-    if (d->last_modified[0] != 0)
+    if (d->last_modified[0] != 0 && d->opts->hash_prefix != NULL && !d->no_resume)
         return d->last_modified;
     return NULL;
+}
+
+/* Whether st is a file this user made for itself: regular, ours, private
+ * (no group or other bits) and with one name (not a hard link planted to
+ * one of our files elsewhere). A partial or meta file failing this is never
+ * adopted, written or truncated: it is removed and made afresh. */
+static int is_private_file(const struct stat *st) {
+    return S_ISREG(st->st_mode) && st->st_uid == geteuid() && (st->st_mode & 077) == 0 &&
+           st->st_nlink == 1;
 }
 
 /* ---- the hash ----------------------------------------------------------- */
@@ -194,20 +218,71 @@ static ck_status hash_prefix_of_file(download *d, uint64_t n, ck_error *err) {
 
 static int report_progress(download *d, int force);
 
+/* One line for the caller's log (opts->note). */
+__attribute__((format(printf, 3, 4))) static void note(download *d, int level, const char *fmt,
+                                                       ...) {
+    if (d->opts->note == NULL)
+        return;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    d->opts->note(d->opts->note_ctx, level, msg);
+}
+
 /* Opens and locks the partial, in append mode so that writes follow a
  * truncation to zero, never through a symbolic link (a shared cache
- * directory must not redirect the write). The lock is polled every 50 ms
- * with a progress report in between, so that a wait for another download
- * can be interrupted. A lock won after the other process renamed or removed
- * the file is on a stale inode: open the path again. */
+ * directory must not redirect the write), created private (0600; the mode
+ * a file made by open() would get is given at commit). Whatever is at the
+ * path and is not a private file of this user (is_private_file: another
+ * user's partial, a link, a hard link to one of our files, a FIFO) is
+ * removed and replaced, never adopted. The lock is polled every 50 ms with
+ * a progress report in between, so that a wait for another download can be
+ * interrupted; it fails once the partial has not grown for
+ * opts->lock_timeout_s. A lock won after the other process renamed or
+ * removed the file is on a stale inode: open the path again. */
 static ck_status open_partial(download *d, ck_error *err) {
-    for (;;) {
-        int fd = open(d->part_path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0666);
-        if (fd < 0)
-            return ck_fail_errno(err, errno, "cannot create %s", d->part_path);
-        int rc;
+    for (int tries = 0; tries < 64; tries++) {
+        int fd = open(d->part_path,
+                      O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0600);
+        int e = errno;
+        struct stat a = {0};
+        /* ELOOP: a symbolic link; EACCES/EPERM: another user's file */
+        int foreign = fd < 0 && (e == ELOOP || e == EACCES || e == EPERM) &&
+                      lstat(d->part_path, &a) == 0 && a.st_uid != geteuid();
+        if (fd < 0 && e == ELOOP)
+            foreign = 1;
+        if (fd < 0 && !foreign)
+            return ck_fail_errno(err, e, "cannot create %s", d->part_path);
+        if (fd >= 0 && fstat(fd, &a) != 0) {
+            e = errno;
+            close(fd);
+            return ck_fail_errno(err, e, "cannot stat %s", d->part_path);
+        }
+        if (foreign || !is_private_file(&a)) {
+            /* not a partial this user made: not ours to resume or write */
+            if (fd >= 0)
+                close(fd);
+            note(d, 2, "replacing %s: not a partial download of this user (uid %u, mode %04o)",
+                 d->part_path, (unsigned)a.st_uid, (unsigned)(a.st_mode & 07777));
+            if (unlink(d->part_path) != 0 && errno != ENOENT)
+                return ck_fail_errno(err, errno,
+                                     "cannot replace %s (uid %u, mode %04o, %u links): not a "
+                                     "partial download of this user",
+                                     d->part_path, (unsigned)a.st_uid,
+                                     (unsigned)(a.st_mode & 07777), (unsigned)a.st_nlink);
+            unlink(d->meta_path); /* whatever describes it is as foreign */
+            continue;
+        }
+        fcntl(fd, F_SETFL, O_APPEND); /* O_NONBLOCK was for the open only */
+        int rc, waited = 0;
+        off_t seen = a.st_size;
+        int64_t quiet_since = now_ns();
         while ((rc = flock(fd, LOCK_EX | LOCK_NB)) < 0 &&
                (errno == EWOULDBLOCK || errno == EINTR)) {
+            if (!waited++)
+                note(d, 1, "waiting: another download of %s holds %s", d->url, d->part_path);
             struct timespec ts = {0, PROGRESS_INTERVAL_NS};
             nanosleep(&ts, NULL);
             if (report_progress(d, 1) != 0) {
@@ -215,13 +290,24 @@ static ck_status open_partial(download *d, ck_error *err) {
                 return ck_fail(err, CK_E_INTERRUPTED, "interrupted while another download held %s",
                                d->part_path);
             }
+            struct stat now;
+            if (fstat(fd, &now) == 0 && now.st_size != seen) {
+                seen = now.st_size; /* the holder is making progress */
+                quiet_since = now_ns();
+            } else if ((double)(now_ns() - quiet_since) / 1e9 >= d->opts->lock_timeout_s) {
+                close(fd);
+                return ck_fail(err, CK_E_LIMIT,
+                               "another download has held %s for %g s without progress: gave "
+                               "up waiting for it (remove the file if no download is running)",
+                               d->part_path, d->opts->lock_timeout_s);
+            }
         }
         if (rc < 0) {
             int e = errno;
             close(fd);
             return ck_fail_errno(err, e, "cannot lock %s", d->part_path);
         }
-        struct stat a, b;
+        struct stat b;
         if (fstat(fd, &a) == 0 && lstat(d->part_path, &b) == 0 && a.st_ino == b.st_ino &&
             a.st_dev == b.st_dev) {
             d->fd = fd;
@@ -229,6 +315,7 @@ static ck_status open_partial(download *d, ck_error *err) {
         }
         close(fd);
     }
+    return ck_fail(err, CK_E_IO, "%s keeps being replaced by someone else", d->part_path);
 }
 
 static void remove_meta(download *d) {
@@ -238,7 +325,7 @@ static void remove_meta(download *d) {
 /* Records what the partial holds, before any of its bytes are written, so
  * that a later call can tell whether the server still has the same file. */
 static ck_status write_meta(download *d, ck_error *err) {
-    if (if_range_value(d) == NULL) {
+    if (resume_validator(d) == NULL) {
         remove_meta(d);
         return CK_OK;
     }
@@ -250,7 +337,11 @@ static ck_status write_meta(download *d, ck_error *err) {
         remove_meta(d); /* a URL this long is simply not resumed */
         return CK_OK;
     }
-    int fd = open(d->meta_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
+    /* a fresh private file: never written through what someone left there */
+    remove_meta(d);
+    int fd = open(d->meta_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0 && errno == EEXIST)
+        return CK_OK; /* someone keeps putting one there: this partial is not resumable */
     if (fd < 0)
         return ck_fail_errno(err, errno, "cannot create %s", d->meta_path);
     int bad = ck_write_all(fd, text, (size_t)n) < 0 || (d->opts->fsync && fsync(fd) < 0);
@@ -293,7 +384,12 @@ static ck_status adopt_partial(download *d, ck_error *err) {
     uint64_t size = (uint64_t)st.st_size;
     int ok = 0;
     char text[META_MAX + 1];
-    int mfd = size > 0 ? open(d->meta_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) : -1;
+    int mfd = size > 0 ? open(d->meta_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK) : -1;
+    struct stat mst;
+    if (mfd >= 0 && (fstat(mfd, &mst) != 0 || !is_private_file(&mst))) {
+        close(mfd); /* not written by this user: ignored (and replaced) */
+        mfd = -1;
+    }
     if (mfd >= 0) {
         ssize_t n = read(mfd, text, META_MAX);
         close(mfd);
@@ -304,7 +400,7 @@ static ck_status adopt_partial(download *d, ck_error *err) {
                  meta_field(text, "url", url, sizeof url) && strcmp(url, d->url) == 0 &&
                  meta_field(text, "etag", d->etag, sizeof d->etag) &&
                  meta_field(text, "last-modified", d->last_modified, sizeof d->last_modified) &&
-                 meta_field(text, "total", total, sizeof total) && if_range_value(d) != NULL;
+                 meta_field(text, "total", total, sizeof total) && resume_validator(d) != NULL;
             if (ok) {
                 char *endp;
                 errno = 0;
@@ -322,8 +418,13 @@ static ck_status adopt_partial(download *d, ck_error *err) {
         }
         d->have = size;
         d->resumed_from = size;
+        note(d, 1, "%s holds %" PRIu64 " bytes of %s from an earlier download", d->part_path, size,
+             d->url);
         return CK_OK;
     }
+    if (size > 0)
+        note(d, 1, "discarding %" PRIu64 " bytes of %s: no resume record for %s", size,
+             d->part_path, d->url);
     d->etag[0] = d->last_modified[0] = 0;
     d->total = 0;
     remove_meta(d);
@@ -334,6 +435,9 @@ static ck_status adopt_partial(download *d, ck_error *err) {
 
 /* Empties the partial to take the file from its first byte. */
 static ck_status restart_partial(download *d, ck_error *err) {
+    if (d->have > 0)
+        note(d, 1, "taking %s from its first byte again: %" PRIu64 " bytes of %s discarded", d->url,
+             d->have, d->part_path);
     ck_status s = ck_hashsink_reset(d->sink, err);
     if (s != CK_OK)
         return s;
@@ -408,9 +512,12 @@ static int partial_is_complete(const download *d) {
     char end;
     if (sscanf(d->r_content_range, "bytes */%llu%c", &n, &end) != 1 || n != d->have)
         return 0;
-    if (d->etag[0] != 0 && strncmp(d->etag, "W/", 2) != 0)
+    const char *v = resume_validator(d);
+    if (v == NULL)
+        return 0;
+    if (v == d->etag)
         return strcmp(d->r_etag, d->etag) == 0;
-    return d->last_modified[0] != 0 && strcmp(d->r_last_modified, d->last_modified) == 0;
+    return strcmp(d->r_last_modified, d->last_modified) == 0;
 }
 
 /* Checks the response once its headers are in: status, range, type. */
@@ -423,8 +530,10 @@ static outcome response_start(download *d) {
             return cb_stop(d, OUT_RETRY);
         }
         if (d->status == 416 && d->range_from > 0) {
-            if (partial_is_complete(d))
+            if (partial_is_complete(d)) {
+                d->spliced = 1;
                 return cb_stop(d, OUT_COMPLETE);
+            }
             /* the partial is not a prefix of what the server has now */
             if (restart_partial(d, d->err) != CK_OK)
                 return cb_stop(d, OUT_FINAL);
@@ -444,11 +553,15 @@ static outcome response_start(download *d) {
         int same = d->range_from > 0 && parse_content_range(d->r_content_range, &start, &total) &&
                    start == d->have && (total == 0 || d->total == 0 || total == d->total) &&
                    (d->r_etag[0] == 0 || d->etag[0] == 0 || strcmp(d->r_etag, d->etag) == 0);
+        /* resumed by date (a hash checks the result): the date must still match */
+        if (same && !strong_etag(d))
+            same = d->r_last_modified[0] != 0 && strcmp(d->r_last_modified, d->last_modified) == 0;
         if (!same) {
             if (restart_partial(d, d->err) != CK_OK)
                 return cb_stop(d, OUT_FINAL);
             return cb_stop(d, OUT_RESTART);
         }
+        d->spliced = 1;
         if (total != 0)
             d->total = total;
         else if (length >= 0)
@@ -580,13 +693,14 @@ static outcome attempt(download *d) {
     d->r_etag[0] = d->r_last_modified[0] = d->r_content_range[0] = 0;
     d->r_retry_after = -1;
     d->curl_msg[0] = 0;
-    d->range_from = d->have > 0 && if_range_value(d) != NULL ? d->have : 0;
+    d->range_from = d->have > 0 && resume_validator(d) != NULL ? d->have : 0;
 
     struct curl_slist *headers = NULL;
     char range[48], ifrange[VALIDATOR_MAX + 16];
     if (d->range_from > 0) {
+        note(d, 1, "resuming %s from byte %" PRIu64, d->url, d->range_from);
         snprintf(range, sizeof range, "%" PRIu64 "-", d->range_from);
-        snprintf(ifrange, sizeof ifrange, "If-Range: %s", if_range_value(d));
+        snprintf(ifrange, sizeof ifrange, "If-Range: %s", resume_validator(d));
         headers = curl_slist_append(NULL, ifrange);
         if (headers == NULL) {
             ck_fail(d->err, CK_E_NOMEM, "no memory for request headers");
@@ -686,8 +800,30 @@ static ck_status setup_curl(download *d, ck_error *err) {
     return CK_OK;
 }
 
+/* The process's umask, read without changing it (umask(2) cannot read it
+ * without setting it, which would race with other threads); 022 when
+ * /proc is not there. */
+static mode_t current_umask(void) {
+    mode_t mask = 022;
+    FILE *f = fopen("/proc/self/status", "re");
+    if (f == NULL)
+        return mask;
+    char line[128];
+    unsigned int v;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "Umask: %o", &v) == 1) {
+            mask = (mode_t)(v & 0777);
+            break;
+        }
+    fclose(f);
+    return mask;
+}
+
 /* Makes the finished partial the file at dst. */
 static ck_status commit(download *d, const char *dst, ck_error *err) {
+    /* the partial was private; the file gets what open() would have given it */
+    if (fchmod(d->fd, 0666 & ~current_umask()) < 0)
+        return ck_fail_errno(err, errno, "cannot set the mode of %s", d->part_path);
     if (d->opts->fsync && fsync(d->fd) < 0)
         return ck_fail_errno(err, errno, "cannot flush %s", d->part_path);
     if (rename(d->part_path, dst) < 0)
@@ -717,6 +853,42 @@ static ck_status finish(download *d, const char *dst, ck_http_result *res, ck_er
         return ck_fail(err, CK_E_CRC, "invalid hash value (expected \"%.64s\", got \"%s\")", want,
                        hex);
     return commit(d, dst, err);
+}
+
+/* Makes attempts until the body is complete, a final failure, an
+ * interruption, or the retries are spent. */
+static outcome transfer(download *d, ck_http_result *res, ck_error *err) {
+    const ck_http_opts *opts = d->opts;
+    outcome o = OUT_RETRY;
+    double backoff = opts->backoff_s > 0 ? opts->backoff_s : 0;
+    for (int n = 0; n <= opts->retries || o == OUT_RESTART; n++) {
+        if (o == OUT_RETRY && n > 0) {
+            double pause = backoff;
+            if (d->r_retry_after >= 0)
+                pause = d->r_retry_after < MAX_RETRY_AFTER_S ? d->r_retry_after : MAX_RETRY_AFTER_S;
+            note(d, 2, "retrying %s in %.1f s%s (attempt %d of %d): %s", d->url, pause,
+                 d->r_retry_after >= 0 ? " (Retry-After)" : "", n + 1, opts->retries + 1, err->msg);
+            if (pause_before_retry(d, pause) != 0) {
+                o = OUT_INTERRUPT;
+                break;
+            }
+            backoff = backoff * 2 < MAX_BACKOFF_S ? backoff * 2 : MAX_BACKOFF_S;
+        }
+        if (o == OUT_RESTART && n > opts->retries + 1)
+            break; /* a server that keeps changing its file */
+        ck_error_clear(err);
+        o = attempt(d);
+        d->attempts++;
+        if (res != NULL) {
+            res->attempts = d->attempts;
+            res->http_status = d->status;
+        }
+        if (o == OUT_COMPLETE)
+            o = OUT_DONE;
+        if (o == OUT_DONE || o == OUT_FINAL || o == OUT_INTERRUPT)
+            break;
+    }
+    return o;
 }
 
 ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts *opts,
@@ -750,6 +922,7 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
          * and what is at our partial's path is ours, or stale */
         unlink(d.part_path);
         remove_meta(&d);
+        note(&d, 1, "%s was completed by another download meanwhile: using it", dst);
         if (res != NULL) {
             res->existed = 1;
             res->size = (uint64_t)existing.st_size;
@@ -762,35 +935,25 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
         goto out;
 
     int keep = 0;
-    outcome o = OUT_RETRY;
-    double backoff = opts->backoff_s > 0 ? opts->backoff_s : 0;
-    for (int n = 0; n <= opts->retries || o == OUT_RESTART; n++) {
-        if (o == OUT_RETRY && n > 0) {
-            double pause = backoff;
-            if (d.r_retry_after >= 0)
-                pause = d.r_retry_after < MAX_RETRY_AFTER_S ? d.r_retry_after : MAX_RETRY_AFTER_S;
-            if (pause_before_retry(&d, pause) != 0) {
-                o = OUT_INTERRUPT;
-                break;
-            }
-            backoff = backoff * 2 < MAX_BACKOFF_S ? backoff * 2 : MAX_BACKOFF_S;
-        }
-        if (o == OUT_RESTART && n > opts->retries + 1)
-            break; /* a server that keeps changing its file */
-        ck_error_clear(err);
-        o = attempt(&d);
-        if (res != NULL) {
-            res->attempts = n + 1;
-            res->http_status = d.status;
-        }
-        if (o == OUT_COMPLETE)
-            o = OUT_DONE;
-        if (o == OUT_DONE || o == OUT_FINAL || o == OUT_INTERRUPT)
+    outcome o;
+    for (;;) {
+        o = transfer(&d, res, err);
+        if (o != OUT_DONE)
             break;
-    }
-    if (o == OUT_DONE) {
         report_progress(&d, 1);
         s = finish(&d, dst, res, err);
+        if (s == CK_E_CRC && d.spliced && !strong_etag(&d) && !d.no_resume) {
+            /* resumed by date and the whole fails its hash: the server changed
+             * the file and kept the date. Once more, from zero, no resume. */
+            note(&d, 2, "%s failed its hash after a resume by date: downloading it again", url);
+            d.no_resume = 1;
+            d.spliced = 0;
+            if ((s = restart_partial(&d, err)) == CK_OK)
+                continue;
+        }
+        break;
+    }
+    if (o == OUT_DONE) {
         keep = 0;
     } else if (o == OUT_INTERRUPT) {
         s = ck_fail(err, CK_E_INTERRUPTED, "download of %s interrupted", url);
@@ -810,9 +973,11 @@ ck_status ck_http_download(const char *url, const char *dst, const ck_http_opts 
         res->size = d.have;
         res->resumed_from = d.resumed_from;
     }
-    if (s != CK_OK && !(keep && d.have > 0 && if_range_value(&d) != NULL)) {
+    if (s != CK_OK && !(keep && d.have > 0 && resume_validator(&d) != NULL)) {
         unlink(d.part_path);
         remove_meta(&d);
+    } else if (s != CK_OK) {
+        note(&d, 1, "keeping %s (%" PRIu64 " bytes) to resume %s later", d.part_path, d.have, url);
     }
 out:
     ck_hashsink_close(d.sink);

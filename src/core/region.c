@@ -1,4 +1,3 @@
-#define _GNU_SOURCE
 #include "region.h"
 
 #include <errno.h>

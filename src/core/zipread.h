@@ -20,8 +20,8 @@
  *     from the first central entry up to its first '/';
  *   - stored entries (method 0) have comp_size == size; encrypted entries
  *     (flag bit 0) and multi-disk archives are refused (CK_E_UNSUPPORTED).
- *   Other compression methods are accepted here and decoded by
- *   ck_zip_extract (libzip).
+ *   Other compression methods are accepted here and refused by
+ *   ck_zip_extract (torch reads only stored and deflated records).
  *
  * Nothing is copied: names point into the buffer, which must outlive the
  * ck_zip. All arithmetic on sizes read from the buffer is overflow-checked.
@@ -40,7 +40,7 @@
 typedef struct ck_zip_entry {
     const char *name; /* full name inside the buffer, not NUL-terminated */
     size_t name_len;
-    uint16_t method;        /* 0 stored, 8 deflate, other: libzip decides */
+    uint16_t method;        /* 0 stored, 8 deflate, other: refused by ck_zip_extract */
     uint16_t flags;         /* general purpose bit flags from the central entry */
     uint32_t crc32;         /* from the central entry */
     uint64_t comp_size;     /* bytes of data in the archive */
@@ -58,12 +58,12 @@ typedef struct ck_zip {
     uint64_t cd_offset;
     uint64_t cd_size;
     int zip64; /* 1 when a zip64 end record was used */
-    /* private: open-addressing index over names relative to the prefix */
+    /* private: the entry indices sorted by name relative to the prefix
+     * (binary search; see build_index) */
     uint32_t *index_;
-    size_t index_cap_;
-    /* private: libzip's handle on the same buffer, opened on the first
-     * compressed record and reused */
-    void *libzip_;
+    /* private: libdeflate's decompressor, made for the first compressed
+     * record and reused */
+    struct libdeflate_decompressor *inflater_;
 } ck_zip;
 
 /* Parses and validates the archive in buf[0 .. len). On success *zip owns
@@ -84,7 +84,7 @@ ptrdiff_t ck_zip_find(const ck_zip *zip, const char *rel, size_t rel_len);
  * (method 0); NULL for any other method. */
 const uint8_t *ck_zip_stored_data(const ck_zip *zip, size_t idx);
 
-/* Decompresses entry idx (any method libzip supports) into a newly
+/* Decompresses entry idx (stored or deflated, with libdeflate) into a newly
  * allocated 64-byte aligned buffer of exactly entries[idx].size bytes
  * (free with free()), checking its CRC-32. Refuses (CK_E_LIMIT) an entry
  * whose announced size exceeds max_size, before allocating. A stored entry

@@ -1,5 +1,3 @@
-/* sync_file_range */
-#define _GNU_SOURCE
 #include "zipwrite.h"
 
 #include <errno.h>
@@ -10,6 +8,11 @@
 #include <unistd.h>
 
 #include "crc.h"
+
+/* _GNU_SOURCE comes from the build (setup.py, Makefile), once for every file */
+#if defined(__linux__) && !defined(SYNC_FILE_RANGE_WRITE)
+#error "sync_file_range undeclared: build with -D_GNU_SOURCE (as setup.py, Makefile do)"
+#endif
 
 #define SIG_LOCAL 0x04034b50u
 #define SIG_DESCRIPTOR 0x08074b50u

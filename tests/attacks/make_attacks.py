@@ -301,10 +301,10 @@ laughs += b"h" + bytes([60]) + b"."
 case("memo_billion_laughs_refs.pt", archive(laughs, {"data/0": FLOATS}), None, None,
      "a DAG of tuples 60 deep over a memoized storage reference: 2**60 paths")
 case("deep_nesting_lists.pt", archive(P2 + b"]" * 100_000 + b"a" * 99_999 + b"."), None,
-     None, "100000 nested lists (loads: a valid, deep pickle)")
+     "nest more than", "100000 nested lists (over the 10000-level depth limit)")
 case("deep_nesting_tuples_refs.pt",
      archive(P2 + storage_pid() + b"q\x00" + b"\x85" * 50_000 + b".", {"data/0": FLOATS}),
-     None, "nested too deeply", "a memoized storage reference inside 50000 nested 1-tuples")
+     None, "nest more than", "a memoized storage reference inside 50000 nested 1-tuples")
 case("cycle_list_with_ref.pt",
      archive(P2 + b"]q\x00h\x00h\x00a" + storage_pid() + b"q\x01ah\x01a.", {"data/0": FLOATS}),
      "ok", None, "a list holding itself and a memoized storage reference")
@@ -587,17 +587,482 @@ with tarfile.open(fileobj=tar, mode="w", format=tarfile.USTAR_FORMAT) as t:
 case("tar_format.pt", tar.getvalue(), None, "tar format", "torch 0.1.x's tar format")
 
 
+# ===========================================================================
+# 6. second round (issue 9): crashes and quadratic blow-ups from small files
+# ===========================================================================
+
+
+def fnv1a_collisions(n, bits=18, target=0x15555):
+    """n record names whose 64-bit FNV-1a hashes agree in their low `bits`
+    bits (the slot in an unkeyed 2**bits-slot table): "data/" + 4 base-36
+    digits + 3 bytes chosen so. The low bits of FNV-1a depend only on the
+    low bits of its state, so the last two bytes can steer them."""
+    import itertools
+
+    import numpy as np
+
+    prime, mask = np.uint64(1099511628211), np.uint64((1 << bits) - 1)
+    free = np.array([b for b in range(0x21, 0x7F) if b not in b"/.\\"], dtype=np.uint64)
+    usable = np.zeros(256, bool)
+    usable[free.astype(int)] = True
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    prefixes = [("data/" + "".join(t)).encode()
+                for t in itertools.islice(itertools.product(digits, repeat=4), n * 3 // 2)]
+    h = np.full(len(prefixes), np.uint64(1469598103934665603), dtype=np.uint64)
+    raw = np.frombuffer(b"".join(prefixes), np.uint8).reshape(len(prefixes), -1)
+    for col in raw.T.astype(np.uint64):
+        h = (h ^ col) * prime
+    high, low = np.uint64(target & ~0xFF), target & 0xFF
+    found = {}
+    for b1 in free:
+        h1 = (h ^ b1) * prime
+        for b2 in free:
+            h2 = (h1 ^ b2) * prime
+            hit = np.nonzero((h2 & mask & ~np.uint64(0xFF)) == high)[0]
+            b3 = ((h2[hit] & np.uint64(0xFF)) ^ np.uint64(low)).astype(int)
+            for i, c in zip(hit[usable[b3]], b3[usable[b3]]):
+                found.setdefault(int(i), prefixes[i] + bytes([int(b1), int(b2), c]))
+        if len(found) >= n:
+            break
+    names = [found[k] for k in sorted(found)][:n]
+    assert len(names) == n
+    return names
+
+
+collide = {name.decode(): b"" for name in fnv1a_collisions(100_000)}
+collide["data/0"] = FLOATS
+case("zip_name_collisions.pt", archive(state_dict(("w", tensor())), collide), None, None,
+     "100000 records whose names collide in the low 18 bits of FNV-1a (29 s in an unkeyed "
+     "hash index; torch 0.13 s): loads in O(n log n)")
+
+# a plain tensor rebuilt over each quantized storage type (was a SIGSEGV in
+# load, verify and `ckptio info`; torch fails with an internal assert)
+QUANTIZED = {"QInt8Storage": ("qint8", 1), "QUInt8Storage": ("quint8", 1),
+             "QInt32Storage": ("qint32", 4), "QUInt4x2Storage": ("quint4x2", 1),
+             "QUInt2x4Storage": ("quint2x4", 1)}
+for stype, (qdtype, qsize) in QUANTIZED.items():
+    case(f"quantized_{stype}_v2.pt",
+         archive(state_dict(("w", tensor(stype=stype))), {"data/0": FLOATS[: 4 * qsize]}), None,
+         "quantized", f"_rebuild_tensor_v2 over a {stype}")
+    v3 = (b"ctorch._utils\n_rebuild_tensor_v3\n(" + storage_pid(stype) + b"K\x00" + int_tuple((4,))
+          + int_tuple((1,)) + b"\x89ccollections\nOrderedDict\n)Rctorch\n" + qdtype.encode()
+          + b"\ntR")
+    case(f"quantized_{stype}_v3.pt", archive(state_dict(("w", v3)), {"data/0": FLOATS[: 4 * qsize]}),
+         None, "quantized", f"_rebuild_tensor_v3 over a {stype} with dtype torch.{qdtype}")
+case("quantized_dtype_over_float_v3.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_tensor_v3\n(" + storage_pid() + b"K\x00"
+                         + int_tuple((4,)) + int_tuple((1,)) + b"\x89ccollections\nOrderedDict\n)R"
+                         + b"ctorch\nqint8\ntR")), {"data/0": FLOATS}), None, "quantized",
+     "_rebuild_tensor_v3 with dtype torch.qint8 over a FloatStorage")
+case("quantized_v1.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_tensor\n(" + storage_pid("QInt8Storage")
+                         + b"K\x00" + int_tuple((4,)) + int_tuple((1,)) + b"tR")),
+             {"data/0": FLOATS[:4]}), None, "quantized", "_rebuild_tensor over a QInt8Storage")
+case("storage_record_larger.pt",
+     archive(state_dict(("w", tensor(numel=2, size=(2,)))), {"data/0": FLOATS}), None,
+     "claims 8 bytes but its record holds 16",
+     "a storage of 2 floats over a 16-byte record (torch.load refuses it; mmap=True does not)")
+
+# 20,000 legacy storage views, each a view of the previous one (was a C
+# stack overflow: one nested call per link)
+chain, prev = b"", "0"
+for i in range(1, 20_001):
+    chain += (b"(" + binunicode("storage") + (b"ctorch\nFloatStorage\nq\x01" if i == 1 else b"h\x01")
+              + binunicode(prev) + (binunicode("cpu") + b"q\x02" if i == 1 else b"h\x02")
+              + b"K\x04(" + binunicode(f"v{i}") + b"K\x00K\x04ttQ")
+    prev = f"v{i}"
+last = chain.rindex(b"(" + binunicode("storage"))
+case("legacy_view_chain.pt",
+     legacy(P2 + b"}(" + binunicode("views") + b"](" + chain[:last] + b"e" + binunicode("w")
+            + TORCH_TENSOR + b"(" + chain[last:] + b"K\x00" + int_tuple((4,)) + int_tuple((1,))
+            + b"\x89ccollections\nOrderedDict\n)RtRu."), None, None,
+     "20000 storage views, each of the previous one; loads (torch 0.75 s)")
+
+
+# nesting: 10^6 TUPLE1 as a dict key made both torch.load and ckptio crash in
+# CPython's (recursive) tuple hash; the depth limit refuses it at 10000
+case("deep_tuple_key.pt", archive(P2 + b"}N" + b"\x85" * 1_000_000 + b"Ns."), None,
+     "nest more than", "a tuple nested 10^6 deep used as a dict key (SIGSEGV in torch)")
+case("deep_frozenset_key.pt", archive(P4 + b"}" + b"(" * 20_000 + b"N" + b"\x91" * 20_000 + b"Ns."), None,
+     "nest more than|more than 4096 dict keys", "frozensets nested 20000 deep used as a dict key")
+case("deep_tuple_legacy.pt", legacy(P2 + b"}N" + b"\x85" * 100_000 + b"Ns.", keys=(), data=b""),
+     None, "nest more than", "a deep tuple key in a legacy file (the layout scan hashes it too)")
+case("legacy_deep_tuple_sysinfo.pt",
+     legacy(legacy_obj(b"N"), sysinfo=P2 + b"}N" + b"\x85" * 100_000 + b"Ns."), None,
+     "nest more than", "a deep tuple key in the legacy sys_info pickle (read before the objects)")
+case("deep_reduce_chain.pt",
+     archive(P2 + b"ccollections\nOrderedDict\nq\x00N" + b"h\x00\x86" * 20_000 + b"."),
+     None, "nest more than", "20000 nested (OrderedDict, x) pairs")
+
+# a storage reference kept in the memo made every REDUCE/NEWOBJ walk its
+# whole argument graph: 95000 NEWOBJ(set, (L,)) over a 30000-item list L
+# (minutes; torch 1 s); each is O(1) now. Ends in an unknown opcode, so the
+# outcome also proves the machine got to the end.
+rewalk = (P2 + b"}q\x03" + storage_pid() + b"q\x00" + b"cbuiltins\nset\nq\x02" + b"](" + b")" * 30_000
+          + b"eq\x01" + b"h\x03K\x00h\x02h\x01\x85\x81s" * 95_000 + b"\xff")
+case("memo_ref_rewalk.pt", archive(rewalk, {"data/0": FLOATS}), UP, "opcode 0xff",
+     "95000 NEWOBJs over one memoized list, with a storage reference in the memo")
+
+# ---- memory: allowlisted builders asked for more than the file could hold
+# (each allocated ~1 GiB or more from a few hundred bytes in torch.load)
+G30 = pickle_int(1 << 30)
+stride0 = tensor(numel=1, size=(1 << 27,), stride=(0,))  # 2**27 elements over one float
+case("bytearray_huge.pt", archive(P2 + b"cbuiltins\nbytearray\n" + G30 + b"\x85R."), None,
+     "bytearray.*would allocate 1073741824 bytes", "bytearray(2**30) from a 385-byte file")
+case("bytearray_newobj.pt", archive(P2 + b"cbuiltins\nbytearray\n" + G30 + b"\x85\x81."), "ok",
+     None, "NEWOBJ bytearray.__new__(bytearray, 2**30): makes an empty bytearray, as in torch")
+case("device_tensor_stride0.pt",
+     archive(state_dict(("w", b"ctorch._utils\n_rebuild_device_tensor_from_cpu_tensor\n(" + stride0
+                         + b"ctorch\nfloat64\n" + binunicode("cpu") + b"\x89tR")),
+             {"data/0": FLOATS[:4]}), None, "would allocate 1073741824 bytes",
+     "_rebuild_device_tensor_from_cpu_tensor over a stride-0 view of 2**27 elements (to float64)")
+case("legacy_tensor_ctor_huge.pt",
+     archive(P2 + b"ctorch\nFloatTensor\n" + G30 + b"\x85R."), None, "would allocate",
+     "torch.FloatTensor(2**30): a 4 GiB legacy constructor")
+case("tensor_newobj_huge.pt",
+     archive(P2 + b"ctorch\nTensor\n" + G30 + G30 + b"\x86\x81."), None, "more than 2..64 bytes",
+     "NEWOBJ torch.Tensor.__new__(Tensor, 2**30, 2**30)")
+case("untyped_storage_huge.pt",
+     archive(P2 + b"ctorch.storage\nUntypedStorage\n" + pickle_int(1 << 34) + b"\x85R."), None,
+     "would allocate", "torch.UntypedStorage(2**34)")
+case("qtensor_size_huge.pt",
+     archive(P2 + b"ctorch._utils\n_rebuild_qtensor\n(" + storage_pid("QInt8Storage")
+             + b"K\x00" + int_tuple((1 << 15, 1 << 15)) + int_tuple((0, 0))
+             + b"(ctorch\nper_tensor_affine\nG?\xb9\x99\x99\x99\x99\x99\x9aK\x00t\x89"
+             + b"ccollections\nOrderedDict\n)RtR.", {"data/0": FLOATS[:4]}), None,
+     "would allocate", "_rebuild_qtensor with size 2**15 x 2**15 over a 4-element storage "
+     "(_empty_affine_quantized allocates 1 GiB first)")
+for builder in ("builtins\nset", "collections\nCounter", "torch\nSize", "builtins\nbytearray"):
+    short = builder.split("\n")[1].lower()
+    case(f"iterate_tensor_{short}.pt",
+         archive(state_dict(("w", f"c{builder}\n".encode() + b"(" + stride0 + b"tR")),
+                 {"data/0": FLOATS[:4]}), None, "element by element",
+         f"{builder.replace(chr(10), '.')} over a stride-0 view of 2**27 elements (one object "
+         "per element)")
+case("from_type_v2_bytearray.pt",
+     archive(P2 + b"ctorch._tensor\n_rebuild_from_type_v2\n(cbuiltins\nbytearray\nctorch\nTensor\n("
+             + G30 + b"t}tR."), None, "would allocate",
+     "_rebuild_from_type_v2(bytearray, Tensor, (2**30,), {}): the builder inside the rebuild")
+case("sparse_stride0_values.pt",
+     archive(P2 + b"ctorch._utils\n_rebuild_sparse_tensor\n(ctorch.serialization\n_get_layout\n"
+             + binunicode("torch.sparse_coo") + b"\x85R("
+             + tensor(stype="LongStorage", numel=1, size=(1, 1 << 27), stride=(0, 0)) + stride0
+             + int_tuple((1,)) + b"ttR.", {"data/0": FLOATS[:8]}), None, None,
+     "a sparse tensor whose indices and values are stride-0 views of 2**27 elements")
+
+# _codecs.encode(x, 'hex') nested 30 deep doubles 1000 bytes 30 times (torch.load
+# is killed for memory); refused by the budget, or by the allowlist once
+# _codecs.encode takes (str, 'latin1') only
+hexed = b"c_codecs\nencode\n(" + binunicode("a" * 1000) + binunicode("latin1") + b"tR"
+for _ in range(30):
+    hexed = b"c_codecs\nencode\n(" + hexed + binunicode("hex") + b"tR"
+case("codecs_hex_nested.pt", archive(P2 + hexed + b"."), None, None,
+     "_codecs.encode(..., 'hex') nested 30 deep over 1000 bytes (2**30 times larger)")
+
+# ---- memory: Python objects, one byte of pickle each
+case("empty_set_storm.pt", archive(P4 + b"\x8f" * (1 << 20) + b"."), None, "would allocate more",
+     "2**20 EMPTY_SETs (216 bytes each: 236x the file)")
+case("empty_dict_storm.pt", archive(P4 + b"}" * (1 << 20) + b"."), None, "would allocate more",
+     "2**20 EMPTY_DICTs (64 bytes each and a stack slot)")
+case("frozenset_storm.pt", archive(P4 + b"(\x91" * (1 << 19) + b"."), None, "would allocate more",
+     "2**19 empty FROZENSETs")
+
+
+# verify inflated a deflated data.pkl twice; the second time did not fit its
+# limit and the storage checks were skipped: a 600 KB blob in data.pkl and a
+# tensor record cut in half verified clean
+blob = b"B" + struct.pack("<I", 600_000) + b"\0" * 600_000
+case("verify_deflated_half_record.pt",
+     archive(state_dict(("w", tensor(numel=1024, size=(1024,))), ("blob", blob)),
+             {"data/0": b"\x01" * 2048}, compress=True), None,
+     "claims 4096 bytes but its record holds 2048",
+     "deflated: a 600 KB blob in data.pkl and the tensor record cut in half")
+
+# 100000 dict keys with one hash: ints k * (2**61 - 1) + 7 (CPython hashes
+# ints modulo 2**61 - 1, without a key): every insertion compares with all
+# the keys before it (torch.load: over 100 s for 1.3 MB)
+M61 = (1 << 61) - 1
+collide_keys = b"".join(pickle_int(k * M61 + 7) + b"N" + (b"u(" if k % 1000 == 0 else b"")
+                        for k in range(1, 100_001))
+case("dict_int_collisions.pt", archive(P2 + b"}(" + collide_keys + b"u."), None,
+     "more than 4096 dict keys",
+     "100000 int keys of one hash in a dict (quadratic in CPython's dict)")
+
+
+# 7. the openmmlab data set (allow='openmmlab'): hostile files that reuse the
+#    very globals mmengine's and mmcv's checkpoints name
+# ===========================================================================
+
+OMM = "openmmlab"
+NP_REC = b"cnumpy._core.multiarray\n_reconstruct\n"
+NP_REC_1X = b"cnumpy.core.multiarray\n_reconstruct\n"
+NDARRAY = b"cnumpy\nndarray\n"
+NP_DTYPE = b"cnumpy\ndtype\n"
+NP_SCALAR = b"cnumpy._core.multiarray\nscalar\n"
+GETATTR = b"c__builtin__\ngetattr\n"
+HB = b"cmmengine.logging.history_buffer\nHistoryBuffer\n"
+CODECS = b"c_codecs\nencode\n"
+OS_SYSTEM = b"cos\nsystem\n" + binunicode(SHELL) + b"\x85R"
+EXEC = b"cbuiltins\nexec\n" + binunicode(PY) + b"\x85R"
+
+
+def np_bytes(raw):
+    """bytes as protocol 2 writes them: _codecs.encode(str, 'latin1')."""
+    return CODECS + binunicode(raw.decode("latin1")) + binunicode("latin1") + b"\x86R"
+
+
+def np_dtype(typestr, endian="<", elsize=-1, align=-1, flags=0, state=None):
+    """numpy.dtype(typestr, False, True) + BUILD (3, endian, None, None, None, ...)."""
+    if state is None:
+        state = (b"(" + pickle_int(3) + binunicode(endian) + b"NNN" + pickle_int(elsize)
+                 + pickle_int(align) + pickle_int(flags) + b"t")
+    return NP_DTYPE + binunicode(typestr) + b"\x89\x88\x87R" + state + b"b"
+
+
+def np_array(shape, dtype, data, fortran=False, rec=NP_REC, cls=NDARRAY, rshape=(0,),
+             code=None, version=1):
+    """_reconstruct(cls, rshape, b'b') + BUILD (version, shape, dtype, fortran, data)."""
+    return (rec + cls + int_tuple(rshape) + (np_bytes(b"b") if code is None else code) + b"\x87R"
+            + b"(" + pickle_int(version) + int_tuple(shape) + dtype
+            + (b"\x88" if fortran else b"\x89") + data + b"tb")
+
+
+def np_scalar(dtype, data):
+    return NP_SCALAR + dtype + data + b"\x86R"
+
+
+def hb_getattr(name, obj=HB):
+    return GETATTR + obj + binunicode(name) + b"\x86R"
+
+
+def stat_methods(pairs=None):
+    """statistics_methods as mmengine writes it: {name: getattr(HistoryBuffer, name)}."""
+    pairs = [(n, hb_getattr(n)) for n in ("min", "max", "current", "mean")] if pairs is None \
+        else pairs
+    return b"}(" + b"".join(binunicode(k) + v for k, v in pairs) + b"u"
+
+
+def hb_state(**override):
+    """The state of a HistoryBuffer, key by key (None drops a key)."""
+    items = {
+        "max_length": pickle_int(1000000),
+        "_log_history": np_array((2,), np_dtype("f8"), np_bytes(struct.pack("<2d", 0.5, 0.25))),
+        "_count_history": np_array((2,), np_dtype("i8"), np_bytes(struct.pack("<2q", 1, 1))),
+        "statistics_methods": stat_methods(),
+    }
+    items.update(override)
+    return b"}(" + b"".join(binunicode(k) + v for k, v in items.items() if v is not None) + b"u"
+
+
+def history_buffer(state=None):
+    return HB + b")\x81" + (hb_state() if state is None else state) + b"b"
+
+
+def mm_checkpoint(value):
+    """A checkpoint shaped like a Runner's: a state_dict tensor, then value in
+    message_hub."""
+    return archive(state_dict(("w", tensor()), ("message_hub", value)), {"data/0": FLOATS})
+
+
+def omm_case(name, value, error=UP, match=None, why="", allow=OMM):
+    case(f"omm_{name}.pt", mm_checkpoint(value), error, match, why)
+    CASES[f"omm_{name}.pt"][1]["allow"] = allow
+
+
+# what must load (the builders' own paths, also fuzz seeds through the replay)
+omm_case("good_history_buffer", b"}(" + binunicode("train/loss") + history_buffer() + b"u",
+         None, None, "a HistoryBuffer as mmengine writes it")
+omm_case("good_numpy", b"("
+         + np_array((2, 2), np_dtype("f4"), np_bytes(struct.pack("<4f", *range(4))))
+         + np_array((2,), np_dtype("i4", ">"), np_bytes(struct.pack(">2i", 1, 2)), rec=NP_REC_1X)
+         + np_array((1,), np_dtype("O8", "|", flags=63), b"]" + binunicode("x") + b"a")
+         + np_scalar(np_dtype("f8"), np_bytes(struct.pack("<d", 0.5)))
+         + np_array((0, 3), np_dtype("f8"), b"c__builtin__\nbytes\n)R") + b"l",
+         None, None, "numpy arrays (both spellings, both byte orders, object, empty), a scalar")
+
+# getattr on anything but HistoryBuffer's statistics methods
+omm_case("getattr_other_class", GETATTR + b"ccollections\nOrderedDict\n" + binunicode("fromkeys")
+         + b"\x86R", UP, "only on mmengine's HistoryBuffer", "getattr on another allowed class")
+omm_case("getattr_function_globals", GETATTR + TORCH_TENSOR + binunicode("__globals__")
+         + b"\x86R", UP, "only on mmengine's HistoryBuffer",
+         "getattr(torch._utils._rebuild_tensor_v2, '__globals__'): a module's namespace")
+omm_case("getattr_module_through_builtin", GETATTR + CODECS + binunicode("__self__") + b"\x86R",
+         UP, "only on mmengine's HistoryBuffer",
+         "getattr(_codecs.encode, '__self__'): the _codecs module, reached through an allowed "
+         "object")
+omm_case("getattr_chain", hb_getattr("__globals__", obj=hb_getattr("min")), UP,
+         "only on mmengine's HistoryBuffer",
+         "getattr(getattr(HistoryBuffer, 'min'), '__globals__'): a chain out of an allowed method")
+omm_case("getattr_chain_to_os_system",
+         GETATTR + hb_getattr("__globals__", obj=hb_getattr("__init__")) + binunicode("os")
+         + b"\x86R", UP, "statistics", "getattr(HistoryBuffer.__init__.__globals__, 'os')...")
+for dunder in ("__class__", "__dict__", "__init__", "__subclasses__", "__setstate__",
+               "__getattribute__", "__reduce_ex__", "__module__"):
+    omm_case(f"getattr_dunder{dunder.strip('_')}", hb_getattr(dunder), UP, "statistics methods",
+             f"getattr(HistoryBuffer, {dunder!r})")
+for method in ("update", "statistics", "register_statistics", "_set_default_statistics",
+               "_statistics_methods", "data"):
+    omm_case(f"getattr_method_{method.strip('_')}", hb_getattr(method), UP, "statistics methods",
+             f"getattr(HistoryBuffer, {method!r}): its own, but not a statistics method")
+omm_case("getattr_three_args", GETATTR + HB + binunicode("min") + b"N\x87R", UP, "two arguments",
+         "getattr with a default")
+omm_case("getattr_name_not_str", GETATTR + HB + b"K\x01\x86R", UP, "statistics methods",
+         "getattr(HistoryBuffer, 1)")
+omm_case("getattr_on_ndarray", GETATTR + NDARRAY + binunicode("__reduce__") + b"\x86R", UP,
+         "only on mmengine's HistoryBuffer", "getattr(numpy.ndarray, '__reduce__')")
+omm_case("dotted_global_out_of_history_buffer",
+         b"cmmengine.logging.history_buffer\nHistoryBuffer.__init__\n", UP, "not an allowed global",
+         "GLOBAL HistoryBuffer.__init__ as a dotted name")
+omm_case("global_numpy_of_history_buffer_module", b"cmmengine.logging.history_buffer\nnp\n", UP,
+         "not an allowed global", "another name of the HistoryBuffer's module (its numpy)")
+
+# _reconstruct with another first argument, or other arguments
+omm_case("reconstruct_tensor", NP_REC + b"ctorch\nTensor\n" + int_tuple((0,)) + np_bytes(b"b")
+         + b"\x87R", UP, "numpy.ndarray itself", "_reconstruct(torch.Tensor, ...)")
+omm_case("reconstruct_ordereddict", NP_REC_1X + b"ccollections\nOrderedDict\n" + int_tuple((0,))
+         + np_bytes(b"b") + b"\x87R", UP, "numpy.ndarray itself",
+         "_reconstruct(OrderedDict, ...), numpy 1.x spelling")
+omm_case("reconstruct_dtype_class", NP_REC + NP_DTYPE + int_tuple((0,)) + np_bytes(b"b")
+         + b"\x87R", UP, "numpy.ndarray itself", "_reconstruct(numpy.dtype, ...)")
+omm_case("reconstruct_history_buffer", NP_REC + HB + int_tuple((0,)) + np_bytes(b"b") + b"\x87R",
+         UP, "numpy.ndarray itself", "_reconstruct(HistoryBuffer, ...)")
+omm_case("reconstruct_huge_shape", NP_REC + NDARRAY + int_tuple((2**40,)) + np_bytes(b"b")
+         + b"\x87R", UP, r"shape \(0,\)", "_reconstruct(ndarray, (2**40,), b'b')")
+omm_case("reconstruct_other_typecode", NP_REC + NDARRAY + int_tuple((0,)) + np_bytes(b"O")
+         + b"\x87R", UP, "typecode", "_reconstruct(ndarray, (0,), b'O')")
+omm_case("ndarray_called", NDARRAY + int_tuple((2, 3)) + b"\x85R", UP, "only allowlisted",
+         "numpy.ndarray((2, 3)) through REDUCE")
+omm_case("dtype_newobj", NP_DTYPE + binunicode("f8") + b"\x85\x81", UP, "only nn.Parameter",
+         "NEWOBJ of numpy.dtype")
+
+# object arrays holding what the rules refuse
+for label, payload in (("os_system", OS_SYSTEM), ("exec", EXEC),
+                       ("getattr_init", hb_getattr("__init__")),
+                       ("subprocess", b"csubprocess\nPopen\n(" + binunicode("touch")
+                        + binunicode(SENTINEL) + b"l\x85R")):
+    omm_case(f"object_array_{label}",
+             np_array((2,), np_dtype("O8", "|", flags=63),
+                      b"(" + binunicode("ok") + payload + b"l"),
+             UP, None, f"an object array whose elements hold a forbidden {label} REDUCE")
+omm_case("object_array_short_list",
+         np_array((2**30,), np_dtype("O8", "|", flags=63), b"]" + binunicode("x") + b"a"), UP,
+         "exactly that many", "an object array of 2**30 elements with a one-item list")
+omm_case("object_array_list_for_floats",
+         np_array((1,), np_dtype("f8"), b"]" + b"G" + struct.pack(">d", 1.0) + b"a"), UP, "bytes",
+         "a list as the data of a float array")
+omm_case("object_scalar", np_scalar(np_dtype("O8", "|", flags=63), binunicode("x")), UP,
+         "not decoded", "scalar(dtype('O'), obj)")
+
+# _codecs.encode: latin1 of a str only (refused without the set too)
+for label, args in (("rot13", binunicode("x") + binunicode("rot13") + b"\x86"),
+                    ("utf8", binunicode("x") + binunicode("utf-8") + b"\x86"),
+                    ("zlib", binunicode("x") + binunicode("zlib_codec") + b"\x86"),
+                    ("hex", binunicode("x") + binunicode("hex") + b"\x86"),
+                    ("one_arg", binunicode("x") + b"\x85"),
+                    ("three_args", binunicode("x") + binunicode("latin1") + binunicode("strict")
+                     + b"\x87"),
+                    ("bytes_input", b"C\x01x" + binunicode("latin1") + b"\x86"),
+                    ("int_input", b"K\x01" + binunicode("latin1") + b"\x86"),
+                    ("not_latin1", binunicode("\u1234") + binunicode("latin1") + b"\x86")):
+    omm_case(f"codecs_{label}", CODECS + args + b"R", UP, "_codecs.encode",
+             f"_codecs.encode with {label}", allow=None)
+
+# HistoryBuffer state that plays tricks
+OD = b"ccollections\nOrderedDict\n"
+for label, state, match in (
+        ("class", hb_state(__class__=OD), "may hold only"),
+        ("dict", hb_state(__dict__=b"}" + binunicode("x") + b"K\x01s"), "may hold only"),
+        ("setstate", hb_state(__setstate__=hb_getattr("min")), "may hold only"),
+        ("slotstate", b"(" + hb_state() + b"}" + binunicode("__class__") + OD + b"st",
+         "must be a dict"),
+        ("foreign_callable", hb_state(statistics_methods=stat_methods(
+            [("mean", CODECS)])), "HistoryBuffer.mean"),
+        ("allowed_torch_function", hb_state(statistics_methods=stat_methods(
+            [("mean", TORCH_TENSOR)])), "HistoryBuffer.mean"),
+        ("ordereddict_as_method", hb_state(statistics_methods=stat_methods(
+            [("min", OD)])), "HistoryBuffer.min"),
+        ("swapped_method", hb_state(statistics_methods=stat_methods(
+            [("mean", hb_getattr("max"))])), "HistoryBuffer.mean"),
+        ("extra_method_name", hb_state(statistics_methods=stat_methods(
+            [("evil", hb_getattr("min"))])), "may name only"),
+        ("methods_not_dict", hb_state(statistics_methods=b"]"), "must be a dict"),
+        ("max_length_str", hb_state(max_length=binunicode("x")), "max_length"),
+        ("history_list", hb_state(_log_history=b"]"), "numeric numpy array"),
+        ("history_object_array", hb_state(_log_history=np_array(
+            (1,), np_dtype("O8", "|", flags=63), b"]" + OS_SYSTEM + b"a")), "os"),
+        ("history_2d", hb_state(_log_history=np_array(
+            (1, 1), np_dtype("f8"), np_bytes(struct.pack("<d", 1.0)))), "1-d"),
+        ("missing_keys", hb_state(_count_history=None), "lacks"),
+):
+    omm_case(f"history_buffer_{label}", history_buffer(state), UP, match,
+             f"HistoryBuffer BUILD: {label}")
+omm_case("history_buffer_newobj_args", HB + b"K\x01\x85\x81", UP, "without arguments",
+         "HistoryBuffer.__new__(HistoryBuffer, 1)")
+omm_case("history_buffer_reduce_init", HB + b"(]]K\x01t" + b"R", UP, "only allowlisted",
+         "HistoryBuffer([], [], 1): its __init__ called through REDUCE")
+omm_case("history_buffer_built_twice", history_buffer() + hb_state(__class__=OD) + b"b", UP,
+         "may hold only", "a valid BUILD, then a second BUILD with __class__")
+
+# huge numpy shapes over small data: refused before anything is allocated
+for label, shape, typestr, data in (
+        ("huge_over_8_bytes", (2**40,), "f8", struct.pack("<d", 1.0)),
+        ("product_overflow", (2**31, 2**31, 2**31), "f8", b""),
+        ("zero_dim_with_huge", (0, 2**62), "f8", b""),
+        ("negative_dim", (-1,), "f8", b""),
+        ("too_many_dims", (1,) * 33, "f8", struct.pack("<d", 1.0)),
+        ("data_too_long", (1,), "f8", b"\x00" * 16),
+        ("huge_str_itemsize", (2**20,), "U268435456", b"x"),
+):
+    omm_case(f"array_{label}", np_array(shape, np_dtype(typestr), np_bytes(data)), UP, None,
+             f"numpy array of shape {shape if len(shape) < 5 else '(1,)*33'} over "
+             f"{len(data)} bytes")
+omm_case("array_bad_version", np_array((1,), np_dtype("f8"), np_bytes(b"\x00" * 8), version=2),
+         UP, "numpy's", "array state version 2")
+omm_case("array_dtype_not_dtype", np_array((1,), binunicode("f8"), np_bytes(b"\x00" * 8)), UP,
+         "must be a numpy dtype", "a str where the dtype goes")
+omm_case("array_build_on_scalar", np_scalar(np_dtype("f8"), np_bytes(b"\x00" * 8))
+         + b"(" + pickle_int(1) + int_tuple((1,)) + np_dtype("f8") + b"\x89"
+         + np_bytes(b"\x00" * 8) + b"tb", UP, "BUILD", "BUILD on a numpy scalar")
+for label, typestr, state in (
+        ("void", "V8", None), ("datetime", "M8", None), ("odd_size", "i3", None),
+        ("garbage", "f8 ", None), ("huge_str", "U99999999999", None),
+        ("structured_state", "f8", b"(" + pickle_int(3) + binunicode("<") + b"N("
+         + binunicode("a") + b"tNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"),
+        ("metadata", "f8", b"(" + pickle_int(4) + binunicode("<") + b"NNNJ\xff\xff\xff\xff"
+         + b"J\xff\xff\xff\xffK\x00}t"),
+        ("pipe_order_multibyte", "f8", b"(" + pickle_int(3) + binunicode("|")
+         + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"),
+        ("elsize_mismatch", "U5", b"(" + pickle_int(3) + binunicode("<") + b"NNN"
+         + pickle_int(40) + pickle_int(4) + pickle_int(8) + b"t"),
+        ("state_not_tuple", "f8", b"]"),
+):
+    omm_case(f"dtype_{label}", np_dtype(typestr, state=state), UP, "dtype",
+             f"numpy dtype {typestr!r}: {label}")
+omm_case("dtype_align_true", NP_DTYPE + binunicode("f8") + b"\x88\x88\x87R", UP, "dtype",
+         "dtype('f8', True, True)")
+omm_case("scalar_short_data", np_scalar(np_dtype("f8"), np_bytes(b"\x00" * 4)), UP, "needs 8",
+         "a float64 scalar over 4 bytes")
+omm_case("scalar_dtype_not_dtype", np_scalar(binunicode("f8"), np_bytes(b"\x00" * 8)), UP,
+         "must be a numpy dtype", "scalar('f8', ...)")
+omm_case("payload_in_message_hub",
+         b"}(" + binunicode("train/loss") + history_buffer() + binunicode("evil") + OS_SYSTEM
+         + b"u", UP, "os", "os.system beside a valid HistoryBuffer in a Runner-shaped file")
+
+
 # valid if extreme: these load (as they do with torch.load); the checks are
 # that nothing crashes, runs or allocates past the bound
 LOADS = {
+    "omm_good_history_buffer.pt",
+    "omm_good_numpy.pt",
     "build_ordereddict_class.pt",  # sets an entry of the OrderedDict's __dict__, as torch does
     "build_ordereddict_setstate.pt",  # the same; a planted __setstate__ is never called
     "deep_marks.pt",
-    "deep_nesting_lists.pt",
     "memo_billion_laughs_refs.pt",
     "storage_two_dtypes_one_key.pt",  # the second use takes the first's dtype, as in torch
     "legacy_view_of_itself.pt",
     "legacy_deep_marks.pt",
+    "zip_name_collisions.pt",
+    "legacy_view_chain.pt",
 }
 
 
@@ -610,7 +1075,8 @@ TRUSTED_TOO = (
     "legacy_bad_", "memo_long_binget", "memo_get", "memo_long_binput", "memo_memoize",
     "string_", "binbytes8", "bytearray8", "frame_", "long4", "stack_underflow",
     "pickle_truncated", "unknown_opcode", "proto_", "next_buffer", "deep_nesting_tuples",
-    "tar_format",
+    "tar_format", "quantized_", "legacy_view_chain", "deep_", "memo_ref_rewalk",
+    "empty_set_storm",
 )
 NOT_TRUSTED_TOO = {"zip_deflate_small_bomb.pt", "zip_deflate_pickle_bomb.pt",
                    "storage_two_dtypes_one_key.pt"}

@@ -1,12 +1,17 @@
 """Writes the seed corpora of the fuzz harnesses (tests/fuzz/corpus/*), from
 small checkpoints written by torch.save (zip and legacy formats).
 
-    .venv/bin/python tests/fuzz/make_seeds.py
+    .venv/bin/python tests/fuzz/make_seeds.py [NAME ...]   (only those seeds)
 
 corpus/zip      whole torch zip archives (fuzz_zip: the zip locator)
 corpus/legacy   whole legacy streams (fuzz_legacy: ckptio.load on the bytes)
 corpus/unpickle data.pkl records (fuzz_unpickle wraps each input as the
-                data.pkl of an archive that also holds data/0 .. data/3)
+                data.pkl of an archive that also holds data/0 .. data/15 of
+                256 bytes each; the seed256-* pickles name storages of
+                exactly that size, since a record of another size than its
+                storage is refused, as torch refuses it)
+corpus/struct   descriptions for fuzz_struct (tests/torchspace.from_bytes):
+                byte strings that choose the files built
 Regression inputs found by fuzzing are added by hand beside the seeds
 (names starting with "crash-" or "regress-").
 """
@@ -38,11 +43,76 @@ def objects():
     yield "storage", {"st": torch.UntypedStorage(4)}
 
 
-def main():
+def objects_256():
+    """Objects whose every storage holds 256 bytes (the records of
+    fuzz_unpickle's archives)."""
+    base = torch.arange(64, dtype=torch.float32)
+    yield "tensor", torch.arange(64, dtype=torch.float32)
+    yield "dtypes", {str(d): torch.ones(256 // torch.empty(0, dtype=d).element_size(), dtype=d)
+                     for d in (torch.float16, torch.bfloat16, torch.float64, torch.int8,
+                               torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool,
+                               torch.complex64)}
+    yield "views", {"base": base, "view": base[2:6], "t": base.view(8, 8).t()}
+    yield "state_dict", collections.OrderedDict(
+        [("conv.weight", torch.randn(4, 1, 4, 4)), ("conv.bias", torch.zeros(64)),
+         ("bn.num_batches_tracked", torch.arange(32))])
+    yield "param", {"p": torch.nn.Parameter(torch.ones(64))}
+    yield "storage", {"st": torch.UntypedStorage(256)}
+    yield "qtensor", {"q": torch.quantize_per_tensor(torch.ones(256), 0.5, 0, torch.quint8)}
+
+
+def struct_seeds(folder):
+    """Descriptions that pick each layout of torchspace.from_bytes once, and
+    a few tensors through every rebuild function."""
+    import random
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(9)
+    for layout in (0, 1, 4, 16):
+        for k in range(4):
+            data = bytes([layout, 2 + k]) + bytes(rng.randrange(256) for _ in range(64))
+            with open(os.path.join(folder, f"seed-layout{layout}-{k}"), "wb") as f:
+                f.write(data)
+
+
+def openmmlab_objects():
+    """What mmengine's Runner and mmcv's runners write besides tensors (the
+    openmmlab data set): numpy arrays, dtypes and scalars, HistoryBuffers."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer, MessageHub
+
+    hub = MessageHub("ckptio-seeds")
+    for i in range(3):
+        hub.update_scalar("train/loss", 1.0 / (i + 1))
+        hub.update_scalar("train/lr", 0.01)
+    hub.update_info("best_score", np.float64(0.75))
+    hub_state = hub.state_dict()
+    hub_state["log_scalars"]["empty"] = HistoryBuffer()
+    yield "mmengine_message_hub", {
+        "state_dict": {"w": torch.ones(2)}, "message_hub": hub_state,
+        "meta": {"epoch": 2, "iter": 8, "seed": 0}}
+    yield "numpy", {
+        "f4": np.arange(6, dtype=np.float32).reshape(2, 3), "be": np.arange(3, dtype=">i8"),
+        "b": np.array([True, False]), "u": np.array(["ab", "c"]), "s": np.array([b"x"]),
+        "o": np.array([1, "a", None], dtype=object), "f": np.asfortranarray(np.eye(2)),
+        "e": np.zeros((0, 2)), "z": np.array(1.5), "c": np.array([1 + 2j], dtype=np.complex64),
+        "scalars": [np.float64(0.5), np.float32(1.5), np.int64(3), np.bool_(True),
+                    np.str_("x"), np.float16(2.0), np.uint8(7)]}
+    yield "mmcv_meta", {
+        "state_dict": {"w": torch.ones(2)},
+        "meta": {"hook_msgs": {"best_score": np.float64(0.5), "best_ckpt": "best.pth"},
+                 "epoch": 2, "iter": 4, "mmcv_version": "1.7.2"}}
+
+
+def main(only=()):
+    if not only:
+        struct_seeds(os.path.join(HERE, "corpus", "struct"))
     dirs = {k: os.path.join(HERE, "corpus", k) for k in ("zip", "legacy", "unpickle")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
-    for name, obj in objects():
+    for name, obj in list(objects()) + list(openmmlab_objects()):
+        if only and name not in only:
+            continue
         buf = io.BytesIO()
         torch.save(obj, buf)
         data = buf.getvalue()
@@ -56,8 +126,18 @@ def main():
         torch.save(obj, buf, _use_new_zipfile_serialization=False)
         with open(os.path.join(dirs["legacy"], f"seed-{name}.pt"), "wb") as f:
             f.write(buf.getvalue())
+    for name, obj in objects_256():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+            pkl = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+            assert all(i.file_size == 256 for i in z.infolist() if "/data/" in i.filename)
+            with open(os.path.join(dirs["unpickle"], f"seed256-{name}.pkl"), "wb") as f:
+                f.write(z.read(pkl))
     print("seeds written under", os.path.join(HERE, "corpus"))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

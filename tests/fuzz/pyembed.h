@@ -2,15 +2,21 @@
  * objects (fuzz_legacy, fuzz_unpickle): Python is started once, with the
  * project's root (where the ckptio package and its _native extension are)
  * and the venv's site-packages (torch, numpy) at the front of sys.path;
- * then every input goes to ckptio.load as bytes.
+ * then every input goes to ckptio.load as bytes, with torch's allowlist and
+ * again with allow='openmmlab' (numpy values and mmengine's HistoryBuffer).
  *
  * A load may fail only with ckptio.CheckpointError (UnpicklingError is a
  * subclass), and ckptio.verify (with CK_FUZZ_VERIFY) must report, never
  * raise: any other exception is a finding, printed and then abort()ed, as
  * are the crashes and memory errors the sanitizers catch.
  *
- * CK_FUZZ_ROOT and CK_FUZZ_SITE are set by the Makefile; the environment
- * variables of the same names override them. */
+ * With CK_FUZZ_TRANSFORM (a Python expression naming a function of the
+ * repository's tests/ folder, e.g. "torchspace.from_bytes"), each input is
+ * first turned into the file to load by that function (generator-driven
+ * fuzzing: the input's bytes choose what is built).
+ *
+ * CK_FUZZ_ROOT, CK_FUZZ_SITE and CK_FUZZ_TESTS are set by the Makefile; the
+ * environment variables of the same names override them. */
 #ifndef CKPTIO_FUZZ_PYEMBED_H
 #define CKPTIO_FUZZ_PYEMBED_H
 
@@ -30,33 +36,59 @@
 #ifndef CK_FUZZ_SITE
 #define CK_FUZZ_SITE ""
 #endif
+#ifndef CK_FUZZ_TESTS
+#define CK_FUZZ_TESTS ""
+#endif
+#ifndef CK_FUZZ_TRANSFORM
+#define CK_FUZZ_TRANSFORM "None"
+#endif
 
 static PyObject *ck_fuzz_one; /* strong: the Python function run per input */
 
 static const char ck_fuzz_code[] = "import os, sys\n"
-                                   "sys.path[:0] = [p for p in (ROOT, SITE) if p]\n"
+                                   "sys.path[:0] = [p for p in (ROOT, SITE, TESTS) if p]\n"
                                    "import ckptio\n"
                                    "import torch\n"
                                    "torch.set_num_threads(1)\n"
+                                   "if TRANSFORM != 'None':\n"
+                                   "    import importlib\n"
+                                   "    _m, _f = TRANSFORM.rsplit('.', 1)\n"
+                                   "    transform = getattr(importlib.import_module(_m), _f)\n"
+                                   "else:\n"
+                                   "    transform = None\n"
                                    "def one(data):\n"
+                                   "    if transform is not None:\n"
+                                   "        data = transform(data)\n"
                                    "    try:\n"
                                    "        ckptio.load(data)\n"
+                                   "    except ckptio.CheckpointError:\n"
+                                   "        pass\n"
+                                   "    try:\n"
+                                   "        ckptio.load(data, allow='openmmlab')\n"
                                    "    except ckptio.CheckpointError:\n"
                                    "        pass\n"
                                    "    if VERIFY:\n"
                                    "        report = ckptio.verify(data)\n"
                                    "        assert report.ok or report.problems\n";
 
+/* The globals of the embedded code, for harnesses that add functions. */
+static PyObject *ck_fuzz_globals;
+
 static void ck_fuzz_python_init(void) {
     if (ck_fuzz_one != NULL)
         return;
     const char *root = getenv("CK_FUZZ_ROOT");
     const char *site = getenv("CK_FUZZ_SITE");
+    const char *tests = getenv("CK_FUZZ_TESTS");
     Py_InitializeEx(0);
     PyObject *globals = PyDict_New(); /* strong, kept for the process */
     PyObject *r1 = PyUnicode_FromString(root ? root : CK_FUZZ_ROOT);
     PyObject *r2 = PyUnicode_FromString(site ? site : CK_FUZZ_SITE);
-    if (globals == NULL || r1 == NULL || r2 == NULL ||
+    PyObject *r3 = PyUnicode_FromString(tests ? tests : CK_FUZZ_TESTS);
+    PyObject *r4 = PyUnicode_FromString(CK_FUZZ_TRANSFORM);
+    if (globals == NULL || r1 == NULL || r2 == NULL || r3 == NULL || r4 == NULL ||
+        PyDict_SetItemString(globals, "TESTS", r3) < 0 ||
+        PyDict_SetItemString(globals, "TRANSFORM", r4) < 0 ||
         PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) < 0 ||
         PyDict_SetItemString(globals, "ROOT", r1) < 0 ||
         PyDict_SetItemString(globals, "SITE", r2) < 0 ||
@@ -66,6 +98,8 @@ static void ck_fuzz_python_init(void) {
     }
     Py_DECREF(r1);
     Py_DECREF(r2);
+    Py_DECREF(r3);
+    Py_DECREF(r4);
     PyObject *res = PyRun_String(ck_fuzz_code, Py_file_input, globals, globals);
     if (res == NULL) {
         PyErr_Print();
@@ -77,6 +111,7 @@ static void ck_fuzz_python_init(void) {
     if (ck_fuzz_one == NULL)
         abort();
     Py_INCREF(ck_fuzz_one);
+    ck_fuzz_globals = globals;
 }
 
 /* Loads data with ckptio.load; aborts on any outcome but a result or a
