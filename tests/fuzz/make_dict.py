@@ -53,7 +53,9 @@ def entries():
         if isinstance(allowed[full], torch.serialization.StorageType) or name.endswith("Storage"):
             out.append((f"pid_{full}", b"(X\x07\x00\x00\x00storagec" + module.encode() + b"\n"
                         + name.encode() + b"\n"))
-    for f in torch._weights_only_unpickler._tensor_rebuild_functions():
+    # a set: sorted, so that the file is the same in every run (hash seeds differ)
+    rebuilds = torch._weights_only_unpickler._tensor_rebuild_functions()
+    for f in sorted(rebuilds, key=lambda f: f.__name__):
         out.append((f"name_{f.__name__}", f.__name__.encode()))
     for dtype in sorted({v for v in allowed.values() if isinstance(v, torch.dtype)}, key=str):
         out.append((f"dtype_{dtype}", str(dtype).encode()))
