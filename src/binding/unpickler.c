@@ -311,6 +311,12 @@ static Py_ssize_t pop_mark(vm *v) {
     return v->marks[--v->mp];
 }
 
+/* The items from stack slot k up, or NULL when there are none (the stack
+ * may not be allocated yet: NULL + 0 is undefined behaviour in C). */
+static PyObject *const *span_items(vm *v, Py_ssize_t k) {
+    return v->sp > k ? v->stack + k : NULL;
+}
+
 /* Moves stack[k .. sp) into a new tuple (a RefTuple when an item holds
  * storage references) and truncates the stack to k. */
 static PyObject *take_tuple(vm *v, Py_ssize_t k) {
@@ -964,7 +970,7 @@ static int set_items(vm *v, Py_ssize_t k) {
                     Py_TYPE(target)->tp_name);
     if ((v->sp - k) % 2 != 0)
         return fail(v, v->st->UnpicklingError, "odd number of items for SETITEMS");
-    if (PyDict_Check(target) && ck_count_keys(v->s, v->stack + k, v->sp - k, 2) < 0)
+    if (PyDict_Check(target) && ck_count_keys(v->s, span_items(v, k), v->sp - k, 2) < 0)
         return -1;
     int exact = PyDict_CheckExact(target);
     for (Py_ssize_t i = k; i < v->sp; i += 2) {
@@ -1028,7 +1034,7 @@ static int add_items(vm *v, Py_ssize_t k) {
         return -1;
     PyObject *target = v->stack[k - 1];
     if (PySet_Check(target) && !PyFrozenSet_Check(target)) {
-        if (ck_count_keys(v->s, v->stack + k, v->sp - k, 1) < 0)
+        if (ck_count_keys(v->s, span_items(v, k), v->sp - k, 1) < 0)
             return -1;
         for (Py_ssize_t i = k; i < v->sp; i++)
             if (PySet_Add(target, v->stack[i]) < 0)
@@ -1337,7 +1343,7 @@ static int load_dict(vm *v) {
     uint32_t depth = span_depth(v, k);
     if (depth > CK_MAX_DEPTH)
         return too_deep(v);
-    if (clean_span(v, k) < 0 || ck_count_keys(v->s, v->stack + k, v->sp - k, 2) < 0)
+    if (clean_span(v, k) < 0 || ck_count_keys(v->s, span_items(v, k), v->sp - k, 2) < 0)
         return -1;
     PyObject *d = PyDict_New();
     if (d == NULL)
@@ -1359,7 +1365,7 @@ static int load_frozenset(vm *v) {
     uint32_t depth = span_depth(v, k);
     if (depth > CK_MAX_DEPTH)
         return too_deep(v);
-    if (clean_span(v, k) < 0 || ck_count_keys(v->s, v->stack + k, v->sp - k, 1) < 0)
+    if (clean_span(v, k) < 0 || ck_count_keys(v->s, span_items(v, k), v->sp - k, 1) < 0)
         return -1;
     PyObject *items = take_tuple(v, k);
     PyObject *fs = items ? PyFrozenSet_New(items) : NULL;
