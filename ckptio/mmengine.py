@@ -133,6 +133,7 @@ class CheckpointLoader(_mmcv_surface.CheckpointLoader):
 
     _schemes: dict = {}
     _builtin: set = set()
+    _theirs = ("mmengine.runner.checkpoint", "CheckpointLoader")
 
     @classmethod
     def load_checkpoint(cls, filename, map_location=None, logger="current"):
