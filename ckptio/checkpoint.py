@@ -87,10 +87,25 @@ def _load_json(path):
         return json.load(f)
 
 
-def load_url(url, model_dir=None, map_location=None, **kwargs):
-    """mmcv.utils.load_url: the checkpoint at url, downloaded into model_dir
-    (the torch hub cache by default) and loaded."""
-    return _hub.load_url(url, model_dir=model_dir, map_location=map_location, **kwargs)
+def load_url(
+    url,
+    model_dir=None,
+    map_location=None,
+    progress=True,
+    check_hash=False,
+    file_name=None,
+    weights_only=None,
+    *,
+    allow=OPENMMLAB,
+):
+    """mmcv.utils.load_url (torch.hub.load_state_dict_from_url, with its
+    seven positional parameters): the checkpoint at url, downloaded into
+    model_dir (the torch hub cache by default) and loaded. weights_only=None
+    (ckptio's safe default, where torch's is False) decodes through torch's
+    allowlist plus allow; see ckptio.load_url."""
+    return _hub.load_url(
+        url, model_dir, map_location, progress, check_hash, file_name, weights_only, allow
+    )
 
 
 def _get_mmcv_home() -> str:
