@@ -48,16 +48,15 @@ def print_log(msg, logger=None, level=logging.INFO):
 
 
 def is_module_wrapper(module):
-    """True for DataParallel/DistributedDataParallel and for whatever mmcv's
-    MODULE_WRAPPERS or mmengine's MODEL_WRAPPERS registries hold."""
-    parallel = sys.modules.get("mmcv.parallel")
-    check = getattr(parallel, "is_module_wrapper", None)
-    if check is not None and check(module):
-        return True
-    model = sys.modules.get("mmengine.model")
-    check = getattr(model, "is_model_wrapper", None)
-    if check is not None and check(module):
-        return True
+    """mmcv's is_module_wrapper (what its MODULE_WRAPPERS registry holds)
+    when mmcv.parallel is imported, else torch's DataParallel and
+    DistributedDataParallel. As in mmcv, wrappers registered only in
+    mmengine's MODEL_WRAPPERS are not unwrapped by the mmcv surface (the
+    mmengine surface uses mmengine's is_model_wrapper)."""
+    check = getattr(sys.modules.get("mmcv.parallel"), "is_module_wrapper", None)
+    if check is not None:
+        return check(module)
+    # mmcv.parallel not imported: no wrapper of its own can exist
     wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     return isinstance(module, wrappers)
 
