@@ -70,9 +70,16 @@ def mkdir_or_exist(dir_name, mode=0o777):
 def version_before(version, bound):
     """True when the release numbers of version are below bound's (the only
     use is torchvision's '0.13'/'0.14' thresholds, which mmcv compares
-    against '0.X.0a0', so pre-releases of 0.X count as 0.X)."""
+    against '0.X.0a0', so a/b/rc pre-releases of 0.X count as 0.X, and dev
+    builds such as 0.14.0.dev20220801 as before it, as digit_version has it)."""
 
     def release(v):
-        return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+        numbers = tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+        return numbers + (0,) * (3 - len(numbers))
 
-    return release(version) < release(bound)
+    if release(version) != release(bound):
+        return release(version) < release(bound)
+    # same release: as mmcv's digit_version, a dev build of it (0.14.0.dev2022...,
+    # without a/b/rc) sorts before '0.X.0a0'
+    local = version.split("+")[0]
+    return ".dev" in local and re.search(r"\d(a|b|rc)\d*", local) is None
