@@ -61,8 +61,12 @@ int ck_tensors_init(PyObject *m, ck_state *st) {
     st->StorageRefType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &storage_ref_spec, NULL);
     if (st->StorageRefType == NULL)
         return -1;
-    st->RefTupleType =
-        (PyTypeObject *)PyType_FromModuleAndSpec(m, &ref_tuple_spec, (PyObject *)&PyTuple_Type);
+    /* bases as a tuple: Python 3.9 takes no single type there */
+    PyObject *bases = PyTuple_Pack(1, (PyObject *)&PyTuple_Type);
+    if (bases == NULL)
+        return -1;
+    st->RefTupleType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &ref_tuple_spec, bases);
+    Py_DECREF(bases);
     return st->RefTupleType == NULL ? -1 : 0;
 }
 
