@@ -511,10 +511,10 @@ def test_http_distributed_order(zoo, monkeypatch):
 
 
 def test_save_names_are_ckptio_s_saver():
-    import ckptio._mmsave
+    import ckptio.compat.mmcv_save
 
     for name in ours._SAVE_NAMES:
-        assert getattr(ours, name) is getattr(ckptio._mmsave, name)
+        assert getattr(ours, name) is getattr(ckptio.compat.mmcv_save, name)
     with pytest.raises(AttributeError):
         ours.no_such_name
 
