@@ -2,7 +2,7 @@
 table; the section runner dispatches to each section's module."""
 import torch
 
-from ckptio import bench
+from ckptio.bench import harness as bench
 
 
 def test_load_section_measures_and_renders_every_row(tmp_path):

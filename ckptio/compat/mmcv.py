@@ -27,7 +27,7 @@ Deliberate differences from mmcv 1.7.2:
 - A scheme loader registered by the user may return a path, a bytes-like
   object or a binary file instead of a dict; ckptio decodes it with
   ckptio.load (mmcv would return it unchanged).
-- http(s) downloads go through ckptio._hub.load_url (libcurl); the save side
+- http(s) downloads go through ckptio.hub.load_url (libcurl); the save side
   (weights_to_cpu, get_state_dict, save_checkpoint) is ckptio.compat.mmcv_save's.
 - s3:// without mmcv installed goes straight to the petrel (or ceph)
   client, with mmcv's ImportError messages when neither is installed.
@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .. import _hub, _native, patching
+from .. import _native, hub, patching
 from .mmcv_save import _save_to_state_dict, get_state_dict, save_checkpoint, weights_to_cpu
 from .base import get_dist_info, is_module_wrapper, mkdir_or_exist, print_log, version_before
 from .._allow import OPENMMLAB
@@ -103,7 +103,7 @@ def load_url(
     model_dir (the torch hub cache by default) and loaded. weights_only=None
     (ckptio's safe default, where torch's is False) decodes through torch's
     allowlist plus allow; see ckptio.load_url."""
-    return _hub.load_url(
+    return hub.load_url(
         url, model_dir, map_location, progress, check_hash, file_name, weights_only, allow
     )
 

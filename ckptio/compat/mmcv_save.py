@@ -31,11 +31,11 @@ def _writer():
     """The function that writes a checkpoint: writer(obj, path_or_file).
 
     ckptio.save (atomic, written from the tensors' own memory), looked up at
-    call time so that a test or a user can replace ckptio._save.save.
+    call time so that a test or a user can replace ckptio.saving.save.
     """
-    from .. import _save
+    from .. import saving
 
-    return _save.save
+    return saving.save
 
 
 def _mmcv():
@@ -172,7 +172,7 @@ def _note_failure(filename, future):
 
 
 def _save_async(checkpoint: dict, filename: str) -> None:
-    from .._async import async_save
+    from ..asyncsave import async_save
     from .._native import CheckpointError
 
     if _async_failures:

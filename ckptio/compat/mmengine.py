@@ -17,7 +17,7 @@ Deliberate differences from mmengine 0.10.7:
   default refuses it (mmengine issue #1655).
 - A scheme loader registered by the user may return a path, a bytes-like
   object or a binary file; ckptio decodes it with ckptio.load.
-- http(s) downloads go through ckptio._hub.load_url (libcurl); save_checkpoint
+- http(s) downloads go through ckptio.hub.load_url (libcurl); save_checkpoint
   is ckptio.compat.mmengine_save's (weights_to_cpu and get_state_dict, which only
   walk memory, are mmengine's own).
 """
@@ -52,7 +52,7 @@ from mmengine.runner.checkpoint import (
 )
 
 from . import mmcv as _mmcv_surface
-from .. import _hub, patching
+from .. import hub, patching
 from .mmengine_save import save_checkpoint
 from .._allow import OPENMMLAB
 from .mmcv import _load_file, _revise
@@ -80,7 +80,7 @@ def load_url(
     into model_dir (the torch hub cache by default) and loaded.
     weights_only=None (ckptio's safe default, where torch's is False) decodes
     through torch's allowlist plus allow; see ckptio.load_url."""
-    return _hub.load_url(
+    return hub.load_url(
         url, model_dir, map_location, progress, check_hash, file_name, weights_only, allow
     )
 

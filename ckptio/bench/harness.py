@@ -364,7 +364,7 @@ def child(method, path, st_path, runs):
 
 
 def run_child(method, path, st_path, runs):
-    cmd = [sys.executable, "-m", "ckptio.bench", "--child", method, path, st_path or "", str(runs)]
+    cmd = [sys.executable, "-m", "ckptio.bench.harness", "--child", method, path, st_path or "", str(runs)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
@@ -454,11 +454,11 @@ def render(results):
 # same measure(path, runs) -> dict and render(dict) -> str.
 SECTIONS = {
     "load": None,
-    "save": ".bench_save",
-    "mmcv": ".bench_mmcv",
-    "http": ".bench_http",
-    "dcp": ".bench_dcp",
-    "async": ".bench_async",
+    "save": ".save",
+    "mmcv": ".mmcv",
+    "http": ".http",
+    "dcp": ".dcp",
+    "async": ".asyncsave",
 }
 
 

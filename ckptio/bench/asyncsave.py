@@ -98,7 +98,7 @@ def _tensors(obj):
 
 
 def _run_child(method, path, out_path, runs, sync=True):
-    cmd = [sys.executable, "-m", "ckptio.bench_async", "--child", method, path, out_path,
+    cmd = [sys.executable, "-m", "ckptio.bench.asyncsave", "--child", method, path, out_path,
            str(runs), "sync" if sync else "nosync"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -145,7 +145,7 @@ def render(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench_async",
+    parser = argparse.ArgumentParser(prog="ckptio.bench.asyncsave",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("file", help="checkpoint whose objects are saved")
     parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
