@@ -14,7 +14,7 @@ import torch.nn as nn
 
 mm_ckpt = pytest.importorskip("mmengine.runner.checkpoint")
 import ckptio.mmengine as ours  # noqa: E402
-from test_mmcv_checkpoint import (  # noqa: E402
+from helpers import (  # noqa: E402
     ROUTES,
     Model,
     Opaque,
