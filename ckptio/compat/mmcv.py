@@ -47,10 +47,11 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .. import _native, hub, patching
+from .. import _native, patching
 from .mmcv_save import _save_to_state_dict, get_state_dict, save_checkpoint, weights_to_cpu
 from .base import get_dist_info, is_module_wrapper, mkdir_or_exist, print_log, version_before
 from .._allow import OPENMMLAB
+from ..hub import load_url  # torch.hub's 7 positional parameters; a module global, as tests patch it
 from ..serialization import load as _ckptio_load
 
 ENV_MMCV_HOME = "MMCV_HOME"
@@ -85,27 +86,6 @@ def _resolve(name):
 def _load_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def load_url(
-    url,
-    model_dir=None,
-    map_location=None,
-    progress=True,
-    check_hash=False,
-    file_name=None,
-    weights_only=None,
-    *,
-    allow=OPENMMLAB,
-):
-    """mmcv.utils.load_url (torch.hub.load_state_dict_from_url, with its
-    seven positional parameters): the checkpoint at url, downloaded into
-    model_dir (the torch hub cache by default) and loaded. weights_only=None
-    (ckptio's safe default, where torch's is False) decodes through torch's
-    allowlist plus allow; see ckptio.load_url."""
-    return hub.load_url(
-        url, model_dir, map_location, progress, check_hash, file_name, weights_only, allow
-    )
 
 
 def _get_mmcv_home() -> str:

@@ -52,9 +52,10 @@ from mmengine.runner.checkpoint import (
 )
 
 from . import mmcv as _mmcv_surface
-from .. import hub, patching
+from .. import patching
 from .mmengine_save import save_checkpoint
 from .._allow import OPENMMLAB
+from ..hub import load_url  # torch.hub's 7 positional parameters; a module global, as tests patch it
 from .mmcv import _load_file, _revise
 
 
@@ -62,27 +63,6 @@ def _resolve(name):
     """The module-level function name, or what a test put in its place in
     mmengine.runner.checkpoint while ckptio is patched in."""
     return patching.override("mmengine.runner.checkpoint", name) or globals()[name]
-
-
-def load_url(
-    url,
-    model_dir=None,
-    map_location=None,
-    progress=True,
-    check_hash=False,
-    file_name=None,
-    weights_only=None,
-    *,
-    allow=OPENMMLAB,
-):
-    """mmengine.utils.dl_utils.load_url (torch.hub.load_state_dict_from_url,
-    with its seven positional parameters): the checkpoint at url, downloaded
-    into model_dir (the torch hub cache by default) and loaded.
-    weights_only=None (ckptio's safe default, where torch's is False) decodes
-    through torch's allowlist plus allow; see ckptio.load_url."""
-    return hub.load_url(
-        url, model_dir, map_location, progress, check_hash, file_name, weights_only, allow
-    )
 
 
 def load_state_dict(module, state_dict, strict=False, logger=None):
