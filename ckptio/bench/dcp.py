@@ -13,7 +13,6 @@ timed run (warm). `ckptio.load(dir)` returns the whole state dict (the
 result of torch's dcp_to_torch_save followed by torch.load, timed in the
 last row, which writes and reads an intermediate file).
 """
-import argparse
 import gc
 import json
 import os
@@ -257,14 +256,9 @@ def render(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench.dcp", description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="checkpoint whose objects are saved and loaded")
-    parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    results = measure(args.file, args.runs)
-    print(json.dumps(results, indent=2) if args.json else render(results))
-    return 0
+    from .harness import section_main
+
+    return section_main(sys.modules[__name__], argv, 'checkpoint whose objects are saved and loaded')
 
 
 if __name__ == "__main__":

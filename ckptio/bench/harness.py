@@ -449,6 +449,21 @@ def render(results):
     return "\n".join(lines)
 
 
+def section_main(module, argv, file_help, runs=3):
+    """``python -m ckptio.bench.<section> FILE [--runs N] [--json]``: one
+    section on its own, measured and rendered (or printed as JSON) by the
+    section module's measure(path, runs) and render(result)."""
+    parser = argparse.ArgumentParser(prog=getattr(module.__spec__, "name", module.__name__),
+                                     description=module.__doc__.splitlines()[0])
+    parser.add_argument("file", help=file_help)
+    parser.add_argument("--runs", type=int, default=runs, help="runs per method (best is kept)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    result = module.measure(args.file, args.runs)
+    print(json.dumps(result, indent=2) if args.json else module.render(result))
+    return 0
+
+
 # One run measures every section: loading (this module), then the save side,
 # the mmcv end-to-end path and HTTP downloads, each in its own module with the
 # same measure(path, runs) -> dict and render(dict) -> str.

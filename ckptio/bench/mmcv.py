@@ -14,7 +14,6 @@ the same variable.
     python -m ckptio.bench.mmcv FILE [--runs N] [--json]
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -104,16 +103,9 @@ def render(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench.mmcv", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "file", help="checkpoint to load (a dict with 'state_dict', or a state dict)"
-    )
-    parser.add_argument("--runs", type=int, default=5, help="runs per method (best is kept)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    result = measure(args.file, args.runs)
-    print(json.dumps(result, indent=2) if args.json else render(result))
-    return 0
+    from .harness import section_main
+
+    return section_main(sys.modules[__name__], argv, "checkpoint to load (a dict with 'state_dict', or a state dict)", runs=5)
 
 
 if __name__ == "__main__":
