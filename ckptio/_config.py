@@ -266,7 +266,7 @@ def ensure_scan_tables():
 def ensure_scan_configured():
     """Configures the extension for ckptio.verify's checks: with torch's
     tables when torch is installed, else with stand-ins that only the scan
-    uses (the loader is then never called: see _verify). Returns True when
+    uses (the loader is then never called: see verification). Returns True when
     torch is there."""
     global _configured
     if _configured is True:

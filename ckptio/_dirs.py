@@ -278,7 +278,7 @@ def _dtensor_type():
 def load_rank_files(files, name, map_location=None, *, weights_only=True, mmap=None,
                     verify=False):
     """The merged object of mmengine-style rank{i}.pth files."""
-    from ._safe_globals import safe_globals
+    from .allowlist import safe_globals
     from .serialization import load
 
     _dtensor_type()

@@ -315,7 +315,7 @@ def _report_dict(r):
 def verify(args):
     """Every file is reported, also after one that is missing or unreadable;
     with --json the list holds every report."""
-    from ._verify import Problem, VerifyReport
+    from .verification import Problem, VerifyReport
 
     import ckptio
 
@@ -357,7 +357,7 @@ def _revise(state, rules):
 
 def _save_torch(obj, path):
     """Writes the torch zip format, atomically (ckptio.save)."""
-    from ._save import save
+    from .saving import save
 
     save(obj, path)
 

@@ -69,7 +69,7 @@ from torch.futures import Future
 
 from . import _hostcopy, _native
 from ._config import ensure_configured
-from ._safe_globals import user_allowed_globals
+from .allowlist import user_allowed_globals
 
 __all__ = ["StorageReader", "StorageWriter", "SerializationFormat", "load_dir", "save_dir",
            "read_metadata", "verify_dir"]
@@ -515,7 +515,7 @@ def _align(out):
 
 def _write_file(path, storage_key, items, planner, transforms, sync, fmt):
     """Writes one .distcp file atomically; returns its WriteResults."""
-    from ._save import save
+    from .saving import save
 
     results = []
     out = _native.atomic_file(os.fsdecode(os.fspath(path)), writeback=sync)
@@ -936,7 +936,7 @@ def verify_dir(path):
     """ckptio.verify (strict) of every torch.save item of a DCP checkpoint:
     the CRC-32 of every record, the container and the storages; raises
     CheckpointError naming the file and the item on the first problem."""
-    from ._verify import verify_mapping
+    from .verification import verify_mapping
 
     root = Path(os.fspath(path))
     md = read_metadata(root / METADATA_NAME)

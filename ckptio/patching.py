@@ -131,7 +131,7 @@ def patch(*, async_save=False):
     write; a failed write is logged at once and raised by the next save.
     Calling patch() again changes only this setting.
     """
-    from . import _mmsave
+    from .compat import mmcv_save as _mmsave
 
     _mmsave.set_async(async_save)
     if _replaced:
@@ -177,7 +177,7 @@ def patch(*, async_save=False):
 def unpatch():
     """Puts back everything patch() replaced (saves already started by
     async_save=True still complete)."""
-    from . import _mmsave
+    from .compat import mmcv_save as _mmsave
 
     _mmsave.set_async(False)
     _snapshot.clear()

@@ -11,7 +11,7 @@ import warnings
 from . import _native
 from ._allow import allow_bits as _allow_bits
 from ._config import ensure_configured
-from ._safe_globals import user_allowed_globals
+from .allowlist import user_allowed_globals
 from ._torch import require as _require_torch
 
 torch = None  # imported by the first load (import ckptio does not import torch)
@@ -192,7 +192,7 @@ def load(
         return _load_safetensors(os.fspath(f), map_location)
     mapping, name, path = _source(f, mmap)
     if verify:
-        from ._verify import verify_mapping
+        from .verification import verify_mapping
 
         verify_mapping(mapping, name, strict=True, run_loader=False, encoding=encoding)
     kind, restore = _map_kind(map_location)

@@ -247,7 +247,7 @@ class FaultServer:
 def main(argv=None):
     """python faultserver.py FILE: serves FILE without faults, prints the
     port on the first line of stdout, and stops when stdin closes (used by
-    ckptio.bench_http, so the server does not share the client's GIL)."""
+    ckptio.bench.http, so the server does not share the client's GIL)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -7,10 +7,15 @@ keys in the same order and the same _metadata; numpy values equal with the
 same dtype; everything else ==.
 """
 import collections
+import contextlib
+import io
 import math
+import os
+import warnings
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 
 class _Sharing:
@@ -108,3 +113,97 @@ def assert_same(ours, theirs, path="result", sharing=None):
         assert math.isnan(ours), path
         return
     assert ours == theirs, f"{path}: {ours!r} != {theirs!r}"
+
+
+# ---- what the mmcv and mmengine surface tests share (test_mmcv_checkpoint.py,
+# test_mmengine_checkpoint.py): models, outcome capture, the scheme routes
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.norm = nn.BatchNorm2d(3)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+
+class Other(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(2, 2)
+
+
+class Opaque:
+    """A class torch's weights-only unpickler refuses."""
+
+    def __init__(self, x=1):
+        self.x = x
+
+
+def run(fn, *args, **kwargs):
+    """(result or exception, stdout, warnings) of one call."""
+    out = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        warnings.simplefilter("always")
+        try:
+            result = ("ok", fn(*args, **kwargs))
+        except Exception as exc:
+            result = ("raised", exc)
+    seen = [(w.category, str(w.message)) for w in caught if w.category is not UserWarning]
+    return result, out.getvalue(), seen
+
+
+def same_exception(mine, theirs):
+    assert type(mine) is type(theirs)
+    if isinstance(theirs, OSError) and theirs.errno is not None:
+        # an open that fails in a temporary directory: ckptio.load words it its own way
+        assert mine.errno == theirs.errno
+        assert os.path.basename(mine.filename) == os.path.basename(theirs.filename)
+    else:
+        assert str(mine) == str(theirs)
+
+
+def fresh(cls, seed):
+    torch.manual_seed(seed)
+    return cls()
+
+
+def params_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+ROUTES = {
+    "http://xx.xx/xx.pth": "load_from_http",
+    "https://xx.xx/xx.pth": "load_from_http",
+    "modelzoo://xx.xx/xx.pth": "load_from_torchvision",
+    "torchvision://xx.xx/xx.pth": "load_from_torchvision",
+    "open-mmlab://xx.xx/xx.pth": "load_from_openmmlab",
+    "openmmlab://xx.xx/xx.pth": "load_from_openmmlab",
+    "mmcls://xx.xx/xx.pth": "load_from_mmcls",
+    "pavi://xx.xx/xx.pth": "load_from_pavi",
+    "s3://xx.xx/xx.pth": "load_from_ceph",
+    "ss3://xx.xx/xx.pth": "load_from_local",
+    " s3://xx.xx/xx.pth": "load_from_local",
+    "open-mmlab:s3://xx.xx/xx.pth": "load_from_ceph",
+    "openmmlab:s3://xx.xx/xx.pth": "load_from_ceph",
+    "openmmlabs3://xx.xx/xx.pth": "load_from_local",
+    ":s3://xx.xx/xx.path": "load_from_local",
+}
+
+
+def same_values(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(a) is type(b) and list(a) == list(b) and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_values, a, b))
+    return a == b

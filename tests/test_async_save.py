@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import ckptio
-from ckptio import _async
+from ckptio import asyncsave as _async
 
 from helpers import assert_same
 
@@ -355,8 +355,8 @@ def test_mmcv_checkpoint_hook_saves_asynchronously(patched_async, tmp_path):
 
 
 def test_a_failed_hook_save_is_raised_by_the_next(patched_async, tmp_path, monkeypatch, caplog):
-    from ckptio import _save
-    from ckptio._mmengine_save import save_checkpoint
+    from ckptio import saving as _save
+    from ckptio.compat.mmengine_save import save_checkpoint
 
     real = _save.save_with
     fail = [True]

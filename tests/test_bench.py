@@ -1,8 +1,9 @@
 """The load benchmark runs every method in its child process and renders the
 table; the section runner dispatches to each section's module."""
+import pytest
 import torch
 
-from ckptio import bench
+from ckptio.bench import harness as bench
 
 
 def test_load_section_measures_and_renders_every_row(tmp_path):
@@ -23,12 +24,15 @@ def test_load_section_measures_and_renders_every_row(tmp_path):
     assert "ckptio.load vs torch.load" in text and "us/tensor" in text
 
 
-def test_unknown_section_is_a_usage_error(capsys):
-    try:
-        bench.main(["--only", "load,nope"])
-    except SystemExit as exc:
-        assert exc.code == 2
-    assert "nope" in capsys.readouterr().err
+def test_unknown_section_is_a_usage_error(capsys, tmp_path):
+    """argparse's usage error (exit 2, the section named), before any file
+    is generated or measured."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--only", "load,nope", "--dir", str(tmp_path / "data")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown section(s) nope" in err and "choose from load, save" in err
+    assert not (tmp_path / "data").exists()
 
 
 def test_load_section_on_a_plain_state_dict(tmp_path):

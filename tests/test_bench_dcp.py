@@ -4,7 +4,8 @@ import os
 
 import torch
 
-from ckptio import bench_async, bench_dcp
+from ckptio.bench import asyncsave as bench_async
+from ckptio.bench import dcp as bench_dcp
 
 
 def small_checkpoint(tmp_path):

@@ -1,7 +1,7 @@
 """The save benchmark runs its children and renders every row it measured."""
 import torch
 
-from ckptio import bench_save
+from ckptio.bench import save as bench_save
 
 
 def test_measure_and_render_small_checkpoint(tmp_path):

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptio
-from ckptio import _hostcopy, _mmsave, _native
+from ckptio import _hostcopy, _native
+from ckptio.compat import mmcv_save as _mmsave
 from helpers import tensor_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))

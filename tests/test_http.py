@@ -1,4 +1,4 @@
-"""Downloads (ckptio._native.download, ckptio._hub) against a local fault
+"""Downloads (ckptio._native.download, ckptio.hub) against a local fault
 server: every failure leaves nothing at the destination, resumes really ask
 for a Range, and what lands in place is byte-identical to what was served."""
 import errno
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptio
-from ckptio import _hub, _native
+from ckptio import _native, hub as _hub
 
 sys.path.insert(0, os.path.dirname(__file__))
 from faultserver import FaultServer  # noqa: E402

@@ -23,58 +23,20 @@ import torch.nn as nn
 import ckptio
 import ckptio.checkpoint as ours
 
+from helpers import (  # noqa: E402  (shared with test_mmengine_checkpoint.py)
+    ROUTES,
+    Block,
+    Model,
+    Opaque,
+    Other,
+    fresh,
+    params_equal,
+    run,
+    same_exception,
+    same_values,
+)
+
 mmcv_ckpt = pytest.importorskip("mmcv.runner.checkpoint")
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-        self.norm = nn.BatchNorm2d(3)
-
-
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.block = Block()
-        self.conv = nn.Conv2d(3, 3, 1)
-
-
-class Other(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-        self.fc = nn.Linear(2, 2)
-
-
-class Opaque:
-    """A class torch's weights-only unpickler refuses."""
-
-    def __init__(self, x=1):
-        self.x = x
-
-
-def run(fn, *args, **kwargs):
-    """(result or exception, stdout, warnings) of one call."""
-    out = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
-        warnings.simplefilter("always")
-        try:
-            result = ("ok", fn(*args, **kwargs))
-        except Exception as exc:
-            result = ("raised", exc)
-    seen = [(w.category, str(w.message)) for w in caught if w.category is not UserWarning]
-    return result, out.getvalue(), seen
-
-
-def same_values(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return type(a) is type(b) and list(a) == list(b) and all(same_values(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same_values, a, b))
-    return a == b
 
 
 def side_by_side(name, *args, **kwargs):
@@ -92,16 +54,6 @@ def side_by_side(name, *args, **kwargs):
     return mine[0][1]
 
 
-def same_exception(mine, theirs):
-    assert type(mine) is type(theirs)
-    if isinstance(theirs, OSError) and theirs.errno is not None:
-        # an open that fails in a temporary directory: ckptio.load words it its own way
-        assert mine.errno == theirs.errno
-        assert os.path.basename(mine.filename) == os.path.basename(theirs.filename)
-    else:
-        assert str(mine) == str(theirs)
-
-
 @pytest.fixture
 def schemes():
     """Restores both scheme registries after a test that registers some."""
@@ -109,16 +61,6 @@ def schemes():
     yield
     mmcv_ckpt.CheckpointLoader._schemes = OrderedDict(saved[0])
     ours.CheckpointLoader._schemes = OrderedDict(saved[1])
-
-
-def fresh(cls, seed):
-    torch.manual_seed(seed)
-    return cls()
-
-
-def params_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def load_both(path, make, seed=0, **kwargs):
@@ -286,25 +228,6 @@ def test_mocked_torch_load_is_honoured(tmp_path, monkeypatch):
 
 
 # ---- schemes ---------------------------------------------------------------
-
-
-ROUTES = {
-    "http://xx.xx/xx.pth": "load_from_http",
-    "https://xx.xx/xx.pth": "load_from_http",
-    "modelzoo://xx.xx/xx.pth": "load_from_torchvision",
-    "torchvision://xx.xx/xx.pth": "load_from_torchvision",
-    "open-mmlab://xx.xx/xx.pth": "load_from_openmmlab",
-    "openmmlab://xx.xx/xx.pth": "load_from_openmmlab",
-    "mmcls://xx.xx/xx.pth": "load_from_mmcls",
-    "pavi://xx.xx/xx.pth": "load_from_pavi",
-    "s3://xx.xx/xx.pth": "load_from_ceph",
-    "ss3://xx.xx/xx.pth": "load_from_local",
-    " s3://xx.xx/xx.pth": "load_from_local",
-    "open-mmlab:s3://xx.xx/xx.pth": "load_from_ceph",
-    "openmmlab:s3://xx.xx/xx.pth": "load_from_ceph",
-    "openmmlabs3://xx.xx/xx.pth": "load_from_local",
-    ":s3://xx.xx/xx.path": "load_from_local",
-}
 
 
 def test_routes_match_mmcv():
@@ -511,10 +434,10 @@ def test_http_distributed_order(zoo, monkeypatch):
 
 
 def test_save_names_are_ckptio_s_saver():
-    import ckptio._mmsave
+    import ckptio.compat.mmcv_save
 
     for name in ours._SAVE_NAMES:
-        assert getattr(ours, name) is getattr(ckptio._mmsave, name)
+        assert getattr(ours, name) is getattr(ckptio.compat.mmcv_save, name)
     with pytest.raises(AttributeError):
         ours.no_such_name
 

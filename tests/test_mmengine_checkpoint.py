@@ -14,7 +14,7 @@ import torch.nn as nn
 
 mm_ckpt = pytest.importorskip("mmengine.runner.checkpoint")
 import ckptio.mmengine as ours  # noqa: E402
-from test_mmcv_checkpoint import (  # noqa: E402
+from helpers import (  # noqa: E402
     ROUTES,
     Model,
     Opaque,
@@ -204,9 +204,9 @@ def test_pavi_missing(monkeypatch):
 
 def test_save_names_are_offered():
     model = fresh(Model, 12)
-    import ckptio._mmengine_save
+    import ckptio.compat.mmengine_save
 
-    assert ours.save_checkpoint is ckptio._mmengine_save.save_checkpoint
+    assert ours.save_checkpoint is ckptio.compat.mmengine_save.save_checkpoint
     for name in ("weights_to_cpu", "_save_to_state_dict", "get_state_dict"):
         assert getattr(ours, name) is getattr(mm_ckpt, name)  # in memory only: mmengine's own
     cpu = ours.weights_to_cpu(OrderedDict(a={"b": torch.ones(2)}))  # nested, as mmengine takes

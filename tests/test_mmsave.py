@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import ckptio
-from ckptio import _mmengine_save, _mmsave
+from ckptio.compat import mmcv_save as _mmsave
+from ckptio.compat import mmengine_save as _mmengine_save
 from helpers import assert_same
 
 

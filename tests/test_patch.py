@@ -80,8 +80,8 @@ def test_patch_replaces_and_unpatch_restores():
         assert mmcv_ckpt._load_checkpoint is ours._load_checkpoint
         assert mmcv_ckpt.load_state_dict is ours.load_state_dict
         assert mmcv_ckpt.ENV_MMCV_HOME == "MMCV_HOME"
-        assert epoch_runner.save_checkpoint is ckptio._mmsave.save_checkpoint
-        assert mmcv_runner.weights_to_cpu is ckptio._mmsave.weights_to_cpu
+        assert epoch_runner.save_checkpoint is ckptio.compat.mmcv_save.save_checkpoint
+        assert mmcv_runner.weights_to_cpu is ckptio.compat.mmcv_save.weights_to_cpu
     finally:
         ckptio.unpatch()
     ckptio.unpatch()

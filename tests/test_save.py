@@ -17,7 +17,7 @@ import torch
 
 import ckptio
 from ckptio import _native
-from ckptio._save import save_with
+from ckptio.saving import save_with
 from helpers import assert_same, tensor_bytes
 
 ALL_DTYPES = [

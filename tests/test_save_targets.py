@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio._save import save_with
+from ckptio.saving import save_with
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the ckptio under test (the in-place build, or build/asan under make asan)
@@ -40,7 +40,7 @@ class Saver:
     def __init__(self, target, megabytes=128, named_temp=False, seed=0):
         code = f"""
             import sys, torch, ckptio
-            from ckptio._save import save_with
+            from ckptio.saving import save_with
             obj = {{"w": torch.full(({megabytes} << 18,), {seed}.0), "seed": {seed}}}
             print("ready", flush=True)
             sys.stdin.readline()

@@ -3,7 +3,7 @@ dev builds included (0.14.0.dev20220801 counts as before 0.14)."""
 
 import pytest
 
-from ckptio._mmcompat import version_before
+from ckptio.compat.base import version_before
 
 mmcv_utils = pytest.importorskip("mmcv.utils")
 

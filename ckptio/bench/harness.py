@@ -364,7 +364,7 @@ def child(method, path, st_path, runs):
 
 
 def run_child(method, path, st_path, runs):
-    cmd = [sys.executable, "-m", "ckptio.bench", "--child", method, path, st_path or "", str(runs)]
+    cmd = [sys.executable, "-m", "ckptio.bench.harness", "--child", method, path, st_path or "", str(runs)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
@@ -449,16 +449,31 @@ def render(results):
     return "\n".join(lines)
 
 
+def section_main(module, argv, file_help, runs=3):
+    """``python -m ckptio.bench.<section> FILE [--runs N] [--json]``: one
+    section on its own, measured and rendered (or printed as JSON) by the
+    section module's measure(path, runs) and render(result)."""
+    parser = argparse.ArgumentParser(prog=getattr(module.__spec__, "name", module.__name__),
+                                     description=module.__doc__.splitlines()[0])
+    parser.add_argument("file", help=file_help)
+    parser.add_argument("--runs", type=int, default=runs, help="runs per method (best is kept)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    result = module.measure(args.file, args.runs)
+    print(json.dumps(result, indent=2) if args.json else module.render(result))
+    return 0
+
+
 # One run measures every section: loading (this module), then the save side,
 # the mmcv end-to-end path and HTTP downloads, each in its own module with the
 # same measure(path, runs) -> dict and render(dict) -> str.
 SECTIONS = {
     "load": None,
-    "save": ".bench_save",
-    "mmcv": ".bench_mmcv",
-    "http": ".bench_http",
-    "dcp": ".bench_dcp",
-    "async": ".bench_async",
+    "save": ".save",
+    "mmcv": ".mmcv",
+    "http": ".http",
+    "dcp": ".dcp",
+    "async": ".asyncsave",
 }
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 import zlib
 
-from .bench import _AnonSampler, _reset_peak, _status, flat_tensors
+from .harness import _AnonSampler, _reset_peak, _status, flat_tensors
 
 SAVE_ROWS = [
     "raw write",
@@ -159,7 +159,7 @@ def child(method, path, out_path, runs):
 
 
 def _run_child(method, path, out_path, runs):
-    cmd = [sys.executable, "-m", "ckptio.bench_save", "--child", method, path, out_path, str(runs)]
+    cmd = [sys.executable, "-m", "ckptio.bench.save", "--child", method, path, out_path, str(runs)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
@@ -235,7 +235,7 @@ def render(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench_save", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ckptio.bench.save", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="checkpoint whose objects are saved")
     parser.add_argument("--small", help="a checkpoint of many small tensors (per-tensor cost)")
     parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")

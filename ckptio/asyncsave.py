@@ -1,4 +1,4 @@
-"""ckptio.async_save (this module is ckptio._async): a checkpoint save that costs the caller one copy of the
+"""ckptio.async_save (this module is ckptio.asyncsave): a checkpoint save that costs the caller one copy of the
 tensor bytes, not the write.
 
     future = ckptio.async_save({"state_dict": model.state_dict(), ...}, "epoch_3.pth")
@@ -215,7 +215,7 @@ def _snapshot(obj):
 
 def _run():
     global _worker, _pending
-    from . import _save
+    from . import saving
 
     while True:
         with _cond:
@@ -228,7 +228,7 @@ def _run():
         failed = False
         if fut.set_running_or_notify_cancel():
             try:
-                _save.save_with(snapshot, f, to_cpu=to_cpu, **kwargs)
+                saving.save_with(snapshot, f, to_cpu=to_cpu, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - handed to the future
                 # the traceback may keep views of the arena: it is not reused
                 failed = True

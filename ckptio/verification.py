@@ -10,7 +10,7 @@ alone.
 from . import _native
 from ._allow import allow_bits as _allow_bits
 from ._config import ensure_scan_configured
-from ._safe_globals import user_allowed_globals
+from .allowlist import user_allowed_globals
 
 _MAP_CPU = 1  # ck_map_kind in src/binding/session.h
 

@@ -13,7 +13,6 @@ timed run (warm). `ckptio.load(dir)` returns the whole state dict (the
 result of torch's dcp_to_torch_save followed by torch.load, timed in the
 last row, which writes and reads an intermediate file).
 """
-import argparse
 import gc
 import json
 import os
@@ -22,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from .bench import _warm
+from .harness import _warm
 
 SAVE_ROWS = [
     "FileSystemWriter",
@@ -85,7 +84,7 @@ def prepare(path):
     """Writes the two directories the load rows read (untimed)."""
     import torch.distributed.checkpoint as dcp
 
-    from .dcp import StorageWriter
+    from ..dcp import StorageWriter
 
     _quiet()
     obj = _objects(path)
@@ -98,7 +97,7 @@ def prepare(path):
 def _save_fn(method, obj, out):
     import torch.distributed.checkpoint as dcp
 
-    from .dcp import StorageWriter
+    from ..dcp import StorageWriter
 
     writer = StorageWriter if method.startswith("ckptio") else dcp.FileSystemWriter
     sync = "sync_files=False" not in method
@@ -182,7 +181,7 @@ def _tensors(obj):
 
 
 def _run_child(method, path, runs, sync=True):
-    cmd = [sys.executable, "-m", "ckptio.bench_dcp", "--child", method, path, str(runs),
+    cmd = [sys.executable, "-m", "ckptio.bench.dcp", "--child", method, path, str(runs),
            "sync" if sync else "nosync"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -257,14 +256,9 @@ def render(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench_dcp", description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="checkpoint whose objects are saved and loaded")
-    parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    results = measure(args.file, args.runs)
-    print(json.dumps(results, indent=2) if args.json else render(results))
-    return 0
+    from .harness import section_main
+
+    return section_main(sys.modules[__name__], argv, 'checkpoint whose objects are saved and loaded')
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ training loop checkpoints far less often than a write takes), reusing the
 arena as a training run does. "until written" is the call plus
 future.result(). Each written file is deleted and synced untimed.
 """
-import argparse
 import gc
 import json
 import os
@@ -98,7 +97,7 @@ def _tensors(obj):
 
 
 def _run_child(method, path, out_path, runs, sync=True):
-    cmd = [sys.executable, "-m", "ckptio.bench_async", "--child", method, path, out_path,
+    cmd = [sys.executable, "-m", "ckptio.bench.asyncsave", "--child", method, path, out_path,
            str(runs), "sync" if sync else "nosync"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -145,15 +144,9 @@ def render(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench_async",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="checkpoint whose objects are saved")
-    parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    results = measure(args.file, args.runs)
-    print(json.dumps(results, indent=2) if args.json else render(results))
-    return 0
+    from .harness import section_main
+
+    return section_main(sys.modules[__name__], argv, 'checkpoint whose objects are saved')
 
 
 if __name__ == "__main__":

@@ -288,6 +288,7 @@ def load_url(
     check_hash=False,
     file_name=None,
     weights_only=None,
+    *,
     allow=OPENMMLAB,
 ):
     """torch.hub.load_state_dict_from_url with ckptio doing the transfer and

@@ -6,7 +6,7 @@ paths; its names are looked up at call time.
 """
 import logging
 
-from ._mmsave import _put_bytes, _save_local, _save_to_pavi
+from .mmcv_save import _put_bytes, _save_local, _save_to_pavi
 
 __all__ = ["save_checkpoint"]
 

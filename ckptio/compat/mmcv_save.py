@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch.optim import Optimizer
 
-from . import _hostcopy
+from .. import _hostcopy
 
 __all__ = ["weights_to_cpu", "get_state_dict", "save_checkpoint"]
 
@@ -31,11 +31,11 @@ def _writer():
     """The function that writes a checkpoint: writer(obj, path_or_file).
 
     ckptio.save (atomic, written from the tensors' own memory), looked up at
-    call time so that a test or a user can replace ckptio._save.save.
+    call time so that a test or a user can replace ckptio.saving.save.
     """
-    from . import _save
+    from .. import saving
 
-    return _save.save
+    return saving.save
 
 
 def _mmcv():
@@ -50,8 +50,8 @@ def _mmcv():
 def _is_module_wrapper(module) -> bool:
     """mmcv's is_module_wrapper (its registry of wrappers), else torch's
     DataParallel and DistributedDataParallel: the same test as the load
-    side's (_mmcompat.is_module_wrapper)."""
-    from ._mmcompat import is_module_wrapper
+    side's (ckptio.compat.base.is_module_wrapper)."""
+    from .base import is_module_wrapper
 
     return is_module_wrapper(module)
 
@@ -172,8 +172,8 @@ def _note_failure(filename, future):
 
 
 def _save_async(checkpoint: dict, filename: str) -> None:
-    from ._async import async_save
-    from ._native import CheckpointError
+    from ..asyncsave import async_save
+    from .._native import CheckpointError
 
     if _async_failures:
         failed, exc = _async_failures.pop(0)

@@ -11,7 +11,7 @@ load_url does unless check_hash: torch.hub then hashes nothing, nor does
 ckptio). When the curl command is installed, a last row times the transfer
 alone (curl -o /dev/null), the machine's limit.
 
-    python -m ckptio.bench_http FILE [--runs N]
+    python -m ckptio.bench.http FILE [--runs N]
 """
 import argparse
 import os
@@ -56,7 +56,7 @@ def measure(big_path, runs=3):
     Returns {"size", "runs", "sha256", "methods": {name: [wall seconds, ...]},
     "cpu": {name: [client CPU seconds (user + system, all threads), ...]}}.
     The CPU time tells the methods apart even on a loaded machine."""
-    from . import _hub
+    from .. import hub
 
     size = os.path.getsize(big_path)
     proc, port = _start_server(big_path)
@@ -65,15 +65,15 @@ def measure(big_path, runs=3):
     dst = os.path.join(workdir, "download.pth")
     try:
         # warm-up: the page cache of the source, and the digest to check against
-        first = _hub.download_url_to_file(url, dst, progress=False, fsync=False, sha256=True)
+        first = hub.download_url_to_file(url, dst, progress=False, fsync=False, sha256=True)
         prefix = first["sha256"][:16]
         os.remove(dst)
 
         def ckptio_fsync():
-            _hub.download_url_to_file(url, dst, prefix, progress=False)
+            hub.download_url_to_file(url, dst, prefix, progress=False)
 
         def ckptio_nofsync():
-            _hub.download_url_to_file(url, dst, prefix, progress=False, fsync=False)
+            hub.download_url_to_file(url, dst, prefix, progress=False, fsync=False)
 
         def torch_hub():
             import torch.hub
@@ -89,7 +89,7 @@ def measure(big_path, runs=3):
                 raise RuntimeError(f"curl: downloaded {out.stdout} of {size} bytes")
 
         def ckptio_nohash():
-            _hub.download_url_to_file(url, dst, None, progress=False, fsync=False)
+            hub.download_url_to_file(url, dst, None, progress=False, fsync=False)
 
         def torch_hub_nohash():
             import torch.hub

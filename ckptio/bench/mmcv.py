@@ -1,7 +1,7 @@
 """End to end, as training code calls it: mmcv.runner.load_checkpoint
 against ckptio.load_checkpoint, the same model and file.
 
-Each side runs in its own child process (ckptio.bench's helpers): the model
+Each side runs in its own child process (ckptio.bench.harness's helpers): the model
 (built with SpecModel from the file's state-dict shapes) exists and the
 file is in the page cache before anything is measured; one run measures the
 extra peak RSS (total, and its private/anonymous part: a mapped file's
@@ -11,17 +11,16 @@ that checkpoints carrying numpy metadata load on both (mmcv's torch.load
 would refuse them under torch's weights-only default); ckptio.load follows
 the same variable.
 
-    python -m ckptio.bench_mmcv FILE [--runs N] [--json]
+    python -m ckptio.bench.mmcv FILE [--runs N] [--json]
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import types
 
-from .bench import SpecModel, memory_cells, time_in_child
+from .harness import SpecModel, memory_cells, time_in_child
 
 METHODS = ("mmcv load_checkpoint", "ckptio load_checkpoint")
 
@@ -59,7 +58,7 @@ def child(method, path, runs):
     else:
         from ckptio.checkpoint import load_checkpoint
     model = _model_for(path)
-    logger = logging.getLogger("ckptio.bench_mmcv")  # the load line goes nowhere
+    logger = logging.getLogger("ckptio.bench.mmcv")  # the load line goes nowhere
 
     def run():
         return load_checkpoint(model, path, map_location="cpu", logger=logger)
@@ -69,7 +68,7 @@ def child(method, path, runs):
 
 def run_child(method, path, runs):
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "ckptio.bench_mmcv", "--child", method, path, str(runs)]
+    cmd = [sys.executable, "-m", "ckptio.bench.mmcv", "--child", method, path, str(runs)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
@@ -104,16 +103,9 @@ def render(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench_mmcv", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "file", help="checkpoint to load (a dict with 'state_dict', or a state dict)"
-    )
-    parser.add_argument("--runs", type=int, default=5, help="runs per method (best is kept)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    result = measure(args.file, args.runs)
-    print(json.dumps(result, indent=2) if args.json else render(result))
-    return 0
+    from .harness import section_main
+
+    return section_main(sys.modules[__name__], argv, "checkpoint to load (a dict with 'state_dict', or a state dict)", runs=5)
 
 
 if __name__ == "__main__":
