@@ -34,6 +34,7 @@ GLOBALS = {OPENMMLAB: frozenset({
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
     "numpy.ndarray", "numpy.dtype", "builtins.getattr", "__builtin__.getattr",
     "builtins.bytes", "__builtin__.bytes", "mmengine.logging.history_buffer.HistoryBuffer",
+    "_codecs.encode",
 })}
 
 

@@ -48,16 +48,15 @@ def print_log(msg, logger=None, level=logging.INFO):
 
 
 def is_module_wrapper(module):
-    """True for DataParallel/DistributedDataParallel and for whatever mmcv's
-    MODULE_WRAPPERS or mmengine's MODEL_WRAPPERS registries hold."""
-    parallel = sys.modules.get("mmcv.parallel")
-    check = getattr(parallel, "is_module_wrapper", None)
-    if check is not None and check(module):
-        return True
-    model = sys.modules.get("mmengine.model")
-    check = getattr(model, "is_model_wrapper", None)
-    if check is not None and check(module):
-        return True
+    """mmcv's is_module_wrapper (what its MODULE_WRAPPERS registry holds)
+    when mmcv.parallel is imported, else torch's DataParallel and
+    DistributedDataParallel. As in mmcv, wrappers registered only in
+    mmengine's MODEL_WRAPPERS are not unwrapped by the mmcv surface (the
+    mmengine surface uses mmengine's is_model_wrapper)."""
+    check = getattr(sys.modules.get("mmcv.parallel"), "is_module_wrapper", None)
+    if check is not None:
+        return check(module)
+    # mmcv.parallel not imported: no wrapper of its own can exist
     wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     return isinstance(module, wrappers)
 
@@ -71,9 +70,16 @@ def mkdir_or_exist(dir_name, mode=0o777):
 def version_before(version, bound):
     """True when the release numbers of version are below bound's (the only
     use is torchvision's '0.13'/'0.14' thresholds, which mmcv compares
-    against '0.X.0a0', so pre-releases of 0.X count as 0.X)."""
+    against '0.X.0a0', so a/b/rc pre-releases of 0.X count as 0.X, and dev
+    builds such as 0.14.0.dev20220801 as before it, as digit_version has it)."""
 
     def release(v):
-        return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+        numbers = tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+        return numbers + (0,) * (3 - len(numbers))
 
-    return release(version) < release(bound)
+    if release(version) != release(bound):
+        return release(version) < release(bound)
+    # same release: as mmcv's digit_version, a dev build of it (0.14.0.dev2022...,
+    # without a/b/rc) sorts before '0.X.0a0'
+    local = version.split("+")[0]
+    return ".dev" in local and re.search(r"\d(a|b|rc)\d*", local) is None

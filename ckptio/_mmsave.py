@@ -48,14 +48,11 @@ def _mmcv():
 
 
 def _is_module_wrapper(module) -> bool:
-    """mmcv's is_module_wrapper (its registry of wrappers) when mmcv is
-    installed, else torch's DataParallel and DistributedDataParallel."""
-    try:
-        from mmcv.parallel import is_module_wrapper
-    except ImportError:
-        from torch.nn.parallel import DataParallel, DistributedDataParallel
+    """mmcv's is_module_wrapper (its registry of wrappers), else torch's
+    DataParallel and DistributedDataParallel: the same test as the load
+    side's (_mmcompat.is_module_wrapper)."""
+    from ._mmcompat import is_module_wrapper
 
-        return isinstance(module, (DataParallel, DistributedDataParallel))
     return is_module_wrapper(module)
 
 

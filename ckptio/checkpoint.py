@@ -87,10 +87,25 @@ def _load_json(path):
         return json.load(f)
 
 
-def load_url(url, model_dir=None, map_location=None, **kwargs):
-    """mmcv.utils.load_url: the checkpoint at url, downloaded into model_dir
-    (the torch hub cache by default) and loaded."""
-    return _hub.load_url(url, model_dir=model_dir, map_location=map_location, **kwargs)
+def load_url(
+    url,
+    model_dir=None,
+    map_location=None,
+    progress=True,
+    check_hash=False,
+    file_name=None,
+    weights_only=None,
+    *,
+    allow=OPENMMLAB,
+):
+    """mmcv.utils.load_url (torch.hub.load_state_dict_from_url, with its
+    seven positional parameters): the checkpoint at url, downloaded into
+    model_dir (the torch hub cache by default) and loaded. weights_only=None
+    (ckptio's safe default, where torch's is False) decodes through torch's
+    allowlist plus allow; see ckptio.load_url."""
+    return _hub.load_url(
+        url, model_dir, map_location, progress, check_hash, file_name, weights_only, allow
+    )
 
 
 def _get_mmcv_home() -> str:
@@ -287,9 +302,30 @@ class CheckpointLoader:
     def _get_checkpoint_loader(cls, path: str):
         """The loader for path ('s3://x' and 'open-mmlab:s3://x' both reach
         load_from_ceph: prefixes are matched as regular expressions)."""
-        for p in cls._schemes:
+        schemes = cls._view()
+        for p in schemes:
             if re.match(p, path) is not None:
-                return cls._schemes[p]
+                return schemes[p]
+
+    # the class whose registry this one shares (module, name)
+    _theirs = ("mmcv.runner.checkpoint", "CheckpointLoader")
+
+    @classmethod
+    def _view(cls):
+        """The one registry: ckptio's schemes and those users registered with
+        mmcv's (or mmengine's) own CheckpointLoader, live, whether or not
+        ckptio is patched in and whichever reference to that class they hold.
+        A user's loader wins over a built-in one; on ckptio's class over theirs."""
+        theirs = patching.original(*cls._theirs)
+        if theirs is None or theirs is cls:
+            return cls._schemes
+        merged = dict(cls._schemes)
+        for prefix, loader in list(getattr(theirs, "_schemes", {}).items()):
+            if getattr(loader, "__module__", None) == theirs.__module__:
+                continue  # mmcv's built-in loaders: ckptio has its own
+            if prefix not in merged or merged[prefix] in cls._builtin:
+                merged[prefix] = loader
+        return OrderedDict(sorted(merged.items(), key=lambda t: t[0], reverse=True))
 
     @classmethod
     def load_checkpoint(

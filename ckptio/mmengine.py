@@ -54,6 +54,7 @@ from mmengine.runner.checkpoint import (
 from . import checkpoint as _mmcv_surface
 from . import _hub, patching
 from ._mmengine_save import save_checkpoint
+from ._allow import OPENMMLAB
 from .checkpoint import _load_file, _revise
 
 
@@ -63,11 +64,24 @@ def _resolve(name):
     return patching.override("mmengine.runner.checkpoint", name) or globals()[name]
 
 
-def load_url(url, model_dir=None, map_location=None, progress=True, **kwargs):
-    """mmengine.utils.dl_utils.load_url: the checkpoint at url, downloaded
-    into model_dir (the torch hub cache by default) and loaded."""
+def load_url(
+    url,
+    model_dir=None,
+    map_location=None,
+    progress=True,
+    check_hash=False,
+    file_name=None,
+    weights_only=None,
+    *,
+    allow=OPENMMLAB,
+):
+    """mmengine.utils.dl_utils.load_url (torch.hub.load_state_dict_from_url,
+    with its seven positional parameters): the checkpoint at url, downloaded
+    into model_dir (the torch hub cache by default) and loaded.
+    weights_only=None (ckptio's safe default, where torch's is False) decodes
+    through torch's allowlist plus allow; see ckptio.load_url."""
     return _hub.load_url(
-        url, model_dir=model_dir, map_location=map_location, progress=progress, **kwargs
+        url, model_dir, map_location, progress, check_hash, file_name, weights_only, allow
     )
 
 
@@ -133,6 +147,7 @@ class CheckpointLoader(_mmcv_surface.CheckpointLoader):
 
     _schemes: dict = {}
     _builtin: set = set()
+    _theirs = ("mmengine.runner.checkpoint", "CheckpointLoader")
 
     @classmethod
     def load_checkpoint(cls, filename, map_location=None, logger="current"):

@@ -8,7 +8,10 @@ object under any name (mmcv.runner.base_runner's ``load_checkpoint``,
 mmengine.runner.runner's ``_load_checkpoint``, a user's ``from mmcv.runner
 import load_checkpoint``): the replacement goes by identity, so nothing else
 is touched. Schemes registered with mmcv's or mmengine's CheckpointLoader
-before patch() are registered with ckptio's too. unpatch() puts every
+before patch() are registered with ckptio's too, and ckptio's classes see
+those registered with mmcv's or mmengine's at any time (patched or not,
+through a reference taken before patch()); unpatch() registers with mmcv's
+and mmengine's classes the schemes registered while patched, and puts every
 original back. Both are idempotent.
 
 While patched, the names mmcv's and mmengine's own tests replace with
@@ -52,6 +55,36 @@ def override(module_name, attr):
         return None
     value = getattr(sys.modules.get(module_name), attr, None)
     return None if value is _snapshot[key] else value
+
+
+def original(module_name, name):
+    """mmcv's or mmengine's own object module_name.name (also while ckptio's
+    is in its place), or None when that module is not imported."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
+    for replaced_module, replaced_name, value in _replaced:
+        if replaced_module is module and replaced_name == name:
+            return value
+    return module.__dict__.get(name)
+
+
+def _hand_back_schemes():
+    """Registers with mmcv's and mmengine's own CheckpointLoader the loaders
+    users registered with ckptio's (through either name) while patched, so
+    that unpatch() loses none."""
+    for ours_name in ("ckptio.checkpoint", "ckptio.mmengine"):
+        ours = sys.modules.get(ours_name)
+        if ours is None:
+            continue
+        mine = ours.CheckpointLoader
+        theirs = original(*mine._theirs)
+        if theirs is None or theirs is mine:
+            continue
+        for prefix, loader in list(mine._schemes.items()):
+            if loader in mine._builtin or theirs._schemes.get(prefix) is loader:
+                continue
+            theirs.register_scheme(prefix, loader, force=True)
 
 
 def _surface(ours):
@@ -148,6 +181,8 @@ def unpatch():
 
     _mmsave.set_async(False)
     _snapshot.clear()
+    if _replaced:
+        _hand_back_schemes()
     while _replaced:
         module, name, original = _replaced.pop()
         setattr(module, name, original)

@@ -39,8 +39,8 @@ def _weights_only_default(weights_only):
         return True
     if force_no and not_set:
         warnings.warn(
-            "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the "
-            "`weights_only` argument was not explicitly passed to `ckptio.load`, forcing "
+            "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the"
+            "`weights_only` argument was not explicitly passed to `torch.load`, forcing "
             "weights_only=False.",
             UserWarning,
             stacklevel=3,
@@ -52,9 +52,10 @@ def _weights_only_default(weights_only):
 def _map_kind(map_location):
     """(kind, restore): how the C side applies map_location, and torch's own
     restore_location function where a storage needs it."""
-    if isinstance(map_location, (str, bytes)):
-        target = map_location.decode() if isinstance(map_location, bytes) else map_location
-        if target == "cpu":
+    # bytes (which torch.load's restore_location rejects with TypeError once a
+    # storage is placed) go to torch's own restore function, as there
+    if isinstance(map_location, str):
+        if map_location == "cpu":
             return _MAP_CPU, None
     elif isinstance(map_location, torch.device):
         if str(map_location) == "cpu":
@@ -213,10 +214,13 @@ def load(
             user_globals=user_globals,
             allow=allow_bits,
         )
-    except BaseException:
+    except BaseException as exc:
         # sparse tensors rebuilt before the failure wait in torch's module-level
         # list for validation: they must not fail the next load (of another file)
         torch._utils._sparse_tensors_to_validate.clear()
+        if isinstance(map_location, bytes) and isinstance(exc.__cause__, TypeError):
+            # torch.load's own error for a bytes map_location once a storage is placed
+            raise exc.__cause__ from None
         raise
     finally:
         if tls is not None:

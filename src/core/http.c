@@ -821,13 +821,16 @@ static mode_t current_umask(void) {
 
 /* Makes the finished partial the file at dst. */
 static ck_status commit(download *d, const char *dst, ck_error *err) {
-    /* the partial was private; the file gets what open() would have given it */
-    if (fchmod(d->fd, 0666 & ~current_umask()) < 0)
-        return ck_fail_errno(err, errno, "cannot set the mode of %s", d->part_path);
     if (d->opts->fsync && fsync(d->fd) < 0)
         return ck_fail_errno(err, errno, "cannot flush %s", d->part_path);
     if (rename(d->part_path, dst) < 0)
         return ck_fail_errno(err, errno, "cannot move %s to %s", d->part_path, dst);
+    /* the partial was private; the file gets what open() would have given it.
+     * Only after the rename: a waiting download that opened the partial sees
+     * a file that is no longer private as foreign and removes its name, so a
+     * chmod before the rename let it unlink the partial under this one. */
+    if (fchmod(d->fd, 0666 & ~current_umask()) < 0)
+        return ck_fail_errno(err, errno, "cannot set the mode of %s", dst);
     remove_meta(d);
     if (d->opts->fsync) {
         char *dir = dir_of(dst);
