@@ -37,6 +37,10 @@ static int host_is_little(void) {
 #endif
 }
 
+/* records up to this size are copied by pread rather than read through the
+ * mapping (see record_bytes) */
+#define CK_PREAD_RECORD_MAX ((uint64_t)64 * 1024)
+
 /* The bytes of a record by relative name: a pointer into the archive for a
  * stored record, or a copy in *owned (free with free()): inflated, or, when
  * the archive is a mapped file, read with pread (so that reading data.pkl
@@ -52,10 +56,19 @@ static int record_bytes(ck_session *s, const char *rel, const uint8_t **data, si
     if (idx < 0)
         return 0;
     const ck_zip_entry *e = &s->zip.entries[idx];
-    if (e->method == CK_ZIP_METHOD_STORED && s->fd >= 0) {
+    /* copied by pread: data.pkl (parsed whole anyway; its copy is charged to
+     * the budget) and small records; a large 'version' or 'byteorder' stays
+     * in the mapping, so a file-sized one costs no file-sized copy */
+    int is_pickle = strcmp(rel, "data.pkl") == 0;
+    if (e->method == CK_ZIP_METHOD_STORED && s->fd >= 0 &&
+        (e->size <= CK_PREAD_RECORD_MAX || is_pickle)) {
         static const uint8_t empty[1];
         ck_error err;
         ck_error_clear(&err);
+        if (e->size > CK_PREAD_RECORD_MAX && ck_charge(s, e->size) < 0) {
+            ck_raise_over_budget(s, rel);
+            return -1;
+        }
         if (ck_zip_read_stored(&s->zip, (size_t)idx, owned, len, &err) != CK_OK) {
             ck_raise_core(s->st, s->filename, &err);
             return -1;
