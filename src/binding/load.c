@@ -37,9 +37,16 @@ static int host_is_little(void) {
 #endif
 }
 
+/* records up to this size are copied by pread rather than read through the
+ * mapping (see record_bytes) */
+#define CK_PREAD_RECORD_MAX ((uint64_t)64 * 1024)
+
 /* The bytes of a record by relative name: a pointer into the archive for a
- * stored record, or an inflated copy in *owned (free with free()). Returns
- * 1 when found, 0 when absent, -1 on error. */
+ * stored record, or a copy in *owned (free with free()): inflated, or, when
+ * the archive is a mapped file, read with pread (so that reading data.pkl
+ * and the small records does not fault the mapping, which on a cold page
+ * cache reads megabytes of tensors around them). Returns 1 when found, 0
+ * when absent, -1 on error. */
 static int record_bytes(ck_session *s, const char *rel, const uint8_t **data, size_t *len,
                         uint8_t **owned, ptrdiff_t *index) {
     ptrdiff_t idx = ck_zip_find(&s->zip, rel, strlen(rel));
@@ -49,6 +56,26 @@ static int record_bytes(ck_session *s, const char *rel, const uint8_t **data, si
     if (idx < 0)
         return 0;
     const ck_zip_entry *e = &s->zip.entries[idx];
+    /* copied by pread: data.pkl (parsed whole anyway; its copy is charged to
+     * the budget) and small records; a large 'version' or 'byteorder' stays
+     * in the mapping, so a file-sized one costs no file-sized copy */
+    int is_pickle = strcmp(rel, "data.pkl") == 0;
+    if (e->method == CK_ZIP_METHOD_STORED && s->fd >= 0 &&
+        (e->size <= CK_PREAD_RECORD_MAX || is_pickle)) {
+        static const uint8_t empty[1];
+        ck_error err;
+        ck_error_clear(&err);
+        if (e->size > CK_PREAD_RECORD_MAX && ck_charge(s, e->size) < 0) {
+            ck_raise_over_budget(s, rel);
+            return -1;
+        }
+        if (ck_zip_read_stored(&s->zip, (size_t)idx, owned, len, &err) != CK_OK) {
+            ck_raise_core(s->st, s->filename, &err);
+            return -1;
+        }
+        *data = *owned != NULL ? *owned : empty;
+        return 1;
+    }
     if (e->method == CK_ZIP_METHOD_STORED) {
         *data = s->buf + e->data_offset;
         *len = (size_t)e->size;
@@ -141,7 +168,7 @@ static PyObject *load_zip(ck_session *s) {
     ck_state *st = s->st;
     ck_error err;
     ck_error_clear(&err);
-    ck_status rc = ck_zip_open(&s->zip, s->buf, s->len, &err);
+    ck_status rc = ck_zip_open_file(&s->zip, s->buf, s->len, s->fd, &err);
     if (rc != CK_OK)
         return ck_raise_core(st, s->filename, &err);
     s->is_zip = 1;
@@ -164,7 +191,9 @@ static PyObject *load_zip(ck_session *s) {
     if (found == 0)
         return ck_raise(st->CheckpointError, s->filename,
                         "the archive has no data.pkl record (not written by torch.save)");
-    if (owned == NULL && ck_zip_check_crc(&s->zip, (size_t)pkl_idx, 0, &err) != CK_OK) {
+    if (s->zip.entries[pkl_idx].method == CK_ZIP_METHOD_STORED &&
+        ck_zip_check_crc_of(&s->zip, (size_t)pkl_idx, pkl, 0, &err) != CK_OK) {
+        free(owned);
         ck_raise_core(st, s->filename, &err);
         return NULL;
     }
@@ -474,5 +503,7 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
         result = ck_load_any(&s);
 
     ck_session_end(&s);
+    /* the headers have been read: the mapping needs its file no longer */
+    ck_region_close_fd(&((ck_mapping *)mapping)->region);
     return result;
 }

@@ -13,6 +13,7 @@ void ck_session_begin(ck_session *s, ck_state *st, PyObject *filename, PyObject 
     s->owner = mapping;
     s->buf = mp->region.data;
     s->len = mp->region.len;
+    s->fd = mp->region.has_fd ? mp->region.fd : -1;
 }
 
 void ck_session_end(ck_session *s) {

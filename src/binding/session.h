@@ -55,6 +55,7 @@ typedef struct ck_session {
     PyObject *owner;    /* the Mapping owning buf */
     const uint8_t *buf;
     size_t len;
+    int fd;     /* the file buf maps, open for pread of headers and small records; or -1 */
     ck_zip zip; /* zip archives */
     int is_zip;
     PyObject *legacy_slots; /* legacy stream: dict storage key -> slot */
@@ -86,8 +87,9 @@ typedef struct ck_session {
 
 /* Starts a session over the bytes of mapping (a ckptio._native.Mapping,
  * checked by the caller): every field zeroed, then st, filename and owner
- * set (borrowed: the caller holds them for the call) and buf/len taken from
- * the mapping's region. Options are the caller's to set. */
+ * set (borrowed: the caller holds them for the call) and buf/len (and the
+ * mapped file's descriptor, while the mapping holds one) taken from the
+ * mapping's region. Options are the caller's to set. */
 void ck_session_begin(ck_session *s, ck_state *st, PyObject *filename, PyObject *mapping);
 
 /* Releases what the session came to own: its storages, the zip index, the

@@ -48,14 +48,25 @@ ck_status ck_region_map_file(const char *path, ck_region *out, ck_error *err) {
         return CK_OK;
     }
     void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-    int mmap_errno = errno;
-    close(fd);
-    if (p == MAP_FAILED)
+    if (p == MAP_FAILED) {
+        int mmap_errno = errno;
+        close(fd);
         return ck_fail_errno(err, mmap_errno, "cannot map the file");
+    }
     out->data = p;
     out->len = len;
     out->kind = CK_REGION_MMAP;
+    out->has_fd = 1;
+    out->fd = fd;
     return CK_OK;
+}
+
+void ck_region_close_fd(ck_region *region) {
+    if (region != NULL && region->has_fd) {
+        close(region->fd);
+        region->has_fd = 0;
+        region->fd = -1;
+    }
 }
 
 ck_status ck_region_alloc(size_t len, ck_region *out, ck_error *err) {
@@ -117,6 +128,7 @@ ck_status ck_region_read_file(const char *path, ck_region *out, ck_error *err) {
 void ck_region_release(ck_region *region) {
     if (region == NULL)
         return;
+    ck_region_close_fd(region);
     if (region->kind == CK_REGION_MMAP && region->data != NULL)
         munmap(region->data, region->len);
     else if (region->kind == CK_REGION_HEAP)

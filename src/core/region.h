@@ -23,11 +23,19 @@ typedef struct ck_region {
     uint8_t *data; /* NULL when len == 0 */
     size_t len;
     ck_region_kind kind;
+    int has_fd; /* fd is open on the mapped file (until ck_region_close_fd) */
+    int fd;
 } ck_region;
 
 /* Maps the whole file at path. An empty file gives a region with len 0 and
- * data NULL (no mapping is made). Fails with CK_E_IO naming the OS error. */
+ * data NULL (no mapping is made). Fails with CK_E_IO naming the OS error.
+ * The file stays open (has_fd, fd) so that the container's headers can be
+ * read with pread rather than through the mapping; ck_region_close_fd
+ * closes it once they have been read (ck_region_release does too). */
 ck_status ck_region_map_file(const char *path, ck_region *out, ck_error *err);
+
+/* Closes the region's file descriptor, if it has one. */
+void ck_region_close_fd(ck_region *region);
 
 /* Reads the whole file at path into one 64-byte aligned heap buffer, with
  * as few read() calls as the kernel allows. The file's size is taken from

@@ -1,5 +1,7 @@
 #include "zipread.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,6 +9,7 @@
 #include <libdeflate.h>
 
 #include "crc.h"
+#include "fdio.h"
 
 #define SIG_LOCAL 0x04034b50u
 #define SIG_CENTRAL 0x02014b50u
@@ -52,6 +55,40 @@ static const char *show(char out[128], const char *name, size_t len) {
     return out;
 }
 
+/* ---- where the bytes come from -------------------------------------------- */
+
+/* While an archive is opened its structures are read either straight from
+ * the buffer or, when the buffer maps a file and fd is that file, with
+ * pread: a few bytes per header instead of a page fault, which on a cold
+ * page cache makes the kernel read megabytes around each header. */
+typedef struct zsrc {
+    const uint8_t *buf;
+    size_t len;
+    int fd; /* -1: read the buffer */
+} zsrc;
+
+/* Points *out at bytes [off, off + n) of the archive (the caller checked
+ * that they lie inside it): into the buffer, or into scratch (n bytes or
+ * more) filled by pread. */
+static ck_status zread(const zsrc *z, uint64_t off, size_t n, uint8_t *scratch, const uint8_t **out,
+                       ck_error *err) {
+    if (z->fd < 0) {
+        *out = z->buf + off;
+        return CK_OK;
+    }
+    ssize_t got = ck_pread_all(z->fd, scratch, n, off);
+    if (got < 0)
+        return ck_fail_errno(err, errno, "cannot read %zu bytes at offset %llu", n,
+                             (unsigned long long)off);
+    if ((size_t)got < n)
+        return ck_fail(err, CK_E_TRUNCATED,
+                       "the file ends at offset %llu, before the %zu bytes at %llu it held when "
+                       "it was opened (changed while read?)",
+                       (unsigned long long)(off + (uint64_t)got), n, (unsigned long long)off);
+    *out = scratch;
+    return CK_OK;
+}
+
 /* ---- the end records ---------------------------------------------------- */
 
 typedef struct end_info {
@@ -62,15 +99,26 @@ typedef struct end_info {
     int zip64;
 } end_info;
 
-static ck_status find_end(const uint8_t *buf, size_t len, end_info *end, ck_error *err) {
+static ck_status find_end(const zsrc *z, end_info *end, ck_error *err) {
+    size_t len = z->len;
     if (len < EOCD_SIZE)
         return ck_fail(err, CK_E_FORMAT, "too short to be a zip archive (%zu bytes)", len);
     size_t lowest = len - EOCD_SIZE > MAX_COMMENT ? len - EOCD_SIZE - MAX_COMMENT : 0;
+    /* the end of the file, where the end record is searched */
+    uint8_t *tail_copy = NULL;
+    if (z->fd >= 0 && (tail_copy = malloc(len - lowest)) == NULL)
+        return ck_fail(err, CK_E_NOMEM, "cannot allocate %zu bytes", len - lowest);
+    const uint8_t *tail;
+    ck_status rc = zread(z, lowest, len - lowest, tail_copy, &tail, err);
+    if (rc != CK_OK) {
+        free(tail_copy);
+        return rc;
+    }
     size_t eocd = SIZE_MAX, loose = SIZE_MAX;
     for (size_t i = len - EOCD_SIZE + 1; i-- > lowest;) {
-        if (le32(buf + i) != SIG_EOCD)
+        if (le32(tail + (i - lowest)) != SIG_EOCD)
             continue;
-        size_t comment = le16(buf + i + 20);
+        size_t comment = le16(tail + (i - lowest) + 20);
         if (i + EOCD_SIZE + comment == len) {
             eocd = i;
             break;
@@ -80,10 +128,14 @@ static ck_status find_end(const uint8_t *buf, size_t len, end_info *end, ck_erro
     }
     if (eocd == SIZE_MAX)
         eocd = loose;
-    if (eocd == SIZE_MAX)
+    if (eocd == SIZE_MAX) {
+        free(tail_copy);
         return ck_fail(err, CK_E_FORMAT,
                        "no end of central directory record (not a zip archive, or truncated)");
-    const uint8_t *e = buf + eocd;
+    }
+    uint8_t e[EOCD_SIZE];
+    memcpy(e, tail + (eocd - lowest), EOCD_SIZE);
+    free(tail_copy);
     uint16_t disk = le16(e + 4), cd_disk = le16(e + 6);
     uint16_t n_disk = le16(e + 8), n_total = le16(e + 10);
     end->n_entries = n_total;
@@ -92,33 +144,43 @@ static ck_status find_end(const uint8_t *buf, size_t len, end_info *end, ck_erro
     end->limit = eocd;
     end->zip64 = 0;
 
-    if (eocd >= Z64_LOCATOR_SIZE && le32(buf + eocd - Z64_LOCATOR_SIZE) == SIG_Z64_LOCATOR) {
+    uint8_t scratch[Z64_EOCD_MIN];
+    const uint8_t *loc_bytes = NULL;
+    if (eocd >= Z64_LOCATOR_SIZE) {
+        rc = zread(z, eocd - Z64_LOCATOR_SIZE, Z64_LOCATOR_SIZE, scratch, &loc_bytes, err);
+        if (rc != CK_OK)
+            return rc;
+    }
+    if (loc_bytes != NULL && le32(loc_bytes) == SIG_Z64_LOCATOR) {
         size_t loc = eocd - Z64_LOCATOR_SIZE;
-        uint32_t z64_disk = le32(buf + loc + 4);
-        uint64_t z64_off = le64(buf + loc + 8);
-        uint32_t disks = le32(buf + loc + 16);
+        uint32_t z64_disk = le32(loc_bytes + 4);
+        uint64_t z64_off = le64(loc_bytes + 8);
+        uint32_t disks = le32(loc_bytes + 16);
         if (z64_disk != 0 || disks > 1)
             return ck_fail(err, CK_E_UNSUPPORTED, "multi-disk zip archives are not supported");
         if (z64_off > loc || loc - z64_off < Z64_EOCD_MIN)
             return ck_fail(err, CK_E_RANGE,
                            "the zip64 end record offset %llu is not before its locator at %zu",
                            (unsigned long long)z64_off, loc);
-        const uint8_t *z = buf + z64_off;
-        if (le32(z) != SIG_Z64_EOCD)
+        const uint8_t *zr;
+        rc = zread(z, z64_off, Z64_EOCD_MIN, scratch, &zr, err);
+        if (rc != CK_OK)
+            return rc;
+        if (le32(zr) != SIG_Z64_EOCD)
             return ck_fail(err, CK_E_FORMAT, "no zip64 end record at offset %llu",
                            (unsigned long long)z64_off);
-        uint64_t rest = le64(z + 4);
+        uint64_t rest = le64(zr + 4);
         if (rest < Z64_EOCD_MIN - 12 || rest > loc - z64_off - 12)
             return ck_fail(err, CK_E_RANGE, "the zip64 end record's size (%llu) is invalid",
                            (unsigned long long)rest);
-        if (le32(z + 16) != 0 || le32(z + 20) != 0)
+        if (le32(zr + 16) != 0 || le32(zr + 20) != 0)
             return ck_fail(err, CK_E_UNSUPPORTED, "multi-disk zip archives are not supported");
-        uint64_t z_disk = le64(z + 24), z_total = le64(z + 32);
+        uint64_t z_disk = le64(zr + 24), z_total = le64(zr + 32);
         if (z_disk != z_total)
             return ck_fail(err, CK_E_UNSUPPORTED, "multi-disk zip archives are not supported");
         end->n_entries = z_total;
-        end->cd_size = le64(z + 40);
-        end->cd_offset = le64(z + 48);
+        end->cd_size = le64(zr + 40);
+        end->cd_offset = le64(zr + 48);
         end->limit = z64_off;
         end->zip64 = 1;
         return CK_OK;
@@ -300,15 +362,15 @@ static ck_status zip64_fields(size_t i, const uint8_t *extra, size_t xlen, uint6
                    "central directory entry %zu: saturated sizes but no zip64 extra field", i);
 }
 
-static ck_status read_central(ck_zip *zip, const end_info *end, ck_error *err) {
-    const uint8_t *buf = zip->buf;
-    uint64_t p = end->cd_offset, cd_end = end->cd_offset + end->cd_size;
+/* cd: the central directory's bytes (end->cd_size of them). */
+static ck_status read_central(ck_zip *zip, const end_info *end, const uint8_t *cd, ck_error *err) {
+    uint64_t p = 0, cd_end = end->cd_size;
     char shown[128];
     for (size_t i = 0; i < zip->n_entries; i++) {
         if (cd_end - p < CENTRAL_SIZE)
             return ck_fail(err, CK_E_FORMAT, "the central directory ends inside entry %zu of %zu",
                            i, zip->n_entries);
-        const uint8_t *c = buf + p;
+        const uint8_t *c = cd + p;
         if (le32(c) != SIG_CENTRAL)
             return ck_fail(err, CK_E_FORMAT, "central directory entry %zu has a bad signature", i);
         uint16_t flags = le16(c + 8), method = le16(c + 10);
@@ -354,35 +416,66 @@ static ck_status read_central(ck_zip *zip, const end_info *end, ck_error *err) {
     return CK_OK;
 }
 
-static ck_status read_locals(ck_zip *zip, ck_error *err) {
+static ck_status read_locals(ck_zip *zip, const zsrc *z, ck_error *err) {
     char shown[128];
     uint64_t cd = zip->cd_offset;
-    for (size_t i = 0; i < zip->n_entries; i++) {
+    uint8_t *scratch = NULL;
+    if (z->fd >= 0) {
+        /* one read-ahead request per header first, so that on a cold page
+         * cache the disk sees them all at once rather than one at a time */
+        size_t longest = 0;
+        for (size_t i = 0; i < zip->n_entries; i++) {
+            const ck_zip_entry *e = &zip->entries[i];
+            longest = e->name_len > longest ? e->name_len : longest;
+            if (e->header_offset < cd && cd - e->header_offset >= LOCAL_SIZE)
+                (void)posix_fadvise(z->fd, (off_t)e->header_offset,
+                                    (off_t)(LOCAL_SIZE + e->name_len), POSIX_FADV_WILLNEED);
+        }
+        if ((scratch = malloc(LOCAL_SIZE + longest)) == NULL)
+            return ck_fail(err, CK_E_NOMEM, "cannot allocate %zu bytes", LOCAL_SIZE + longest);
+    }
+    ck_status rc = CK_OK;
+    for (size_t i = 0; i < zip->n_entries && rc == CK_OK; i++) {
         ck_zip_entry *e = &zip->entries[i];
         const char *nm = show(shown, e->name, e->name_len);
-        if (e->header_offset > cd || cd - e->header_offset < LOCAL_SIZE)
-            return ck_fail(err, CK_E_RANGE,
-                           "record '%s': local header at %llu is not before the central "
-                           "directory at %llu",
-                           nm, (unsigned long long)e->header_offset, (unsigned long long)cd);
-        const uint8_t *l = zip->buf + e->header_offset;
-        if (le32(l) != SIG_LOCAL)
-            return ck_fail(err, CK_E_FORMAT, "record '%s': no local header at %llu", nm,
-                           (unsigned long long)e->header_offset);
+        if (e->header_offset > cd || cd - e->header_offset < LOCAL_SIZE) {
+            rc = ck_fail(err, CK_E_RANGE,
+                         "record '%s': local header at %llu is not before the central "
+                         "directory at %llu",
+                         nm, (unsigned long long)e->header_offset, (unsigned long long)cd);
+            break;
+        }
+        /* the fixed part and as much of the name as lies before the central
+         * directory (all of it whenever the data range below is valid) */
+        uint64_t room = cd - e->header_offset - LOCAL_SIZE;
+        size_t want = LOCAL_SIZE + (size_t)(room < e->name_len ? room : e->name_len);
+        const uint8_t *l;
+        if ((rc = zread(z, e->header_offset, want, scratch, &l, err)) != CK_OK)
+            break;
+        if (le32(l) != SIG_LOCAL) {
+            rc = ck_fail(err, CK_E_FORMAT, "record '%s': no local header at %llu", nm,
+                         (unsigned long long)e->header_offset);
+            break;
+        }
         uint64_t lnlen = le16(l + 26), lxlen = le16(l + 28);
         uint64_t data = e->header_offset + LOCAL_SIZE + lnlen + lxlen;
-        if (data > cd || e->comp_size > cd - data)
-            return ck_fail(err, CK_E_RANGE,
-                           "record '%s': data [%llu, +%llu) extends past the central directory "
-                           "at %llu",
-                           nm, (unsigned long long)data, (unsigned long long)e->comp_size,
-                           (unsigned long long)cd);
-        if (lnlen != e->name_len || memcmp(l + LOCAL_SIZE, e->name, e->name_len) != 0)
-            return ck_fail(err, CK_E_FORMAT, "record '%s': its local header names another record",
-                           nm);
+        if (data > cd || e->comp_size > cd - data) {
+            rc = ck_fail(err, CK_E_RANGE,
+                         "record '%s': data [%llu, +%llu) extends past the central directory "
+                         "at %llu",
+                         nm, (unsigned long long)data, (unsigned long long)e->comp_size,
+                         (unsigned long long)cd);
+            break;
+        }
+        if (lnlen != e->name_len || memcmp(l + LOCAL_SIZE, e->name, e->name_len) != 0) {
+            rc =
+                ck_fail(err, CK_E_FORMAT, "record '%s': its local header names another record", nm);
+            break;
+        }
         e->data_offset = data;
     }
-    return CK_OK;
+    free(scratch);
+    return rc;
 }
 
 static int by_header(const ck_zip *zip, uint32_t a, uint32_t b) {
@@ -436,11 +529,17 @@ static ck_status check_prefix(ck_zip *zip, ck_error *err) {
 }
 
 ck_status ck_zip_open(ck_zip *zip, const uint8_t *buf, size_t len, ck_error *err) {
+    return ck_zip_open_file(zip, buf, len, -1, err);
+}
+
+ck_status ck_zip_open_file(ck_zip *zip, const uint8_t *buf, size_t len, int fd, ck_error *err) {
     memset(zip, 0, sizeof *zip);
     zip->buf = buf;
     zip->len = len;
+    zip->fd = fd;
+    zsrc z = {buf, len, fd};
     end_info end = {0};
-    ck_status rc = find_end(buf, len, &end, err);
+    ck_status rc = find_end(&z, &end, err);
     if (rc != CK_OK)
         return rc;
     if (end.cd_offset > end.limit || end.cd_size > end.limit - end.cd_offset)
@@ -464,9 +563,18 @@ ck_status ck_zip_open(ck_zip *zip, const uint8_t *buf, size_t len, ck_error *err
     zip->entries = calloc(zip->n_entries, sizeof *zip->entries);
     if (zip->entries == NULL)
         return ck_fail(err, CK_E_NOMEM, "cannot allocate %zu entries", zip->n_entries);
-    rc = read_central(zip, &end, err);
+    /* the central directory (read whole: the entries' names point into it;
+     * its size is bounded by the file's, checked above) */
+    if (fd >= 0 && (zip->cd_copy_ = malloc((size_t)end.cd_size)) == NULL)
+        rc = ck_fail(err, CK_E_NOMEM, "cannot allocate %llu bytes for the central directory",
+                     (unsigned long long)end.cd_size);
+    const uint8_t *cd = NULL;
     if (rc == CK_OK)
-        rc = read_locals(zip, err);
+        rc = zread(&z, end.cd_offset, (size_t)end.cd_size, zip->cd_copy_, &cd, err);
+    if (rc == CK_OK)
+        rc = read_central(zip, &end, cd, err);
+    if (rc == CK_OK)
+        rc = read_locals(zip, &z, err);
     if (rc == CK_OK)
         rc = check_overlaps(zip, err);
     if (rc == CK_OK)
@@ -482,6 +590,7 @@ void ck_zip_close(ck_zip *zip) {
     if (zip == NULL)
         return;
     free(zip->entries);
+    free(zip->cd_copy_);
     free(zip->index_);
     if (zip->inflater_ != NULL)
         libdeflate_free_decompressor(zip->inflater_);
@@ -495,16 +604,52 @@ const uint8_t *ck_zip_stored_data(const ck_zip *zip, size_t idx) {
 }
 
 ck_status ck_zip_check_crc(const ck_zip *zip, size_t idx, int strict, ck_error *err) {
+    if (zip->entries[idx].method != CK_ZIP_METHOD_STORED)
+        return CK_OK;
+    return ck_zip_check_crc_of(zip, idx, zip->buf + zip->entries[idx].data_offset, strict, err);
+}
+
+ck_status ck_zip_check_crc_of(const ck_zip *zip, size_t idx, const uint8_t *data, int strict,
+                              ck_error *err) {
     const ck_zip_entry *e = &zip->entries[idx];
     char shown[128];
     if (e->method != CK_ZIP_METHOD_STORED)
         return CK_OK;
     if (e->crc32 == 0 && e->size > 0 && !strict)
         return CK_OK;
-    uint32_t crc = ck_crc32(0, zip->buf + e->data_offset, (size_t)e->size);
+    uint32_t crc = ck_crc32(0, data, (size_t)e->size);
     if (crc != e->crc32)
         return ck_fail(err, CK_E_CRC, "record '%s' fails its CRC-32 check (%08x, expected %08x)",
                        show(shown, e->name, e->name_len), crc, e->crc32);
+    return CK_OK;
+}
+
+ck_status ck_zip_read_stored(const ck_zip *zip, size_t idx, uint8_t **out, size_t *out_len,
+                             ck_error *err) {
+    const ck_zip_entry *e = &zip->entries[idx];
+    char shown[128];
+    *out = NULL;
+    *out_len = 0;
+    if (e->method != CK_ZIP_METHOD_STORED)
+        return ck_fail(err, CK_E_UNSUPPORTED, "record '%s' is compressed",
+                       show(shown, e->name, e->name_len));
+    if (e->size == 0)
+        return CK_OK;
+    uint8_t *buf = NULL;
+    if (posix_memalign((void **)&buf, 64, (size_t)e->size) != 0)
+        return ck_fail(err, CK_E_NOMEM, "cannot allocate %llu bytes for record '%s'",
+                       (unsigned long long)e->size, show(shown, e->name, e->name_len));
+    zsrc z = {zip->buf, zip->len, zip->fd};
+    const uint8_t *data;
+    ck_status rc = zread(&z, e->data_offset, (size_t)e->size, buf, &data, err);
+    if (rc != CK_OK) {
+        free(buf);
+        return rc;
+    }
+    if (data != buf)
+        memcpy(buf, data, (size_t)e->size);
+    *out = buf;
+    *out_len = (size_t)e->size;
     return CK_OK;
 }
 

@@ -25,6 +25,13 @@
  *
  * Nothing is copied: names point into the buffer, which must outlive the
  * ck_zip. All arithmetic on sizes read from the buffer is overflow-checked.
+ *
+ * ck_zip_open_file validates the same way, but when the buffer is a mapping
+ * of a file it reads the end records, the central directory (copied; names
+ * then point into the copy) and every local header with pread on the file
+ * instead of touching the mapping: a few hundred small reads, issued to the
+ * disk together, where faulting the mapping on a cold page cache makes the
+ * kernel read megabytes around each header.
  */
 #ifndef CKPTIO_CORE_ZIPREAD_H
 #define CKPTIO_CORE_ZIPREAD_H
@@ -58,6 +65,9 @@ typedef struct ck_zip {
     uint64_t cd_offset;
     uint64_t cd_size;
     int zip64; /* 1 when a zip64 end record was used */
+    int fd;    /* the file buf maps, read with pread (ck_zip_open_file), or -1 */
+    /* private: the central directory, read from fd (entry names point in) */
+    uint8_t *cd_copy_;
     /* private: the entry indices sorted by name relative to the prefix
      * (binary search; see build_index) */
     uint32_t *index_;
@@ -72,6 +82,12 @@ typedef struct ck_zip {
  * "central directory entry 3 (name 'x/data/2'): data [100, 900) extends
  * past the central directory at 800". */
 ck_status ck_zip_open(ck_zip *zip, const uint8_t *buf, size_t len, ck_error *err);
+
+/* ck_zip_open for a buffer that maps the file open at fd (len = its size):
+ * the structures are read with pread on fd, never through buf (see above);
+ * fd stays the caller's and must stay open while the ck_zip is used by
+ * ck_zip_read_stored. fd < 0 is ck_zip_open. */
+ck_status ck_zip_open_file(ck_zip *zip, const uint8_t *buf, size_t len, int fd, ck_error *err);
 
 /* Frees what ck_zip_open allocated and zeroes *zip. */
 void ck_zip_close(ck_zip *zip);
@@ -97,5 +113,16 @@ ck_status ck_zip_extract(const ck_zip *zip, size_t idx, uint64_t max_size, uint8
  * as "not computed" (torch >= 2.6 can write files so) and passes unless
  * strict is set. Compressed entries are checked by ck_zip_extract. */
 ck_status ck_zip_check_crc(const ck_zip *zip, size_t idx, int strict, ck_error *err);
+
+/* The same check on a copy of the entry's data (entries[idx].size bytes). */
+ck_status ck_zip_check_crc_of(const ck_zip *zip, size_t idx, const uint8_t *data, int strict,
+                              ck_error *err);
+
+/* A copy of stored entry idx's data in a newly allocated 64-byte aligned
+ * buffer (free with free()): read with pread when the zip was opened on a
+ * file, else copied from the buffer. No CRC check. For size 0, *out is
+ * NULL. CK_E_UNSUPPORTED for a compressed entry. */
+ck_status ck_zip_read_stored(const ck_zip *zip, size_t idx, uint8_t **out, size_t *out_len,
+                             ck_error *err);
 
 #endif

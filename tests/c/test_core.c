@@ -7,11 +7,13 @@
  * zipread.h is reached by exactly the fault it names.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -229,12 +231,63 @@ static void zfree(zbuf *z) {
     memset(z, 0, sizeof *z);
 }
 
+/* A file descriptor on a file holding bytes buf[0 .. len) (a memfd), or -1. */
+static int file_of(const uint8_t *buf, size_t len) {
+    int fd = memfd_create("zip", MFD_CLOEXEC);
+    if (fd >= 0 && len > 0 && write(fd, buf, len) != (ssize_t)len) {
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0)
+        perror("memfd");
+    return fd;
+}
+
+/* ck_zip_open on buf, and ck_zip_open_file on a file holding the same
+ * bytes: the two readers must agree on the status, the message and every
+ * record. Leaves the buffer reader's result in *zip and err. */
+static ck_status open_both(ck_zip *zip, const uint8_t *buf, size_t len, ck_error *err) {
+    ck_status rc = ck_zip_open(zip, buf, len, err);
+    int fd = file_of(buf, len);
+    if (fd < 0) {
+        n_fail++;
+        return rc;
+    }
+    ck_zip fz;
+    ck_error ferr;
+    ck_error_clear(&ferr);
+    ck_status frc = ck_zip_open_file(&fz, buf, len, fd, &ferr);
+    int same = frc == rc && (rc == CK_OK || strcmp(ferr.msg, err->msg) == 0);
+    if (same && rc == CK_OK) {
+        same = fz.n_entries == zip->n_entries && fz.prefix_len == zip->prefix_len &&
+               fz.zip64 == zip->zip64 && fz.cd_offset == zip->cd_offset;
+        for (size_t i = 0; same && i < fz.n_entries; i++) {
+            const ck_zip_entry *a = &zip->entries[i], *b = &fz.entries[i];
+            same = a->name_len == b->name_len && memcmp(a->name, b->name, a->name_len) == 0 &&
+                   a->data_offset == b->data_offset && a->size == b->size &&
+                   a->comp_size == b->comp_size && a->crc32 == b->crc32 && a->method == b->method;
+            /* names point into the central directory's copy, not the buffer */
+            same = same && (b->name < (const char *)buf || b->name >= (const char *)buf + len);
+        }
+    }
+    if (same) {
+        n_pass++;
+    } else {
+        n_fail++;
+        fprintf(stderr, "open_both: buffer reader gave %s (%s), pread reader %s (%s)\n",
+                ck_status_name(rc), err->msg, ck_status_name(frc), ferr.msg);
+    }
+    ck_zip_close(&fz);
+    close(fd);
+    return rc;
+}
+
 /* Opens z and expects status want; the message must hold needle (if not NULL). */
 static ck_status open_expect(const zbuf *z, ck_status want, const char *needle, int line) {
     ck_zip zip;
     ck_error err;
     ck_error_clear(&err);
-    ck_status rc = ck_zip_open(&zip, z->buf, z->len, &err);
+    ck_status rc = open_both(&zip, z->buf, z->len, &err);
     if (rc != want) {
         n_fail++;
         fprintf(stderr, "test_core.c:%d: ck_zip_open gave %s (%s), expected %s\n", line,
@@ -332,6 +385,15 @@ static void test_region(void) {
     CHECK_ST(ck_region_map_file(path, &r, &err), CK_OK, &err);
     CHECK(r.kind == CK_REGION_MMAP && r.len == sizeof data);
     CHECK(r.data != NULL && memcmp(r.data, data, sizeof data) == 0);
+    /* the mapped file stays open for pread until closed */
+    uint8_t head[16];
+    CHECK(r.has_fd && pread(r.fd, head, sizeof head, 0) == (ssize_t)sizeof head);
+    CHECK(memcmp(head, data, sizeof head) == 0);
+    int mapped_fd = r.fd;
+    ck_region_close_fd(&r);
+    CHECK(!r.has_fd && fcntl(mapped_fd, F_GETFD) == -1 && errno == EBADF);
+    ck_region_close_fd(&r);                        /* twice is safe */
+    CHECK(r.data != NULL && r.data[5] == data[5]); /* the mapping outlives the fd */
     /* the mapping is private: a write changes the copy, never the file */
     r.data[0] ^= 0xFF;
     ck_region_release(&r);
@@ -442,7 +504,7 @@ static void check_standard(const zbuf *z, int z64) {
     ck_zip zip;
     ck_error err;
     ck_error_clear(&err);
-    CHECK_ST(ck_zip_open(&zip, z->buf, z->len, &err), CK_OK, &err);
+    CHECK_ST(open_both(&zip, z->buf, z->len, &err), CK_OK, &err);
     if (zip.entries == NULL)
         return;
     CHECK(zip.n_entries == 3);
@@ -965,7 +1027,7 @@ static void test_zip_mutations(void) {
     for (size_t len = 0; len < z.len; len++) {
         uint8_t *copy = malloc(len ? len : 1);
         memcpy(copy, z.buf, len);
-        if (ck_zip_open(&zip, copy, len, &err) == CK_OK)
+        if (open_both(&zip, copy, len, &err) == CK_OK)
             cut_refused = 0;
         ck_zip_close(&zip);
         free(copy);
@@ -978,7 +1040,7 @@ static void test_zip_mutations(void) {
             memcpy(copy, z.buf, z.len);
             copy[pos] = v == 0 ? 0 : v == 1 ? 0xFF : (uint8_t)(copy[pos] + 1);
             ck_error_clear(&err);
-            ck_status rc = ck_zip_open(&zip, copy, z.len, &err);
+            ck_status rc = open_both(&zip, copy, z.len, &err);
             if (rc == CK_OK)
                 ok++;
             else if (err.msg[0] != 0 && err.status == rc)
@@ -1039,6 +1101,57 @@ static void test_memcopy(void) {
     free(dst);
 }
 
+/* The pread reader: copies of stored records, CRC of a copy, and a file that
+ * no longer holds the bytes it held when it was mapped. */
+static void test_zip_pread(void) {
+    zbuf z;
+    ck_zip zip;
+    ck_error err;
+    uint8_t *out;
+    size_t out_len;
+    standard(&z, Z64_EXTRA, 0);
+    int fd = file_of(z.buf, z.len);
+    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, &err), CK_OK, &err);
+    CHECK(zip.fd == fd);
+    CHECK_ST(ck_zip_read_stored(&zip, 1, &out, &out_len, &err), CK_OK, &err);
+    CHECK(out != NULL && out_len == sizeof tensor_bytes && ((uintptr_t)out & 63) == 0);
+    CHECK(out != NULL && memcmp(out, tensor_bytes, sizeof tensor_bytes) == 0);
+    CHECK_ST(ck_zip_check_crc_of(&zip, 1, out, 1, &err), CK_OK, &err);
+    out[3] ^= 1;
+    CHECK_ST(ck_zip_check_crc_of(&zip, 1, out, 1, &err), CK_E_CRC, &err);
+    CHECK(strstr(err.msg, "arch/data/0") != NULL);
+    free(out);
+    /* the file shrank after the open: a clear error, not stale bytes */
+    CHECK(ftruncate(fd, (off_t)(zip.entries[1].data_offset + 10)) == 0);
+    CHECK_ST(ck_zip_read_stored(&zip, 1, &out, &out_len, &err), CK_E_TRUNCATED, &err);
+    CHECK(out == NULL && strstr(err.msg, "changed while read") != NULL);
+    ck_zip_close(&zip);
+    /* ... or before it: the end records are gone */
+    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, &err), CK_E_TRUNCATED, &err);
+    CHECK(zip.entries == NULL);
+    ck_zip_close(&zip);
+    close(fd);
+    /* without a file, copies come from the buffer */
+    CHECK_ST(ck_zip_open(&zip, z.buf, z.len, &err), CK_OK, &err);
+    CHECK(zip.fd == -1);
+    CHECK_ST(ck_zip_read_stored(&zip, 1, &out, &out_len, &err), CK_OK, &err);
+    CHECK(out != NULL && memcmp(out, tensor_bytes, sizeof tensor_bytes) == 0);
+    free(out);
+    ck_zip_close(&zip);
+    zfree(&z);
+    /* compressed records are not for read_stored */
+    standard(&z, Z64_NONE, 1);
+    fd = file_of(z.buf, z.len);
+    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_read_stored(&zip, 1, &out, &out_len, &err), CK_E_UNSUPPORTED, &err);
+    CHECK_ST(ck_zip_extract(&zip, 1, UINT64_MAX, &out, &out_len, &err), CK_OK, &err);
+    CHECK(out != NULL && memcmp(out, tensor_bytes, sizeof tensor_bytes) == 0);
+    free(out);
+    ck_zip_close(&zip);
+    close(fd);
+    zfree(&z);
+}
+
 int main(void) {
     if (mkdtemp(tmpdir) == NULL) {
         perror("mkdtemp");
@@ -1060,6 +1173,7 @@ int main(void) {
     test_zip_extract();
     test_zip_mutations();
     test_memcopy();
+    test_zip_pread();
     rmdir(tmpdir);
     printf("test_core: %d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
