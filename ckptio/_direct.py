@@ -100,15 +100,19 @@ def _plain(t, torch):
     )
 
 
-def _walk(module, unwrap, prefix=""):
-    """(prefix, module) in the order the surfaces' load_state_dict visits,
-    unwrapping once per level as they do."""
+def _walk(module, unwrap, torch, prefix="", parents_plain=True):
+    """(prefix, module, plain) in the order the surfaces' load_state_dict
+    visits, unwrapping once per level as they do; plain when the module and
+    every module above it load with torch's own _load_from_state_dict and no
+    pre-hooks (a parent's may rename, drop or change its children's entries
+    before they are copied)."""
     if unwrap(module):
         module = module.module
-    yield prefix, module
+    plain = parents_plain and _torch_own_loader(module, torch)
+    yield prefix, module, plain
     for name, child in module._modules.items():
         if child is not None:
-            yield from _walk(child, unwrap, prefix + name + ".")
+            yield from _walk(child, unwrap, torch, prefix + name + ".", plain)
 
 
 def _torch_own_loader(module, torch):
@@ -139,12 +143,12 @@ def _plan(model, state_dict, unwrap, span, torch):
     metadata = getattr(state_dict, "_metadata", None) or {}
     candidates = []
     targets = {}  # storage address -> how many keys write into it
-    for prefix, module in _walk(model, unwrap):
+    for prefix, module, plain in _walk(model, unwrap, torch):
         persistent = [
             (n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set
         ]
         entries = list(module._parameters.items()) + persistent
-        eligible = _torch_own_loader(module, torch) and not (
+        eligible = plain and not (
             metadata.get(prefix[:-1], {}) or {}
         ).get("assign_to_params_buffers", False)
         for name, param in entries:
