@@ -8,7 +8,7 @@ import io
 import os
 import warnings
 
-from . import _native
+from . import _direct, _native
 from ._allow import allow_bits as _allow_bits
 from ._config import ensure_configured
 from .allowlist import user_allowed_globals
@@ -102,7 +102,9 @@ def _source(f, mmap):
     if isinstance(f, (str, os.PathLike)):
         path = os.fspath(f)
         name = os.fsdecode(path)
-        mapping = _native.map_file(path) if mmap is not False else _native.read_file(path)
+        before = _direct.stat_for_capture(path)
+        mapping = _native.map_file(path) if mmap is not False else _native.pread_file(path)
+        _direct.noted(path, before, mapping)
         return mapping, name, path
     if mmap:
         raise ValueError("f must be a file path in order to use the mmap argument")

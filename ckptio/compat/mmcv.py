@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .. import _native, patching
+from .. import _direct, _native, patching
 from .mmcv_save import _save_to_state_dict, get_state_dict, save_checkpoint, weights_to_cpu
 from .base import get_dist_info, is_module_wrapper, mkdir_or_exist, print_log, version_before
 from .._allow import OPENMMLAB
@@ -562,11 +562,13 @@ def load_checkpoint(
     key in turn; the default strips DataParallel's 'module.' prefix.
     RuntimeError when the checkpoint is not a dict; strict as
     load_state_dict."""
-    checkpoint = _load_checkpoint(filename, map_location, logger)
+    with _direct.capture() as seen:  # the file ckptio.load maps, to read from directly
+        checkpoint = _load_checkpoint(filename, map_location, logger)
     if not isinstance(checkpoint, dict):
         raise RuntimeError(f"No state_dict found in checkpoint file {filename}")
     state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
     state_dict = _revise(state_dict, revise_keys)
+    state_dict = _direct.prepare(model, state_dict, seen, is_module_wrapper)
     load_state_dict(model, state_dict, strict, logger)
     return checkpoint
 

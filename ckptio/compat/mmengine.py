@@ -52,7 +52,7 @@ from mmengine.runner.checkpoint import (
 )
 
 from . import mmcv as _mmcv_surface
-from .. import patching
+from .. import _direct, patching
 from .mmengine_save import save_checkpoint
 from .._allow import OPENMMLAB
 from ..hub import load_url  # torch.hub's 7 positional parameters; a module global, as tests patch it
@@ -277,6 +277,7 @@ def _load_checkpoint_to_model(
     """Loads a checkpoint already in memory into model (revise_keys in C)."""
     state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
     state_dict = _revise(state_dict, revise_keys)
+    state_dict = _direct.prepare(model, state_dict, _direct.pending(), _unwrap)
     load_state_dict(model, state_dict, strict, logger)
     return checkpoint
 
@@ -285,10 +286,17 @@ def load_checkpoint(
     model, filename, map_location=None, strict=False, logger=None, revise_keys=[(r"^module\.", "")]
 ):
     """Loads the checkpoint at filename into model and returns it."""
-    checkpoint = _load_checkpoint(filename, map_location, logger)
+    with _direct.capture() as seen:  # the file ckptio.load maps, to read from directly
+        checkpoint = _load_checkpoint(filename, map_location, logger)
     if not isinstance(checkpoint, dict):
         raise RuntimeError(f"No state_dict found in checkpoint file {filename}")
-    return _load_checkpoint_to_model(model, checkpoint, strict, logger, revise_keys)
+    with _direct.reading(seen):
+        return _load_checkpoint_to_model(model, checkpoint, strict, logger, revise_keys)
+
+
+def _unwrap(module):
+    """What load_state_dict unwraps (.module) at each level."""
+    return is_model_wrapper(module) or isinstance(module, BaseTTAModel)
 
 
 def find_latest_checkpoint(path: str) -> Optional[str]:

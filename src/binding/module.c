@@ -9,6 +9,7 @@
 #include "errors.h"
 #include "hostcopy.h"
 #include "keys.h"
+#include "readinto.h"
 #include "libs.h"
 #include "http.h"
 #include "load.h"
@@ -276,6 +277,7 @@ static PyMethodDef *const method_groups[] = {
     ck_verify_methods,
     ck_libs_methods,
     ck_dcp_methods,
+    ck_readinto_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 /* clang-format on */

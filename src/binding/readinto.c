@@ -1,0 +1,279 @@
+#include "readinto.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "errors.h"
+#include "mapping.h"
+
+/* One pread() asks for at most this much (Linux caps a call at 0x7ffff000). */
+#define CK_PREAD_MAX ((size_t)1 << 30)
+/* Below this many bytes in all, a second thread costs more than it gives. */
+#define CK_TWO_THREADS_MIN ((uint64_t)64 << 20)
+
+typedef struct piece {
+    uint64_t off; /* in the file */
+    uint8_t *dst;
+    size_t len;
+} piece;
+
+typedef struct reader {
+    int fd;
+    const piece *pieces;
+    size_t n;
+    size_t first_len; /* bytes of pieces[0] this reader skips (it starts part way in) */
+    size_t last_len;  /* bytes of pieces[n-1] it reads (0: the whole piece) */
+    int err;          /* errno, or -1: the file ended early */
+} reader;
+
+/* Reads len bytes at off into dst, retrying short reads and EINTR. */
+static int pread_all(int fd, uint8_t *dst, size_t len, uint64_t off) {
+    while (len > 0) {
+        size_t ask = len < CK_PREAD_MAX ? len : CK_PREAD_MAX;
+        ssize_t n = pread(fd, dst, ask, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno != 0 ? errno : EIO;
+        }
+        if (n == 0)
+            return -1;
+        dst += n;
+        off += (uint64_t)n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void *reader_run(void *arg) {
+    reader *r = arg;
+    for (size_t i = 0; i < r->n && r->err == 0; i++) {
+        piece p = r->pieces[i];
+        if (i == 0) {
+            p.off += r->first_len;
+            p.dst += r->first_len;
+            p.len -= r->first_len;
+        }
+        if (i == r->n - 1 && r->last_len != 0)
+            p.len = r->last_len - (i == 0 ? r->first_len : 0);
+        r->err = pread_all(r->fd, p.dst, p.len, p.off);
+    }
+    return NULL;
+}
+
+/* Reads every piece, on two threads when there is enough to read: the
+ * pieces (in file order) are cut in two runs of about equal bytes, each read
+ * in order by one thread. Returns 0, an errno, or -1 (the file ended). */
+static int read_pieces(int fd, const piece *pieces, size_t n, int threads) {
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += pieces[i].len;
+    reader a = {fd, pieces, n, 0, 0, 0};
+    if (threads < 2 || total < CK_TWO_THREADS_MIN || n == 0) {
+        reader_run(&a);
+        return a.err;
+    }
+    /* cut at total/2: pieces[k] is split at byte `at` */
+    uint64_t half = total / 2, seen = 0;
+    size_t k = 0;
+    while (k < n && seen + pieces[k].len <= half)
+        seen += pieces[k++].len;
+    size_t at = (size_t)(half - seen);
+    reader b;
+    if (k == n) { /* cannot happen with total > 0; read on one thread */
+        reader_run(&a);
+        return a.err;
+    }
+    a.n = at == 0 ? k : k + 1;
+    a.last_len = at; /* 0 when the cut falls on a boundary: pieces[k-1] whole */
+    b = (reader){fd, pieces + k, n - k, at, 0, 0};
+    if (a.n == 0) {
+        reader_run(&b);
+        return b.err;
+    }
+    pthread_t tid;
+    if (pthread_create(&tid, NULL, reader_run, &b) != 0) {
+        reader_run(&a);
+        if (a.err == 0)
+            reader_run(&b);
+        return a.err != 0 ? a.err : b.err;
+    }
+    reader_run(&a);
+    pthread_join(tid, NULL);
+    return a.err != 0 ? a.err : b.err;
+}
+
+static PyObject *raise_read(int err, const char *what) {
+    if (err == -1) {
+        PyErr_Format(PyExc_EOFError, "%s: the file ended before the bytes asked for", what);
+        return NULL;
+    }
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* pread_into(fd, jobs, threads=2): jobs is a sequence of (offset, buffer):
+ * each writable C-contiguous buffer is filled from the file's bytes at
+ * offset, which must lie inside the file. */
+static PyObject *py_pread_into(PyObject *module, PyObject *args, PyObject *kwargs) {
+    (void)module;
+    static char *kwlist[] = {"fd", "jobs", "threads", NULL};
+    int fd, threads = 2;
+    PyObject *jobs_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|i:pread_into", kwlist, &fd, &jobs_obj,
+                                     &threads))
+        return NULL;
+    PyObject *jobs = PySequence_Fast(jobs_obj, "pread_into: jobs must be a sequence");
+    if (jobs == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(jobs);
+    Py_buffer *views = PyMem_Calloc((size_t)n + 1, sizeof *views);
+    piece *pieces = PyMem_Calloc((size_t)n + 1, sizeof *pieces);
+    Py_ssize_t held = 0;
+    PyObject *result = NULL;
+    if (views == NULL || pieces == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *job = PySequence_Fast_GET_ITEM(jobs, i);
+        unsigned long long off;
+        PyObject *buf;
+        if (!PyTuple_Check(job) || !PyArg_ParseTuple(job, "KO:pread_into job", &off, &buf)) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "pread_into: each job is (offset, buffer)");
+            goto done;
+        }
+        if (PyObject_GetBuffer(buf, &views[i], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        held = i + 1;
+        uint64_t len = (uint64_t)views[i].len;
+        if (off > (uint64_t)st.st_size || len > (uint64_t)st.st_size - off) {
+            PyErr_Format(PyExc_ValueError,
+                         "pread_into: bytes %llu..%llu lie outside the file (%lld bytes)", off,
+                         (unsigned long long)(off + len), (long long)st.st_size);
+            goto done;
+        }
+        pieces[i] = (piece){off, views[i].buf, (size_t)len};
+    }
+    int err;
+    Py_BEGIN_ALLOW_THREADS err = read_pieces(fd, pieces, (size_t)n, threads);
+    Py_END_ALLOW_THREADS if (err != 0) {
+        raise_read(err, "pread_into");
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(pieces);
+    Py_DECREF(jobs);
+    return result;
+}
+
+/* pread_file(path, threads=2) -> Mapping: the whole regular file read into
+ * one 64-byte aligned heap buffer (transparent huge pages asked for, so the
+ * fresh memory takes few faults) with large preads on up to two threads.
+ * Anything but a regular file, and every open or fstat error, is left to
+ * read_file, whose errors are the loader's. */
+static PyObject *py_pread_file(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"path", "threads", NULL};
+    PyObject *path;
+    int threads = 2;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|i:pread_file", kwlist, &path, &threads))
+        return NULL;
+    ck_state *st = ck_get_state(module);
+    PyObject *bytes_path = NULL;
+    if (!PyUnicode_FSConverter(path, &bytes_path))
+        return NULL;
+    int fd;
+    struct stat sb;
+    Py_BEGIN_ALLOW_THREADS fd = open(PyBytes_AS_STRING(bytes_path), O_RDONLY | O_CLOEXEC);
+    Py_END_ALLOW_THREADS Py_DECREF(bytes_path);
+    if (fd < 0 || fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size == 0) {
+        if (fd >= 0)
+            close(fd);
+        return ck_py_read_file(module, path);
+    }
+    ck_region region = {0};
+    ck_error cerr;
+    ck_error_clear(&cerr);
+    if (ck_region_alloc((size_t)sb.st_size, &region, &cerr) != CK_OK) {
+        close(fd);
+        return ck_raise_core(st, path, &cerr);
+    }
+    int err;
+    char extra;
+    ssize_t more = 0;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef MADV_HUGEPAGE
+    {
+        /* the page-aligned interior of the buffer: huge pages where THP allows */
+        uintptr_t lo = ((uintptr_t)region.data + 4095) & ~(uintptr_t)4095;
+        uintptr_t hi = ((uintptr_t)region.data + region.len) & ~(uintptr_t)4095;
+        if (hi > lo + ((uintptr_t)2 << 20))
+            (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+    }
+#endif
+    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    piece whole = {0, region.data, region.len};
+    err = read_pieces(fd, &whole, 1, threads);
+    if (err == 0) {
+        do {
+            more = pread(fd, &extra, 1, (off_t)region.len);
+        } while (more < 0 && errno == EINTR);
+    }
+    Py_END_ALLOW_THREADS close(fd);
+    if (err != 0 || more > 0) {
+        if (err > 0)
+            ck_fail_errno(&cerr, err, "cannot read the file");
+        else if (err == -1)
+            ck_fail(&cerr, CK_E_IO, "the file shrank while it was read");
+        else
+            ck_fail(&cerr, CK_E_IO, "the file grew while it was read");
+        ck_region_release(&region);
+        return ck_raise_core(st, path, &cerr);
+    }
+    return ck_mapping_new(st, &region);
+}
+
+/* mapping_span(mapping) -> (address, size, kind): where a Mapping's bytes
+ * lie in this process, to tell whether a loaded tensor is a view of them
+ * and at which offset of the file. */
+static PyObject *py_mapping_span(PyObject *module, PyObject *obj) {
+    ck_state *st = ck_get_state(module);
+    if (!ck_mapping_check(st, obj)) {
+        PyErr_SetString(PyExc_TypeError, "mapping_span: expected a ckptio._native.Mapping");
+        return NULL;
+    }
+    ck_mapping *m = (ck_mapping *)obj;
+    const char *kind = m->region.kind == CK_REGION_MMAP   ? "mmap"
+                       : m->region.kind == CK_REGION_HEAP ? "heap"
+                                                          : "empty";
+    return Py_BuildValue("(Kns)", (unsigned long long)(uintptr_t)m->region.data,
+                         (Py_ssize_t)m->region.len, kind);
+}
+
+PyMethodDef ck_readinto_methods[] = {
+    {"pread_into", (PyCFunction)(void (*)(void))py_pread_into, METH_VARARGS | METH_KEYWORDS,
+     "pread_into(fd, jobs, threads=2): each (offset, writable buffer) in jobs filled from the "
+     "file's bytes at offset, with large preads, the GIL released."},
+    {"pread_file", (PyCFunction)(void (*)(void))py_pread_file, METH_VARARGS | METH_KEYWORDS,
+     "pread_file(path, threads=2) -> Mapping: the file read into one heap buffer with large "
+     "preads (huge pages where the kernel allows), the GIL released."},
+    {"mapping_span", py_mapping_span, METH_O,
+     "mapping_span(mapping) -> (address, size, kind) of a Mapping's bytes."},
+    {NULL, NULL, 0, NULL},
+};
