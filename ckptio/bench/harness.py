@@ -474,6 +474,7 @@ SECTIONS = {
     "http": ".http",
     "dcp": ".dcp",
     "async": ".asyncsave",
+    "cold": ".cold",
 }
 
 
