@@ -22,7 +22,7 @@ CFLAGS_COMMON := $(shell sed 's/\#.*//' src/cflags.txt) $(WERROR)
 CFLAGS_C := $(CFLAGS_COMMON) -g -Isrc
 BUILD := tests/c/build
 
-.PHONY: demo test bench build wheel apt apt-build ctest fuzz fuzz-run fuzz-replay asan format clean
+.PHONY: demo test bench build wheel apt apt-build ctest fuzz fuzz-run fuzz-replay asan format lint clean
 
 demo: build
 	$(PY) -m ckptio bench
@@ -168,8 +168,20 @@ asan: $(DEPS_STAMP)
 	$(ASAN_ENV) $(PY) -P -c 'import ckptio._native as n, sys; assert "build/asan" in n.__file__, n.__file__'
 	$(ASAN_ENV) $(PY) -P -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
+# the C files the style covers (.clang-format)
+C_FILES = $(wildcard src/*/*.c src/*/*.h tests/c/*.c tests/fuzz/*.c tests/fuzz/*.h)
+
 format:
-	clang-format -i src/*/*.c src/*/*.h tests/c/*.c
+	clang-format -i $(C_FILES)
+
+# what CI checks before building: the C is formatted as `make format` writes
+# it, and the plain-C core includes neither Python's nor the binding's headers
+# (it is compiled without them in ctest and the fuzzers; this says so by name)
+lint: | apt
+	clang-format --dry-run -Werror $(C_FILES)
+	@if grep -rnE '^[[:space:]]*#[[:space:]]*include[[:space:]]*[<"](Python\.h|numpy/|\.\./binding/)' src/core; then \
+	  echo "src/core must not include Python.h, numpy or binding headers" >&2; exit 1; fi
+	@echo "lint: $(words $(C_FILES)) C files formatted; src/core includes no Python"
 
 clean:
 	rm -rf build $(BUILD) ckptio/*.so

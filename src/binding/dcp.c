@@ -149,8 +149,10 @@ static PyObject *atomic_file_write(atomic_file *self, PyObject *data) {
     ck_error err;
     ck_error_clear(&err);
     ck_status status;
-    Py_BEGIN_ALLOW_THREADS status = ck_zipw_fd_sink(&self->sink, &iov, 1, &err);
-    Py_END_ALLOW_THREADS Py_ssize_t n = buf.len;
+    Py_BEGIN_ALLOW_THREADS
+        status = ck_zipw_fd_sink(&self->sink, &iov, 1, &err);
+    Py_END_ALLOW_THREADS
+    Py_ssize_t n = buf.len;
     PyBuffer_Release(&buf);
     if (status != CK_OK)
         return ck_raise_core(file_state(self), self->path, &err);
@@ -187,9 +189,11 @@ static PyObject *atomic_file_commit(atomic_file *self, PyObject *args, PyObject 
     ck_error err;
     ck_error_clear(&err);
     ck_status status;
-    Py_BEGIN_ALLOW_THREADS status = ck_atomic_commit(&self->at, do_fsync, &err);
-    Py_END_ALLOW_THREADS if (status != CK_OK) return ck_raise_core(file_state(self), self->path,
-                                                                   &err);
+    Py_BEGIN_ALLOW_THREADS
+        status = ck_atomic_commit(&self->at, do_fsync, &err);
+    Py_END_ALLOW_THREADS
+    if (status != CK_OK)
+        return ck_raise_core(file_state(self), self->path, &err);
     Py_RETURN_NONE;
 }
 
@@ -318,8 +322,10 @@ static PyObject *py_atomic_file(PyObject *module, PyObject *args, PyObject *kwar
     ck_error_clear(&err);
     ck_status status;
     const char *target = PyBytes_AS_STRING(encoded);
-    Py_BEGIN_ALLOW_THREADS status = ck_atomic_open(&self->at, target, 0, &err);
-    Py_END_ALLOW_THREADS Py_DECREF(encoded);
+    Py_BEGIN_ALLOW_THREADS
+        status = ck_atomic_open(&self->at, target, 0, &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(encoded);
     if (status != CK_OK) {
         ck_raise_core(st, path, &err);
         Py_DECREF(self);

@@ -98,11 +98,10 @@ static PyObject *result_dict(const ck_http_result *res) {
 
 static PyObject *py_download(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {
-        "url",     "dst",        "hash_prefix",     "progress",       "retries",
-        "backoff", "timeout",    "low_speed_limit", "low_speed_time", "keep_partial",
-        "fsync",   "user_agent", "if_missing",      "sha256",         "note",
-        "lock_timeout",
-        NULL};
+        "url",          "dst",        "hash_prefix",     "progress",       "retries",
+        "backoff",      "timeout",    "low_speed_limit", "low_speed_time", "keep_partial",
+        "fsync",        "user_agent", "if_missing",      "sha256",         "note",
+        "lock_timeout", NULL};
     ck_state *st = ck_get_state(module);
     const char *url;
     PyObject *dst_bytes = NULL; /* owned, from PyUnicode_FSConverter */

@@ -22,13 +22,15 @@ static PyObject *py_sha256(PyObject *module, PyObject *args, PyObject *kwargs) {
         return NULL;
     unsigned char md[32];
     int rc = -1;
-    Py_BEGIN_ALLOW_THREADS ck_sha256 *c = ck_sha256_new(builtin);
-    if (c != NULL) {
-        ck_sha256_update(c, buf.buf, (size_t)buf.len);
-        rc = ck_sha256_final(c, md);
-        ck_sha256_free(c);
-    }
-    Py_END_ALLOW_THREADS PyBuffer_Release(&buf);
+    Py_BEGIN_ALLOW_THREADS
+        ck_sha256 *c = ck_sha256_new(builtin);
+        if (c != NULL) {
+            ck_sha256_update(c, buf.buf, (size_t)buf.len);
+            rc = ck_sha256_final(c, md);
+            ck_sha256_free(c);
+        }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
     if (rc != 0)
         return PyErr_NoMemory();
     return PyBytes_FromStringAndSize((const char *)md, 32);

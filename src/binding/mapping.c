@@ -124,8 +124,10 @@ static PyObject *open_region(PyObject *module, PyObject *path, region_opener ope
     ck_error err;
     ck_error_clear(&err);
     ck_status rc;
-    Py_BEGIN_ALLOW_THREADS rc = open_fn(PyBytes_AS_STRING(bytes_path), &region, &err);
-    Py_END_ALLOW_THREADS Py_DECREF(bytes_path);
+    Py_BEGIN_ALLOW_THREADS
+        rc = open_fn(PyBytes_AS_STRING(bytes_path), &region, &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bytes_path);
     if (rc != CK_OK) {
         ck_raise_core(st, name, &err);
         Py_DECREF(name);
@@ -156,7 +158,8 @@ PyObject *ck_py_copy_buffer(PyObject *module, PyObject *obj) {
         return ck_raise_core(st, NULL, &err);
     }
     if (view.len > 0) {
-        Py_BEGIN_ALLOW_THREADS memcpy(region.data, view.buf, (size_t)view.len);
+        Py_BEGIN_ALLOW_THREADS
+            memcpy(region.data, view.buf, (size_t)view.len);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&view);

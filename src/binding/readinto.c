@@ -168,8 +168,10 @@ static PyObject *py_pread_into(PyObject *module, PyObject *args, PyObject *kwarg
         pieces[i] = (piece){off, views[i].buf, (size_t)len};
     }
     int err;
-    Py_BEGIN_ALLOW_THREADS err = read_pieces(fd, pieces, (size_t)n, threads);
-    Py_END_ALLOW_THREADS if (err != 0) {
+    Py_BEGIN_ALLOW_THREADS
+        err = read_pieces(fd, pieces, (size_t)n, threads);
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
         raise_read(err, "pread_into");
         goto done;
     }
@@ -200,8 +202,10 @@ static PyObject *py_pread_file(PyObject *module, PyObject *args, PyObject *kwarg
         return NULL;
     int fd;
     struct stat sb;
-    Py_BEGIN_ALLOW_THREADS fd = open(PyBytes_AS_STRING(bytes_path), O_RDONLY | O_CLOEXEC);
-    Py_END_ALLOW_THREADS Py_DECREF(bytes_path);
+    Py_BEGIN_ALLOW_THREADS
+        fd = open(PyBytes_AS_STRING(bytes_path), O_RDONLY | O_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bytes_path);
     if (fd < 0 || fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size == 0) {
         if (fd >= 0)
             close(fd);
@@ -219,23 +223,24 @@ static PyObject *py_pread_file(PyObject *module, PyObject *args, PyObject *kwarg
     ssize_t more = 0;
     Py_BEGIN_ALLOW_THREADS
 #ifdef MADV_HUGEPAGE
-    {
-        /* the page-aligned interior of the buffer: huge pages where THP allows */
-        uintptr_t lo = ((uintptr_t)region.data + 4095) & ~(uintptr_t)4095;
-        uintptr_t hi = ((uintptr_t)region.data + region.len) & ~(uintptr_t)4095;
-        if (hi > lo + ((uintptr_t)2 << 20))
-            (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
-    }
+        {
+            /* the page-aligned interior of the buffer: huge pages where THP allows */
+            uintptr_t lo = ((uintptr_t)region.data + 4095) & ~(uintptr_t)4095;
+            uintptr_t hi = ((uintptr_t)region.data + region.len) & ~(uintptr_t)4095;
+            if (hi > lo + ((uintptr_t)2 << 20))
+                (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+        }
 #endif
-    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-    piece whole = {0, region.data, region.len};
-    err = read_pieces(fd, &whole, 1, threads);
-    if (err == 0) {
-        do {
-            more = pread(fd, &extra, 1, (off_t)region.len);
-        } while (more < 0 && errno == EINTR);
-    }
-    Py_END_ALLOW_THREADS close(fd);
+        (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+        piece whole = {0, region.data, region.len};
+        err = read_pieces(fd, &whole, 1, threads);
+        if (err == 0) {
+            do {
+                more = pread(fd, &extra, 1, (off_t)region.len);
+            } while (more < 0 && errno == EINTR);
+        }
+    Py_END_ALLOW_THREADS
+    close(fd);
     if (err != 0 || more > 0) {
         if (err > 0)
             ck_fail_errno(&cerr, err, "cannot read the file");

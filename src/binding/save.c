@@ -266,9 +266,11 @@ static ck_status open_target(ck_atomic *at, const char *path, int named_temp, ck
     ck_status status;
     for (;;) {
         ck_error_clear(err);
-        Py_BEGIN_ALLOW_THREADS status =
-            ck_atomic_open(at, path, named_temp ? CK_ATOMIC_NAMED_TEMP : 0, err);
-        Py_END_ALLOW_THREADS if (status != CK_E_INTERRUPTED) return status;
+        Py_BEGIN_ALLOW_THREADS
+            status = ck_atomic_open(at, path, named_temp ? CK_ATOMIC_NAMED_TEMP : 0, err);
+        Py_END_ALLOW_THREADS
+        if (status != CK_E_INTERRUPTED)
+            return status;
         if (PyErr_CheckSignals() < 0)
             return status;
     }
@@ -364,7 +366,8 @@ static PyObject *py_save(PyObject *module, PyObject *args, PyObject *kwargs) {
         xfsz_ignore();
         status = write_archive(&w, &io, &a, &pkl, state, ptrs, sizes, &err);
         if (status == CK_OK) {
-            Py_BEGIN_ALLOW_THREADS status = ck_atomic_commit(&at, a.fsync, &err);
+            Py_BEGIN_ALLOW_THREADS
+                status = ck_atomic_commit(&at, a.fsync, &err);
             Py_END_ALLOW_THREADS
         } else {
             ck_atomic_abort(&at);
@@ -408,8 +411,10 @@ static PyObject *py_crc32(PyObject *module, PyObject *args, PyObject *kwargs) {
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|I", kwlist, &buf, &value))
         return NULL;
     uint32_t crc;
-    Py_BEGIN_ALLOW_THREADS crc = ck_crc32(value, buf.buf, (size_t)buf.len);
-    Py_END_ALLOW_THREADS PyBuffer_Release(&buf);
+    Py_BEGIN_ALLOW_THREADS
+        crc = ck_crc32(value, buf.buf, (size_t)buf.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
     return PyLong_FromUnsignedLong(crc);
 }
 

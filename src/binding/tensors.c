@@ -440,9 +440,10 @@ static int place_bytes(ck_session *s, Py_ssize_t slot, ck_storage *e, int tensor
         ck_error err;
         ck_error_clear(&err);
         ck_status rc;
-        Py_BEGIN_ALLOW_THREADS rc =
-            ck_zip_extract(&s->zip, (size_t)e->zip_index, ze->size, &out, &out_len, &err);
-        Py_END_ALLOW_THREADS if (rc != CK_OK) {
+        Py_BEGIN_ALLOW_THREADS
+            rc = ck_zip_extract(&s->zip, (size_t)e->zip_index, ze->size, &out, &out_len, &err);
+        Py_END_ALLOW_THREADS
+        if (rc != CK_OK) {
             ck_raise_core(st, s->filename, &err);
             return -1;
         }

@@ -129,8 +129,10 @@ static int check_records(ck_session *s, report *r, uint64_t *budget, ptrdiff_t d
                 continue;
             }
             ck_status rc;
-            Py_BEGIN_ALLOW_THREADS rc = ck_zip_check_crc(zip, i, 1, &err);
-            Py_END_ALLOW_THREADS r->crc_checked++;
+            Py_BEGIN_ALLOW_THREADS
+                rc = ck_zip_check_crc(zip, i, 1, &err);
+            Py_END_ALLOW_THREADS
+            r->crc_checked++;
             if (rc != CK_OK &&
                 add_text(r, "crc", e->name, e->name_len, (long long)e->data_offset, err.msg) < 0)
                 return -1;
@@ -150,8 +152,10 @@ static int check_records(ck_session *s, report *r, uint64_t *budget, ptrdiff_t d
         uint8_t *out = NULL;
         size_t out_len = 0;
         ck_status rc;
-        Py_BEGIN_ALLOW_THREADS rc = ck_zip_extract(zip, i, e->size, &out, &out_len, &err);
-        Py_END_ALLOW_THREADS free(out);
+        Py_BEGIN_ALLOW_THREADS
+            rc = ck_zip_extract(zip, i, e->size, &out, &out_len, &err);
+        Py_END_ALLOW_THREADS
+        free(out);
         if (rc == CK_E_NOMEM) {
             PyErr_NoMemory();
             return -1;
@@ -270,9 +274,10 @@ static int verify_zip(ck_session *s, report *r) {
         done = pkl;
     } else if (pe != NULL) {
         ck_status rc;
-        Py_BEGIN_ALLOW_THREADS rc =
-            ck_zip_extract(&s->zip, (size_t)pkl, pe->size, &owned, &pkl_len, &err);
-        Py_END_ALLOW_THREADS if (rc == CK_E_NOMEM) {
+        Py_BEGIN_ALLOW_THREADS
+            rc = ck_zip_extract(&s->zip, (size_t)pkl, pe->size, &owned, &pkl_len, &err);
+        Py_END_ALLOW_THREADS
+        if (rc == CK_E_NOMEM) {
             PyErr_NoMemory();
             return -1;
         }
