@@ -129,7 +129,7 @@ def _prepare(method, path, st_path):
     if method == "one memcpy of the bytes (limit)":
         size = os.path.getsize(path)
         src = np.ones(size, np.uint8)
-        dst = np.zeros(size, np.uint8)
+        dst = np.ones(size, np.uint8)  # touched: the limit is the copy, not page faults
         return lambda: np.copyto(dst, src)
     if method == "torch.load":
         return lambda: torch.load(path, weights_only=False, map_location="cpu")
@@ -246,18 +246,21 @@ def measure(big_path, runs, st_path=None, ranks=RANKS):
     rounds = max(1, min(runs, 3))
     result = {"file": big_path, "bytes": os.path.getsize(big_path), "rounds": rounds,
               "cold": {}, "ranks": {}, "warm": {}}
-    for method in COLD:
-        if method == "safetensors load_file" and st_path is None:
-            continue
-        sp = st_path if method == "safetensors load_file" else None
-        result["cold"][method] = _median_of(
-            [measure_once(method, big_path, sp) for _ in range(rounds)])
-    for n in ranks:
-        result["ranks"][n] = _median_of(
-            [measure_once(RANK_METHOD, big_path, None, n=n) for _ in range(rounds)])
-    for method in WARM:
-        result["warm"][method] = _median_of(
-            [measure_once(method, big_path, None, cold=False) for _ in range(rounds)])
+    # (table, key, method, safetensors path, ranks, cold); each round runs
+    # every measurement once, so that the storage's slow spells (a virtual
+    # disk's read speed here varies 4x from one minute to the next) fall on
+    # all of them alike
+    plan = [("cold", m, m, st_path if m == "safetensors load_file" else None, 1, True)
+            for m in COLD if m != "safetensors load_file" or st_path is not None]
+    plan += [("ranks", n, RANK_METHOD, None, n, True) for n in ranks]
+    plan += [("warm", m, m, None, 1, False) for m in WARM]
+    got = {}
+    for _ in range(rounds):
+        for table, key, method, sp, n, is_cold in plan:
+            got.setdefault((table, key), []).append(
+                measure_once(method, big_path, sp, n=n, cold=is_cold))
+    for table, key, *_ in plan:
+        result[table][key] = _median_of(got[(table, key)])
     return result
 
 
