@@ -391,6 +391,7 @@ static PyObject *py_scan_pickle(PyObject *module, PyObject *args, PyObject *kwar
     s.weights_only = 1;
     s.map_kind = CK_MAP_CPU;
     s.buf = view.buf;
+    s.fd = -1; /* bytes, not a mapped file */
     /* the bound of a load of the whole file, not of this pickle alone */
     s.len = (size_t)(file_size > view.len ? file_size : view.len);
     ck_budget_begin(&s);
