@@ -89,7 +89,7 @@ typedef struct ck_state {
     /* heap types */
     PyTypeObject *MappingType;
     PyTypeObject *StorageRefType;
-    PyTypeObject *RefTupleType; /* tuples holding StorageRefs (tensors.c) */
+    PyTypeObject *RefTupleType; /* tuples holding StorageRefs (storages.c) */
     /* result marker for TorchScript archives under weights_only=False */
     PyObject *torchscript_marker;
 
