@@ -114,37 +114,37 @@ typedef struct ck_dtype_info {
     X(UntypedStorage)                                                                              \
     X(OrderedDict)                                                                                 \
     X(Counter)                                                                                     \
-    X(storage_dtype) /* dict: storage type object -> dtype code */                                 \
+    X(storage_dtype)   /* dict: storage type object -> dtype code */                               \
     X(storage_by_name) /* dict: "FloatStorage" -> StorageType instance */                          \
-    X(dtype_code) /* dict: torch.dtype -> dtype code */                                            \
-    X(allowed) /* dict: "module.name" -> object (torch's default allowlist) */                     \
-    X(allowed_ids) /* set: id() of every allowed object */                                         \
+    X(dtype_code)      /* dict: torch.dtype -> dtype code */                                       \
+    X(allowed)         /* dict: "module.name" -> object (torch's default allowlist) */             \
+    X(allowed_ids)     /* set: id() of every allowed object */                                     \
     X(wo_name_mapping) /* torch._utils.NAME_MAPPING */                                             \
     X(wo_import_mapping)                                                                           \
     X(compat_name_mapping) /* _compat_pickle.NAME_MAPPING (fix_imports) */                         \
     X(compat_import_mapping)                                                                       \
     X(extension_registry) /* copyreg._inverted_registry */                                         \
-    X(builder_policy) /* dict: id(builder) -> how it allocates (budget.c) */                       \
+    X(builder_policy)     /* dict: id(builder) -> how it allocates (budget.c) */                   \
     /* http.c */                                                                                   \
     X(DownloadError)                                                                               \
     /* save_hooks.c: made at import */                                                             \
     X(SavePickler) /* the _pickle.Pickler subclass every save uses */                              \
     /* save_hooks.c: torch's objects, from configure */                                            \
     X(normalize_storage_type) /* torch.serialization.normalize_storage_type */                     \
-    X(location_tag) /* torch.serialization.location_tag */                                         \
-    X(torch_module) /* torch (storage classes by name) */                                          \
-    X(get_tensor_metadata) /* torch._C._get_tensor_metadata */                                     \
-    X(strided) /* torch.strided */                                                                 \
-    X(save_legacy) /* dict: dtype -> (storage class torch pickles, element size) */                \
-    X(save_new_dtypes) /* frozenset: dtypes torch saves through _rebuild_tensor_v3 */              \
+    X(location_tag)           /* torch.serialization.location_tag */                               \
+    X(torch_module)           /* torch (storage classes by name) */                                \
+    X(get_tensor_metadata)    /* torch._C._get_tensor_metadata */                                  \
+    X(strided)                /* torch.strided */                                                  \
+    X(save_legacy)            /* dict: dtype -> (storage class torch pickles, element size) */     \
+    X(save_new_dtypes)        /* frozenset: dtypes torch saves through _rebuild_tensor_v3 */       \
     /* the data sets beyond torch's allowlist (dataset.c, npdata.c, histbuf.c) */                  \
-    X(np_reconstruct) /* numpy's multiarray._reconstruct */                                        \
-    X(np_scalar) /* numpy's multiarray.scalar */                                                   \
+    X(np_reconstruct)    /* numpy's multiarray._reconstruct */                                     \
+    X(np_scalar)         /* numpy's multiarray.scalar */                                           \
     X(np_array_setstate) /* ndarray.__setstate__, from the type */                                 \
     X(builtin_getattr)                                                                             \
-    X(codecs_encode) /* _codecs.encode */                                                          \
+    X(codecs_encode)   /* _codecs.encode */                                                        \
     X(dataset_globals) /* dict: "module.name" -> object (HistoryBuffer aside) */                   \
-    X(HistoryBuffer) /* mmengine's class, once a pickle named it */
+    X(HistoryBuffer)   /* mmengine's class, once a pickle named it */
 
 /* Heap types made at import. */
 #define CK_STATE_TYPES(X)                                                                          \
@@ -152,7 +152,7 @@ typedef struct ck_dtype_info {
     X(StorageRefType)                                                                              \
     X(RefTupleType) /* tuples holding StorageRefs (storages.c) */                                  \
     X(SaveStateType)                                                                               \
-    X(HostArenaType) /* hostcopy.c */                                                              \
+    X(HostArenaType)  /* hostcopy.c */                                                             \
     X(AtomicFileType) /* dcp.c */
 
 /* Interned attribute names: X(field, text), made at import. */
@@ -171,15 +171,33 @@ typedef struct ck_dtype_info {
     X(s_add, "add")                                                                                \
     X(s_device, "device")                                                                          \
     X(s_as_subclass, "as_subclass")                                                                \
-    X(s_untyped_attr, "_untyped_storage")                                                              \
+    X(s_untyped_attr, "_untyped_storage")                                                          \
     X(s_cpu, "cpu")                                                                                \
     X(s_add_note, "add_note")                                                                      \
-    X(s_storage_word, "Storage")                                                                       \
-    X(s_torch_tensor_module, "torch._tensor")                                                          \
-    X(s_storage, "storage")                                                                            \
-    X(s_meta, "meta")                                                                                  \
-    X(s_cuda, "cuda")                                                                                  \
-    X(s_fake_device, "_fake_device")
+    X(s_storage_word, "Storage")                                                                   \
+    X(s_torch_tensor_module, "torch._tensor")                                                      \
+    X(s_storage, "storage")                                                                        \
+    X(s_meta, "meta")                                                                              \
+    X(s_cuda, "cuda")                                                                              \
+    X(s_fake_device, "_fake_device")                                                               \
+    /* the save path, per tensor and storage (save_hooks.c, save.c) */                             \
+    X(s_nbytes, "nbytes")                                                                          \
+    X(s_storage_priv, "_storage")                                                                  \
+    X(s_data_ptr, "data_ptr")                                                                      \
+    X(s_cdata, "_cdata")                                                                           \
+    X(s_backward_hooks, "_backward_hooks")                                                         \
+    X(s_layout, "layout")                                                                          \
+    X(s_type, "type")                                                                              \
+    X(s_is_quantized, "is_quantized")                                                              \
+    X(s_is_nested, "is_nested")                                                                    \
+    X(s_dtype, "dtype")                                                                            \
+    X(s_storage_offset, "storage_offset")                                                          \
+    X(s_size, "size")                                                                              \
+    X(s_stride, "stride")                                                                          \
+    X(s_requires_grad, "requires_grad")                                                            \
+    X(s_pickle_storage_type, "_pickle_storage_type")                                               \
+    X(s_pickle_storage_type_old, "pickle_storage_type")                                            \
+    X(s_size_priv, "_size")
 
 typedef struct ck_state {
 #define CK_STATE_OBJECT_FIELD(f) PyObject *f;

@@ -518,7 +518,7 @@ static PyObject *untyped_of_typed(PyObject *typed, ck_state *st) {
     if (u != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
         return u;
     PyErr_Clear();
-    return PyObject_GetAttrString(typed, "_storage");
+    return PyObject_GetAttr(typed, st->s_storage_priv);
 }
 
 /* Decides where the storage lives (map_location), calling restore() where
