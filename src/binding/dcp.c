@@ -283,20 +283,11 @@ static PyType_Spec atomic_file_spec = {
     .slots = atomic_file_slots,
 };
 
-/* The AtomicFile type of module, created on first use and kept in the
- * module's dict (as hostcopy.c keeps HostArena). Borrowed. */
-static PyTypeObject *atomic_file_type(PyObject *module) {
-    PyObject *dict = PyModule_GetDict(module);
-    PyObject *tp = PyDict_GetItemString(dict, "AtomicFile");
-    if (tp != NULL && PyType_Check(tp) &&
-        ((PyTypeObject *)tp)->tp_dealloc == (destructor)atomic_file_dealloc)
-        return (PyTypeObject *)tp;
-    tp = PyType_FromModuleAndSpec(module, &atomic_file_spec, NULL);
-    if (tp == NULL)
-        return NULL;
-    int rc = PyDict_SetItemString(dict, "AtomicFile", tp);
-    Py_DECREF(tp);
-    return rc < 0 ? NULL : (PyTypeObject *)tp;
+int ck_dcp_init(PyObject *m, ck_state *st) {
+    st->AtomicFileType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &atomic_file_spec, NULL);
+    if (st->AtomicFileType == NULL)
+        return -1;
+    return PyModule_AddObjectRef(m, "AtomicFile", (PyObject *)st->AtomicFileType);
 }
 
 static PyObject *py_atomic_file(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -306,9 +297,7 @@ static PyObject *py_atomic_file(PyObject *module, PyObject *args, PyObject *kwar
     int writeback = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "U|$p:atomic_file", kwlist, &path, &writeback))
         return NULL;
-    PyTypeObject *tp = atomic_file_type(module);
-    if (tp == NULL)
-        return NULL;
+    PyTypeObject *tp = ck_get_state(module)->AtomicFileType; /* borrowed */
     PyObject *encoded = PyUnicode_EncodeFSDefault(path);
     if (encoded == NULL)
         return NULL;

@@ -10,6 +10,9 @@
 #include "state.h"
 
 /* The unit's functions, added to the module through method_groups[]. */
+/* Makes the AtomicFile type (module state, and the module's AtomicFile). */
+int ck_dcp_init(PyObject *m, ck_state *st);
+
 extern PyMethodDef ck_dcp_methods[];
 
 #endif

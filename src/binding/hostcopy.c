@@ -77,20 +77,11 @@ static PyType_Spec arena_spec = {
     .slots = arena_slots,
 };
 
-/* The HostArena type of module, created on first use and kept in the
- * module's dict (so module.c needs no init hook for it). Borrowed. */
-static PyTypeObject *arena_type(PyObject *module) {
-    PyObject *dict = PyModule_GetDict(module);              /* borrowed */
-    PyObject *tp = PyDict_GetItemString(dict, "HostArena"); /* borrowed */
-    if (tp != NULL && PyType_Check(tp) &&
-        ((PyTypeObject *)tp)->tp_dealloc == (destructor)arena_dealloc)
-        return (PyTypeObject *)tp;
-    tp = PyType_FromModuleAndSpec(module, &arena_spec, NULL); /* owned */
-    if (tp == NULL)
-        return NULL;
-    int rc = PyDict_SetItemString(dict, "HostArena", tp);
-    Py_DECREF(tp); /* the module's dict keeps it */
-    return rc < 0 ? NULL : (PyTypeObject *)tp;
+int ck_hostcopy_init(PyObject *m, ck_state *st) {
+    st->HostArenaType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &arena_spec, NULL);
+    if (st->HostArenaType == NULL)
+        return -1;
+    return PyModule_AddObjectRef(m, "HostArena", (PyObject *)st->HostArenaType);
 }
 
 /* ---- copy_to_host ---------------------------------------------------------------- */
@@ -137,9 +128,7 @@ static PyObject *py_copy_to_host(PyObject *module, PyObject *args, PyObject *kwa
         return NULL;
     ck_devcopy_memory memory = pinned ? CK_DEVCOPY_PINNED : CK_DEVCOPY_PAGEABLE;
     ck_state *st = ck_get_state(module);
-    PyTypeObject *tp = arena_type(module); /* borrowed */
-    if (tp == NULL)
-        return NULL;
+    PyTypeObject *tp = ck_get_state(module)->HostArenaType; /* borrowed */
     const char *path = NULL;
     if (library != Py_None) {
         path = PyUnicode_AsUTF8(library); /* borrowed from library */

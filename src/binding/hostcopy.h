@@ -7,6 +7,9 @@
 #include "state.h"
 
 /* The unit's functions, added to the module through method_groups[]. */
+/* Makes the HostArena type (module state, and the module's HostArena). */
+int ck_hostcopy_init(PyObject *m, ck_state *st);
+
 extern PyMethodDef ck_hostcopy_methods[];
 
 #endif

@@ -297,26 +297,17 @@ static int module_exec(PyObject *m) {
         return -1;
     if (ck_http_init(m, st) < 0 || ck_save_hooks_init(m, st) < 0 || ck_dataset_init(st) < 0)
         return -1;
+    if (ck_hostcopy_init(m, st) < 0 || ck_dcp_init(m, st) < 0)
+        return -1;
     st->torchscript_marker = PyUnicode_InternFromString("<ckptio torchscript archive>");
     if (st->torchscript_marker == NULL ||
         PyModule_AddObjectRef(m, "TORCHSCRIPT", st->torchscript_marker) < 0)
         return -1;
-    if (intern(&st->s_new, "new") || intern(&st->s_set_, "set_") || intern(&st->s_view, "view") ||
-        intern(&st->s_detach, "detach") || intern(&st->s_requires_grad_, "requires_grad_") ||
-        intern(&st->s_untyped_storage, "untyped_storage") ||
-        intern(&st->s_setstate, "__setstate__") || intern(&st->s_dict, "__dict__") ||
-        intern(&st->s_dunder_new, "__new__") || intern(&st->s_extend, "extend") ||
-        intern(&st->s_append, "append") || intern(&st->s_add, "add") ||
-        intern(&st->s_device, "device") || intern(&st->s_dtype, "dtype") ||
-        intern(&st->s_as_subclass, "as_subclass") ||
-        intern(&st->s_untyped_attr, "_untyped_storage") ||
-        intern(&st->s_wrap_storage, "wrap_storage") || intern(&st->s_internal, "_internal") ||
-        intern(&st->s_cpu, "cpu") || intern(&st->s_get, "get") ||
-        intern(&st->s_add_note, "add_note") || intern(&st->s_storage_word, "Storage") ||
-        intern(&st->s_torch_tensor_module, "torch._tensor") || intern(&st->s_storage, "storage") ||
-        intern(&st->s_meta, "meta") || intern(&st->s_cuda, "cuda") ||
-        intern(&st->s_fake_device, "_fake_device"))
+#define INTERN(f, text)                                                                            \
+    if (intern(&st->f, text) < 0)                                                                  \
         return -1;
+    CK_STATE_NAMES(INTERN)
+#undef INTERN
     PyObject *names = PyTuple_New(CK_DT_COUNT);
     if (names == NULL)
         return -1;
@@ -333,95 +324,17 @@ static int module_exec(PyObject *m) {
     return rc;
 }
 
-/* Every PyObject * in the state, for traverse and clear. */
-#define CK_STATE_OBJECTS(X)                                                                        \
-    X(CheckpointError)                                                                             \
-    X(UnpicklingError)                                                                             \
-    X(DownloadError)                                                                               \
-    X(torchscript_marker)                                                                          \
-    X(from_numpy)                                                                                  \
-    X(torch_empty)                                                                                 \
-    X(Tensor)                                                                                      \
-    X(Parameter)                                                                                   \
-    X(make_subclass)                                                                               \
-    X(tensor_setstate)                                                                             \
-    X(set_tensor_metadata)                                                                         \
-    X(set_obj_state)                                                                               \
-    X(rebuild_tensor)                                                                              \
-    X(rebuild_tensor_v2)                                                                           \
-    X(rebuild_tensor_v3)                                                                           \
-    X(rebuild_parameter)                                                                           \
-    X(rebuild_parameter_with_state)                                                                \
-    X(rebuild_from_type_v2)                                                                        \
-    X(TypedStorage)                                                                                \
-    X(UntypedStorage)                                                                              \
-    X(OrderedDict)                                                                                 \
-    X(Counter)                                                                                     \
-    X(storage_dtype)                                                                               \
-    X(storage_by_name)                                                                             \
-    X(dtype_code)                                                                                  \
-    X(allowed)                                                                                     \
-    X(allowed_ids)                                                                                 \
-    X(wo_name_mapping)                                                                             \
-    X(wo_import_mapping)                                                                           \
-    X(compat_name_mapping)                                                                         \
-    X(compat_import_mapping)                                                                       \
-    X(extension_registry)                                                                          \
-    X(builder_policy)                                                                              \
-    X(s_new)                                                                                       \
-    X(s_set_)                                                                                      \
-    X(s_view)                                                                                      \
-    X(s_detach)                                                                                    \
-    X(s_requires_grad_)                                                                            \
-    X(s_untyped_storage)                                                                           \
-    X(s_setstate)                                                                                  \
-    X(s_dict)                                                                                      \
-    X(s_dunder_new)                                                                                \
-    X(s_extend)                                                                                    \
-    X(s_append)                                                                                    \
-    X(s_add)                                                                                       \
-    X(s_device)                                                                                    \
-    X(s_dtype)                                                                                     \
-    X(s_as_subclass)                                                                               \
-    X(s_untyped_attr)                                                                              \
-    X(s_wrap_storage)                                                                              \
-    X(s_internal)                                                                                  \
-    X(s_cpu)                                                                                       \
-    X(s_get)                                                                                       \
-    X(s_add_note)                                                                                  \
-    X(s_storage_word)                                                                              \
-    X(s_torch_tensor_module)                                                                       \
-    X(SavePickler)                                                                                 \
-    X(s_storage)                                                                                   \
-    X(s_meta)                                                                                      \
-    X(s_cuda)                                                                                      \
-    X(s_fake_device)                                                                               \
-    X(normalize_storage_type)                                                                      \
-    X(location_tag)                                                                                \
-    X(torch_module)                                                                                \
-    X(get_tensor_metadata)                                                                         \
-    X(strided)                                                                                     \
-    X(save_legacy)                                                                                 \
-    X(save_new_dtypes)                                                                             \
-    X(np_reconstruct)                                                                              \
-    X(np_scalar)                                                                                   \
-    X(np_array_setstate)                                                                           \
-    X(builtin_getattr)                                                                             \
-    X(codecs_encode)                                                                               \
-    X(dataset_globals)                                                                             \
-    X(HistoryBuffer)
-
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     ck_state *st = ck_get_state(m);
     if (st == NULL)
         return 0;
 #define VISIT(f) Py_VISIT(st->f);
+#define VISIT_NAME(f, text) Py_VISIT(st->f);
     CK_STATE_OBJECTS(VISIT)
+    CK_STATE_TYPES(VISIT)
+    CK_STATE_NAMES(VISIT_NAME)
 #undef VISIT
-    Py_VISIT(st->MappingType);
-    Py_VISIT(st->StorageRefType);
-    Py_VISIT(st->RefTupleType);
-    Py_VISIT(st->SaveStateType);
+#undef VISIT_NAME
     for (int i = 0; i < CK_DT_COUNT; i++) {
         Py_VISIT(st->dtypes[i].dtype);
         Py_VISIT(st->dtypes[i].cpu_template);
@@ -434,12 +347,12 @@ static int module_clear(PyObject *m) {
     if (st == NULL)
         return 0;
 #define CLEAR(f) Py_CLEAR(st->f);
+#define CLEAR_NAME(f, text) Py_CLEAR(st->f);
     CK_STATE_OBJECTS(CLEAR)
+    CK_STATE_TYPES(CLEAR)
+    CK_STATE_NAMES(CLEAR_NAME)
 #undef CLEAR
-    Py_CLEAR(st->MappingType);
-    Py_CLEAR(st->StorageRefType);
-    Py_CLEAR(st->RefTupleType);
-    Py_CLEAR(st->SaveStateType);
+#undef CLEAR_NAME
     for (int i = 0; i < CK_DT_COUNT; i++) {
         Py_CLEAR(st->dtypes[i].dtype);
         Py_CLEAR(st->dtypes[i].cpu_template);

@@ -81,7 +81,7 @@ static int move_to_cpu(ck_state *st, PyObject *out, PyObject *to_cpu) {
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *s = PyList_GET_ITEM(out, i); /* borrowed */
-        PyObject *dev = ck_device_type(s);
+        PyObject *dev = ck_device_type(st, s);
         if (dev == NULL)
             goto done;
         int on_cpu = PyUnicode_Compare(dev, st->s_cpu) == 0;
@@ -115,7 +115,7 @@ static int move_to_cpu(ck_state *st, PyObject *out, PyObject *to_cpu) {
         if (moved == NULL)
             goto done;
         for (Py_ssize_t j = 0; j < k; j++) {
-            PyObject *cpu = ck_call_method0(PyList_GET_ITEM(away, j), "cpu");
+            PyObject *cpu = PyObject_CallMethodNoArgs(PyList_GET_ITEM(away, j), st->s_cpu);
             if (cpu == NULL)
                 goto done;
             PyList_SET_ITEM(moved, j, cpu); /* steals */
@@ -124,7 +124,7 @@ static int move_to_cpu(ck_state *st, PyObject *out, PyObject *to_cpu) {
     for (Py_ssize_t j = 0; j < k; j++) {
         Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(where, j));
         PyObject *cpu = PyList_GET_ITEM(moved, j); /* borrowed; the list below takes a ref */
-        PyObject *dev = ck_device_type(cpu);
+        PyObject *dev = ck_device_type(st, cpu);
         if (dev == NULL)
             goto done;
         int on_cpu = PyUnicode_Compare(dev, st->s_cpu) == 0;
@@ -157,8 +157,8 @@ static PyObject *cpu_storages(ck_state *st, ck_save_state *state, PyObject *to_c
         goto fail;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *cpu = PyList_GET_ITEM(out, i); /* borrowed: out holds it */
-        PyObject *ptr = ck_call_method0(cpu, "data_ptr");
-        PyObject *nb = ptr ? ck_call_method0(cpu, "nbytes") : NULL;
+        PyObject *ptr = PyObject_CallMethodNoArgs(cpu, st->s_data_ptr);
+        PyObject *nb = ptr ? PyObject_CallMethodNoArgs(cpu, st->s_nbytes) : NULL;
         if (nb == NULL) {
             Py_XDECREF(ptr);
             goto fail;

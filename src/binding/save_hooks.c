@@ -10,28 +10,24 @@ static ck_state *live_state(ck_save_state *self) {
     return PyType_GetModuleState(Py_TYPE(self));
 }
 
-PyObject *ck_call_method0(PyObject *obj, const char *name) {
-    return PyObject_CallMethod(obj, name, NULL);
-}
-
 /* obj.name(), or obj.old() where this torch has only that (torch 1.13's
  * TypedStorage: pickle_storage_type and size for _pickle_storage_type and
  * _size). */
-static PyObject *call_method0_or(PyObject *obj, const char *name, const char *old) {
-    PyObject *r = PyObject_CallMethod(obj, name, NULL);
+static PyObject *call_method0_or(PyObject *obj, PyObject *name, PyObject *old) {
+    PyObject *r = PyObject_CallMethodNoArgs(obj, name);
     if (r == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
         PyErr_Clear();
-        r = PyObject_CallMethod(obj, old, NULL);
+        r = PyObject_CallMethodNoArgs(obj, old);
     }
     return r;
 }
 
 /* The type name of storage.device ("cpu", "cuda", "meta"...), new reference. */
-PyObject *ck_device_type(PyObject *storage) {
-    PyObject *dev = PyObject_GetAttrString(storage, "device");
+PyObject *ck_device_type(ck_state *st, PyObject *storage) {
+    PyObject *dev = PyObject_GetAttr(storage, st->s_device);
     if (dev == NULL)
         return NULL;
-    PyObject *t = PyObject_GetAttrString(dev, "type");
+    PyObject *t = PyObject_GetAttr(dev, st->s_type);
     Py_DECREF(dev);
     return t;
 }
@@ -58,38 +54,39 @@ static PyObject *persistent_id(ck_save_state *self, PyObject *obj) {
             goto done;
         }
         storage_type = Py_NewRef(PyTuple_GET_ITEM(row, 0));
-        PyObject *nbytes = ck_call_method0(storage, "nbytes");
+        PyObject *nbytes = PyObject_CallMethodNoArgs(storage, st->s_nbytes);
         numel = nbytes ? PyNumber_FloorDivide(nbytes, PyTuple_GET_ITEM(row, 1)) : NULL;
         Py_XDECREF(nbytes);
     } else if (PyObject_TypeCheck(obj, (PyTypeObject *)st->TypedStorage)) {
-        storage = PyObject_GetAttrString(obj, "_untyped_storage");
+        storage = PyObject_GetAttr(obj, st->s_untyped_attr);
         if (storage == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
             PyErr_Clear(); /* torch 1.13 calls it _storage */
-            storage = PyObject_GetAttrString(obj, "_storage");
+            storage = PyObject_GetAttr(obj, st->s_storage_priv);
         }
-        dtype = storage ? PyObject_GetAttrString(obj, "dtype") : NULL;
+        dtype = storage ? PyObject_GetAttr(obj, st->s_dtype) : NULL;
         PyObject *name =
-            dtype ? call_method0_or(obj, "_pickle_storage_type", "pickle_storage_type") : NULL;
+            dtype ? call_method0_or(obj, st->s_pickle_storage_type, st->s_pickle_storage_type_old)
+                  : NULL;
         storage_type = name ? PyObject_GetAttr(st->torch_module, name) : NULL;
         Py_XDECREF(name);
-        numel = storage_type ? call_method0_or(obj, "_size", "size") : NULL;
+        numel = storage_type ? call_method0_or(obj, st->s_size_priv, st->s_size) : NULL;
     } else if ((PyObject *)Py_TYPE(obj) == st->UntypedStorage) {
         storage = Py_NewRef(obj);
         dtype = Py_NewRef(st->dtypes[CK_DT_UINT8].dtype);
         storage_type = PyObject_CallOneArg(st->normalize_storage_type, (PyObject *)Py_TYPE(obj));
-        numel = storage_type ? ck_call_method0(obj, "nbytes") : NULL;
+        numel = storage_type ? PyObject_CallMethodNoArgs(obj, st->s_nbytes) : NULL;
     } else {
         Py_RETURN_NONE;
     }
     if (numel == NULL)
         goto done;
 
-    dev = ck_device_type(storage);
+    dev = ck_device_type(st, storage);
     if (dev == NULL)
         goto done;
     int is_meta = PyUnicode_Compare(dev, st->s_meta) == 0;
     if (!is_meta) {
-        PyObject *ptr = ck_call_method0(storage, "data_ptr");
+        PyObject *ptr = PyObject_CallMethodNoArgs(storage, st->s_data_ptr);
         if (ptr == NULL)
             goto done;
         int nonzero = PyObject_IsTrue(ptr);
@@ -113,7 +110,7 @@ static PyObject *persistent_id(ck_save_state *self, PyObject *obj) {
             goto done;
     }
 
-    PyObject *cdata = PyObject_GetAttrString(storage, "_cdata");
+    PyObject *cdata = PyObject_GetAttr(storage, st->s_cdata);
     if (cdata == NULL)
         goto done;
     key = PyDict_GetItemWithError(self->ids, cdata); /* borrowed, made strong below */
@@ -184,31 +181,31 @@ static PyObject *reduce_tensor(ck_save_state *self, PyObject *obj) {
         goto fallback;
     /* None, or the empty OrderedDict torch.load leaves on every tensor it
      * rebuilds; hooks to warn about go through torch's path */
-    hooks = PyObject_GetAttrString(obj, "_backward_hooks");
+    hooks = PyObject_GetAttr(obj, st->s_backward_hooks);
     if (hooks == NULL ||
         (hooks != Py_None && !(PyDict_Check(hooks) && PyDict_GET_SIZE(hooks) == 0)))
         goto fallback;
-    layout = PyObject_GetAttrString(obj, "layout");
+    layout = PyObject_GetAttr(obj, st->s_layout);
     if (layout == NULL || layout != st->strided)
         goto fallback;
-    dev = PyObject_GetAttrString(obj, "device");
-    PyObject *dev_type = dev ? PyObject_GetAttrString(dev, "type") : NULL;
+    dev = PyObject_GetAttr(obj, st->s_device);
+    PyObject *dev_type = dev ? PyObject_GetAttr(dev, st->s_type) : NULL;
     plain = dev_type != NULL && (PyUnicode_Compare(dev_type, st->s_cpu) == 0 ||
                                  PyUnicode_Compare(dev_type, st->s_cuda) == 0);
     Py_XDECREF(dev_type);
     if (!plain)
         goto fallback;
-    flag = PyObject_GetAttrString(obj, "is_quantized");
+    flag = PyObject_GetAttr(obj, st->s_is_quantized);
     if (flag == NULL || flag != Py_False)
         goto fallback;
     Py_CLEAR(flag);
-    flag = PyObject_GetAttrString(obj, "is_nested");
+    flag = PyObject_GetAttr(obj, st->s_is_nested);
     if (flag == NULL || flag != Py_False)
         goto fallback;
     meta = PyObject_CallOneArg(st->get_tensor_metadata, obj);
     if (meta == NULL || !PyDict_Check(meta) || PyDict_GET_SIZE(meta) != 0)
         goto fallback;
-    dtype = PyObject_GetAttrString(obj, "dtype");
+    dtype = PyObject_GetAttr(obj, st->s_dtype);
     if (dtype == NULL)
         goto fallback;
     if (PyDict_GetItemWithError(st->save_legacy, dtype) == NULL) {
@@ -218,15 +215,15 @@ static PyObject *reduce_tensor(ck_save_state *self, PyObject *obj) {
         if (v3 <= 0)
             goto fallback;
     }
-    untyped = ck_call_method0(obj, "untyped_storage");
+    untyped = PyObject_CallMethodNoArgs(obj, st->s_untyped_storage);
     if (untyped == NULL)
         goto fallback;
     token = v3 ? Py_NewRef(untyped) : PyTuple_Pack(3, (PyObject *)self, untyped, dtype);
-    offset = token ? ck_call_method0(obj, "storage_offset") : NULL;
-    size = offset ? ck_call_method0(obj, "size") : NULL;
+    offset = token ? PyObject_CallMethodNoArgs(obj, st->s_storage_offset) : NULL;
+    size = offset ? PyObject_CallMethodNoArgs(obj, st->s_size) : NULL;
     shape = size ? PySequence_Tuple(size) : NULL;
-    stride = shape ? ck_call_method0(obj, "stride") : NULL;
-    grad = stride ? PyObject_GetAttrString(obj, "requires_grad") : NULL;
+    stride = shape ? PyObject_CallMethodNoArgs(obj, st->s_stride) : NULL;
+    grad = stride ? PyObject_GetAttr(obj, st->s_requires_grad) : NULL;
     od = grad ? PyObject_CallNoArgs(st->OrderedDict) : NULL;
     if (od == NULL)
         goto done;

@@ -26,11 +26,8 @@ typedef struct ck_save_state {
     PyObject *dtypes;       /* dict: data_ptr -> dtype (one memory saved as two dtypes) */
 } ck_save_state;
 
-/* obj.name(), new reference. */
-PyObject *ck_call_method0(PyObject *obj, const char *name);
-
 /* The type name of storage.device ("cpu", "cuda", "meta"...), new reference. */
-PyObject *ck_device_type(PyObject *storage);
+PyObject *ck_device_type(ck_state *st, PyObject *storage);
 
 /* Makes the SaveState type and the SavePickler class (module state). */
 int ck_save_hooks_init(PyObject *m, ck_state *st);

@@ -81,7 +81,7 @@ typedef struct ck_session {
     uint64_t budget_left;       /* what is left of it */
     Py_ssize_t collidable_keys; /* dict keys / set items a file can make collide (budget.h) */
 
-    /* the plain twins of RefTuples met so far: id -> (reftuple, twin) (tensors.c) */
+    /* the plain twins of RefTuples met so far: id -> (reftuple, twin) (materialize.c) */
     PyObject *twins;
 } ck_session;
 

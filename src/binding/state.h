@@ -82,101 +82,135 @@ typedef struct ck_dtype_info {
     int needs_view;         /* 1: NumPy type differs, tensor needs .view(dtype) */
 } ck_dtype_info;
 
+/* The module state's fields, each listed once: these lists generate the
+ * struct, module_traverse and module_clear (module.c), and the interning of
+ * the names at import. Add a field to one list and it is owned, visited and
+ * cleared. */
+
+/* Python objects: exceptions, torch's objects from configure (ck_torch_ready), the data
+ * sets' builders. */
+#define CK_STATE_OBJECTS(X)                                                                        \
+    /* exceptions */                                                                               \
+    X(CheckpointError)                                                                             \
+    X(UnpicklingError)                                                                             \
+    /* result marker for TorchScript archives under weights_only=False */                          \
+    X(torchscript_marker)                                                                          \
+    /* ---- filled by ck_torch_ready ---- */                                                       \
+    X(from_numpy)                                                                                  \
+    X(torch_empty)                                                                                 \
+    X(Tensor)                                                                                      \
+    X(Parameter)                                                                                   \
+    X(make_subclass)                                                                               \
+    X(tensor_setstate)                                                                             \
+    X(set_tensor_metadata)                                                                         \
+    X(set_obj_state)                                                                               \
+    X(rebuild_tensor)                                                                              \
+    X(rebuild_tensor_v2)                                                                           \
+    X(rebuild_tensor_v3)                                                                           \
+    X(rebuild_parameter)                                                                           \
+    X(rebuild_parameter_with_state)                                                                \
+    X(rebuild_from_type_v2)                                                                        \
+    X(TypedStorage)                                                                                \
+    X(UntypedStorage)                                                                              \
+    X(OrderedDict)                                                                                 \
+    X(Counter)                                                                                     \
+    X(storage_dtype)   /* dict: storage type object -> dtype code */                               \
+    X(storage_by_name) /* dict: "FloatStorage" -> StorageType instance */                          \
+    X(dtype_code)      /* dict: torch.dtype -> dtype code */                                       \
+    X(allowed)         /* dict: "module.name" -> object (torch's default allowlist) */             \
+    X(allowed_ids)     /* set: id() of every allowed object */                                     \
+    X(wo_name_mapping) /* torch._utils.NAME_MAPPING */                                             \
+    X(wo_import_mapping)                                                                           \
+    X(compat_name_mapping) /* _compat_pickle.NAME_MAPPING (fix_imports) */                         \
+    X(compat_import_mapping)                                                                       \
+    X(extension_registry) /* copyreg._inverted_registry */                                         \
+    X(builder_policy)     /* dict: id(builder) -> how it allocates (budget.c) */                   \
+    /* http.c */                                                                                   \
+    X(DownloadError)                                                                               \
+    /* save_hooks.c: made at import */                                                             \
+    X(SavePickler) /* the _pickle.Pickler subclass every save uses */                              \
+    /* save_hooks.c: torch's objects, from configure */                                            \
+    X(normalize_storage_type) /* torch.serialization.normalize_storage_type */                     \
+    X(location_tag)           /* torch.serialization.location_tag */                               \
+    X(torch_module)           /* torch (storage classes by name) */                                \
+    X(get_tensor_metadata)    /* torch._C._get_tensor_metadata */                                  \
+    X(strided)                /* torch.strided */                                                  \
+    X(save_legacy)            /* dict: dtype -> (storage class torch pickles, element size) */     \
+    X(save_new_dtypes)        /* frozenset: dtypes torch saves through _rebuild_tensor_v3 */       \
+    /* the data sets beyond torch's allowlist (dataset.c, npdata.c, histbuf.c) */                  \
+    X(np_reconstruct)    /* numpy's multiarray._reconstruct */                                     \
+    X(np_scalar)         /* numpy's multiarray.scalar */                                           \
+    X(np_array_setstate) /* ndarray.__setstate__, from the type */                                 \
+    X(builtin_getattr)                                                                             \
+    X(codecs_encode)   /* _codecs.encode */                                                        \
+    X(dataset_globals) /* dict: "module.name" -> object (HistoryBuffer aside) */                   \
+    X(HistoryBuffer)   /* mmengine's class, once a pickle named it */
+
+/* Heap types made at import. */
+#define CK_STATE_TYPES(X)                                                                          \
+    X(MappingType)                                                                                 \
+    X(StorageRefType)                                                                              \
+    X(RefTupleType) /* tuples holding StorageRefs (storages.c) */                                  \
+    X(SaveStateType)                                                                               \
+    X(HostArenaType)  /* hostcopy.c */                                                             \
+    X(AtomicFileType) /* dcp.c */
+
+/* Interned attribute names: X(field, text), made at import. */
+#define CK_STATE_NAMES(X)                                                                          \
+    X(s_new, "new")                                                                                \
+    X(s_set_, "set_")                                                                              \
+    X(s_view, "view")                                                                              \
+    X(s_detach, "detach")                                                                          \
+    X(s_requires_grad_, "requires_grad_")                                                          \
+    X(s_untyped_storage, "untyped_storage")                                                        \
+    X(s_setstate, "__setstate__")                                                                  \
+    X(s_dict, "__dict__")                                                                          \
+    X(s_dunder_new, "__new__")                                                                     \
+    X(s_extend, "extend")                                                                          \
+    X(s_append, "append")                                                                          \
+    X(s_add, "add")                                                                                \
+    X(s_device, "device")                                                                          \
+    X(s_as_subclass, "as_subclass")                                                                \
+    X(s_untyped_attr, "_untyped_storage")                                                          \
+    X(s_cpu, "cpu")                                                                                \
+    X(s_add_note, "add_note")                                                                      \
+    X(s_storage_word, "Storage")                                                                   \
+    X(s_torch_tensor_module, "torch._tensor")                                                      \
+    X(s_storage, "storage")                                                                        \
+    X(s_meta, "meta")                                                                              \
+    X(s_cuda, "cuda")                                                                              \
+    X(s_fake_device, "_fake_device")                                                               \
+    /* the save path, per tensor and storage (save_hooks.c, save.c) */                             \
+    X(s_nbytes, "nbytes")                                                                          \
+    X(s_storage_priv, "_storage")                                                                  \
+    X(s_data_ptr, "data_ptr")                                                                      \
+    X(s_cdata, "_cdata")                                                                           \
+    X(s_backward_hooks, "_backward_hooks")                                                         \
+    X(s_layout, "layout")                                                                          \
+    X(s_type, "type")                                                                              \
+    X(s_is_quantized, "is_quantized")                                                              \
+    X(s_is_nested, "is_nested")                                                                    \
+    X(s_dtype, "dtype")                                                                            \
+    X(s_storage_offset, "storage_offset")                                                          \
+    X(s_size, "size")                                                                              \
+    X(s_stride, "stride")                                                                          \
+    X(s_requires_grad, "requires_grad")                                                            \
+    X(s_pickle_storage_type, "_pickle_storage_type")                                               \
+    X(s_pickle_storage_type_old, "pickle_storage_type")                                            \
+    X(s_size_priv, "_size")
+
 typedef struct ck_state {
-    /* exceptions */
-    PyObject *CheckpointError;
-    PyObject *UnpicklingError;
-    /* heap types */
-    PyTypeObject *MappingType;
-    PyTypeObject *StorageRefType;
-    PyTypeObject *RefTupleType; /* tuples holding StorageRefs (tensors.c) */
-    /* result marker for TorchScript archives under weights_only=False */
-    PyObject *torchscript_marker;
-
-    /* ---- filled by ck_torch_ready ---- */
-    int torch_ready;
-    PyObject *from_numpy;
-    PyObject *torch_empty;
-    PyObject *Tensor;
-    PyObject *Parameter;
-    PyObject *make_subclass;
-    PyObject *tensor_setstate;
-    PyObject *set_tensor_metadata;
-    PyObject *set_obj_state;
-    PyObject *rebuild_tensor;
-    PyObject *rebuild_tensor_v2;
-    PyObject *rebuild_tensor_v3;
-    PyObject *rebuild_parameter;
-    PyObject *rebuild_parameter_with_state;
-    PyObject *rebuild_from_type_v2;
-    PyObject *TypedStorage;
-    PyObject *UntypedStorage;
-    PyObject *OrderedDict;
-    PyObject *Counter;
-    PyObject *storage_dtype;   /* dict: storage type object -> dtype code */
-    PyObject *storage_by_name; /* dict: "FloatStorage" -> StorageType instance */
-    PyObject *dtype_code;      /* dict: torch.dtype -> dtype code */
-    PyObject *allowed;         /* dict: "module.name" -> object (torch's default allowlist) */
-    PyObject *allowed_ids;     /* set: id() of every allowed object */
-    PyObject *wo_name_mapping; /* torch._utils.NAME_MAPPING */
-    PyObject *wo_import_mapping;
-    PyObject *compat_name_mapping; /* _compat_pickle.NAME_MAPPING (fix_imports) */
-    PyObject *compat_import_mapping;
-    PyObject *extension_registry; /* copyreg._inverted_registry */
-    PyObject *builder_policy;     /* dict: id(builder) -> how it allocates (budget.c) */
+#define CK_STATE_OBJECT_FIELD(f) PyObject *f;
+#define CK_STATE_TYPE_FIELD(f) PyTypeObject *f;
+#define CK_STATE_NAME_FIELD(f, text) PyObject *f;
+    CK_STATE_OBJECTS(CK_STATE_OBJECT_FIELD)
+    CK_STATE_TYPES(CK_STATE_TYPE_FIELD)
+    CK_STATE_NAMES(CK_STATE_NAME_FIELD)
+#undef CK_STATE_OBJECT_FIELD
+#undef CK_STATE_TYPE_FIELD
+#undef CK_STATE_NAME_FIELD
+    int torch_ready; /* the torch half is filled (ck_torch_ready) */
     ck_dtype_info dtypes[CK_DT_COUNT];
-
-    /* interned attribute names */
-    PyObject *s_new;
-    PyObject *s_set_;
-    PyObject *s_view;
-    PyObject *s_detach;
-    PyObject *s_requires_grad_;
-    PyObject *s_untyped_storage;
-    PyObject *s_setstate;
-    PyObject *s_dict;
-    PyObject *s_dunder_new;
-    PyObject *s_extend;
-    PyObject *s_append;
-    PyObject *s_add;
-    PyObject *s_device;
-    PyObject *s_dtype;
-    PyObject *s_as_subclass;
-    PyObject *s_untyped_attr; /* _untyped_storage */
-    PyObject *s_wrap_storage;
-    PyObject *s_internal;
-    PyObject *s_cpu;
-    PyObject *s_get;
-    PyObject *s_add_note;
-    PyObject *s_storage_word;        /* "Storage" */
-    PyObject *s_torch_tensor_module; /* "torch._tensor" */
-
-    /* http.c */
-    PyObject *DownloadError;
-
-    /* save_hooks.c: made at import */
-    PyTypeObject *SaveStateType;
-    PyObject *SavePickler; /* the _pickle.Pickler subclass every save uses */
-    PyObject *s_storage;   /* "storage" */
-    PyObject *s_meta;      /* "meta" */
-    PyObject *s_cuda;      /* "cuda" */
-    PyObject *s_fake_device;
-    /* save_hooks.c: torch's objects, from configure */
-    PyObject *normalize_storage_type; /* torch.serialization.normalize_storage_type */
-    PyObject *location_tag;           /* torch.serialization.location_tag */
-    PyObject *torch_module;           /* torch (storage classes by name) */
-    PyObject *get_tensor_metadata;    /* torch._C._get_tensor_metadata */
-    PyObject *strided;                /* torch.strided */
-    PyObject *save_legacy;     /* dict: dtype -> (storage class torch pickles, element size) */
-    PyObject *save_new_dtypes; /* frozenset: dtypes torch saves through _rebuild_tensor_v3 */
-    /* the data sets beyond torch's allowlist (dataset.c, npdata.c, histbuf.c) */
-    PyObject *np_reconstruct;    /* numpy's multiarray._reconstruct */
-    PyObject *np_scalar;         /* numpy's multiarray.scalar */
-    PyObject *np_array_setstate; /* ndarray.__setstate__, from the type */
-    PyObject *builtin_getattr;
-    PyObject *codecs_encode;   /* _codecs.encode */
-    PyObject *dataset_globals; /* dict: "module.name" -> object (HistoryBuffer aside) */
-    PyObject *HistoryBuffer;   /* mmengine's class, once a pickle named it */
 } ck_state;
 
 /* The state of the module object m. */

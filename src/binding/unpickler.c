@@ -1104,7 +1104,7 @@ static int do_persid(vm *v, PyObject *pid) {
     Py_DECREF(pid);
     if (r == NULL)
         return fail_call(v);
-    return push_d(v, r, 0); /* the storage's one reference (tensors.c charges storages) */
+    return push_d(v, r, 0); /* the storage's one reference (storages.c charges storages) */
 }
 
 /* ---- the opcode families -------------------------------------------------
