@@ -22,6 +22,30 @@ _MAP_NONE, _MAP_CPU, _MAP_DICT, _MAP_CALL = 0, 1, 2, 3
 _TRUE_VALUES = ("1", "y", "yes", "true")
 
 
+_protocol_warns = None  # does this torch's weights_only unpickler warn of protocols != 2?
+
+
+def _torch_warns_protocol():
+    """Whether torch.load(weights_only=True) warns "Detected pickle protocol
+    N ..." of a pickle written with a protocol other than 2 (torch >= 2.3;
+    torch 1.13 does not): asked once of the installed unpickler itself, with
+    a 4-byte protocol-3 pickle of 0, so that ckptio warns exactly when torch
+    does."""
+    global _protocol_warns
+    if _protocol_warns is None:
+        wo = getattr(torch, "_weights_only_unpickler", None)
+        seen = []
+        if wo is not None:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                try:
+                    wo.load(io.BytesIO(b"\x80\x03K\x00."))
+                except Exception:  # an unpickler that refuses it does not warn either
+                    pass
+        _protocol_warns = any("Detected pickle protocol 3" in str(w.message) for w in seen)
+    return _protocol_warns
+
+
 def _weights_only_default(weights_only):
     """torch.load's rules: True unless given, with the same two environment
     variables forcing it either way."""
@@ -215,6 +239,7 @@ def load(
             restore=restore,
             user_globals=user_globals,
             allow=allow_bits,
+            warn_protocol=weights_only and _torch_warns_protocol(),
         )
     except BaseException as exc:
         # sparse tensors rebuilt before the failure wait in torch's module-level

@@ -193,7 +193,16 @@ def _save_local(checkpoint: dict, filename: str) -> None:
     if _async:
         _save_async(checkpoint, filename)
         return
-    _writer()(checkpoint, filename)
+    try:
+        _writer()(checkpoint, filename)
+    except OSError as exc:
+        # mmcv's (and mmengine's) backend put is open(filename, 'wb'): the
+        # same OSError subclass, errno, text ("[Errno 21] Is a directory:
+        # '<filename>'") and .filename for a directory target, a '~/' path
+        # (open does not expand it) or a dangling symlink's missing directory
+        if exc.errno is None or exc.filename != filename:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), exc.filename) from None
 
 
 def _put_bytes(checkpoint: dict, filename: str, file_client) -> None:

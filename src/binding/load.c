@@ -26,8 +26,11 @@
 
 const char ck_load_doc[] =
     "load(mapping, filename, *, weights_only=True, encoding='utf-8', errors='strict',\n"
-    "     map_kind=0, map_location=None, restore=None, user_globals=None, allow=0)\n"
-    "Decodes the checkpoint held by mapping (see ckptio.load for the public API).";
+    "     map_kind=0, map_location=None, restore=None, user_globals=None, allow=0,\n"
+    "     warn_protocol=False)\n"
+    "Decodes the checkpoint held by mapping (see ckptio.load for the public API).\n"
+    "warn_protocol: under weights_only, warn as torch >= 2.3's weights_only unpickler\n"
+    "does of a pickle whose PROTO opcode names a protocol other than 2.";
 
 static int host_is_little(void) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
@@ -164,6 +167,33 @@ static int check_byteorder(ck_session *s) {
     return 0;
 }
 
+/* torch.load's weights_only unpickler (torch >= 2.3; s->warn_protocol) warns at a PROTO opcode
+ * other than 2, as soon as it reads it: the same warning (UserWarning, same
+ * text), once per pickle that carried one, also when that pickle then fails
+ * (the pending error is kept; an error raised by the warning itself, under
+ * an "error" filter, replaces it, as in torch). torch.load(weights_only=False)
+ * uses pickle's own unpickler, which does not warn. Returns ok, or -1. */
+static int warn_protocol(ck_session *s, int ok) {
+    int proto = ck_unpickle_protocol(s);
+    if (!s->warn_protocol || proto < 0 || proto == 2)
+        return ok;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (PyErr_WarnFormat(PyExc_UserWarning, 1,
+                         "Detected pickle protocol %d in the checkpoint, which was not the default "
+                         "pickle protocol used by `torch.load` (2). The weights_only Unpickler "
+                         "might not support all instructions implemented by this protocol, please "
+                         "file an issue for adding support if you encounter this.",
+                         proto) < 0) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    PyErr_Restore(type, value, tb);
+    return ok;
+}
+
 static PyObject *load_zip(ck_session *s) {
     ck_state *st = s->st;
     ck_error err;
@@ -200,6 +230,8 @@ static PyObject *load_zip(ck_session *s) {
     PyObject *result = NULL;
     if (ck_storages_alloc(s, s->zip.n_entries) == 0)
         result = ck_unpickle(s, pkl, pkl_len, "data.pkl", NULL);
+    if (warn_protocol(s, result != NULL) < 0)
+        Py_CLEAR(result);
     free(owned);
     return result;
 }
@@ -210,6 +242,8 @@ static PyObject *load_zip(ck_session *s) {
 static PyObject *header_pickle(ck_session *s, size_t *pos, const char *what) {
     size_t used = 0;
     PyObject *r = ck_unpickle(s, s->buf + *pos, s->len - *pos, what, &used);
+    if (warn_protocol(s, r != NULL) < 0)
+        Py_CLEAR(r);
     if (r != NULL)
         *pos += used;
     return r;
@@ -299,8 +333,10 @@ static PyObject *load_legacy(ck_session *s) {
     /* the objects' pickle, first walked only for its persistent ids */
     size_t obj_pos = pos, obj_len = 0;
     pids = PyList_New(0);
-    if (pids == NULL || ck_unpickle_scan(s, s->buf + obj_pos, s->len - obj_pos, "object pickle",
-                                         &obj_len, pids) < 0)
+    /* (torch warns of its protocol once, as it runs it: here, at the walk) */
+    if (pids == NULL ||
+        warn_protocol(s, ck_unpickle_scan(s, s->buf + obj_pos, s->len - obj_pos, "object pickle",
+                                          &obj_len, pids) == 0) <= 0)
         goto out;
     pos = obj_pos + obj_len;
     keys = header_pickle(s, &pos, "storage key list pickle");
@@ -447,17 +483,17 @@ PyObject *ck_load_any(ck_session *s) {
 }
 
 PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"mapping",  "filename",     "weights_only", "encoding",     "errors",
-                             "map_kind", "map_location", "restore",      "user_globals", "allow",
-                             NULL};
+    static char *kwlist[] = {"mapping",      "filename", "weights_only",  "encoding",
+                             "errors",       "map_kind", "map_location",  "restore",
+                             "user_globals", "allow",    "warn_protocol", NULL};
     ck_state *st = ck_get_state(module);
     PyObject *mapping, *filename, *map_location = Py_None, *restore = Py_None,
                                   *user_globals = Py_None;
-    int weights_only = 1, map_kind = CK_MAP_NONE, allow = 0;
+    int weights_only = 1, map_kind = CK_MAP_NONE, allow = 0, warn_proto = 0;
     const char *encoding = "utf-8", *errors = "strict";
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$pssiOOOi", kwlist, &mapping, &filename,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|$pssiOOOip", kwlist, &mapping, &filename,
                                      &weights_only, &encoding, &errors, &map_kind, &map_location,
-                                     &restore, &user_globals, &allow))
+                                     &restore, &user_globals, &allow, &warn_proto))
         return NULL;
     if (ck_torch_ready(st) < 0)
         return NULL;
@@ -483,6 +519,7 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     ck_session_begin(&s, st, filename, mapping);
     s.weights_only = weights_only;
     s.allow = allow;
+    s.warn_protocol = weights_only && warn_proto;
     s.map_kind = (ck_map_kind)map_kind;
     s.map_location = map_location;
     s.restore = restore;

@@ -65,6 +65,7 @@ typedef struct ck_session {
 
     /* options */
     int weights_only;
+    int warn_protocol;  /* weights_only, and this torch's unpickler warns of protocols != 2 */
     int allow;          /* CK_ALLOW_* bits (dataset.h): data sets beyond torch's allowlist */
     PyObject *encoding; /* str; NULL means 'bytes' (keep bytes) */
     PyObject *errors;   /* str */
@@ -80,6 +81,9 @@ typedef struct ck_session {
     uint64_t budget_total;      /* the memory bound of this load (budget.c) */
     uint64_t budget_left;       /* what is left of it */
     Py_ssize_t collidable_keys; /* dict keys / set items a file can make collide (budget.h) */
+
+    int pickle_proto; /* the last pickle run's PROTO opcode argument, -1 if it had none
+                         (unpickler.c; read with ck_unpickle_protocol) */
 
     /* the plain twins of RefTuples met so far: id -> (reftuple, twin) (materialize.c) */
     PyObject *twins;

@@ -1115,6 +1115,7 @@ static int load_proto(vm *v) {
     if (read_uint(v, 1, &x) < 0)
         return -1;
     v->proto = (int)x;
+    v->s->pickle_proto = v->proto;
     if (v->proto > 5)
         return fail(v, v->st->UnpicklingError, "unsupported pickle protocol %d", v->proto);
     return 0;
@@ -1584,6 +1585,7 @@ static PyObject *unpickle(ck_session *s, const uint8_t *data, size_t len, const 
     v.end = data + len;
     v.what = what;
     v.proto = 0;
+    s->pickle_proto = -1;
     /* every PUT or MEMOIZE takes at least one byte, so a valid pickle's
      * memo indices stay below len; larger ones go to the sparse dict */
     v.memo_limit = len + 16;
@@ -1611,6 +1613,10 @@ static PyObject *unpickle(ck_session *s, const uint8_t *data, size_t len, const 
 PyObject *ck_unpickle(ck_session *s, const uint8_t *data, size_t len, const char *what,
                       size_t *consumed) {
     return unpickle(s, data, len, what, consumed, NULL);
+}
+
+int ck_unpickle_protocol(const ck_session *s) {
+    return s->pickle_proto;
 }
 
 int ck_unpickle_scan(ck_session *s, const uint8_t *data, size_t len, const char *what,

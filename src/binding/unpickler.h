@@ -26,4 +26,9 @@ PyObject *ck_unpickle(ck_session *s, const uint8_t *data, size_t len, const char
 int ck_unpickle_scan(ck_session *s, const uint8_t *data, size_t len, const char *what,
                      size_t *consumed, PyObject *pids);
 
+/* The protocol named by the PROTO opcode of the pickle last run (or
+ * scanned) in this session, also when it failed after that opcode; -1 when
+ * it had none (protocols 0 and 1 write none). */
+int ck_unpickle_protocol(const ck_session *s);
+
 #endif
