@@ -181,7 +181,9 @@ lint: | apt
 	clang-format --dry-run -Werror $(C_FILES)
 	@if grep -rnE '^[[:space:]]*#[[:space:]]*include[[:space:]]*[<"](Python\.h|numpy/|\.\./binding/)' src/core; then \
 	  echo "src/core must not include Python.h, numpy or binding headers" >&2; exit 1; fi
-	@echo "lint: $(words $(C_FILES)) C files formatted; src/core includes no Python"
+	@if grep -nE '^[[:space:]]*#[[:space:]]*define[[:space:]]+_GNU_SOURCE' $(C_FILES); then \
+	  echo "_GNU_SOURCE comes from src/cflags.txt, not from each file" >&2; exit 1; fi
+	@echo "lint: $(words $(C_FILES)) C files formatted; src/core includes no Python; one _GNU_SOURCE"
 
 clean:
 	rm -rf build $(BUILD) ckptio/*.so

@@ -8,7 +8,6 @@
  * Built with -fsanitize=fuzzer (make fuzz) it is a fuzzer; built with
  * -DCK_FUZZ_REPLAY (make fuzz-replay) its main() replays the files and
  * folders given as arguments. */
-#define _GNU_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
