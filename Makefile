@@ -68,9 +68,14 @@ $(BUILD)/test_atomic: tests/c/test_atomic.c $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
 	cc $(CFLAGS_C) tests/c/test_atomic.c $(CORE_SRC) $(PKG_FLAGS) -o $@
 
-ctest: $(BUILD)/test_core $(BUILD)/test_atomic
+$(BUILD)/test_write: tests/c/test_write.c $(CORE_SRC) $(CORE_HDR) | apt
+	mkdir -p $(BUILD)
+	cc $(CFLAGS_C) tests/c/test_write.c $(CORE_SRC) $(PKG_FLAGS) -lpthread -ldl -o $@
+
+ctest: $(BUILD)/test_core $(BUILD)/test_atomic $(BUILD)/test_write
 	$(BUILD)/test_core
 	$(BUILD)/test_atomic
+	$(BUILD)/test_write
 
 # ---- fuzzing (tests/fuzz): libFuzzer harnesses, each also built with a plain
 # main() that replays its corpus (fuzz-replay, part of `make test`).
