@@ -87,6 +87,13 @@ def _same_file(a, b):
                                                               b.st_mtime_ns)
 
 
+def _storage_address(t):
+    """Where t's storage starts (torch 2: untyped_storage; torch 1.13 has
+    only the typed storage(), whose data_ptr is the same address)."""
+    get = getattr(t, "untyped_storage", None)
+    return (get() if get is not None else t.storage()).data_ptr()
+
+
 def _plain(t, torch):
     """A dense, contiguous, CPU tensor of a plain type, with no conj/neg bit."""
     return (
@@ -155,7 +162,7 @@ def _plan(model, state_dict, unwrap, span, torch):
             key = prefix + name
             if param is None or key not in state_dict:
                 continue
-            storage = param.untyped_storage().data_ptr() if param.device.type == "cpu" else id(param)
+            storage = _storage_address(param) if param.device.type == "cpu" else id(param)
             targets[storage] = targets.get(storage, 0) + 1
             if eligible:
                 candidates.append((key, param, storage))
