@@ -60,15 +60,15 @@ $(DEPS_STAMP): requirements-test.txt $(DEMO_STAMP) | apt
 build: $(DEMO_STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-$(BUILD)/test_core: tests/c/test_core.c $(CORE_SRC) $(CORE_HDR) | apt
+$(BUILD)/test_core: tests/c/test_core.c tests/c/check.h $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
 	cc $(CFLAGS_C) tests/c/test_core.c $(CORE_SRC) $(PKG_FLAGS) -lpthread -o $@
 
-$(BUILD)/test_atomic: tests/c/test_atomic.c $(CORE_SRC) $(CORE_HDR) | apt
+$(BUILD)/test_atomic: tests/c/test_atomic.c tests/c/check.h $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
 	cc $(CFLAGS_C) tests/c/test_atomic.c $(CORE_SRC) $(PKG_FLAGS) -o $@
 
-$(BUILD)/test_write: tests/c/test_write.c $(CORE_SRC) $(CORE_HDR) | apt
+$(BUILD)/test_write: tests/c/test_write.c tests/c/check.h $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(BUILD)
 	cc $(CFLAGS_C) tests/c/test_write.c $(CORE_SRC) $(PKG_FLAGS) -lpthread -ldl -o $@
 
@@ -174,7 +174,7 @@ asan: $(DEPS_STAMP)
 	$(ASAN_ENV) $(PY) -P -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
 # the C files the style covers (.clang-format)
-C_FILES = $(wildcard src/*/*.c src/*/*.h tests/c/*.c tests/fuzz/*.c tests/fuzz/*.h)
+C_FILES = $(wildcard src/*/*.c src/*/*.h tests/c/*.c tests/c/*.h tests/fuzz/*.c tests/fuzz/*.h)
 
 format:
 	clang-format -i $(C_FILES)

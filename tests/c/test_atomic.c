@@ -23,17 +23,7 @@
 #include "core/hashsink.h"
 #include "core/status.h"
 
-static int n_pass, n_fail;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            n_pass++;                                                                              \
-        } else {                                                                                   \
-            n_fail++;                                                                              \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);               \
-        }                                                                                          \
-    } while (0)
+#include "check.h"
 
 static char dir[4096];
 
@@ -436,6 +426,5 @@ int main(void) {
     test_hashsink_writeback();
     if (rmdir(dir) != 0)
         fprintf(stderr, "test_atomic: %s not empty\n", dir);
-    printf("test_atomic: %d passed, %d failed\n", n_pass, n_fail);
-    return n_fail ? 1 : 0;
+    return check_report("test_atomic");
 }

@@ -24,17 +24,7 @@
 #include "core/status.h"
 #include "core/zipread.h"
 
-static int n_pass, n_fail;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            n_pass++;                                                                              \
-        } else {                                                                                   \
-            n_fail++;                                                                              \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);               \
-        }                                                                                          \
-    } while (0)
+#include "check.h"
 
 /* CHECK that a status is the expected one, printing the error message when not. */
 #define CHECK_ST(got, want, err)                                                                   \
@@ -1175,6 +1165,5 @@ int main(void) {
     test_memcopy();
     test_zip_pread();
     rmdir(tmpdir);
-    printf("test_core: %d passed, %d failed\n", n_pass, n_fail);
-    return n_fail ? 1 : 0;
+    return check_report("test_core");
 }

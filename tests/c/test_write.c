@@ -18,17 +18,7 @@
 #include "core/zipread.h"
 #include "core/zipwrite.h"
 
-static int n_pass, n_fail;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (cond) {                                                                                \
-            n_pass++;                                                                              \
-        } else {                                                                                   \
-            n_fail++;                                                                              \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);               \
-        }                                                                                          \
-    } while (0)
+#include "check.h"
 
 /* ---- a sink into a growing memory buffer --------------------------------- */
 
@@ -239,6 +229,5 @@ int main(void) {
     test_zipw_refusals();
     test_serial_id();
     test_devcopy_plan();
-    printf("test_write: %d passed, %d failed\n", n_pass, n_fail);
-    return n_fail ? 1 : 0;
+    return check_report("test_write");
 }
