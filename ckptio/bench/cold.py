@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from .harness import _warm as warm_pages  # reads the whole file into the page cache
+
 COLD = (
     "sequential read (limit)",
     "torch.load",
@@ -87,13 +89,6 @@ def drop_pages(path):
     finally:
         os.close(fd)
     return resident_fraction(path)
-
-
-def warm_pages(path):
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(16 << 20)
-        while f.readinto(buf):
-            pass
 
 
 def _read_bytes():
@@ -285,24 +280,25 @@ def render(result):
     for n, r in result["ranks"].items():
         lines.append(f"{f'{n} ranks at once: ckptio load_checkpoint (wall)':<54}"
                      f"{r['time'] * 1e3:>10.1f}{r['time'] / seq:>8.2f}x{mb(r)}")
-    e2e = cold.get("end to end: ckptio load_checkpoint")
-    mm = cold.get("end to end: torch.load(mmap=True) + load_state_dict")
-    if e2e and mm:
-        lines.append(f"cold end to end: ckptio {e2e['time'] / seq:.2f}x a sequential read, "
-                     f"{mm['time'] / e2e['time']:.2f}x faster than torch.load(mmap=True) + "
-                     "load_state_dict")
+    lines += _summary("cold", cold, seq, "a sequential read")
     lines += ["", f"warm page cache (the file read just before each run); median of "
               f"{result['rounds']}", "", f"{'method':<54}{'time ms':>10}{'vs memcpy':>11}"]
     cp = warm["one memcpy of the bytes (limit)"]["time"]
     for name, r in warm.items():
         lines.append(f"{name:<54}{r['time'] * 1e3:>10.1f}{r['time'] / cp:>10.2f}x")
-    e2e = warm.get("end to end: ckptio load_checkpoint")
-    mm = warm.get("end to end: torch.load(mmap=True) + load_state_dict")
-    if e2e and mm:
-        lines.append(f"warm end to end: ckptio {e2e['time'] / cp:.2f}x one memcpy, "
-                     f"{mm['time'] / e2e['time']:.2f}x faster than torch.load(mmap=True) + "
-                     "load_state_dict")
+    lines += _summary("warm", warm, cp, "one memcpy")
     return "\n".join(lines)
+
+
+def _summary(label, table, limit, limit_name):
+    """The end-to-end line of a table: ckptio against its limit and against
+    torch.load(mmap=True) + load_state_dict (nothing when a row is missing)."""
+    e2e = table.get("end to end: ckptio load_checkpoint")
+    mm = table.get("end to end: torch.load(mmap=True) + load_state_dict")
+    if not (e2e and mm):
+        return []
+    return [f"{label} end to end: ckptio {e2e['time'] / limit:.2f}x {limit_name}, "
+            f"{mm['time'] / e2e['time']:.2f}x faster than torch.load(mmap=True) + load_state_dict"]
 
 
 def main(argv=None):
