@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from .harness import tensors_in
+
 ROWS = ["memcpy", "torch.save", "ckptio.save", "async_save"]
 
 
@@ -29,7 +31,7 @@ def child(method, path, out_path, runs, sync=True):
 
     obj = torch.load(path, weights_only=False)
     seen, nbytes = set(), 0
-    for t in _tensors(obj):
+    for t in tensors_in(obj):
         s = t.untyped_storage()
         if s._cdata not in seen:
             seen.add(s._cdata)
@@ -79,21 +81,6 @@ def child(method, path, out_path, runs, sync=True):
         result.update(time=min(stalls[1:]), first=stalls[0], times=stalls,
                       written=min(totals[1:]), written_times=totals)
     print(json.dumps(result))
-
-
-def _tensors(obj):
-    import torch
-
-    out, stack = [], [obj]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            out.append(o)
-        elif isinstance(o, dict):
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple)):
-            stack.extend(o)
-    return out
 
 
 def _run_child(method, path, out_path, runs, sync=True):

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from .harness import _warm
+from .harness import _warm, tensors_in
 
 SAVE_ROWS = [
     "FileSystemWriter",
@@ -116,7 +116,7 @@ def child(method, path, runs, sync=True):
     _quiet()
     d = _dirs(path)
     obj = _objects(path)
-    nbytes = sum(t.numel() * t.element_size() for t in _tensors(obj))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors_in(obj))
     warm = []
     before = None
     if method in SAVE_ROWS:
@@ -161,23 +161,6 @@ def child(method, path, runs, sync=True):
         os.unlink(d["pth"])
     print(json.dumps({"time": min(times[1:]), "first": times[0], "times": times,
                       "data_bytes": nbytes}))
-
-
-def _tensors(obj):
-    import torch
-
-    out, stack, seen = [], [obj], set()
-    while stack:
-        o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            if id(o) not in seen:
-                seen.add(id(o))
-                out.append(o)
-        elif isinstance(o, dict):
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple)):
-            stack.extend(o)
-    return out
 
 
 def _run_child(method, path, runs, sync=True):

@@ -194,6 +194,24 @@ def flat_tensors(obj):
     return flat
 
 
+def tensors_in(obj):
+    """Every tensor in obj's nested dicts, lists and tuples, each object once."""
+    import torch
+
+    out, stack, seen = [], [obj], set()
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            if id(o) not in seen:
+                seen.add(id(o))
+                out.append(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+    return out
+
+
 def safetensors_twin(path):
     """The tensors of a checkpoint as a .safetensors file (flattened keys)."""
     import torch
