@@ -65,9 +65,7 @@ static PyObject *py_dcp_item(PyObject *module, PyObject *args, PyObject *kwargs)
     ck_session_begin(&s, st, name, mapping);
     s.buf += offset;
     s.len = (size_t)length;
-    /* the item is a range of the mapped file: its zip is read through the
-     * mapping (pread would read at file offsets, not the item's) */
-    s.fd = -1;
+    s.fd_base = offset; /* the item is a range of the mapped file */
     PyObject *result = NULL;
     s.unaligned_ok = !aligned;
     if (session_options(&s, NULL) == 0)

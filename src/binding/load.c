@@ -198,7 +198,7 @@ static PyObject *load_zip(ck_session *s) {
     ck_state *st = s->st;
     ck_error err;
     ck_error_clear(&err);
-    ck_status rc = ck_zip_open_file(&s->zip, s->buf, s->len, s->fd, &err);
+    ck_status rc = ck_zip_open_file(&s->zip, s->buf, s->len, s->fd, s->fd_base, &err);
     if (rc != CK_OK)
         return ck_raise_core(st, s->filename, &err);
     s->is_zip = 1;

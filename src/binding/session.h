@@ -55,8 +55,9 @@ typedef struct ck_session {
     PyObject *owner;    /* the Mapping owning buf */
     const uint8_t *buf;
     size_t len;
-    int fd;     /* the file buf maps, open for pread of headers and small records; or -1 */
-    ck_zip zip; /* zip archives */
+    int fd;           /* the file buf maps, open for pread of headers and small records; or -1 */
+    uint64_t fd_base; /* the file offset of buf[0] (a DCP item is a range of its file) */
+    ck_zip zip;       /* zip archives */
     int is_zip;
     PyObject *legacy_slots; /* legacy stream: dict storage key -> slot */
     ck_storage *storages;   /* zip: one per entry (indexed like zip.entries);

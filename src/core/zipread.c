@@ -64,7 +64,8 @@ static const char *show(char out[128], const char *name, size_t len) {
 typedef struct zsrc {
     const uint8_t *buf;
     size_t len;
-    int fd; /* -1: read the buffer */
+    int fd;        /* -1: read the buffer */
+    uint64_t base; /* the file offset of buf[0] */
 } zsrc;
 
 /* Points *out at bytes [off, off + n) of the archive (the caller checked
@@ -76,7 +77,10 @@ static ck_status zread(const zsrc *z, uint64_t off, size_t n, uint8_t *scratch, 
         *out = z->buf + off;
         return CK_OK;
     }
-    ssize_t got = ck_pread_all(z->fd, scratch, n, off);
+    if (off > UINT64_MAX - z->base)
+        return ck_fail(err, CK_E_RANGE, "offset %llu lies past the largest file offset",
+                       (unsigned long long)off);
+    ssize_t got = ck_pread_all(z->fd, scratch, n, z->base + off);
     if (got < 0)
         return ck_fail_errno(err, errno, "cannot read %zu bytes at offset %llu", n,
                              (unsigned long long)off);
@@ -428,7 +432,7 @@ static ck_status read_locals(ck_zip *zip, const zsrc *z, ck_error *err) {
             const ck_zip_entry *e = &zip->entries[i];
             longest = e->name_len > longest ? e->name_len : longest;
             if (e->header_offset < cd && cd - e->header_offset >= LOCAL_SIZE)
-                (void)posix_fadvise(z->fd, (off_t)e->header_offset,
+                (void)posix_fadvise(z->fd, (off_t)(z->base + e->header_offset),
                                     (off_t)(LOCAL_SIZE + e->name_len), POSIX_FADV_WILLNEED);
         }
         if ((scratch = malloc(LOCAL_SIZE + longest)) == NULL)
@@ -529,15 +533,17 @@ static ck_status check_prefix(ck_zip *zip, ck_error *err) {
 }
 
 ck_status ck_zip_open(ck_zip *zip, const uint8_t *buf, size_t len, ck_error *err) {
-    return ck_zip_open_file(zip, buf, len, -1, err);
+    return ck_zip_open_file(zip, buf, len, -1, 0, err);
 }
 
-ck_status ck_zip_open_file(ck_zip *zip, const uint8_t *buf, size_t len, int fd, ck_error *err) {
+ck_status ck_zip_open_file(ck_zip *zip, const uint8_t *buf, size_t len, int fd, uint64_t base,
+                           ck_error *err) {
     memset(zip, 0, sizeof *zip);
     zip->buf = buf;
     zip->len = len;
     zip->fd = fd;
-    zsrc z = {buf, len, fd};
+    zip->base = fd >= 0 ? base : 0;
+    zsrc z = {buf, len, fd, zip->base};
     end_info end = {0};
     ck_status rc = find_end(&z, &end, err);
     if (rc != CK_OK)
@@ -639,7 +645,7 @@ ck_status ck_zip_read_stored(const ck_zip *zip, size_t idx, uint8_t **out, size_
     if (posix_memalign((void **)&buf, 64, (size_t)e->size) != 0)
         return ck_fail(err, CK_E_NOMEM, "cannot allocate %llu bytes for record '%s'",
                        (unsigned long long)e->size, show(shown, e->name, e->name_len));
-    zsrc z = {zip->buf, zip->len, zip->fd};
+    zsrc z = {zip->buf, zip->len, zip->fd, zip->base};
     const uint8_t *data;
     ck_status rc = zread(&z, e->data_offset, (size_t)e->size, buf, &data, err);
     if (rc != CK_OK) {

@@ -31,7 +31,9 @@
  * then point into the copy) and every local header with pread on the file
  * instead of touching the mapping: a few hundred small reads, issued to the
  * disk together, where faulting the mapping on a cold page cache makes the
- * kernel read megabytes around each header.
+ * kernel read megabytes around each header. The buffer may be a range of
+ * the file (a DCP item inside a .distcp file): base is the file offset of
+ * buf[0], and every pread adds it.
  */
 #ifndef CKPTIO_CORE_ZIPREAD_H
 #define CKPTIO_CORE_ZIPREAD_H
@@ -64,8 +66,9 @@ typedef struct ck_zip {
     size_t prefix_len; /* top folder = entries[0].name[0 .. prefix_len) */
     uint64_t cd_offset;
     uint64_t cd_size;
-    int zip64; /* 1 when a zip64 end record was used */
-    int fd;    /* the file buf maps, read with pread (ck_zip_open_file), or -1 */
+    int zip64;     /* 1 when a zip64 end record was used */
+    int fd;        /* the file buf maps, read with pread (ck_zip_open_file), or -1 */
+    uint64_t base; /* the file offset of buf[0] (fd >= 0) */
     /* private: the central directory, read from fd (entry names point in) */
     uint8_t *cd_copy_;
     /* private: the entry indices sorted by name relative to the prefix
@@ -83,11 +86,13 @@ typedef struct ck_zip {
  * past the central directory at 800". */
 ck_status ck_zip_open(ck_zip *zip, const uint8_t *buf, size_t len, ck_error *err);
 
-/* ck_zip_open for a buffer that maps the file open at fd (len = its size):
- * the structures are read with pread on fd, never through buf (see above);
- * fd stays the caller's and must stay open while the ck_zip is used by
- * ck_zip_read_stored. fd < 0 is ck_zip_open. */
-ck_status ck_zip_open_file(ck_zip *zip, const uint8_t *buf, size_t len, int fd, ck_error *err);
+/* ck_zip_open for a buffer that maps bytes [base, base + len) of the file
+ * open at fd: the structures are read with pread on fd at base + offset,
+ * never through buf (see above); fd stays the caller's and must stay open
+ * while the ck_zip is used by ck_zip_read_stored. Offsets in entries and
+ * messages are relative to buf. fd < 0 is ck_zip_open. */
+ck_status ck_zip_open_file(ck_zip *zip, const uint8_t *buf, size_t len, int fd, uint64_t base,
+                           ck_error *err);
 
 /* Frees what ck_zip_open allocated and zeroes *zip. */
 void ck_zip_close(ck_zip *zip);

@@ -246,7 +246,7 @@ static ck_status open_both(ck_zip *zip, const uint8_t *buf, size_t len, ck_error
     ck_zip fz;
     ck_error ferr;
     ck_error_clear(&ferr);
-    ck_status frc = ck_zip_open_file(&fz, buf, len, fd, &ferr);
+    ck_status frc = ck_zip_open_file(&fz, buf, len, fd, 0, &ferr);
     int same = frc == rc && (rc == CK_OK || strcmp(ferr.msg, err->msg) == 0);
     if (same && rc == CK_OK) {
         same = fz.n_entries == zip->n_entries && fz.prefix_len == zip->prefix_len &&
@@ -1101,7 +1101,7 @@ static void test_zip_pread(void) {
     size_t out_len;
     standard(&z, Z64_EXTRA, 0);
     int fd = file_of(z.buf, z.len);
-    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, 0, &err), CK_OK, &err);
     CHECK(zip.fd == fd);
     CHECK_ST(ck_zip_read_stored(&zip, 1, &out, &out_len, &err), CK_OK, &err);
     CHECK(out != NULL && out_len == sizeof tensor_bytes && ((uintptr_t)out & 63) == 0);
@@ -1117,7 +1117,7 @@ static void test_zip_pread(void) {
     CHECK(out == NULL && strstr(err.msg, "changed while read") != NULL);
     ck_zip_close(&zip);
     /* ... or before it: the end records are gone */
-    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, &err), CK_E_TRUNCATED, &err);
+    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, 0, &err), CK_E_TRUNCATED, &err);
     CHECK(zip.entries == NULL);
     ck_zip_close(&zip);
     close(fd);
@@ -1132,13 +1132,57 @@ static void test_zip_pread(void) {
     /* compressed records are not for read_stored */
     standard(&z, Z64_NONE, 1);
     fd = file_of(z.buf, z.len);
-    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_open_file(&zip, z.buf, z.len, fd, 0, &err), CK_OK, &err);
     CHECK_ST(ck_zip_read_stored(&zip, 1, &out, &out_len, &err), CK_E_UNSUPPORTED, &err);
     CHECK_ST(ck_zip_extract(&zip, 1, UINT64_MAX, &out, &out_len, &err), CK_OK, &err);
     CHECK(out != NULL && memcmp(out, tensor_bytes, sizeof tensor_bytes) == 0);
     free(out);
     ck_zip_close(&zip);
     close(fd);
+    zfree(&z);
+}
+
+/* An archive that is a range of its file (a DCP item inside a .distcp
+ * file): with the range's file offset as base, the pread reader reads the
+ * archive's own bytes; with base 0 it reads the file's start and refuses. */
+static void test_zip_pread_base(void) {
+    zbuf z;
+    ck_zip zip;
+    ck_error err;
+    uint8_t *out;
+    size_t out_len;
+    standard(&z, Z64_NONE, 0);
+    const size_t pre = 4096 + 13, post = 77;
+    uint8_t *file = calloc(1, pre + z.len + post);
+    CHECK(file != NULL);
+    if (file == NULL)
+        return;
+    memset(file, 'x', pre);
+    memcpy(file + pre, z.buf, z.len);
+    memset(file + pre + z.len, 'y', post);
+    int fd = file_of(file, pre + z.len + post);
+    const uint8_t *item = file + pre;
+    CHECK_ST(ck_zip_open_file(&zip, item, z.len, fd, pre, &err), CK_OK, &err);
+    CHECK(zip.base == pre && zip.n_entries == 3);
+    CHECK_ST(ck_zip_read_stored(&zip, 1, &out, &out_len, &err), CK_OK, &err);
+    CHECK(out != NULL && out_len == sizeof tensor_bytes);
+    CHECK(out != NULL && memcmp(out, tensor_bytes, sizeof tensor_bytes) == 0);
+    free(out);
+    ck_zip_close(&zip);
+    /* the entries agree with the buffer reader's */
+    ck_zip bz;
+    CHECK_ST(ck_zip_open(&bz, item, z.len, &err), CK_OK, &err);
+    CHECK_ST(ck_zip_open_file(&zip, item, z.len, fd, pre, &err), CK_OK, &err);
+    for (size_t i = 0; i < bz.n_entries && i < zip.n_entries; i++)
+        CHECK(bz.entries[i].data_offset == zip.entries[i].data_offset &&
+              bz.entries[i].size == zip.entries[i].size);
+    ck_zip_close(&bz);
+    ck_zip_close(&zip);
+    /* base 0 reads the file's first bytes, not the item: refused */
+    CHECK(ck_zip_open_file(&zip, item, z.len, fd, 0, &err) != CK_OK);
+    ck_zip_close(&zip);
+    close(fd);
+    free(file);
     zfree(&z);
 }
 
@@ -1164,6 +1208,7 @@ int main(void) {
     test_zip_mutations();
     test_memcopy();
     test_zip_pread();
+    test_zip_pread_base();
     rmdir(tmpdir);
     return check_report("test_core");
 }

@@ -37,7 +37,7 @@ static void check_file_reader(const uint8_t *data, size_t size, ck_status rc, co
     ck_zip fz;
     ck_error ferr;
     ck_error_clear(&ferr);
-    ck_status frc = ck_zip_open_file(&fz, data, size, fd, &ferr);
+    ck_status frc = ck_zip_open_file(&fz, data, size, fd, 0, &ferr);
     if (frc != rc || (rc != CK_OK && strcmp(ferr.msg, msg) != 0))
         abort();
     if (rc == CK_OK) {
