@@ -1,5 +1,6 @@
 """The load benchmark runs every method in its child process and renders the
 table; the section runner dispatches to each section's module."""
+import os
 import pytest
 import torch
 
@@ -48,3 +49,11 @@ def test_load_section_on_a_plain_state_dict(tmp_path):
     result = bench.measure({"big": str(plain), "small": str(small)}, 1)
     assert list(result["rows"]) == bench.LOAD_ROWS
     assert all(r["time"] > 0 for r in result["rows"].values())
+
+
+def test_http_section_finds_the_fault_server():
+    # the section starts tests/faultserver.py from the source tree; a moved
+    # module once pointed at ckptio/tests/ and `make demo` stopped there
+    from ckptio.bench import http as bench_http
+
+    assert os.path.isfile(bench_http._FAULTSERVER), bench_http._FAULTSERVER

@@ -23,7 +23,9 @@ import time
 
 NOHASH_ROWS = ("no hash: ckptio, fsync=False", "no hash: torch.hub")
 LIMIT_ROW = "limit: curl -o /dev/null (no write/hash)"
-_FAULTSERVER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests", "faultserver.py")
+# the source tree's tests/faultserver.py (this file is ckptio/bench/http.py)
+_FAULTSERVER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "tests", "faultserver.py")
 
 
 def _start_server(path):
