@@ -34,32 +34,77 @@ int ck_errors_init(PyObject *m, ck_state *st) {
     return 0;
 }
 
-static PyObject *raise_with_prefix(PyObject *exc_type, PyObject *filename, const char *msg) {
-    if (filename != NULL && filename != Py_None)
-        PyErr_Format(exc_type, "%U: %s", filename, msg);
-    else
-        PyErr_SetString(exc_type, msg);
+/* What each core status becomes, by origin (the table in errors.h). Every
+ * status is named, with no default, so -Wswitch points here when one is
+ * added to core/status.h. */
+static PyObject *status_type(ck_state *st, ck_origin origin, const ck_error *err) {
+    PyObject *fault = origin == CK_FROM_DOWNLOAD ? st->DownloadError : st->CheckpointError;
+    switch (err->status) {
+    case CK_E_NOMEM:
+        return PyExc_MemoryError;
+    case CK_E_IO:
+        /* DownloadError is an OSError already; the others pick errno's subclass */
+        return err->os_errno != 0 && origin != CK_FROM_DOWNLOAD ? PyExc_OSError : fault;
+    case CK_E_RANGE:
+    case CK_E_LIMIT:
+        /* an offset or size the caller passed is a bad argument; one read
+         * from a file or a server is the file's or the transfer's fault */
+        return origin == CK_FROM_CALLER ? PyExc_ValueError : fault;
+    case CK_OK: /* not a failure: a caller's bug, still reported as the fault */
+    case CK_E_FORMAT:
+    case CK_E_TRUNCATED:
+    case CK_E_UNSUPPORTED:
+    case CK_E_CRC:
+    case CK_E_NOTFOUND:
+    case CK_E_HTTP:
+    case CK_E_INTERRUPTED:
+    case CK_STATUS_COUNT:
+        return fault;
+    }
+    return fault;
+}
+
+/* type(errno, text[, filename or None]): OSError's constructor picks the
+ * errno's subclass and fills errno, strerror and filename. */
+static PyObject *raise_errno(PyObject *type, ck_origin origin, PyObject *filename, int os_errno,
+                             PyObject *text) {
+    PyObject *args = origin == CK_FROM_DOWNLOAD
+                         ? Py_BuildValue("(iO)", os_errno, text)
+                         : Py_BuildValue("(iOO)", os_errno, text, filename ? filename : Py_None);
+    if (args == NULL)
+        return NULL;
+    PyObject *exc = PyObject_Call(type, args, NULL);
+    Py_DECREF(args);
+    if (exc == NULL)
+        return NULL;
+    ck_restore_exception(exc);
+    return NULL;
+}
+
+PyObject *ck_raise_status(ck_state *st, ck_origin origin, PyObject *filename, const char *context,
+                          const ck_error *err) {
+    PyObject *type = status_type(st, origin, err); /* borrowed */
+    if (type == PyExc_MemoryError && context == NULL)
+        return PyErr_NoMemory();
+    /* %s decodes with errors="replace": a message quoting a file's bytes or
+     * a path that is not UTF-8 still becomes the mapped exception */
+    PyObject *text = context != NULL ? PyUnicode_FromFormat("%s: %s", context, err->msg)
+                                     : PyUnicode_FromFormat("%s", err->msg);
+    if (text == NULL)
+        return NULL;
+    if (err->status == CK_E_IO && err->os_errno != 0) {
+        raise_errno(type, origin, filename, err->os_errno, text);
+    } else if (filename != NULL && filename != Py_None) {
+        PyErr_Format(type, "%U: %U", filename, text);
+    } else {
+        PyErr_SetObject(type, text);
+    }
+    Py_DECREF(text);
     return NULL;
 }
 
 PyObject *ck_raise_core(ck_state *st, PyObject *filename, const ck_error *err) {
-    if (err->status == CK_E_NOMEM)
-        return PyErr_NoMemory();
-    if (err->status == CK_E_IO && err->os_errno != 0) {
-        PyObject *args =
-            Py_BuildValue("(isO)", err->os_errno, err->msg, filename ? filename : Py_None);
-        if (args == NULL)
-            return NULL;
-        /* OSError(errno, msg, filename) picks the errno's subclass */
-        PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL);
-        Py_DECREF(args);
-        if (exc == NULL)
-            return NULL;
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-        Py_DECREF(exc);
-        return NULL;
-    }
-    return raise_with_prefix(st->CheckpointError, filename, err->msg);
+    return ck_raise_status(st, CK_FROM_FILE, filename, NULL, err);
 }
 
 PyObject *ck_raise(PyObject *exc_type, PyObject *filename, const char *fmt, ...) {

@@ -11,9 +11,37 @@
  * them to module m. Returns 0 or -1. */
 int ck_errors_init(PyObject *m, ck_state *st);
 
-/* Raises the exception for a core failure: OSError (the errno's subclass,
- * with the file name) for CK_E_IO, MemoryError for CK_E_NOMEM, else
- * CheckpointError "<file>: <message>". Returns NULL. */
+/* Where the input of a failed core call came from: the same status can be
+ * the file's fault, the caller's or the transfer's. */
+typedef enum ck_origin {
+    CK_FROM_FILE,     /* a checkpoint's bytes, or the file system under it */
+    CK_FROM_CALLER,   /* values the Python caller passed: segments, sizes, a library */
+    CK_FROM_DOWNLOAD, /* a transfer of ck_http_download */
+} ck_origin;
+
+/* Raises the exception for a core failure. The one mapping of statuses to
+ * exception types (status_type in errors.c):
+ *
+ *   status              CK_FROM_FILE      CK_FROM_CALLER    CK_FROM_DOWNLOAD
+ *   CK_E_NOMEM          MemoryError       MemoryError       MemoryError
+ *   CK_E_IO with errno  OSError           OSError           DownloadError
+ *   CK_E_RANGE, LIMIT   CheckpointError   ValueError        DownloadError
+ *   any other status    CheckpointError   CheckpointError   DownloadError
+ *
+ * The message is "<file>: <context>: <core message>", leaving out filename
+ * when it is NULL or None and context when it is NULL. With errno, the
+ * exception is built as type(errno, "<context>: <core message>", filename
+ * or None), so OSError picks the errno's subclass (FileNotFoundError, ...)
+ * and carries errno, strerror and filename; DownloadError is built as
+ * DownloadError(errno, message), its url being set by http.c. MemoryError
+ * without a context is PyErr_NoMemory()'s, which allocates nothing: the
+ * core ran out of memory for its own records, not for one named buffer.
+ * Returns NULL. */
+PyObject *ck_raise_status(ck_state *st, ck_origin origin, PyObject *filename, const char *context,
+                          const ck_error *err);
+
+/* A failure reading or writing a checkpoint file:
+ * ck_raise_status(st, CK_FROM_FILE, filename, NULL, err). Returns NULL. */
 PyObject *ck_raise_core(ck_state *st, PyObject *filename, const ck_error *err);
 
 /* Raises exc_type with "<file>: " + the message, formatted by
