@@ -162,7 +162,7 @@ static PyObject *py_copy_to_host(PyObject *module, PyObject *args, PyObject *kwa
     ck_cudart rt;
     memset(&rt, 0, sizeof rt);
     if (ck_devcopy_plan(segs, (size_t)n, CK_DEVCOPY_ALIGN, &total, &err) != CK_OK) {
-        PyErr_Format(PyExc_ValueError, "copy_to_host: %s", err.msg);
+        ck_raise_status(st, CK_FROM_CALLER, NULL, "copy_to_host", &err);
         goto done;
     }
     if (ck_cudart_open(path, &rt, &err) != CK_OK) {
@@ -170,7 +170,7 @@ static PyObject *py_copy_to_host(PyObject *module, PyObject *args, PyObject *kwa
             result = Py_NewRef(Py_None); /* no runtime: the caller copies tensor by tensor */
             goto done;
         }
-        PyErr_Format(st->CheckpointError, "copy_to_host: %s", err.msg);
+        ck_raise_status(st, CK_FROM_CALLER, NULL, "copy_to_host", &err);
         goto done;
     }
     offsets = PyTuple_New(n); /* owned */
@@ -198,11 +198,15 @@ static PyObject *py_copy_to_host(PyObject *module, PyObject *args, PyObject *kwa
     status = ck_devcopy_run(&rt, segs, (size_t)n, total, memory, &host, &err);
     PyEval_RestoreThread(ts);
     if (status != CK_OK) {
-        if (status == CK_E_NOMEM)
-            PyErr_Format(PyExc_MemoryError, "copy_to_host: %zu bytes of %s memory: %s", total,
-                         pinned ? "pinned" : "pageable", err.msg);
-        else
-            PyErr_Format(st->CheckpointError, "copy_to_host: device-to-host copy: %s", err.msg);
+        /* the message names the arena that could not be allocated, or the copy */
+        const char *context = "copy_to_host: device-to-host copy";
+        char arena_context[96];
+        if (status == CK_E_NOMEM) {
+            snprintf(arena_context, sizeof arena_context, "copy_to_host: %zu bytes of %s memory",
+                     total, pinned ? "pinned" : "pageable");
+            context = arena_context;
+        }
+        ck_raise_status(st, CK_FROM_CALLER, NULL, context, &err);
         goto done;
     }
     arena->rt = rt; /* the arena now owns the runtime reference */
@@ -310,19 +314,18 @@ static PyObject *py_copy_into(PyObject *module, PyObject *args, PyObject *kwargs
     ck_error err;
     ck_error_clear(&err);
     if (n_dev > 0 && ck_cudart_open(path, &rt, &err) != CK_OK) {
-        PyErr_Format(st->CheckpointError, "copy_into: %s", err.msg);
+        ck_raise_status(st, CK_FROM_CALLER, NULL, "copy_into", &err);
         goto done;
     }
     /* the copies touch no Python object; the caller keeps the sources alive */
     PyThreadState *ts = PyEval_SaveThread();
     ck_status status = copy_runs(&rt, &arena, host, n_host, dev, n_dev, threads, &err);
     PyEval_RestoreThread(ts);
-    if (status == CK_E_RANGE || status == CK_E_LIMIT)
-        PyErr_Format(PyExc_ValueError, "copy_into: %s", err.msg);
-    else if (status == CK_E_NOMEM)
-        PyErr_Format(PyExc_MemoryError, "copy_into: %s", err.msg);
-    else if (status != CK_OK)
-        PyErr_Format(st->CheckpointError, "copy_into: device-to-host copy: %s", err.msg);
+    /* a failing CUDA call (CK_E_IO) is named the copy's; the segments' and the
+     * memory's failures speak for themselves */
+    if (status != CK_OK)
+        ck_raise_status(st, CK_FROM_CALLER, NULL,
+                        status == CK_E_IO ? "copy_into: device-to-host copy" : "copy_into", &err);
     else
         result = Py_NewRef(Py_None);
 done:
