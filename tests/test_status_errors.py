@@ -151,3 +151,15 @@ def test_download_http_is_download_error_with_the_status(tmp_path):
     assert type(e) is ckptio.DownloadError
     assert e.errno is None and e.status == 404 and e.url == url
     assert str(e).startswith(f"HTTP 404 from {url}")
+
+
+def test_download_error_for_a_path_that_is_not_utf8(tmp_path):
+    # the core's message quotes the path's bytes; it used to fail to decode
+    # (UnicodeDecodeError in place of the DownloadError)
+    url = "http://127.0.0.1:9/x"
+    missing = os.fsencode(str(tmp_path)) + b"/\xff"
+    e = raised(lambda: _native.download(url, os.fsdecode(missing + b"/f.bin"), retries=0))
+    assert type(e) is ckptio.DownloadError
+    assert e.errno == errno.ENOENT and e.url == url
+    assert str(e) == (f"[Errno 2] cannot create {tmp_path}/\ufffd/f.bin.partial: "
+                      "No such file or directory")

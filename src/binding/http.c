@@ -63,15 +63,14 @@ static int on_progress(void *p, uint64_t done, uint64_t total) {
     return stop;
 }
 
+/* The failure's exception comes from errors.c (DownloadError, or MemoryError);
+ * a DownloadError gets the url and the last HTTP status. */
 static PyObject *raise_download_error(ck_state *st, const char *url, const ck_error *err,
                                       long status) {
-    PyObject *exc;
-    if (err->status == CK_E_NOMEM)
-        return PyErr_NoMemory();
-    if (err->status == CK_E_IO && err->os_errno != 0)
-        exc = PyObject_CallFunction(st->DownloadError, "is", err->os_errno, err->msg);
-    else
-        exc = PyObject_CallFunction(st->DownloadError, "s", err->msg);
+    ck_raise_status(st, CK_FROM_DOWNLOAD, NULL, NULL, err);
+    if (!PyErr_ExceptionMatches(st->DownloadError))
+        return NULL;
+    PyObject *exc = ck_fetch_exception();
     if (exc == NULL)
         return NULL;
     PyObject *u = PyUnicode_DecodeFSDefault(url);
