@@ -156,8 +156,8 @@ static int check_records(ck_session *s, report *r, uint64_t *budget, ptrdiff_t d
             rc = ck_zip_extract(zip, i, e->size, &out, &out_len, &err);
         Py_END_ALLOW_THREADS
         free(out);
-        if (rc == CK_E_NOMEM) {
-            PyErr_NoMemory();
+        if (rc == CK_E_NOMEM) { /* no finding about the file: verify stops */
+            ck_raise_core(s->st, s->filename, &err);
             return -1;
         }
         *budget -= out_len;
@@ -277,8 +277,8 @@ static int verify_zip(ck_session *s, report *r) {
         Py_BEGIN_ALLOW_THREADS
             rc = ck_zip_extract(&s->zip, (size_t)pkl, pe->size, &owned, &pkl_len, &err);
         Py_END_ALLOW_THREADS
-        if (rc == CK_E_NOMEM) {
-            PyErr_NoMemory();
+        if (rc == CK_E_NOMEM) { /* no finding about the file: verify stops */
+            ck_raise_core(s->st, s->filename, &err);
             return -1;
         }
         done = pkl;
