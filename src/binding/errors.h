@@ -1,5 +1,6 @@
-/* The one place where core statuses and binding failures become Python
- * exceptions. Every message starts with the name of the file being read. */
+/* The one place where core statuses (and their errno) and binding failures
+ * become Python exceptions. A message starts with the name of the file being
+ * read, where there is one. */
 #ifndef CKPTIO_BINDING_ERRORS_H
 #define CKPTIO_BINDING_ERRORS_H
 
