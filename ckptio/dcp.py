@@ -311,6 +311,64 @@ def _narrow(tensor, offsets, lengths):
     return tensor
 
 
+def _byte_view(t):
+    """A buffer over plain CPU tensor t's bytes (no copy), or None where a
+    byte copy would not be what copy_ does (another layout, conj/neg bits,
+    not contiguous, quantized, empty)."""
+    if (t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous()
+            or t.is_quantized or t.is_conj() or t.is_neg() or t.numel() == 0):
+        return None
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class _ByteCopies:
+    """The tensor items of one read_data call whose copy is a plain byte
+    copy (same dtype, both contiguous on the CPU): gathered, then copied in
+    one native call on two threads with the GIL released
+    (_native.copy_buffers), then committed to the planner in request order.
+    At most _HOST_BATCH_BYTES wait at once (a planner may resolve each item
+    to a temporary that its commit_tensor moves). Anything else is copied by
+    torch, after the gathered copies."""
+
+    def __init__(self):
+        self.jobs, self.reqs, self.spans = [], [], []
+        self.pending = 0
+
+    def add(self, req, src, target):
+        if src.dtype != target.dtype:
+            return False
+        a, b = _byte_view(src), _byte_view(target)
+        if a is None or b is None:
+            return False
+        self.jobs.append((a, b))
+        self.reqs.append((req, target))
+        self.spans.append((target.data_ptr(), b.nbytes))
+        self.pending += b.nbytes
+        return True
+
+    def full(self):
+        return self.pending >= _HOST_BATCH_BYTES
+
+    def flush(self, planner):
+        if not self.jobs:
+            return
+        jobs, reqs, spans = self.jobs, self.reqs, self.spans
+        self.jobs, self.reqs, self.spans = [], [], []
+        self.pending = 0
+        # targets that share bytes (tied entries) are written in request
+        # order, as by copy_: one thread, in order
+        spans.sort()
+        threads = 2
+        for (lo, n), (next_lo, _) in zip(spans, spans[1:]):
+            if next_lo < lo + n:
+                threads = 1
+                break
+        _native.copy_buffers(jobs, threads)
+        del jobs
+        for req, target in reqs:
+            planner.commit_tensor(req, target)
+
+
 # --------------------------------------------------------------------- reader
 
 
@@ -371,6 +429,7 @@ class StorageReader(_StorageReaderBase):
         return plans
 
     def read_data(self, plan, planner):
+        copies = _ByteCopies()
         per_file = {}
         for req in plan.items:
             sinfo = self.storage_data[req.storage_index]
@@ -398,8 +457,13 @@ class StorageReader(_StorageReaderBase):
                 if target.size() != src.size():
                     raise AssertionError(
                         f"req {req.storage_index} mismatch sizes {target.size()} vs {src.size()}")
-                target.copy_(src)
-                planner.commit_tensor(req, target)
+                if not copies.add(req, src, target):
+                    copies.flush(planner)
+                    target.copy_(src)
+                    planner.commit_tensor(req, target)
+                elif copies.full():
+                    copies.flush(planner)
+            copies.flush(planner)
             del items
         fut = Future()
         fut.set_result(None)

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/memcopy.h"
 #include "errors.h"
 #include "mapping.h"
 
@@ -254,6 +255,109 @@ static PyObject *py_pread_file(PyObject *module, PyObject *args, PyObject *kwarg
     return ck_mapping_new(st, &region);
 }
 
+/* copy_buffers(jobs, threads=2): jobs is a sequence of (source, destination)
+ * C-contiguous buffers of equal length (destinations writable): each
+ * source's bytes are copied into its destination, the batch split over
+ * `threads` threads when large (core/memcopy.c), the GIL released. For
+ * scattered copies out of a mapped checkpoint whose pages are in the page
+ * cache: two threads take the mapping's page faults and copy at once. */
+static PyObject *py_copy_buffers(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"jobs", "threads", NULL};
+    PyObject *jobs_obj;
+    int threads = 2;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|i:copy_buffers", kwlist, &jobs_obj, &threads))
+        return NULL;
+    PyObject *jobs = PySequence_Fast(jobs_obj, "copy_buffers: jobs must be a sequence");
+    if (jobs == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(jobs);
+    Py_buffer *views = PyMem_Calloc(2 * (size_t)n + 1, sizeof *views);
+    ck_memcopy_run *runs = PyMem_Calloc((size_t)n + 1, sizeof *runs);
+    Py_ssize_t held = 0; /* views[0..held) are acquired */
+    PyObject *result = NULL;
+    if (views == NULL || runs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *job = PySequence_Fast_GET_ITEM(jobs, i);
+        PyObject *src, *dst;
+        if (!PyTuple_Check(job) || !PyArg_ParseTuple(job, "OO:copy_buffers job", &src, &dst)) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "copy_buffers: each job is (source, destination)");
+            goto done;
+        }
+        if (PyObject_GetBuffer(src, &views[held], PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        held++;
+        if (PyObject_GetBuffer(dst, &views[held], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        held++;
+        const Py_buffer *a = &views[held - 2], *b = &views[held - 1];
+        if (a->len != b->len) {
+            PyErr_Format(PyExc_ValueError,
+                         "copy_buffers: job %zd copies %zd bytes into a buffer of %zd", i, a->len,
+                         b->len);
+            goto done;
+        }
+        runs[i] = (ck_memcopy_run){a->buf, b->buf, (size_t)a->len};
+    }
+    ck_error err;
+    ck_error_clear(&err);
+    ck_status status;
+    Py_BEGIN_ALLOW_THREADS
+        status = ck_memcopy_runs(runs, (size_t)n, threads, &err);
+    Py_END_ALLOW_THREADS
+    if (status != CK_OK) {
+        ck_raise_status(ck_get_state(module), CK_FROM_CALLER, NULL, "copy_buffers", &err);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(runs);
+    Py_DECREF(jobs);
+    return result;
+}
+
+/* mapping_resident(mapping) -> (resident, pages): how many of a mapped
+ * file's pages are in the page cache (mincore), to choose between copying
+ * from the mapping (all there: two threads at memory speed) and large preads
+ * (from the disk: no faults, the disk kept busy). (0, 0) for a Mapping that
+ * is not a file mapping. */
+static PyObject *py_mapping_resident(PyObject *module, PyObject *obj) {
+    ck_state *st = ck_get_state(module);
+    if (!ck_mapping_check(st, obj)) {
+        PyErr_SetString(PyExc_TypeError, "mapping_resident: expected a ckptio._native.Mapping");
+        return NULL;
+    }
+    ck_mapping *m = (ck_mapping *)obj;
+    if (m->region.kind != CK_REGION_MMAP || m->region.len == 0)
+        return Py_BuildValue("(nn)", (Py_ssize_t)0, (Py_ssize_t)0);
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0)
+        page = 4096;
+    size_t pages = (m->region.len + (size_t)page - 1) / (size_t)page;
+    unsigned char *vec = PyMem_Malloc(pages);
+    if (vec == NULL)
+        return PyErr_NoMemory();
+    size_t resident = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+        rc = mincore(m->region.data, m->region.len, vec);
+        if (rc == 0) {
+            for (size_t i = 0; i < pages; i++)
+                resident += vec[i] & 1;
+        }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(vec);
+    if (rc != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return Py_BuildValue("(nn)", (Py_ssize_t)resident, (Py_ssize_t)pages);
+}
+
 /* mapping_span(mapping) -> (address, size, kind): where a Mapping's bytes
  * lie in this process, to tell whether a loaded tensor is a view of them
  * and at which offset of the file. */
@@ -278,6 +382,12 @@ PyMethodDef ck_readinto_methods[] = {
     {"pread_file", (PyCFunction)(void (*)(void))py_pread_file, METH_VARARGS | METH_KEYWORDS,
      "pread_file(path, threads=2) -> Mapping: the file read into one heap buffer with large "
      "preads (huge pages where the kernel allows), the GIL released."},
+    {"copy_buffers", (PyCFunction)(void (*)(void))py_copy_buffers, METH_VARARGS | METH_KEYWORDS,
+     "copy_buffers(jobs, threads=2): each (source, writable destination) pair of equal-length "
+     "C-contiguous buffers in jobs copied, on two threads for large batches, the GIL released."},
+    {"mapping_resident", py_mapping_resident, METH_O,
+     "mapping_resident(mapping) -> (resident, pages): how many of a file mapping's pages are in "
+     "the page cache."},
     {"mapping_span", py_mapping_span, METH_O,
      "mapping_span(mapping) -> (address, size, kind) of a Mapping's bytes."},
     {NULL, NULL, 0, NULL},

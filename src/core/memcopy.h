@@ -1,6 +1,8 @@
-/* Copies of host memory runs into one arena, split over a few threads when
- * the batch is large (a snapshot of a checkpoint's tensor bytes: the copy
- * is all a caller of ckptio.async_save waits for). */
+/* Copies of host memory, split over a few threads when the batch is large:
+ * runs into one arena (a snapshot of a checkpoint's tensor bytes: the copy
+ * is all a caller of ckptio.async_save waits for), or scattered runs from a
+ * mapped checkpoint into the tensors that receive them (DCP items, the
+ * direct load into a model from a file in the page cache). */
 #ifndef CKPTIO_CORE_MEMCOPY_H
 #define CKPTIO_CORE_MEMCOPY_H
 
@@ -16,6 +18,13 @@ typedef struct ck_memcopy_segment {
     size_t offset;
 } ck_memcopy_segment;
 
+/* One scattered run: nbytes from src to dst. */
+typedef struct ck_memcopy_run {
+    const void *src;
+    void *dst;
+    size_t nbytes;
+} ck_memcopy_run;
+
 /* Batches smaller than this are copied by the calling thread alone. */
 #define CK_MEMCOPY_PARALLEL_MIN ((size_t)64 << 20)
 
@@ -27,5 +36,11 @@ typedef struct ck_memcopy_segment {
  * copied by the caller. Does not touch Python. */
 ck_status ck_memcopy_segments(void *arena, size_t total, const ck_memcopy_segment *segs, size_t n,
                               int threads, ck_error *err);
+
+/* Copies every run (src and dst of each must not overlap; CK_E_RANGE,
+ * nothing copied, when a run of nonzero length has no source or no
+ * destination), split over threads as ck_memcopy_segments. Does not touch
+ * Python. */
+ck_status ck_memcopy_runs(const ck_memcopy_run *runs, size_t n, int threads, ck_error *err);
 
 #endif

@@ -1087,6 +1087,31 @@ static void test_memcopy(void) {
     ck_memcopy_segment null_src[1] = {{NULL, 4, 0}};
     CHECK(ck_memcopy_segments(dst, n, null_src, 1, 2, &err) == CK_E_RANGE);
     CHECK(ck_memcopy_segments(dst, n, NULL, 0, 2, &err) == CK_OK);
+
+    /* scattered runs, in reverse destination order, past the threshold on 2
+     * and 4 threads: every run lands at its own destination, nothing else */
+    for (int threads = 1; threads <= 4; threads *= 2) {
+        memset(dst, 0xAA, n + 4096);
+        size_t tail = n - cut - 4096;
+        ck_memcopy_run runs[3] = {
+            {src, dst + 64 + tail, cut},
+            {src + cut, dst + 17, 0},
+            {src + cut, dst + 32, tail},
+        };
+        CHECK(ck_memcopy_runs(runs, 3, threads, &err) == CK_OK);
+        CHECK(memcmp(dst + 32, src + cut, tail) == 0);
+        CHECK(memcmp(dst + 64 + tail, src, cut) == 0);
+        CHECK(dst[31] == 0xAA && dst[32 + tail] == 0xAA && dst[63 + tail] == 0xAA);
+        CHECK(dst[64 + tail + cut] == 0xAA);
+    }
+    ck_memcopy_run no_dst[2] = {{src, dst, 8}, {src, NULL, 8}};
+    memset(dst, 0x55, 16);
+    CHECK(ck_memcopy_runs(no_dst, 2, 2, &err) == CK_E_RANGE);
+    CHECK(dst[0] == 0x55 && strstr(err.msg, "run 1") != NULL);
+    ck_memcopy_run empty_null[1] = {{NULL, NULL, 0}};
+    CHECK(ck_memcopy_runs(empty_null, 1, 2, &err) == CK_OK);
+    ck_memcopy_run huge[2] = {{src, dst, SIZE_MAX}, {src, dst, 2}};
+    CHECK(ck_memcopy_runs(huge, 2, 2, &err) == CK_E_LIMIT);
     free(src);
     free(dst);
 }
