@@ -48,10 +48,14 @@ static int host_is_little(void) {
  * stored record, or a copy in *owned (free with free()): inflated, or, when
  * the archive is a mapped file, read with pread (so that reading data.pkl
  * and the small records does not fault the mapping, which on a cold page
- * cache reads megabytes of tensors around them). Returns 1 when found, 0
- * when absent, -1 on error. */
-static int record_bytes(ck_session *s, const char *rel, const uint8_t **data, size_t *len,
-                        uint8_t **owned, ptrdiff_t *index) {
+ * cache reads megabytes of tensors around them). whole: the caller parses
+ * the record whole anyway (data.pkl), so a stored one is copied by pread
+ * at any size (the copy charged to the budget); otherwise only small ones
+ * are, and a large record stays in the mapping, so that a file-sized
+ * 'version' or 'byteorder' costs no file-sized copy. Returns 1 when found,
+ * 0 when absent, -1 on error. */
+static int record_bytes(ck_session *s, const char *rel, int whole, const uint8_t **data,
+                        size_t *len, uint8_t **owned, ptrdiff_t *index) {
     ptrdiff_t idx = ck_zip_find(&s->zip, rel, strlen(rel));
     if (index != NULL)
         *index = idx;
@@ -59,12 +63,8 @@ static int record_bytes(ck_session *s, const char *rel, const uint8_t **data, si
     if (idx < 0)
         return 0;
     const ck_zip_entry *e = &s->zip.entries[idx];
-    /* copied by pread: data.pkl (parsed whole anyway; its copy is charged to
-     * the budget) and small records; a large 'version' or 'byteorder' stays
-     * in the mapping, so a file-sized one costs no file-sized copy */
-    int is_pickle = strcmp(rel, "data.pkl") == 0;
     if (e->method == CK_ZIP_METHOD_STORED && s->fd >= 0 &&
-        (e->size <= CK_PREAD_RECORD_MAX || is_pickle)) {
+        (e->size <= CK_PREAD_RECORD_MAX || whole)) {
         static const uint8_t empty[1];
         ck_error err;
         ck_error_clear(&err);
@@ -112,10 +112,10 @@ static int check_version(ck_session *s) {
     size_t len;
     uint8_t *owned;
     const char *name = ".data/version";
-    int found = record_bytes(s, name, &data, &len, &owned, NULL);
+    int found = record_bytes(s, name, 0, &data, &len, &owned, NULL);
     if (found == 0) {
         name = "version";
-        found = record_bytes(s, name, &data, &len, &owned, NULL);
+        found = record_bytes(s, name, 0, &data, &len, &owned, NULL);
     }
     if (found < 0)
         return -1;
@@ -146,7 +146,7 @@ static int check_byteorder(ck_session *s) {
     const uint8_t *data;
     size_t len;
     uint8_t *owned;
-    int found = record_bytes(s, "byteorder", &data, &len, &owned, NULL);
+    int found = record_bytes(s, "byteorder", 0, &data, &len, &owned, NULL);
     if (found < 0)
         return -1;
     int little = 1; /* torch reads files without the record as little-endian */
@@ -215,7 +215,7 @@ static PyObject *load_zip(ck_session *s) {
     size_t pkl_len;
     uint8_t *owned;
     ptrdiff_t pkl_idx;
-    int found = record_bytes(s, "data.pkl", &pkl, &pkl_len, &owned, &pkl_idx);
+    int found = record_bytes(s, "data.pkl", 1, &pkl, &pkl_len, &owned, &pkl_idx);
     if (found < 0)
         return NULL;
     if (found == 0)
