@@ -2,6 +2,7 @@
  * five pickles (magic number, protocol version, sys_info, the objects, the
  * storage keys) and then, per listed key, an int64 element count and the
  * storage's bytes. */
+#include "core/legacy.h"
 #include "errors.h"
 #include "load_internal.h"
 #include "session.h"
@@ -82,6 +83,95 @@ static int add_slot(PyObject *slots, PyObject *key, Py_ssize_t *n) {
     return rc;
 }
 
+/* The data after the pickles: per listed key, an int64 element count then
+ * the bytes (walked by src/core/legacy.c). Each key's element size and count
+ * come from its object first; the walk covers the keys before the first
+ * whose object is missing or gives an invalid size, so that the faults are
+ * reported in the order of the file: the earliest storage's first. Sets
+ * each listed storage's bytes; 0, or -1 with an exception set. */
+static int walk_data(ck_session *s, PyObject *keys, PyObject *roots, size_t pos) {
+    ck_state *st = s->st;
+    size_t n_keys = (size_t)PyList_GET_SIZE(keys);
+    size_t n = n_keys ? n_keys : 1;
+    /* in: elsize, expect; out: offset, length; n each */
+    uint64_t *elsize = PyMem_Malloc(2 * n * sizeof(uint64_t));
+    size_t *offset = PyMem_Malloc(2 * n * sizeof(size_t));
+    if (elsize == NULL || offset == NULL) {
+        PyMem_Free(elsize);
+        PyMem_Free(offset);
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint64_t *expect = elsize + n;
+    size_t *length = offset + n;
+    int rc = -1;
+    size_t n_ok = 0;
+    enum { ALL_SIZED, NO_OBJECT, INVALID_SIZE } stop = ALL_SIZED; /* why key n_ok ends the walk */
+    for (; n_ok < n_keys; n_ok++) {
+        PyObject *key = PyList_GET_ITEM(keys, (Py_ssize_t)n_ok);
+        PyObject *entry = PyDict_GetItemWithError(roots, key);
+        if (entry == NULL) {
+            if (PyErr_Occurred())
+                goto out;
+            stop = NO_OBJECT;
+            break;
+        }
+        int code = (int)PyLong_AsLong(PyTuple_GET_ITEM(entry, 0));
+        long long numel = PyLong_Check(PyTuple_GET_ITEM(entry, 1))
+                              ? PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1))
+                              : -1;
+        uint64_t nbytes;
+        if (numel < 0 ||
+            __builtin_mul_overflow((uint64_t)numel, (uint64_t)st->dtypes[code].elsize, &nbytes)) {
+            PyErr_Clear();
+            stop = INVALID_SIZE;
+            break;
+        }
+        elsize[n_ok] = (uint64_t)st->dtypes[code].elsize;
+        expect[n_ok] = (uint64_t)numel;
+    }
+    ck_legacy_walk walk;
+    ck_error err;
+    ck_error_clear(&err);
+    if (ck_legacy_walk_storages(s->buf, s->len, pos, n_ok, elsize, expect, offset, length, &walk,
+                                &err) != CK_OK) {
+        PyObject *key = PyList_GET_ITEM(keys, (Py_ssize_t)walk.at);
+        if (walk.fault == CK_LEGACY_NO_COUNT)
+            ck_raise(st->CheckpointError, s->filename,
+                     "the file ends before the data of storage '%U' (truncated)", key);
+        else if (walk.fault == CK_LEGACY_COUNT_MISMATCH)
+            ck_raise(st->CheckpointError, s->filename,
+                     "storage '%U' has %llu elements in the file but %lld in its object", key,
+                     (unsigned long long)walk.count, (long long)expect[walk.at]);
+        else if (walk.fault == CK_LEGACY_NO_DATA)
+            ck_raise(st->CheckpointError, s->filename,
+                     "the file ends inside the data of storage '%U' (truncated)", key);
+        else
+            ck_raise_core(st, s->filename, &err);
+        goto out;
+    }
+    if (stop == NO_OBJECT) {
+        ck_raise(st->CheckpointError, s->filename, "storage '%U' has data but no object uses it",
+                 PyList_GET_ITEM(keys, (Py_ssize_t)n_ok));
+        goto out;
+    }
+    if (stop == INVALID_SIZE) {
+        ck_raise(st->CheckpointError, s->filename, "storage '%U' has an invalid size",
+                 PyList_GET_ITEM(keys, (Py_ssize_t)n_ok));
+        goto out;
+    }
+    for (size_t i = 0; i < n_ok; i++) {
+        ck_storage *e = &s->storages[i];
+        e->src = s->buf + offset[i];
+        e->src_size = length[i];
+    }
+    rc = 0;
+out:
+    PyMem_Free(elsize);
+    PyMem_Free(offset);
+    return rc;
+}
+
 PyObject *ck_load_legacy(ck_session *s) {
     ck_state *st = s->st;
     size_t pos = 0;
@@ -155,52 +245,8 @@ PyObject *ck_load_legacy(ck_session *s) {
     if (ck_storages_alloc(s, (size_t)n_slots) < 0)
         goto out;
 
-    /* the data: per listed key, an int64 element count then the bytes */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
-        PyObject *key = PyList_GET_ITEM(keys, i);
-        PyObject *entry = PyDict_GetItemWithError(roots, key);
-        if (entry == NULL) {
-            if (!PyErr_Occurred())
-                ck_raise(st->CheckpointError, s->filename,
-                         "storage '%U' has data but no object uses it", key);
-            goto out;
-        }
-        int code = (int)PyLong_AsLong(PyTuple_GET_ITEM(entry, 0));
-        long long numel = PyLong_Check(PyTuple_GET_ITEM(entry, 1))
-                              ? PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 1))
-                              : -1;
-        uint64_t nbytes;
-        if (numel < 0 ||
-            __builtin_mul_overflow((uint64_t)numel, (uint64_t)st->dtypes[code].elsize, &nbytes)) {
-            PyErr_Clear();
-            ck_raise(st->CheckpointError, s->filename, "storage '%U' has an invalid size", key);
-            goto out;
-        }
-        if (s->len - pos < 8) {
-            ck_raise(st->CheckpointError, s->filename,
-                     "the file ends before the data of storage '%U' (truncated)", key);
-            goto out;
-        }
-        uint64_t count = 0;
-        for (int b = 7; b >= 0; b--)
-            count = count << 8 | s->buf[pos + (size_t)b];
-        if (count != (uint64_t)numel) {
-            ck_raise(st->CheckpointError, s->filename,
-                     "storage '%U' has %llu elements in the file but %lld in its object", key,
-                     (unsigned long long)count, numel);
-            goto out;
-        }
-        pos += 8;
-        if (nbytes > s->len - pos) {
-            ck_raise(st->CheckpointError, s->filename,
-                     "the file ends inside the data of storage '%U' (truncated)", key);
-            goto out;
-        }
-        ck_storage *e = &s->storages[i];
-        e->src = s->buf + pos;
-        e->src_size = nbytes;
-        pos += nbytes;
-    }
+    if (walk_data(s, keys, roots, pos) < 0)
+        goto out;
     /* every root an object names must have data */
     Py_ssize_t rpos = 0;
     PyObject *rkey, *rval;
