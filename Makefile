@@ -80,7 +80,9 @@ ctest: $(BUILD)/test_core $(BUILD)/test_atomic $(BUILD)/test_write
 # ---- fuzzing (tests/fuzz): libFuzzer harnesses, each also built with a plain
 # main() that replays its corpus (fuzz-replay, part of `make test`).
 FUZZ := tests/fuzz/build
-FUZZERS := fuzz_zip fuzz_legacy fuzz_unpickle fuzz_struct
+FUZZERS := fuzz_zip fuzz_legacy fuzz_unpickle fuzz_struct fuzz_legacy_walk
+# the harnesses of plain-C core code: built with src/core, without Python
+CORE_FUZZERS := zip legacy_walk
 FUZZ_SECONDS ?= 60
 PYCFG = $(PY) -c 'import sysconfig as s; print(s.get_config_var("$(1)") or "")'
 PY_INC = $(shell $(PY) -c 'import sysconfig as s; print(s.get_paths()["include"])')
@@ -100,6 +102,7 @@ FUZZ_OPTS_zip := -dict=$(FUZZ_DICT)
 FUZZ_OPTS_legacy := -dict=$(FUZZ_DICT) -max_len=65536
 FUZZ_OPTS_unpickle := -dict=$(FUZZ_DICT)
 FUZZ_OPTS_struct := -max_len=4096
+FUZZ_OPTS_legacy_walk := -max_len=4096
 
 # ckptio with the extension built for fuzzing (coverage + ASan + UBSan)
 $(FUZZ)/py/.built: $(CORE_SRC) $(CORE_HDR) $(wildcard src/binding/*) $(wildcard ckptio/*.py) setup.py | $(DEPS_STAMP)
@@ -110,7 +113,7 @@ $(FUZZ)/py/.built: $(CORE_SRC) $(CORE_HDR) $(wildcard src/binding/*) $(wildcard 
 	cp -r $$(ls -d ckptio/* | grep -v -e __pycache__ -e '\.so$$') $(FUZZ)/py/ckptio/
 	touch $@
 
-$(FUZZ)/fuzz_zip: tests/fuzz/fuzz_zip.c $(FUZZ_SRC) $(CORE_SRC) $(CORE_HDR) | apt
+$(addprefix $(FUZZ)/fuzz_,$(CORE_FUZZERS)): $(FUZZ)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_SRC) $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(FUZZ)
 	clang $(FUZZ_CFLAGS) -O1 -fsanitize=fuzzer $(FUZZ_SAN) $< $(CORE_SRC) $(PKG_FLAGS) -o $@
 
@@ -118,7 +121,7 @@ $(FUZZ)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_SRC) $(FUZZ)/py/.built
 	clang $(FUZZ_CFLAGS) -O1 -fsanitize=fuzzer $(FUZZ_SAN) -DCK_FUZZ_ROOT='"$(CURDIR)/$(FUZZ)/py"' \
 	  $< $(PY_LIBS) -lz -o $@
 
-$(FUZZ)/replay_zip: tests/fuzz/fuzz_zip.c $(FUZZ_SRC) $(CORE_SRC) $(CORE_HDR) | apt
+$(addprefix $(FUZZ)/replay_,$(CORE_FUZZERS)): $(FUZZ)/replay_%: tests/fuzz/fuzz_%.c $(FUZZ_SRC) $(CORE_SRC) $(CORE_HDR) | apt
 	mkdir -p $(FUZZ)
 	cc $(FUZZ_CFLAGS) -O1 -DCK_FUZZ_REPLAY $< $(CORE_SRC) $(PKG_FLAGS) -o $@
 
@@ -140,7 +143,8 @@ fuzz-run: fuzz
 	for f in $(FUZZ_ONLY); do \
 	  c=$${f#fuzz_}; mkdir -p $(FUZZ)/corpus-$$c; \
 	  opts=$$(case $$c in zip) echo '$(FUZZ_OPTS_zip)';; legacy) echo '$(FUZZ_OPTS_legacy)';; \
-	    unpickle) echo '$(FUZZ_OPTS_unpickle)';; struct) echo '$(FUZZ_OPTS_struct)';; esac); \
+	    unpickle) echo '$(FUZZ_OPTS_unpickle)';; struct) echo '$(FUZZ_OPTS_struct)';; \
+	    legacy_walk) echo '$(FUZZ_OPTS_legacy_walk)';; esac); \
 	  echo "== $$f $(FUZZ_SECONDS) s $$opts"; \
 	  $(FUZZ_ENV) $(FUZZ)/$$f -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=6144 -timeout=30 \
 	    -detect_leaks=0 -print_final_stats=1 \
@@ -150,11 +154,13 @@ fuzz-run: fuzz
 	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done
 
-fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpickle $(FUZZ)/replay_struct
+fuzz-replay: build $(FUZZ)/replay_zip $(FUZZ)/replay_legacy $(FUZZ)/replay_unpickle $(FUZZ)/replay_struct \
+             $(FUZZ)/replay_legacy_walk
 	$(FUZZ)/replay_zip tests/fuzz/corpus/zip tests/fuzz/corpus/legacy tests/attacks
 	$(FUZZ)/replay_legacy tests/fuzz/corpus/legacy tests/fuzz/corpus/zip tests/attacks
 	$(FUZZ)/replay_unpickle tests/fuzz/corpus/unpickle
 	$(FUZZ)/replay_struct tests/fuzz/corpus/struct
+	$(FUZZ)/replay_legacy_walk tests/fuzz/corpus/legacy_walk
 
 # ---- the whole pytest suite against the extension built with AddressSanitizer
 # and UBSan (build/asan; python -P keeps the in-place build off sys.path)

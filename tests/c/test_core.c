@@ -1,4 +1,5 @@
-/* Tests of the plain-C core (src/core): status, region, crc, zipread, memcopy.
+/* Tests of the plain-C core (src/core): status, region, crc, zipread, memcopy,
+ * the legacy storage walk.
  *
  * No framework: CHECK counts passes and failures and prints each failure
  * with its line; the program exits 1 when any check failed. Zip archives
@@ -19,6 +20,7 @@
 #include <zlib.h>
 
 #include "core/crc.h"
+#include "core/legacy.h"
 #include "core/memcopy.h"
 #include "core/region.h"
 #include "core/status.h"
@@ -1116,6 +1118,109 @@ static void test_memcopy(void) {
     free(dst);
 }
 
+/* ---- legacy storage walk ------------------------------------------------- */
+
+/* Appends one storage as torch's legacy writer does: its element count as 8
+ * little-endian bytes (count), then nbytes bytes of data. */
+static size_t put_storage(uint8_t *p, uint64_t count, size_t nbytes) {
+    put64(p, count);
+    for (size_t i = 0; i < nbytes; i++)
+        p[8 + i] = (uint8_t)(0x40 + i);
+    return 8 + nbytes;
+}
+
+static void test_legacy_walk(void) {
+    ck_error err;
+    ck_legacy_walk walk;
+    size_t offset[4], length[4];
+    /* a good section after 5 bytes of pickles: 3 floats, 0 doubles, 2 int16s,
+     * then bytes the walk does not look at */
+    uint8_t file[128];
+    memset(file, 0xee, sizeof file);
+    size_t pos = 5, at = pos;
+    at += put_storage(file + at, 3, 12);
+    at += put_storage(file + at, 0, 0);
+    at += put_storage(file + at, 2, 4);
+    size_t end = at;
+    const uint64_t elsize[3] = {4, 8, 2}, expect[3] = {3, 0, 2};
+    ck_error_clear(&err);
+    CHECK_ST(
+        ck_legacy_walk_storages(file, end + 7, pos, 3, elsize, expect, offset, length, &walk, &err),
+        CK_OK, &err);
+    CHECK(walk.fault == CK_LEGACY_OK && walk.end == end);
+    CHECK(offset[0] == pos + 8 && length[0] == 12);
+    CHECK(offset[1] == pos + 28 && length[1] == 0);
+    CHECK(offset[2] == pos + 36 && length[2] == 4 && offset[2] + length[2] == end);
+    CHECK(file[offset[0]] == 0x40 && file[offset[2] + 3] == 0x43);
+    /* the same without expected counts, and exactly as long as the section */
+    CHECK_ST(ck_legacy_walk_storages(file, end, pos, 3, elsize, NULL, offset, length, &walk, &err),
+             CK_OK, &err);
+    CHECK(walk.end == end && length[0] == 12 && length[2] == 4);
+
+    /* zero storages: an empty section, anywhere up to the end */
+    CHECK_ST(ck_legacy_walk_storages(file, 5, 5, 0, NULL, NULL, NULL, NULL, &walk, &err), CK_OK,
+             &err);
+    CHECK(walk.end == 5 && walk.fault == CK_LEGACY_OK);
+    CHECK_ST(ck_legacy_walk_storages(file, 4, 5, 0, NULL, NULL, NULL, NULL, &walk, &err),
+             CK_E_RANGE, &err);
+    CHECK(walk.fault == CK_LEGACY_START);
+
+    /* truncated count: each cut inside the third storage's count */
+    for (size_t cut = offset[2] - 8; cut < offset[2]; cut++) {
+        ck_error_clear(&err);
+        CHECK_ST(
+            ck_legacy_walk_storages(file, cut, pos, 3, elsize, expect, offset, length, &walk, &err),
+            CK_E_TRUNCATED, &err);
+        CHECK(walk.fault == CK_LEGACY_NO_COUNT && walk.at == 2);
+        CHECK(strstr(err.msg, "storage 2") != NULL && strstr(err.msg, "count") != NULL);
+        CHECK(offset[1] == pos + 28); /* the storages before it are set */
+    }
+    /* truncated data: each cut inside the first storage's bytes */
+    for (size_t cut = pos + 8; cut < pos + 20; cut++) {
+        CHECK_ST(
+            ck_legacy_walk_storages(file, cut, pos, 3, elsize, expect, offset, length, &walk, &err),
+            CK_E_TRUNCATED, &err);
+        CHECK(walk.fault == CK_LEGACY_NO_DATA && walk.at == 0 && walk.count == 3);
+        CHECK(strstr(err.msg, "storage 0") != NULL);
+    }
+
+    /* a count other than the objects': refused before its bytes are measured */
+    uint8_t one[16];
+    put64(one, (uint64_t)1 << 40);
+    const uint64_t four[1] = {4}, f32[1] = {4};
+    CHECK_ST(ck_legacy_walk_storages(one, sizeof one, 0, 1, f32, four, offset, length, &walk, &err),
+             CK_E_FORMAT, &err);
+    CHECK(walk.fault == CK_LEGACY_COUNT_MISMATCH && walk.at == 0 &&
+          walk.count == (uint64_t)1 << 40);
+    CHECK(strstr(err.msg, "1099511627776") != NULL);
+
+    /* count overflow: count * element size past 64 bits */
+    put64(one, (uint64_t)1 << 62);
+    CHECK_ST(ck_legacy_walk_storages(one, sizeof one, 0, 1, f32, NULL, offset, length, &walk, &err),
+             CK_E_RANGE, &err);
+    CHECK(walk.fault == CK_LEGACY_SIZE_OVERFLOW && walk.count == (uint64_t)1 << 62);
+    put64(one, UINT64_MAX);
+    const uint64_t byte1[1] = {1}, huge_elsize[1] = {(uint64_t)1 << 63};
+    CHECK_ST(ck_legacy_walk_storages(one, sizeof one, 0, 1, huge_elsize, NULL, offset, length,
+                                     &walk, &err),
+             CK_E_RANGE, &err);
+    CHECK(walk.fault == CK_LEGACY_SIZE_OVERFLOW);
+    /* huge count that fits 64 bits: the bytes it asks for are not there */
+    CHECK_ST(
+        ck_legacy_walk_storages(one, sizeof one, 0, 1, byte1, NULL, offset, length, &walk, &err),
+        CK_E_TRUNCATED, &err);
+    CHECK(walk.fault == CK_LEGACY_NO_DATA && walk.count == UINT64_MAX);
+    put64(one, (uint64_t)1 << 61);
+    CHECK_ST(ck_legacy_walk_storages(one, sizeof one, 0, 1, f32, NULL, offset, length, &walk, &err),
+             CK_E_TRUNCATED, &err);
+    CHECK(walk.fault == CK_LEGACY_NO_DATA);
+    /* zero-sized elements: any count is zero bytes */
+    const uint64_t zero[1] = {0};
+    CHECK_ST(ck_legacy_walk_storages(one, 8, 0, 1, zero, NULL, offset, length, &walk, &err), CK_OK,
+             &err);
+    CHECK(length[0] == 0 && walk.end == 8);
+}
+
 /* The pread reader: copies of stored records, CRC of a copy, and a file that
  * no longer holds the bytes it held when it was mapped. */
 static void test_zip_pread(void) {
@@ -1232,6 +1337,7 @@ int main(void) {
     test_zip_extract();
     test_zip_mutations();
     test_memcopy();
+    test_legacy_walk();
     test_zip_pread();
     test_zip_pread_base();
     rmdir(tmpdir);

@@ -12,6 +12,8 @@ corpus/unpickle data.pkl records (fuzz_unpickle wraps each input as the
                 storage is refused, as torch refuses it)
 corpus/struct   descriptions for fuzz_struct (tests/torchspace.from_bytes):
                 byte strings that choose the files built
+corpus/legacy_walk  legacy storage sections for fuzz_legacy_walk, each after
+                the harness's description (storages, element sizes, counts)
 Regression inputs found by fuzzing are added by hand beside the seeds
 (names starting with "crash-" or "regress-").
 """
@@ -75,6 +77,47 @@ def struct_seeds(folder):
                 f.write(data)
 
 
+def legacy_walk_seeds(folder):
+    """Storage sections as torch writes them (an 8-byte count, then the
+    bytes, per storage), after fuzz_legacy_walk's description: byte 0 the
+    number of storages (+ 0x10: the counts are expected), byte 1 where the
+    walk starts, an element size per storage, the expected counts."""
+    import struct
+
+    os.makedirs(folder, exist_ok=True)
+
+    def seed(name, storages, expected=True, start=0, tail=b"", cut=0, counts=None, section=None):
+        """storages: (element size code, count) each; counts: the expected
+        ones, when not those; cut: bytes cut off the section's end; section:
+        the section's bytes, when not those of the storages."""
+        head = bytes([len(storages) | (0x10 if expected else 0), start])
+        head += bytes(e for e, _ in storages)
+        if expected:
+            head += b"".join(struct.pack("<Q", c) for c in counts or [c for _, c in storages])
+        written = b"\xee" * start
+        for e, c in storages:
+            nbytes = (e if e < 0x80 else 1 << (e & 63)) * c
+            data = bytes(range(256)) * (nbytes // 256) + bytes(nbytes % 256)
+            written += struct.pack("<Q", c) + data
+        section = written if section is None else section
+        with open(os.path.join(folder, f"seed-{name}"), "wb") as f:
+            f.write(head + (section + tail)[:len(section + tail) - cut])
+
+    seed("none", [])
+    seed("one-float", [(4, 4)])
+    seed("state-dict", [(4, 18), (4, 2), (8, 1), (2, 6)])
+    seed("empty-storage", [(4, 0), (1, 3)], tail=b"trailing bytes")
+    seed("unexpected", [(8, 2), (1, 5)], expected=False)
+    seed("offset", [(2, 3)], start=7)
+    seed("elsize-large", [(0x84, 1), (0x80, 2)], expected=False)
+    # one seed per fault
+    seed("cut-count", [(4, 2), (1, 1)], cut=5)
+    seed("cut-data", [(4, 2), (2, 4)], cut=3)
+    seed("count-mismatch", [(4, 4), (4, 1)], counts=[4, 2])
+    seed("count-overflow", [(0x84, 0)], expected=False, section=struct.pack("<Q", 2**61))
+    seed("start-past-end", [(4, 1)], start=3, section=b"\0\0")
+
+
 def openmmlab_objects():
     """What mmengine's Runner and mmcv's runners write besides tensors (the
     openmmlab data set): numpy arrays, dtypes and scalars, HistoryBuffers."""
@@ -107,6 +150,7 @@ def openmmlab_objects():
 def main(only=()):
     if not only:
         struct_seeds(os.path.join(HERE, "corpus", "struct"))
+        legacy_walk_seeds(os.path.join(HERE, "corpus", "legacy_walk"))
     dirs = {k: os.path.join(HERE, "corpus", k) for k in ("zip", "legacy", "unpickle")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
