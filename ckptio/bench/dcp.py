@@ -17,11 +17,10 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
-from .harness import _warm, tensors_in
+from .harness import _warm, child_or_main, run_child, tensors_in
 
 SAVE_ROWS = [
     "FileSystemWriter",
@@ -163,15 +162,6 @@ def child(method, path, runs, sync=True):
                       "data_bytes": nbytes}))
 
 
-def _run_child(method, path, runs, sync=True):
-    cmd = [sys.executable, "-m", "ckptio.bench.dcp", "--child", method, path, str(runs),
-           "sync" if sync else "nosync"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def measure(big_path, runs, rows=None, sync=True):
     """Times the save and load rows (best of runs) on the objects of
     big_path. Returns a dict for render(). sync=False skips the os.sync
@@ -181,7 +171,7 @@ def measure(big_path, runs, rows=None, sync=True):
     try:
         for method in rows or SAVE_ROWS + LOAD_ROWS:
             n = 1 if method.startswith("dcp_to_torch_save") else runs
-            r = _run_child(method, big_path, n, sync)
+            r = run_child("ckptio.bench.dcp", method, big_path, n, sync)
             results["rows"][method] = r
             print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
     finally:
@@ -245,8 +235,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, runs, sync = sys.argv
-        child(method, path, int(runs), sync == "sync")
-    else:
-        sys.exit(main())
+    sys.exit(child_or_main(child, main))

@@ -14,6 +14,7 @@ import collections
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -310,6 +311,37 @@ def time_in_child(fn, runs, warm=()):
         del result
         gc.collect()
     return {"time": min(times), "first": first, "times": times, **mem}
+
+
+def child_command(module, *args):
+    """The command line of a section's child: ``python -m <module> --child
+    JSON``, args as one JSON list (child_or_main gives them back)."""
+    return [sys.executable, "-m", module, "--child", json.dumps(args)]
+
+
+def child_result(method, returncode, out, err):
+    """The JSON object of the last line a child printed; a child that failed
+    raises RuntimeError with the end of its stderr."""
+    if returncode != 0:
+        raise RuntimeError(f"benchmark child {method!r} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_child(module, method, *args, env=None):
+    """Runs the child of a section module for method (child_command) to its
+    end; returns child_result."""
+    out = subprocess.run(child_command(module, method, *args), capture_output=True, text=True,
+                         env=env)
+    return child_result(method, out.returncode, out.stdout, out.stderr)
+
+
+def child_or_main(child, main):
+    """A section module's ``__main__``: ``--child JSON`` (child_command's)
+    calls child with those arguments, anything else main(); what it returns
+    is the exit status."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(*json.loads(sys.argv[2]))
+    return main()
 
 
 def memory_cells(r, size):

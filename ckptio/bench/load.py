@@ -16,10 +16,10 @@ rows copy every tensor into a model, touching every byte.
 """
 import json
 import os
-import subprocess
 import sys
 
-from .harness import SpecModel, memory_cells, safetensors_twin, state_dict_of, time_in_child
+from .harness import (SpecModel, child_or_main, memory_cells, run_child, safetensors_twin,
+                      state_dict_of, time_in_child)
 
 
 def _methods(path, st_path):
@@ -85,14 +85,6 @@ def child(method, path, st_path, runs):
     print(json.dumps(time_in_child(fns[method], runs, warm)))
 
 
-def run_child(method, path, st_path, runs):
-    cmd = [sys.executable, "-m", "ckptio.bench.load", "--child", method, path, st_path or "", str(runs)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 LOAD_ROWS = [
     "read",
     "memcpy",
@@ -114,7 +106,8 @@ def measure(big_path, runs, small_path=None):
     st_path = safetensors_twin(big_path)
     results = {"file": big_path, "bytes": size, "rows": {}}
     for method in LOAD_ROWS:
-        r = run_child(method, big_path, st_path if method == "safetensors" else None, runs)
+        st = st_path if method == "safetensors" else None
+        r = run_child("ckptio.bench.load", method, big_path, st, runs)
         results["rows"][method] = r
         print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
     if small_path:
@@ -123,7 +116,7 @@ def measure(big_path, runs, small_path=None):
         n_small = len(state_dict_of(torch.load(small_path, weights_only=False, mmap=True)))
         results["small"] = {"file": small_path, "tensors": n_small, "rows": {}}
         for method in ("torch.load", "torch.load(mmap)", "ckptio.load"):
-            r = run_child(method, small_path, None, max(runs, 10))
+            r = run_child("ckptio.bench.load", method, small_path, None, max(runs, 10))
             r["per_tensor_us"] = r["time"] / n_small * 1e6
             results["small"]["rows"][method] = r
     return results
@@ -174,8 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, st_path, runs = sys.argv
-        child(method, path, st_path or None, int(runs))
-    else:
-        sys.exit(main())
+    sys.exit(child_or_main(child, main))

@@ -13,12 +13,11 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 import zlib
 
-from .harness import _AnonSampler, _reset_peak, _status, flat_tensors
+from .harness import _AnonSampler, _reset_peak, _status, child_or_main, flat_tensors, run_child
 
 SAVE_ROWS = [
     "raw write",
@@ -158,14 +157,6 @@ def child(method, path, out_path, runs):
                       **mem}))
 
 
-def _run_child(method, path, out_path, runs):
-    cmd = [sys.executable, "-m", "ckptio.bench.save", "--child", method, path, out_path, str(runs)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def measure(big_path, runs, rows=None, small_path=None):
     """Times every save method (best of runs) on the objects of big_path,
     writing beside it; with small_path (a checkpoint of many small tensors),
@@ -174,7 +165,7 @@ def measure(big_path, runs, rows=None, small_path=None):
     out_path = os.path.join(os.path.dirname(os.path.abspath(big_path)), "bench_save_out.pth")
     results = {"file": big_path, "bytes": os.path.getsize(big_path), "rows": {}}
     for method in rows or SAVE_ROWS + CRC_ROWS:
-        r = _run_child(method, big_path, out_path, runs)
+        r = run_child("ckptio.bench.save", method, big_path, out_path, runs)
         results["rows"][method] = r
         print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
     if small_path:
@@ -183,7 +174,7 @@ def measure(big_path, runs, rows=None, small_path=None):
         n = len(_storages(torch.load(small_path, weights_only=False)))
         results["small"] = {"file": small_path, "tensors": n, "rows": {}}
         for method in ("torch.save", "ckptio.save(fsync=False)"):
-            r = _run_child(method, small_path, out_path, max(runs, 5))
+            r = run_child("ckptio.bench.save", method, small_path, out_path, max(runs, 5))
             r["per_tensor_us"] = r["time"] / max(n, 1) * 1e6
             results["small"]["rows"][method] = r
     return results
@@ -247,8 +238,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, out_path, runs = sys.argv
-        child(method, path, out_path, int(runs))
-    else:
-        sys.exit(main())
+    sys.exit(child_or_main(child, main))
