@@ -344,12 +344,23 @@ def child_or_main(child, main):
     return main()
 
 
-def memory_cells(r, size):
-    """The peak extra RSS and private peak columns of a measured row."""
-    return (
-        f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
-        f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
-    )
+def timing_table(title, rows, size, heads, cells):
+    """The lines of a table of time_in_child results on a file of size
+    bytes: title ("... (N GB)"), a header, then a line a row: method, best
+    and first ms, the section's own columns (heads, and cells(t) for a row
+    whose best time is t), the peak extra RSS and private peak, in MB and as
+    a share of size."""
+    lines = [f"{title} ({size / 1e9:.2f} GB)", "",
+             f"{'method':<26}{'time ms':>10}{'first ms':>10}{heads}{'peak extra RSS':>16}"
+             f"{'private peak':>14}"]
+    for name, r in rows.items():
+        t = r["time"]
+        lines.append(
+            f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{cells(t)}"
+            f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
+            f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
+        )
+    return lines
 
 
 def section_main(module, argv, file_help, runs=3, small_help=None):

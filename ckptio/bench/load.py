@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-from .harness import (SpecModel, child_or_main, memory_cells, run_child, safetensors_twin,
-                      state_dict_of, time_in_child)
+from .harness import (SpecModel, child_or_main, run_child, safetensors_twin, state_dict_of,
+                      time_in_child, timing_table)
 
 
 def _methods(path, st_path):
@@ -126,18 +126,9 @@ def render(results):
     size = results["bytes"]
     rows = results["rows"]
     torch_t = rows["torch.load"]["time"]
-    lines = [
-        f"checkpoint: {results['file']} ({size / 1e9:.2f} GB)",
-        "",
-        f"{'method':<26}{'time ms':>10}{'first ms':>10}{'GB/s':>8}{'vs torch.load':>15}"
-        f"{'peak extra RSS':>16}{'private peak':>14}",
-    ]
-    for name, r in rows.items():
-        t = r["time"]
-        lines.append(
-            f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{size / t / 1e9:>8.2f}"
-            f"{torch_t / t:>14.1f}x{memory_cells(r, size)}"
-        )
+    lines = timing_table(f"checkpoint: {results['file']}", rows, size,
+                         f"{'GB/s':>8}{'vs torch.load':>15}",
+                         lambda t: f"{size / t / 1e9:>8.2f}{torch_t / t:>14.1f}x")
     c = rows["ckptio.load"]["time"]
     lines += [
         "",

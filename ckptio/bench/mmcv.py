@@ -19,7 +19,7 @@ import os
 import sys
 import types
 
-from .harness import SpecModel, child_or_main, memory_cells, run_child, time_in_child
+from .harness import SpecModel, child_or_main, run_child, time_in_child, timing_table
 
 METHODS = ("mmcv load_checkpoint", "ckptio load_checkpoint")
 
@@ -78,19 +78,8 @@ def render(result):
     size = result["bytes"]
     rows = result["rows"]
     mmcv_t = rows["mmcv load_checkpoint"]["time"]
-    lines = [
-        f"end to end into a model: {result['file']} ({size / 1e9:.2f} GB)",
-        "",
-        f"{'method':<26}{'time ms':>10}{'first ms':>10}{'vs mmcv':>9}{'peak extra RSS':>16}"
-        f"{'private peak':>14}",
-    ]
-    for name, r in rows.items():
-        t = r["time"]
-        lines.append(
-            f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{mmcv_t / t:>8.2f}x"
-            f"{memory_cells(r, size)}"
-        )
-    return "\n".join(lines)
+    return "\n".join(timing_table(f"end to end into a model: {result['file']}", rows, size,
+                                  f"{'vs mmcv':>9}", lambda t: f"{mmcv_t / t:>8.2f}x"))
 
 
 def main(argv=None):

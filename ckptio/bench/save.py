@@ -9,7 +9,6 @@ in the directory of the given checkpoint, so all methods write to the same
 file system. torch.save and the *-nofsync rows leave data in the page cache
 as torch.save does; the fsync rows include the flush to disk.
 """
-import argparse
 import gc
 import json
 import os
@@ -17,7 +16,8 @@ import sys
 import time
 import zlib
 
-from .harness import _AnonSampler, _reset_peak, _status, child_or_main, flat_tensors, run_child
+from .harness import (_AnonSampler, _reset_peak, _status, child_or_main, flat_tensors, run_child,
+                      section_main)
 
 SAVE_ROWS = [
     "raw write",
@@ -226,15 +226,8 @@ def render(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench.save", description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="checkpoint whose objects are saved")
-    parser.add_argument("--small", help="a checkpoint of many small tensors (per-tensor cost)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    results = measure(args.file, args.runs, small_path=args.small)
-    print(json.dumps(results, indent=2) if args.json else render(results))
-    return 0
+    return section_main(sys.modules[__name__], argv, "checkpoint whose objects are saved",
+                        small_help="a checkpoint of many small tensors (per-tensor cost)")
 
 
 if __name__ == "__main__":
