@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from .harness import child_or_main, run_child, tensors_in
+from .harness import child_or_main, run_child, tensors_in, timed_runs
 
 ROWS = ["memcpy", "torch.save", "ckptio.save", "async_save"]
 
@@ -53,14 +53,8 @@ def child(method, path, out_path, runs, sync=True):
             times.append(time.perf_counter() - t0)
         result.update(time=min(times), times=times)
     elif method in ("torch.save", "ckptio.save"):
-        fn = torch.save if method == "torch.save" else ckptio.save
-        times = []
-        for _ in range(runs):
-            fresh()
-            gc.collect()
-            t0 = time.perf_counter()
-            fn(obj, out_path)
-            times.append(time.perf_counter() - t0)
+        save = torch.save if method == "torch.save" else ckptio.save
+        times = timed_runs(lambda: save(obj, out_path), runs, fresh)
         fresh()
         result.update(time=min(times), times=times)
     else:

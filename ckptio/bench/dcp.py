@@ -18,9 +18,8 @@ import json
 import os
 import shutil
 import sys
-import time
 
-from .harness import _warm, child_or_main, run_child, tensors_in
+from .harness import _warm, child_or_main, run_child, tensors_in, timed_runs
 
 SAVE_ROWS = [
     "FileSystemWriter",
@@ -116,8 +115,7 @@ def child(method, path, runs, sync=True):
     d = _dirs(path)
     obj = _objects(path)
     nbytes = sum(t.numel() * t.element_size() for t in tensors_in(obj))
-    warm = []
-    before = None
+    before = None  # untimed, ahead of each run
     if method in SAVE_ROWS:
         fn = _save_fn(method, obj, d["out"])
 
@@ -132,7 +130,12 @@ def child(method, path, runs, sync=True):
     else:
         source = d["ckptio"] if "ckptio's files" in method or method == "ckptio.load(dir)" \
             else d["torch"]
-        warm = _data_files(source)
+        data_files = _data_files(source)
+
+        def before():
+            for f in data_files:
+                _warm(f)
+
         if method == "ckptio.load(dir)":
             fn = lambda: ckptio.load(source, weights_only=False)  # noqa: E731
         elif method.startswith("dcp_to_torch_save"):
@@ -145,17 +148,8 @@ def child(method, path, runs, sync=True):
             fn = lambda: dcp.load(target, storage_reader=reader(source))  # noqa: E731
     del obj
     gc.collect()
-    times = []
-    for _ in range(runs + 1):  # the first run: a cold allocator, as in a program that loads once
-        if before:
-            before()
-        for f in warm:
-            _warm(f)
-        gc.collect()
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-        del result
+    # the first run: a cold allocator, as in a program that loads once
+    times = timed_runs(fn, runs + 1, before)
     if method.startswith("dcp_to_torch_save") and os.path.exists(d["pth"]):
         os.unlink(d["pth"])
     print(json.dumps({"time": min(times[1:]), "first": times[0], "times": times,

@@ -281,6 +281,41 @@ def _warm(path):
             pass
 
 
+def measured_call(fn):
+    """Calls fn once, timed, with the peak-RSS counter reset and the private
+    RSS sampled while it runs. Returns (its result, seconds, {peak_extra,
+    anon_extra}: the peak total and private RSS above those before it)."""
+    gc.collect()
+    base = _status()
+    reset = _reset_peak()
+    with _AnonSampler() as anon:
+        t0 = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - t0
+    after = _status()
+    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
+    mem = {
+        "peak_extra": max(0, peak - base["VmRSS"]),
+        "anon_extra": max(0, anon.peak - base["RssAnon"]),
+    }
+    return result, elapsed, mem
+
+
+def timed_runs(fn, runs, before=None):
+    """The times of `runs` calls of fn, each after before() (untimed, when
+    given) and a gc.collect(); each result is dropped before the next run."""
+    times = []
+    for _ in range(runs):
+        if before:
+            before()
+        gc.collect()
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+        del result
+    return times
+
+
 def time_in_child(fn, runs, warm=()):
     """In a benchmark child: warms the page cache with the files in warm,
     runs fn once for its extra peak RSS (total, and private) and its first
@@ -288,28 +323,9 @@ def time_in_child(fn, runs, warm=()):
     the parent reads: time (best), first, times, peak_extra, anon_extra."""
     for path in warm:
         _warm(path)
-    gc.collect()
-    base = _status()
-    reset = _reset_peak()
-    with _AnonSampler() as anon:
-        t0 = time.perf_counter()
-        result = fn()
-        first = time.perf_counter() - t0
-    after = _status()
-    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
-    mem = {
-        "peak_extra": max(0, peak - base["VmRSS"]),
-        "anon_extra": max(0, anon.peak - base["RssAnon"]),
-    }
+    result, first, mem = measured_call(fn)
     del result
-    gc.collect()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-        del result
-        gc.collect()
+    times = timed_runs(fn, runs)
     return {"time": min(times), "first": first, "times": times, **mem}
 
 

@@ -9,15 +9,13 @@ in the directory of the given checkpoint, so all methods write to the same
 file system. torch.save and the *-nofsync rows leave data in the page cache
 as torch.save does; the fsync rows include the flush to disk.
 """
-import gc
 import json
 import os
 import sys
-import time
 import zlib
 
-from .harness import (_AnonSampler, _reset_peak, _status, child_or_main, flat_tensors, run_child,
-                      section_main)
+from .harness import (child_or_main, flat_tensors, measured_call, run_child, section_main,
+                      timed_runs)
 
 SAVE_ROWS = [
     "raw write",
@@ -133,24 +131,8 @@ def child(method, path, out_path, runs):
         os.sync()
 
     fresh()
-    gc.collect()
-    base = _status()
-    reset = _reset_peak()
-    with _AnonSampler() as anon:
-        fn()
-    after = _status()
-    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
-    mem = {
-        "peak_extra": max(0, peak - base["VmRSS"]),
-        "anon_extra": max(0, anon.peak - base["RssAnon"]),
-    }
-    times = []
-    for _ in range(runs):
-        fresh()
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    mem = measured_call(fn)[2]  # the first save: memory only
+    times = timed_runs(fn, runs, fresh)
     written = os.path.getsize(out_path) if os.path.exists(out_path) else 0
     fresh()
     print(json.dumps({"time": min(times), "times": times, "bytes": written, "data_bytes": nbytes,
