@@ -379,6 +379,28 @@ def timing_table(title, rows, size, heads, cells):
     return lines
 
 
+def per_tensor_rows(module, methods, small_path, tensors, runs, arg):
+    """The per-tensor cost on small_path, a checkpoint of `tensors` small
+    tensors: each method's child (run_child(module, method, small_path, arg,
+    runs)) with its best time per tensor, per_tensor_us. Returns {file,
+    tensors, rows}, as per_tensor_lines takes it."""
+    small = {"file": small_path, "tensors": tensors, "rows": {}}
+    for method in methods:
+        r = run_child(module, method, small_path, arg, runs)
+        r["per_tensor_us"] = r["time"] / max(tensors, 1) * 1e6
+        small["rows"][method] = r
+    return small
+
+
+def per_tensor_lines(small, width):
+    """per_tensor_rows' result as lines of text (method names in width)."""
+    lines = ["", f"per-tensor cost ({small['tensors']} small tensors):"]
+    for name, r in small["rows"].items():
+        lines.append(f"  {name:<{width}}{r['time'] * 1e3:8.2f} ms  "
+                     f"{r['per_tensor_us']:6.2f} us/tensor")
+    return lines
+
+
 def section_main(module, argv, file_help, runs=3, small_help=None):
     """``python -m ckptio.bench.<section> FILE [--runs N] [--json]``: one
     section on its own, measured and rendered (or printed as JSON) by the

@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-from .harness import (SpecModel, child_or_main, run_child, safetensors_twin, state_dict_of,
-                      time_in_child, timing_table)
+from .harness import (SpecModel, child_or_main, per_tensor_lines, per_tensor_rows, run_child,
+                      safetensors_twin, state_dict_of, time_in_child, timing_table)
 
 
 def _methods(path, st_path):
@@ -113,12 +113,10 @@ def measure(big_path, runs, small_path=None):
     if small_path:
         import torch
 
-        n_small = len(state_dict_of(torch.load(small_path, weights_only=False, mmap=True)))
-        results["small"] = {"file": small_path, "tensors": n_small, "rows": {}}
-        for method in ("torch.load", "torch.load(mmap)", "ckptio.load"):
-            r = run_child("ckptio.bench.load", method, small_path, None, max(runs, 10))
-            r["per_tensor_us"] = r["time"] / n_small * 1e6
-            results["small"]["rows"][method] = r
+        n = len(state_dict_of(torch.load(small_path, weights_only=False, mmap=True)))
+        results["small"] = per_tensor_rows("ckptio.bench.load",
+                                           ("torch.load", "torch.load(mmap)", "ckptio.load"),
+                                           small_path, n, max(runs, 10), None)
     return results
 
 
@@ -144,9 +142,7 @@ def render(results):
     ]
     small = results.get("small")
     if small:
-        lines += ["", f"per-tensor cost ({small['tensors']} small tensors):"]
-        for name, r in small["rows"].items():
-            lines.append(f"  {name:<22}{r['time'] * 1e3:8.2f} ms  {r['per_tensor_us']:6.2f} us/tensor")
+        lines += per_tensor_lines(small, 22)
     return "\n".join(lines)
 
 

@@ -14,8 +14,8 @@ import os
 import sys
 import zlib
 
-from .harness import (child_or_main, flat_tensors, measured_call, run_child, section_main,
-                      timed_runs)
+from .harness import (child_or_main, flat_tensors, measured_call, per_tensor_lines, per_tensor_rows,
+                      run_child, section_main, timed_runs)
 
 SAVE_ROWS = [
     "raw write",
@@ -154,11 +154,9 @@ def measure(big_path, runs, rows=None, small_path=None):
         import torch
 
         n = len(_storages(torch.load(small_path, weights_only=False)))
-        results["small"] = {"file": small_path, "tensors": n, "rows": {}}
-        for method in ("torch.save", "ckptio.save(fsync=False)"):
-            r = run_child("ckptio.bench.save", method, small_path, out_path, max(runs, 5))
-            r["per_tensor_us"] = r["time"] / max(n, 1) * 1e6
-            results["small"]["rows"][method] = r
+        results["small"] = per_tensor_rows("ckptio.bench.save",
+                                           ("torch.save", "ckptio.save(fsync=False)"),
+                                           small_path, n, max(runs, 5), out_path)
     return results
 
 
@@ -199,11 +197,7 @@ def render(results):
     ratio("crc32 libdeflate", "crc32 zlib", "crc32 libdeflate vs zlib")
     small = results.get("small")
     if small:
-        lines += ["", f"per-tensor cost ({small['tensors']} small tensors):"]
-        for name, r in small["rows"].items():
-            lines.append(
-                f"  {name:<26}{r['time'] * 1e3:8.2f} ms  {r['per_tensor_us']:6.2f} us/tensor"
-            )
+        lines += per_tensor_lines(small, 26)
     return "\n".join(lines)
 
 
