@@ -5,22 +5,28 @@ import pytest
 import torch
 
 from ckptio.bench import harness as bench
+from ckptio.bench import load as bench_load
+
+
+def small_checkpoint(tmp_path, n):
+    """A checkpoint of n small tensors (for the per-tensor rows)."""
+    path = tmp_path / "small.pth"
+    torch.save(bench.make_checkpoint(bench.small_spec(n), with_meta=False), path)
+    return str(path)
 
 
 def test_load_section_measures_and_renders_every_row(tmp_path):
     spec = [("backbone.w", (64, 32)), ("backbone.b", (64,)), ("head.w", (10, 64))]
     big = tmp_path / "big.pth"
     torch.save(bench.make_checkpoint(spec), big)
-    small = tmp_path / "small.pth"
-    torch.save(bench.make_checkpoint(bench.small_spec(40), with_meta=False), small)
-    result = bench.measure({"big": str(big), "small": str(small)}, 1)
-    assert list(result["rows"]) == bench.LOAD_ROWS
+    result = bench_load.measure(str(big), 1, small_path=small_checkpoint(tmp_path, 40))
+    assert list(result["rows"]) == bench_load.LOAD_ROWS
     for name, r in result["rows"].items():
         assert r["time"] > 0 and r["first"] > 0, name
         assert r["peak_extra"] >= 0 and r["anon_extra"] >= 0, name
     assert set(result["small"]["rows"]) == {"torch.load", "torch.load(mmap)", "ckptio.load"}
-    text = bench.render(result)
-    for name in bench.LOAD_ROWS:
+    text = bench_load.render(result)
+    for name in bench_load.LOAD_ROWS:
         assert name in text
     assert "ckptio.load vs torch.load" in text and "us/tensor" in text
 
@@ -44,10 +50,8 @@ def test_load_section_on_a_plain_state_dict(tmp_path):
     plain = tmp_path / "plain.pth"
     ckpt = bench.make_checkpoint(spec, with_meta=False)
     torch.save(dict(ckpt["state_dict"]), plain)
-    small = tmp_path / "small.pth"
-    torch.save(bench.make_checkpoint(bench.small_spec(20), with_meta=False), small)
-    result = bench.measure({"big": str(plain), "small": str(small)}, 1)
-    assert list(result["rows"]) == bench.LOAD_ROWS
+    result = bench_load.measure(str(plain), 1, small_path=small_checkpoint(tmp_path, 20))
+    assert list(result["rows"]) == bench_load.LOAD_ROWS
     assert all(r["time"] > 0 for r in result["rows"].values())
 
 

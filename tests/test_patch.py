@@ -10,26 +10,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ckptio
 import ckptio.checkpoint as ours
+from openmmlab_runs import MmcvNet  # the model of the mmcv training runs
 
 mmcv_runner = pytest.importorskip("mmcv.runner")
 import mmcv.runner.base_runner as base_runner  # noqa: E402
 import mmcv.runner.checkpoint as mmcv_ckpt  # noqa: E402
 import mmcv.runner.epoch_based_runner as epoch_runner  # noqa: E402
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 2)
-        self.bn = nn.BatchNorm1d(2)
-
-    def forward(self, x):
-        return self.bn(self.fc(x))
-
-    def train_step(self, data_batch, optimizer, **kwargs):
-        x, y = data_batch
-        loss = nn.functional.mse_loss(self(x), y)
-        return dict(loss=loss, log_vars=dict(loss=loss.item()), num_samples=len(x))
 
 
 @pytest.fixture
@@ -41,7 +27,7 @@ def patched():
 
 def make_runner(work_dir, seed):
     torch.manual_seed(seed)
-    model = Tiny()
+    model = MmcvNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     logger = logging.getLogger("ckptio-patch-test")
     runner = mmcv_runner.EpochBasedRunner(
@@ -55,6 +41,19 @@ def make_runner(work_dir, seed):
     return runner
 
 
+def record_calls(monkeypatch, module, name, real, arg):
+    """module.name replaced by a wrapper of real that records the argument
+    at position arg of each call; returns the list it records into."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[arg])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def data():
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g))
@@ -62,14 +61,17 @@ def data():
 
 
 def test_patch_replaces_and_unpatch_restores():
-    originals = (
-        mmcv_ckpt.load_checkpoint,
-        mmcv_runner.load_checkpoint,
-        base_runner.load_checkpoint,
-        mmcv_runner.CheckpointLoader,
-        mmcv_ckpt.load_state_dict,
-        epoch_runner.save_checkpoint,
-    )
+    def names():
+        return (
+            mmcv_ckpt.load_checkpoint,
+            mmcv_runner.load_checkpoint,
+            base_runner.load_checkpoint,
+            mmcv_runner.CheckpointLoader,
+            mmcv_ckpt.load_state_dict,
+            epoch_runner.save_checkpoint,
+        )
+
+    originals = names()
     ckptio.patch()
     try:
         ckptio.patch()  # idempotent
@@ -85,14 +87,7 @@ def test_patch_replaces_and_unpatch_restores():
     finally:
         ckptio.unpatch()
     ckptio.unpatch()
-    assert (
-        mmcv_ckpt.load_checkpoint,
-        mmcv_runner.load_checkpoint,
-        base_runner.load_checkpoint,
-        mmcv_runner.CheckpointLoader,
-        mmcv_ckpt.load_state_dict,
-        epoch_runner.save_checkpoint,
-    ) == originals
+    assert names() == originals
 
 
 def test_schemes_registered_with_mmcv_before_patch_are_kept():
@@ -117,14 +112,7 @@ def test_schemes_registered_with_mmcv_before_patch_are_kept():
 
 
 def test_epoch_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
-    calls = []
-    real = ours.load_checkpoint
-
-    def spy(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(base_runner, "load_checkpoint", spy)
+    calls = record_calls(monkeypatch, base_runner, "load_checkpoint", ours.load_checkpoint, 1)
     runner = make_runner(tmp_path, seed=1)
     runner.run([data()], [("train", 1)])
     saved = tmp_path / "epoch_2.pth"
@@ -175,14 +163,8 @@ def test_mmengine_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
         def forward(self, x, y, mode="loss"):
             return {"loss": nn.functional.mse_loss(self.fc(x), y)}
 
-    calls = []
-    real = ours_mmengine._load_checkpoint
-
-    def spy(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner_module, "_load_checkpoint", spy)
+    calls = record_calls(monkeypatch, runner_module, "_load_checkpoint",
+                         ours_mmengine._load_checkpoint, 0)
 
     def collate(batch):
         x, y = zip(*batch)

@@ -1,9 +1,8 @@
 """python -m ckptio bench: the benchmark, by section.
 
 - harness: the generated checkpoints, the child-process timing and memory
-  sampling every section uses, main() (``ckptio bench [--only ...]``) and
-  the load section
-- save, mmcv, http, dcp, asyncsave: one section each, each with
+  sampling every section uses, and main() (``ckptio bench [--only ...]``)
+- load, save, mmcv, http, dcp, asyncsave, cold: one section each, each with
   measure(path, runs) -> dict and render(dict) -> str
 """
 

@@ -14,11 +14,10 @@ future.result(). Each written file is deleted and synced untimed.
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
-from .harness import tensors_in
+from .harness import child_or_main, run_child, tensors_in, timed_runs
 
 ROWS = ["memcpy", "torch.save", "ckptio.save", "async_save"]
 
@@ -54,14 +53,8 @@ def child(method, path, out_path, runs, sync=True):
             times.append(time.perf_counter() - t0)
         result.update(time=min(times), times=times)
     elif method in ("torch.save", "ckptio.save"):
-        fn = torch.save if method == "torch.save" else ckptio.save
-        times = []
-        for _ in range(runs):
-            fresh()
-            gc.collect()
-            t0 = time.perf_counter()
-            fn(obj, out_path)
-            times.append(time.perf_counter() - t0)
+        save = torch.save if method == "torch.save" else ckptio.save
+        times = timed_runs(lambda: save(obj, out_path), runs, fresh)
         fresh()
         result.update(time=min(times), times=times)
     else:
@@ -83,21 +76,12 @@ def child(method, path, out_path, runs, sync=True):
     print(json.dumps(result))
 
 
-def _run_child(method, path, out_path, runs, sync=True):
-    cmd = [sys.executable, "-m", "ckptio.bench.asyncsave", "--child", method, path, out_path,
-           str(runs), "sync" if sync else "nosync"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def measure(big_path, runs, rows=None, sync=True):
     out_path = os.path.join(os.path.dirname(os.path.abspath(big_path)), "bench_async_out.pth")
     results = {"file": big_path, "rows": {}}
     for method in rows or ROWS:
-        r = _run_child(method, big_path, out_path,
-                       max(runs, 2) if method == "async_save" else runs, sync)
+        r = run_child("ckptio.bench.asyncsave", method, big_path, out_path,
+                      max(runs, 2) if method == "async_save" else runs, sync)
         results["rows"][method] = r
         print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
     return results
@@ -137,8 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, out_path, runs, sync = sys.argv
-        child(method, path, out_path, int(runs), sync == "sync")
-    else:
-        sys.exit(main())
+    sys.exit(child_or_main(child, main))

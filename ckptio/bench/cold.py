@@ -28,6 +28,7 @@ import sys
 import time
 
 from .harness import _warm as warm_pages  # reads the whole file into the page cache
+from .harness import child_command, child_or_main, child_result
 
 COLD = (
     "sequential read (limit)",
@@ -160,7 +161,7 @@ def _prepare(method, path, st_path):
 
 
 def child(method, path, st_path):
-    run = _prepare(method, path, st_path or None)
+    run = _prepare(method, path, st_path)
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return 1
@@ -177,9 +178,9 @@ def child(method, path, st_path):
 
 def _start(method, path, st_path):
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "ckptio.bench.cold", "--child", method, path, st_path or ""]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(child_command("ckptio.bench.cold", method, path, st_path),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     line = proc.stdout.readline()
     if line.strip() != "ready":
         err = proc.communicate()[1]
@@ -189,9 +190,7 @@ def _start(method, path, st_path):
 
 def _finish(proc, method):
     out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    return child_result(method, proc.returncode, out, err)
 
 
 def measure_once(method, path, st_path, n=1, cold=True):
@@ -309,8 +308,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, st_path = sys.argv
-        sys.exit(child(method, path, st_path))
-    else:
-        sys.exit(main())
+    sys.exit(child_or_main(child, main))

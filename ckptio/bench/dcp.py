@@ -17,11 +17,9 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
-from .harness import _warm, tensors_in
+from .harness import _warm, child_or_main, run_child, tensors_in, timed_runs
 
 SAVE_ROWS = [
     "FileSystemWriter",
@@ -117,8 +115,7 @@ def child(method, path, runs, sync=True):
     d = _dirs(path)
     obj = _objects(path)
     nbytes = sum(t.numel() * t.element_size() for t in tensors_in(obj))
-    warm = []
-    before = None
+    before = None  # untimed, ahead of each run
     if method in SAVE_ROWS:
         fn = _save_fn(method, obj, d["out"])
 
@@ -133,7 +130,12 @@ def child(method, path, runs, sync=True):
     else:
         source = d["ckptio"] if "ckptio's files" in method or method == "ckptio.load(dir)" \
             else d["torch"]
-        warm = _data_files(source)
+        data_files = _data_files(source)
+
+        def before():
+            for f in data_files:
+                _warm(f)
+
         if method == "ckptio.load(dir)":
             fn = lambda: ckptio.load(source, weights_only=False)  # noqa: E731
         elif method.startswith("dcp_to_torch_save"):
@@ -146,30 +148,12 @@ def child(method, path, runs, sync=True):
             fn = lambda: dcp.load(target, storage_reader=reader(source))  # noqa: E731
     del obj
     gc.collect()
-    times = []
-    for _ in range(runs + 1):  # the first run: a cold allocator, as in a program that loads once
-        if before:
-            before()
-        for f in warm:
-            _warm(f)
-        gc.collect()
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-        del result
+    # the first run: a cold allocator, as in a program that loads once
+    times = timed_runs(fn, runs + 1, before)
     if method.startswith("dcp_to_torch_save") and os.path.exists(d["pth"]):
         os.unlink(d["pth"])
     print(json.dumps({"time": min(times[1:]), "first": times[0], "times": times,
                       "data_bytes": nbytes}))
-
-
-def _run_child(method, path, runs, sync=True):
-    cmd = [sys.executable, "-m", "ckptio.bench.dcp", "--child", method, path, str(runs),
-           "sync" if sync else "nosync"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(big_path, runs, rows=None, sync=True):
@@ -181,7 +165,7 @@ def measure(big_path, runs, rows=None, sync=True):
     try:
         for method in rows or SAVE_ROWS + LOAD_ROWS:
             n = 1 if method.startswith("dcp_to_torch_save") else runs
-            r = _run_child(method, big_path, n, sync)
+            r = run_child("ckptio.bench.dcp", method, big_path, n, sync)
             results["rows"][method] = r
             print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
     finally:
@@ -245,8 +229,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, runs, sync = sys.argv
-        child(method, path, int(runs), sync == "sync")
-    else:
-        sys.exit(main())
+    sys.exit(child_or_main(child, main))

@@ -1,14 +1,12 @@
 """python -m ckptio bench: ckptio against torch, safetensors and the machine's
 limits, in one run, as ratios.
 
-Every method runs in its own child process (so peak memory is its own): the
-file is read once to warm the page cache, the peak-RSS counter is reset, one
-run measures the extra peak RSS (and the private, anonymous part of it)
-and is timed as the "first" call (the allocator starts cold: a program that
-loads one checkpoint sees this time), then the best of N runs gives the time
-(later calls can reuse memory the allocator kept from the earlier ones). Loads are timed to the object in
-hand (ckptio and torch.load(mmap=True) map the file lazily); the end-to-end
-rows copy every tensor into a model, touching every byte.
+What the sections share: the generated checkpoints, the child side of a
+timed method (time_in_child: the page cache warmed, the peak-RSS counter
+reset, one run for the extra peak RSS and its private part, timed as the
+"first" call, then the best of N runs), the memory columns, and the runner:
+main() runs the sections named in --only, section_main() one section on
+its own.
 """
 import argparse
 import importlib
@@ -283,59 +281,39 @@ def _warm(path):
             pass
 
 
-def _methods(path, st_path):
-    import numpy as np
-    import torch
-
-    import ckptio
-
-    size = os.path.getsize(path)
-    src = np.empty(size, dtype=np.uint8)
-    dst = np.empty(size, dtype=np.uint8)
-    src[:] = 1
-    dst[:] = 1
-    rbuf = bytearray(size)
-
-    def read_file():
-        with open(path, "rb", buffering=0) as f:
-            view = memoryview(rbuf)
-            got = 0
-            while got < size:
-                got += f.readinto(view[got:])
-        return rbuf
-
-    state = {}
-
-    def model():
-        if "model" not in state:
-            sd = state_dict_of(torch.load(path, weights_only=False, mmap=True))
-            state["model"] = SpecModel.build([(k, tuple(v.shape)) for k, v in sd.items()])
-            del sd
-        return state["model"]
-
-    def e2e(loader):
-        def run():
-            m = model()
-            sd = state_dict_of(loader())
-            m.load_state_dict(sd)
-            return m
-
-        return run
-
-    return {
-        "_prepare_e2e": model,
-        "read": read_file,
-        "memcpy": lambda: np.copyto(dst, src),
-        "torch.load": lambda: torch.load(path, weights_only=False),
-        "torch.load(mmap)": lambda: torch.load(path, weights_only=False, mmap=True),
-        "safetensors": (lambda: __import__("safetensors.torch").torch.load_file(st_path))
-        if st_path
-        else None,
-        "ckptio.load": lambda: ckptio.load(path, weights_only=False),
-        "ckptio.load(mmap=False)": lambda: ckptio.load(path, weights_only=False, mmap=False),
-        "e2e torch.load": e2e(lambda: torch.load(path, weights_only=False)),
-        "e2e ckptio.load": e2e(lambda: ckptio.load(path, weights_only=False)),
+def measured_call(fn):
+    """Calls fn once, timed, with the peak-RSS counter reset and the private
+    RSS sampled while it runs. Returns (its result, seconds, {peak_extra,
+    anon_extra}: the peak total and private RSS above those before it)."""
+    gc.collect()
+    base = _status()
+    reset = _reset_peak()
+    with _AnonSampler() as anon:
+        t0 = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - t0
+    after = _status()
+    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
+    mem = {
+        "peak_extra": max(0, peak - base["VmRSS"]),
+        "anon_extra": max(0, anon.peak - base["RssAnon"]),
     }
+    return result, elapsed, mem
+
+
+def timed_runs(fn, runs, before=None):
+    """The times of `runs` calls of fn, each after before() (untimed, when
+    given) and a gc.collect(); each result is dropped before the next run."""
+    times = []
+    for _ in range(runs):
+        if before:
+            before()
+        gc.collect()
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+        del result
+    return times
 
 
 def time_in_child(fn, runs, warm=()):
@@ -345,148 +323,109 @@ def time_in_child(fn, runs, warm=()):
     the parent reads: time (best), first, times, peak_extra, anon_extra."""
     for path in warm:
         _warm(path)
-    gc.collect()
-    base = _status()
-    reset = _reset_peak()
-    with _AnonSampler() as anon:
-        t0 = time.perf_counter()
-        result = fn()
-        first = time.perf_counter() - t0
-    after = _status()
-    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
-    mem = {
-        "peak_extra": max(0, peak - base["VmRSS"]),
-        "anon_extra": max(0, anon.peak - base["RssAnon"]),
-    }
+    result, first, mem = measured_call(fn)
     del result
-    gc.collect()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-        del result
-        gc.collect()
+    times = timed_runs(fn, runs)
     return {"time": min(times), "first": first, "times": times, **mem}
 
 
-def child(method, path, st_path, runs):
-    fns = _methods(path, st_path)
-    if method.startswith("e2e"):
-        fns["_prepare_e2e"]()  # the model exists before anything is measured
-    warm = [path, st_path] if st_path else [path]
-    print(json.dumps(time_in_child(fns[method], runs, warm)))
+def child_command(module, *args):
+    """The command line of a section's child: ``python -m <module> --child
+    JSON``, args as one JSON list (child_or_main gives them back)."""
+    return [sys.executable, "-m", module, "--child", json.dumps(args)]
 
 
-# -------------------------------------------------------------- parent side
+def child_result(method, returncode, out, err):
+    """The JSON object of the last line a child printed; a child that failed
+    raises RuntimeError with the end of its stderr."""
+    if returncode != 0:
+        raise RuntimeError(f"benchmark child {method!r} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def run_child(method, path, st_path, runs):
-    cmd = [sys.executable, "-m", "ckptio.bench.harness", "--child", method, path, st_path or "", str(runs)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_child(module, method, *args, env=None):
+    """Runs the child of a section module for method (child_command) to its
+    end; returns child_result."""
+    out = subprocess.run(child_command(module, method, *args), capture_output=True, text=True,
+                         env=env)
+    return child_result(method, out.returncode, out.stdout, out.stderr)
 
 
-LOAD_ROWS = [
-    "read",
-    "memcpy",
-    "torch.load",
-    "torch.load(mmap)",
-    "safetensors",
-    "ckptio.load",
-    "ckptio.load(mmap=False)",
-    "e2e torch.load",
-    "e2e ckptio.load",
-]
+def child_or_main(child, main):
+    """A section module's ``__main__``: ``--child JSON`` (child_command's)
+    calls child with those arguments, anything else main(); what it returns
+    is the exit status."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(*json.loads(sys.argv[2]))
+    return main()
 
 
-def measure(files, runs, quick=False):
-    big = files["big"]
-    size = os.path.getsize(big)
-    st_path = safetensors_twin(big)
-    results = {"file": big, "bytes": size, "rows": {}}
-    for method in LOAD_ROWS:
-        r = run_child(method, big, st_path if method == "safetensors" else None, runs)
-        results["rows"][method] = r
-        print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
-    small = files["small"]
-    import torch
-
-    n_small = len(state_dict_of(torch.load(small, weights_only=False, mmap=True)))
-    results["small"] = {"file": small, "tensors": n_small, "rows": {}}
-    for method in ("torch.load", "torch.load(mmap)", "ckptio.load"):
-        r = run_child(method, small, None, max(runs, 10))
-        r["per_tensor_us"] = r["time"] / n_small * 1e6
-        results["small"]["rows"][method] = r
-    return results
-
-
-def memory_cells(r, size):
-    """The peak extra RSS and private peak columns of a measured row."""
-    return (
-        f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
-        f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
-    )
-
-
-def render(results):
-    size = results["bytes"]
-    rows = results["rows"]
-    torch_t = rows["torch.load"]["time"]
-    lines = [
-        f"checkpoint: {results['file']} ({size / 1e9:.2f} GB)",
-        "",
-        f"{'method':<26}{'time ms':>10}{'first ms':>10}{'GB/s':>8}{'vs torch.load':>15}"
-        f"{'peak extra RSS':>16}{'private peak':>14}",
-    ]
+def timing_table(title, rows, size, heads, cells):
+    """The lines of a table of time_in_child results on a file of size
+    bytes: title ("... (N GB)"), a header, then a line a row: method, best
+    and first ms, the section's own columns (heads, and cells(t) for a row
+    whose best time is t), the peak extra RSS and private peak, in MB and as
+    a share of size."""
+    lines = [f"{title} ({size / 1e9:.2f} GB)", "",
+             f"{'method':<26}{'time ms':>10}{'first ms':>10}{heads}{'peak extra RSS':>16}"
+             f"{'private peak':>14}"]
     for name, r in rows.items():
         t = r["time"]
         lines.append(
-            f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{size / t / 1e9:>8.2f}"
-            f"{torch_t / t:>14.1f}x{memory_cells(r, size)}"
+            f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{cells(t)}"
+            f"{r['peak_extra'] / 1e6:>11.0f} MB {100 * r['peak_extra'] / size:>3.0f}%"
+            f"{r['anon_extra'] / 1e6:>9.0f} MB {100 * r['anon_extra'] / size:>3.0f}%"
         )
-    c = rows["ckptio.load"]["time"]
-    lines += [
-        "",
-        "ratios:",
-        f"  ckptio.load vs torch.load:          {torch_t / c:8.1f}x faster",
-        f"  ckptio.load vs torch.load(mmap):    {rows['torch.load(mmap)']['time'] / c:8.1f}x faster",
-    ]
-    if "safetensors" in rows:
-        lines.append(f"  ckptio.load vs safetensors:         {rows['safetensors']['time'] / c:8.1f}x faster")
-    lines += [
-        f"  e2e ckptio / one memcpy:            {rows['e2e ckptio.load']['time'] / rows['memcpy']['time']:8.2f}x",
-        f"  e2e torch / e2e ckptio:             {rows['e2e torch.load']['time'] / rows['e2e ckptio.load']['time']:8.2f}x",
-    ]
-    small = results["small"]
-    lines += ["", f"per-tensor cost ({small['tensors']} small tensors):"]
+    return lines
+
+
+def per_tensor_rows(module, methods, small_path, tensors, runs, arg):
+    """The per-tensor cost on small_path, a checkpoint of `tensors` small
+    tensors: each method's child (run_child(module, method, small_path, arg,
+    runs)) with its best time per tensor, per_tensor_us. Returns {file,
+    tensors, rows}, as per_tensor_lines takes it."""
+    small = {"file": small_path, "tensors": tensors, "rows": {}}
+    for method in methods:
+        r = run_child(module, method, small_path, arg, runs)
+        r["per_tensor_us"] = r["time"] / max(tensors, 1) * 1e6
+        small["rows"][method] = r
+    return small
+
+
+def per_tensor_lines(small, width):
+    """per_tensor_rows' result as lines of text (method names in width)."""
+    lines = ["", f"per-tensor cost ({small['tensors']} small tensors):"]
     for name, r in small["rows"].items():
-        lines.append(f"  {name:<22}{r['time'] * 1e3:8.2f} ms  {r['per_tensor_us']:6.2f} us/tensor")
-    return "\n".join(lines)
+        lines.append(f"  {name:<{width}}{r['time'] * 1e3:8.2f} ms  "
+                     f"{r['per_tensor_us']:6.2f} us/tensor")
+    return lines
 
 
-def section_main(module, argv, file_help, runs=3):
+def section_main(module, argv, file_help, runs=3, small_help=None):
     """``python -m ckptio.bench.<section> FILE [--runs N] [--json]``: one
     section on its own, measured and rendered (or printed as JSON) by the
-    section module's measure(path, runs) and render(result)."""
+    section module's measure(path, runs) and render(result). With
+    small_help, a --small FILE option too, passed on as measure's
+    small_path (a checkpoint of many small tensors)."""
     parser = argparse.ArgumentParser(prog=getattr(module.__spec__, "name", module.__name__),
                                      description=module.__doc__.splitlines()[0])
     parser.add_argument("file", help=file_help)
+    if small_help:
+        parser.add_argument("--small", help=small_help)
     parser.add_argument("--runs", type=int, default=runs, help="runs per method (best is kept)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
-    result = module.measure(args.file, args.runs)
+    extra = {"small_path": args.small} if small_help else {}
+    result = module.measure(args.file, args.runs, **extra)
     print(json.dumps(result, indent=2) if args.json else module.render(result))
     return 0
 
 
-# One run measures every section: loading (this module), then the save side,
-# the mmcv end-to-end path and HTTP downloads, each in its own module with the
-# same measure(path, runs) -> dict and render(dict) -> str.
+# One run measures every section, each in its own module with the same
+# measure(path, runs) -> dict and render(dict) -> str (load and save also take
+# small_path, the checkpoint of many small tensors).
 SECTIONS = {
-    "load": None,
+    "load": ".load",
     "save": ".save",
     "mmcv": ".mmcv",
     "http": ".http",
@@ -518,23 +457,14 @@ def main(argv=None):
     results, texts = {}, []
     for name in only:
         print(f"section {name}:", file=sys.stderr)
-        if name == "load":
-            r = measure(files, args.runs)
-            text = render(r)
-        else:
-            mod = importlib.import_module(SECTIONS[name], __package__)
-            extra = {"small_path": files["small"]} if name == "save" else {}
-            r = mod.measure(files["big"], args.runs, **extra)
-            text = mod.render(r)
+        mod = importlib.import_module(SECTIONS[name], __package__)
+        extra = {"small_path": files["small"]} if name in ("load", "save") else {}
+        r = mod.measure(files["big"], args.runs, **extra)
         results[name] = r
-        texts.append(f"== {name}\n{text}")
+        texts.append(f"== {name}\n{mod.render(r)}")
     print(json.dumps(results, indent=2) if args.json else "\n\n".join(texts))
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, st_path, runs = sys.argv
-        child(method, path, st_path or None, int(runs))
-    else:
-        sys.exit(main())
+    sys.exit(main())

@@ -16,11 +16,10 @@ the same variable.
 
 import json
 import os
-import subprocess
 import sys
 import types
 
-from .harness import SpecModel, memory_cells, time_in_child
+from .harness import SpecModel, child_or_main, run_child, time_in_child, timing_table
 
 METHODS = ("mmcv load_checkpoint", "ckptio load_checkpoint")
 
@@ -66,20 +65,12 @@ def child(method, path, runs):
     print(json.dumps(time_in_child(run, runs, [path])))
 
 
-def run_child(method, path, runs):
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "ckptio.bench.mmcv", "--child", method, path, str(runs)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def measure(big_path, runs):
     """{'file', 'bytes', 'rows': {method: {time, times, peak_extra, anon_extra}}}"""
     result = {"file": big_path, "bytes": os.path.getsize(big_path), "rows": {}}
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
     for method in METHODS:
-        result["rows"][method] = run_child(method, big_path, runs)
+        result["rows"][method] = run_child("ckptio.bench.mmcv", method, big_path, runs, env=env)
     return result
 
 
@@ -87,19 +78,8 @@ def render(result):
     size = result["bytes"]
     rows = result["rows"]
     mmcv_t = rows["mmcv load_checkpoint"]["time"]
-    lines = [
-        f"end to end into a model: {result['file']} ({size / 1e9:.2f} GB)",
-        "",
-        f"{'method':<26}{'time ms':>10}{'first ms':>10}{'vs mmcv':>9}{'peak extra RSS':>16}"
-        f"{'private peak':>14}",
-    ]
-    for name, r in rows.items():
-        t = r["time"]
-        lines.append(
-            f"{name:<26}{t * 1e3:>10.1f}{r.get('first', t) * 1e3:>10.1f}{mmcv_t / t:>8.2f}x"
-            f"{memory_cells(r, size)}"
-        )
-    return "\n".join(lines)
+    return "\n".join(timing_table(f"end to end into a model: {result['file']}", rows, size,
+                                  f"{'vs mmcv':>9}", lambda t: f"{mmcv_t / t:>8.2f}x"))
 
 
 def main(argv=None):
@@ -109,8 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, runs = sys.argv
-        child(method, path, int(runs))
-    else:
-        sys.exit(main())
+    sys.exit(child_or_main(child, main))

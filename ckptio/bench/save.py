@@ -9,16 +9,13 @@ in the directory of the given checkpoint, so all methods write to the same
 file system. torch.save and the *-nofsync rows leave data in the page cache
 as torch.save does; the fsync rows include the flush to disk.
 """
-import argparse
-import gc
 import json
 import os
-import subprocess
 import sys
-import time
 import zlib
 
-from .harness import _AnonSampler, _reset_peak, _status, flat_tensors
+from .harness import (child_or_main, flat_tensors, measured_call, per_tensor_lines, per_tensor_rows,
+                      run_child, section_main, timed_runs)
 
 SAVE_ROWS = [
     "raw write",
@@ -134,36 +131,12 @@ def child(method, path, out_path, runs):
         os.sync()
 
     fresh()
-    gc.collect()
-    base = _status()
-    reset = _reset_peak()
-    with _AnonSampler() as anon:
-        fn()
-    after = _status()
-    peak = after["VmHWM"] if reset else max(after["VmRSS"], base["VmRSS"])
-    mem = {
-        "peak_extra": max(0, peak - base["VmRSS"]),
-        "anon_extra": max(0, anon.peak - base["RssAnon"]),
-    }
-    times = []
-    for _ in range(runs):
-        fresh()
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    mem = measured_call(fn)[2]  # the first save: memory only
+    times = timed_runs(fn, runs, fresh)
     written = os.path.getsize(out_path) if os.path.exists(out_path) else 0
     fresh()
     print(json.dumps({"time": min(times), "times": times, "bytes": written, "data_bytes": nbytes,
                       **mem}))
-
-
-def _run_child(method, path, out_path, runs):
-    cmd = [sys.executable, "-m", "ckptio.bench.save", "--child", method, path, out_path, str(runs)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child {method!r} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(big_path, runs, rows=None, small_path=None):
@@ -174,18 +147,16 @@ def measure(big_path, runs, rows=None, small_path=None):
     out_path = os.path.join(os.path.dirname(os.path.abspath(big_path)), "bench_save_out.pth")
     results = {"file": big_path, "bytes": os.path.getsize(big_path), "rows": {}}
     for method in rows or SAVE_ROWS + CRC_ROWS:
-        r = _run_child(method, big_path, out_path, runs)
+        r = run_child("ckptio.bench.save", method, big_path, out_path, runs)
         results["rows"][method] = r
         print(f"  measured {method}: {r['time'] * 1e3:.1f} ms", file=sys.stderr)
     if small_path:
         import torch
 
         n = len(_storages(torch.load(small_path, weights_only=False)))
-        results["small"] = {"file": small_path, "tensors": n, "rows": {}}
-        for method in ("torch.save", "ckptio.save(fsync=False)"):
-            r = _run_child(method, small_path, out_path, max(runs, 5))
-            r["per_tensor_us"] = r["time"] / max(n, 1) * 1e6
-            results["small"]["rows"][method] = r
+        results["small"] = per_tensor_rows("ckptio.bench.save",
+                                           ("torch.save", "ckptio.save(fsync=False)"),
+                                           small_path, n, max(runs, 5), out_path)
     return results
 
 
@@ -226,29 +197,14 @@ def render(results):
     ratio("crc32 libdeflate", "crc32 zlib", "crc32 libdeflate vs zlib")
     small = results.get("small")
     if small:
-        lines += ["", f"per-tensor cost ({small['tensors']} small tensors):"]
-        for name, r in small["rows"].items():
-            lines.append(
-                f"  {name:<26}{r['time'] * 1e3:8.2f} ms  {r['per_tensor_us']:6.2f} us/tensor"
-            )
+        lines += per_tensor_lines(small, 26)
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ckptio.bench.save", description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="checkpoint whose objects are saved")
-    parser.add_argument("--small", help="a checkpoint of many small tensors (per-tensor cost)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per method (best is kept)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    results = measure(args.file, args.runs, small_path=args.small)
-    print(json.dumps(results, indent=2) if args.json else render(results))
-    return 0
+    return section_main(sys.modules[__name__], argv, "checkpoint whose objects are saved",
+                        small_help="a checkpoint of many small tensors (per-tensor cost)")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, method, path, out_path, runs = sys.argv
-        child(method, path, out_path, int(runs))
-    else:
-        sys.exit(main())
+    sys.exit(child_or_main(child, main))
