@@ -110,6 +110,13 @@ static int read_pieces(int fd, const piece *pieces, size_t n, int threads) {
     return a.err != 0 ? a.err : b.err;
 }
 
+/* Releases views[0..held) and frees the array. */
+static void release_views(Py_buffer *views, Py_ssize_t held) {
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+}
+
 static PyObject *raise_read(int err, const char *what) {
     if (err == -1) {
         PyErr_Format(PyExc_EOFError, "%s: the file ended before the bytes asked for", what);
@@ -178,9 +185,7 @@ static PyObject *py_pread_into(PyObject *module, PyObject *args, PyObject *kwarg
     }
     result = Py_NewRef(Py_None);
 done:
-    for (Py_ssize_t i = 0; i < held; i++)
-        PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
+    release_views(views, held);
     PyMem_Free(pieces);
     Py_DECREF(jobs);
     return result;
@@ -314,9 +319,7 @@ static PyObject *py_copy_buffers(PyObject *module, PyObject *args, PyObject *kwa
     }
     result = Py_NewRef(Py_None);
 done:
-    for (Py_ssize_t i = 0; i < held; i++)
-        PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
+    release_views(views, held);
     PyMem_Free(runs);
     Py_DECREF(jobs);
     return result;

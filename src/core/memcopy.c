@@ -72,31 +72,31 @@ static void copy_batch(share all, size_t bytes, int threads) {
     }
 }
 
-ck_status ck_memcopy_segments(void *arena, size_t total, const ck_memcopy_segment *segs, size_t n,
-                              int threads, ck_error *err) {
+/* Checks every run of the batch (a source and a destination where it has
+ * bytes; the total fits a size_t), then copies the batch. */
+static ck_status copy_checked(share all, const char *what, int threads, ck_error *err) {
     size_t bytes = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (segs[i].offset > total || segs[i].nbytes > total - segs[i].offset)
-            return ck_fail(err, CK_E_RANGE, "segment %zu lies outside the arena", i);
-        if (segs[i].nbytes > 0 && segs[i].src == NULL)
-            return ck_fail(err, CK_E_RANGE, "segment %zu has no source", i);
-        bytes += segs[i].nbytes;
-        if (bytes < segs[i].nbytes)
+    for (size_t i = 0; i < all.n; i++) {
+        ck_memcopy_run r = run_at(&all, i);
+        if (r.nbytes > 0 && (r.src == NULL || r.dst == NULL))
+            return ck_fail(err, CK_E_RANGE, "%s %zu has no source or no destination", what, i);
+        bytes += r.nbytes;
+        if (bytes < r.nbytes)
             return ck_fail(err, CK_E_LIMIT, "the batch size overflows");
     }
-    copy_batch((share){arena, segs, NULL, n, 0, 0}, bytes, threads);
+    copy_batch(all, bytes, threads);
     return CK_OK;
 }
 
-ck_status ck_memcopy_runs(const ck_memcopy_run *runs, size_t n, int threads, ck_error *err) {
-    size_t bytes = 0;
+ck_status ck_memcopy_segments(void *arena, size_t total, const ck_memcopy_segment *segs, size_t n,
+                              int threads, ck_error *err) {
     for (size_t i = 0; i < n; i++) {
-        if (runs[i].nbytes > 0 && (runs[i].src == NULL || runs[i].dst == NULL))
-            return ck_fail(err, CK_E_RANGE, "run %zu has no source or no destination", i);
-        bytes += runs[i].nbytes;
-        if (bytes < runs[i].nbytes)
-            return ck_fail(err, CK_E_LIMIT, "the batch size overflows");
+        if (segs[i].offset > total || segs[i].nbytes > total - segs[i].offset)
+            return ck_fail(err, CK_E_RANGE, "segment %zu lies outside the arena", i);
     }
-    copy_batch((share){NULL, NULL, runs, n, 0, 0}, bytes, threads);
-    return CK_OK;
+    return copy_checked((share){arena, segs, NULL, n, 0, 0}, "segment", threads, err);
+}
+
+ck_status ck_memcopy_runs(const ck_memcopy_run *runs, size_t n, int threads, ck_error *err) {
+    return copy_checked((share){NULL, NULL, runs, n, 0, 0}, "run", threads, err);
 }
