@@ -5,12 +5,10 @@ pickle; its tensors are views of the mapping whose pages nobody has touched
 yet. Before the surface's own load_state_dict runs, every entry that a plain
 copy would put into a parameter or buffer unchanged (same name after
 revise_keys, same dtype and shape, both plain contiguous CPU tensors, the
-module's _load_from_state_dict torch's own, no pre-hooks) is copied directly
-into that parameter's memory, the GIL released: out of the mapping on two
-threads (_native.copy_buffers) when the whole file is in the page cache
-(mincore), else with large pread()s (_native.pread_into,
-src/binding/readinto.c), which take no page faults and keep the disk busy.
-One copy either way. In the state dict handed to load_state_dict
+module's _load_from_state_dict torch's own, no pre-hooks) is read from the
+file with large pread()s, the GIL released (_native.pread_into,
+src/binding/readinto.c), directly into that parameter's memory: one copy,
+no page faults on the mapping. In the state dict handed to load_state_dict
 such an entry is then the model's own tensor, so load_state_dict runs
 unchanged over the same keys (every message, strict error, hook and
 _metadata version is computed as before) and its ``param.copy_(param)`` is
@@ -33,9 +31,8 @@ from . import _native
 _tls = threading.local()
 
 # what the direct path did, for tests and the curious: calls that read
-# directly, entries and bytes read directly, calls that fell back entirely,
-# calls that copied out of the mapping (the file was all in the page cache)
-stats = {"calls": 0, "direct": 0, "bytes": 0, "normal": 0, "mapped": 0}
+# directly, entries and bytes read directly, calls that fell back entirely
+stats = {"calls": 0, "direct": 0, "bytes": 0, "normal": 0}
 
 
 @contextmanager
@@ -188,14 +185,6 @@ def _plan(model, state_dict, unwrap, span, torch):
     return plan
 
 
-def _all_resident(mapping):
-    """True when every page of the mapped file is in the page cache (then
-    copying out of the mapping beats preads; else preads keep the disk
-    busy without a fault per page)."""
-    resident, pages = _native.mapping_resident(mapping)
-    return pages > 0 and resident == pages
-
-
 def _bytes_of(t):
     """A writable buffer over tensor t's memory (its bytes, no copy)."""
     return t.detach().reshape(-1).view(__import__("torch").uint8).numpy()
@@ -217,16 +206,6 @@ def prepare(model, state_dict, seen, unwrap):
     if not plan:
         stats["normal"] += 1
         return state_dict
-    plan.sort(key=lambda p: p[2])
-    if _all_resident(mapping):
-        # the whole file is in the page cache: copied out of the mapping on
-        # two threads (memory speed; the page faults are taken by both)
-        view = memoryview(mapping)
-        jobs = [(view[off:off + param.numel() * param.element_size()], _bytes_of(param))
-                for _, param, off in plan]
-        _native.copy_buffers(jobs)
-        stats["mapped"] += 1
-        return _direct_dict(state_dict, plan, jobs)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
@@ -236,6 +215,7 @@ def prepare(model, state_dict, seen, unwrap):
         if not _same_file(os.fstat(fd), before):
             stats["normal"] += 1
             return state_dict
+        plan.sort(key=lambda p: p[2])
         jobs = [(offset, _bytes_of(param)) for _, param, offset in plan]
         try:
             _native.pread_into(fd, jobs)
@@ -245,12 +225,6 @@ def prepare(model, state_dict, seen, unwrap):
             return state_dict
     finally:
         os.close(fd)
-    return _direct_dict(state_dict, plan, jobs)
-
-
-def _direct_dict(state_dict, plan, jobs):
-    """state_dict's copy (same class and _metadata) whose planned entries
-    are the model's tensors, now holding the file's bytes."""
     out = state_dict.copy()
     if hasattr(state_dict, "_metadata"):
         out._metadata = state_dict._metadata

@@ -1,5 +1,4 @@
-"""The direct path of load_checkpoint (ckptio/_direct.py), more cases, each
-with both of its readers (preads and copies out of the mapping): the
+"""The direct path of load_checkpoint (ckptio/_direct.py), more cases: the
 pread reader (pread_into on one and two threads, its range and read-only
 errors, pread_file and mmap=False), map_location variants, identity of the
 model's tensors, and the returned checkpoint untouched; each side by side
@@ -21,15 +20,6 @@ import ckptio.mmengine as ours_me
 
 mmcv_ckpt = pytest.importorskip("mmcv.runner.checkpoint")
 me_ckpt = pytest.importorskip("mmengine.runner.checkpoint")
-
-
-@pytest.fixture(autouse=True, params=["pread", "mapped"])
-def reader(request, monkeypatch):
-    """Every case with both readers of the direct path: large preads (a file
-    not all in the page cache) and two-thread copies out of the mapping (one
-    that is)."""
-    monkeypatch.setattr(_direct, "_all_resident", lambda mapping: request.param == "mapped")
-    return request.param
 
 
 class Net(nn.Module):
