@@ -3,9 +3,6 @@ _native.copy_buffers): the same tensors as torch's FileSystemReader for
 every kind of target, the byte path taken where it applies, and the native
 primitives' checks."""
 
-import mmap
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -107,15 +104,3 @@ def test_copy_buffers_copies_and_checks():
     with pytest.raises(ValueError, match="not C-contiguous"):
         _native.copy_buffers([(np.arange(10)[::2], bytearray(40))])  # not contiguous
     assert bytes(other) == b"abcdefg"
-
-
-def test_mapping_resident(tmp_path):
-    p = tmp_path / "f.bin"
-    p.write_bytes(os.urandom(3 * mmap.PAGESIZE + 5))
-    with open(p, "rb") as f:
-        f.read()
-    resident, pages = _native.mapping_resident(_native.map_file(str(p)))
-    assert pages == 4 and 0 <= resident <= 4
-    assert _native.mapping_resident(_native.read_file(str(p))) == (0, 0)
-    with pytest.raises(TypeError, match="expected a ckptio._native.Mapping"):
-        _native.mapping_resident(b"x")

@@ -325,42 +325,6 @@ done:
     return result;
 }
 
-/* mapping_resident(mapping) -> (resident, pages): how many of a mapped
- * file's pages are in the page cache (mincore), to choose between copying
- * from the mapping (all there: two threads at memory speed) and large preads
- * (from the disk: no faults, the disk kept busy). (0, 0) for a Mapping that
- * is not a file mapping. */
-static PyObject *py_mapping_resident(PyObject *module, PyObject *obj) {
-    ck_state *st = ck_get_state(module);
-    if (!ck_mapping_check(st, obj)) {
-        PyErr_SetString(PyExc_TypeError, "mapping_resident: expected a ckptio._native.Mapping");
-        return NULL;
-    }
-    ck_mapping *m = (ck_mapping *)obj;
-    if (m->region.kind != CK_REGION_MMAP || m->region.len == 0)
-        return Py_BuildValue("(nn)", (Py_ssize_t)0, (Py_ssize_t)0);
-    long page = sysconf(_SC_PAGESIZE);
-    if (page <= 0)
-        page = 4096;
-    size_t pages = (m->region.len + (size_t)page - 1) / (size_t)page;
-    unsigned char *vec = PyMem_Malloc(pages);
-    if (vec == NULL)
-        return PyErr_NoMemory();
-    size_t resident = 0;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-        rc = mincore(m->region.data, m->region.len, vec);
-        if (rc == 0) {
-            for (size_t i = 0; i < pages; i++)
-                resident += vec[i] & 1;
-        }
-    Py_END_ALLOW_THREADS
-    PyMem_Free(vec);
-    if (rc != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return Py_BuildValue("(nn)", (Py_ssize_t)resident, (Py_ssize_t)pages);
-}
-
 /* mapping_span(mapping) -> (address, size, kind): where a Mapping's bytes
  * lie in this process, to tell whether a loaded tensor is a view of them
  * and at which offset of the file. */
@@ -388,9 +352,6 @@ PyMethodDef ck_readinto_methods[] = {
     {"copy_buffers", (PyCFunction)(void (*)(void))py_copy_buffers, METH_VARARGS | METH_KEYWORDS,
      "copy_buffers(jobs, threads=2): each (source, writable destination) pair of equal-length "
      "C-contiguous buffers in jobs copied, on two threads for large batches, the GIL released."},
-    {"mapping_resident", py_mapping_resident, METH_O,
-     "mapping_resident(mapping) -> (resident, pages): how many of a file mapping's pages are in "
-     "the page cache."},
     {"mapping_span", py_mapping_span, METH_O,
      "mapping_span(mapping) -> (address, size, kind) of a Mapping's bytes."},
     {NULL, NULL, 0, NULL},
