@@ -194,7 +194,14 @@ lint: | apt
 	  echo "src/core must not include Python.h, numpy or binding headers" >&2; exit 1; fi
 	@if grep -nE '^[[:space:]]*#[[:space:]]*define[[:space:]]+_GNU_SOURCE' $(C_FILES); then \
 	  echo "_GNU_SOURCE comes from src/cflags.txt, not from each file" >&2; exit 1; fi
-	@echo "lint: $(words $(C_FILES)) C files formatted; src/core includes no Python; one _GNU_SOURCE"
+	@bad=$$(for f in src/binding/*.c src/binding/*.h; do \
+	  grep -m1 -E '^[[:space:]]*#[[:space:]]*include' "$$f" | \
+	    grep -qE '^[[:space:]]*#[[:space:]]*include[[:space:]]*(<Python\.h>|<numpy/|"[^/"]+")' || echo "$$f"; \
+	  done); if [ -n "$$bad" ]; then \
+	  echo "Python.h must come first (pyconfig.h redefines _POSIX_C_SOURCE, an error with" \
+	    "newer glibc headers); these binding files include something else first:" $$bad >&2; exit 1; fi
+	@echo "lint: $(words $(C_FILES)) C files formatted; src/core includes no Python; one _GNU_SOURCE;" \
+	  "Python.h first in src/binding"
 
 clean:
 	rm -rf build $(BUILD) ckptio/*.so

@@ -2,9 +2,10 @@
  * five pickles (magic number, protocol version, sys_info, the objects, the
  * storage keys) and then, per listed key, an int64 element count and the
  * storage's bytes. */
+#include "load_internal.h"
+
 #include "core/legacy.h"
 #include "errors.h"
-#include "load_internal.h"
 #include "session.h"
 #include "tensors.h"
 #include "unpickler.h"

@@ -1,10 +1,11 @@
 /* The torch.save zip archive (torch >= 1.6): its version and byteorder
  * records, then data.pkl run over the archive's storages. */
+#include "load_internal.h"
+
 #include <string.h>
 
 #include "budget.h"
 #include "errors.h"
-#include "load_internal.h"
 #include "session.h"
 #include "tensors.h"
 #include "unpickler.h"
