@@ -2,18 +2,24 @@
 
 The checkpoint is loaded as before: ckptio.load maps the file and decodes the
 pickle; its tensors are views of the mapping whose pages nobody has touched
-yet. Before the surface's own load_state_dict runs, every entry that a plain
-copy would put into a parameter or buffer unchanged (same name after
-revise_keys, same dtype and shape, both plain contiguous CPU tensors, the
-module's _load_from_state_dict torch's own, no pre-hooks) is read from the
-file with large pread()s, the GIL released (_native.pread_into,
-src/binding/readinto.c), directly into that parameter's memory: one copy,
-no page faults on the mapping. In the state dict handed to load_state_dict
-such an entry is then the model's own tensor, so load_state_dict runs
-unchanged over the same keys (every message, strict error, hook and
-_metadata version is computed as before) and its ``param.copy_(param)`` is
-torch's early return for a self-copy (torch 1.13 and 2.x). Everything else
-goes through that normal path.
+yet. For every entry that a plain copy would put into a parameter or buffer
+unchanged (same name after revise_keys, same dtype and shape, both plain
+contiguous CPU tensors, the module's _load_from_state_dict torch's own, no
+pre-hooks), the surface's load_state_dict is handed the model's own tensor
+instead, and the entry's bytes are read from the file with large pread()s,
+the GIL released (_native.pread_into, src/binding/readinto.c), directly into
+that parameter's memory: one copy, no page faults on the mapping.
+load_state_dict runs unchanged over the same keys (every message, strict
+error, hook and _metadata version is computed as before); its
+``param.copy_(param)`` is torch's early return for a self-copy (torch 1.13
+and 2.x). Everything else goes through that normal path.
+
+When no code of the model's can look at the bytes during load_state_dict
+(every module loads with torch's own _load_from_state_dict and none has a
+post hook), the preads run in a helper thread while load_state_dict walks
+the model, and are joined before it returns or raises: the walk's Python
+time is hidden behind the copy. Otherwise they finish before it starts.
+A failed read is repaired by copying its entries from the mapping.
 
 The mapping is seen through capture(): while it is active, the paths that
 ckptio.load maps in this thread are noted (serialization._source calls
@@ -31,8 +37,9 @@ from . import _native
 _tls = threading.local()
 
 # what the direct path did, for tests and the curious: calls that read
-# directly, entries and bytes read directly, calls that fell back entirely
-stats = {"calls": 0, "direct": 0, "bytes": 0, "normal": 0}
+# directly, entries and bytes read directly, calls that fell back entirely,
+# calls whose reads ran beside load_state_dict
+stats = {"calls": 0, "direct": 0, "bytes": 0, "normal": 0, "overlapped": 0}
 
 
 @contextmanager
@@ -190,10 +197,63 @@ def _bytes_of(t):
     return t.detach().reshape(-1).view(__import__("torch").uint8).numpy()
 
 
-def prepare(model, state_dict, seen, unwrap):
-    """The state dict to hand to load_state_dict: state_dict itself, or a
-    copy (same class and _metadata) whose directly read entries are the
-    model's own tensors, their bytes already read from the file."""
+def _overlap_safe(model, unwrap, torch):
+    """True when nothing that load_state_dict runs can look at a parameter's
+    bytes: every module loads with torch's own _load_from_state_dict (which
+    only compares shapes and copies; a directly read entry is a self-copy)
+    and none has load-state-dict post hooks (mmengine runs them; one may
+    read what was loaded). Then the preads may run while it walks."""
+    for _, module, plain in _walk(model, unwrap, torch):
+        if not plain or getattr(module, "_load_state_dict_post_hooks", None):
+            return False
+    return True
+
+
+class _Reads:
+    """The preads of one plan, run in a helper thread (GIL released in C)
+    or in the caller's; error: what they raised, or None."""
+
+    def __init__(self, fd, jobs):
+        self.fd, self.jobs, self.error, self.thread = fd, jobs, None, None
+
+    def run(self):
+        try:
+            _native.pread_into(self.fd, self.jobs)
+        except (OSError, EOFError, ValueError) as e:
+            self.error = e
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="ckptio-direct-read", daemon=True)
+        self.thread.start()
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _open_same(path, before):
+    """An fd for path when it is still the file that was mapped, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if _same_file(os.fstat(fd), before):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+@contextmanager
+def into(model, state_dict, seen, unwrap):
+    """Yields the state dict to hand to load_state_dict: state_dict itself,
+    or a copy (same class and _metadata) whose directly read entries are the
+    model's own tensors. Their bytes are read from the file before the body
+    runs, or while it runs when _overlap_safe (joined on exit, before any
+    exception leaves). Should a read fail, those entries are copied from
+    the mapping instead, as load_state_dict would have copied them."""
     import torch
 
     stats["calls"] += 1
@@ -203,33 +263,39 @@ def prepare(model, state_dict, seen, unwrap):
         span = _native.mapping_span(mapping)
         if span[2] == "mmap" and span[1] == before.st_size:
             plan = _plan(model, state_dict, unwrap, span, torch)
-    if not plan:
+    fd = _open_same(path, before) if plan else None
+    if fd is None:
         stats["normal"] += 1
-        return state_dict
+        yield state_dict
+        return
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        stats["normal"] += 1
-        return state_dict
-    try:
-        if not _same_file(os.fstat(fd), before):
-            stats["normal"] += 1
-            return state_dict
         plan.sort(key=lambda p: p[2])
-        jobs = [(offset, _bytes_of(param)) for _, param, offset in plan]
+        reads = _Reads(fd, [(offset, _bytes_of(param)) for _, param, offset in plan])
+        if _overlap_safe(model, unwrap, torch):
+            reads.start()
+            stats["overlapped"] += 1
+        else:
+            reads.run()
+            if reads.error is not None:  # the normal path copies every entry again
+                stats["normal"] += 1
+                yield state_dict
+                return
+        out = state_dict.copy()
+        if hasattr(state_dict, "_metadata"):
+            out._metadata = state_dict._metadata
+        for key, param, _ in plan:
+            out[key] = param
         try:
-            _native.pread_into(fd, jobs)
-        except (OSError, EOFError, ValueError):
-            # the normal path copies every one of these entries again
-            stats["normal"] += 1
-            return state_dict
+            yield out
+        finally:
+            reads.join()
+            if reads.error is not None:
+                with torch.no_grad():
+                    for key, param, _ in plan:
+                        param.copy_(state_dict[key])
+                stats["normal"] += 1
+            else:
+                stats["direct"] += len(plan)
+                stats["bytes"] += sum(j[1].nbytes for j in reads.jobs)
     finally:
         os.close(fd)
-    out = state_dict.copy()
-    if hasattr(state_dict, "_metadata"):
-        out._metadata = state_dict._metadata
-    for key, param, _ in plan:
-        out[key] = param
-    stats["direct"] += len(plan)
-    stats["bytes"] += sum(j[1].nbytes for j in jobs)
-    return out

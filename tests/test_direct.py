@@ -279,3 +279,59 @@ def test_file_replaced_between_map_and_read(tmp_path, monkeypatch):
     ours_mmcv.load_checkpoint(model, str(path))
     assert _direct.stats["direct"] == before
     _same_state(model, src)
+
+
+class Recorder(nn.Module):
+    """A module with a load-state-dict post hook that reads what was loaded."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.seen = []
+        self.register_load_state_dict_post_hook(
+            lambda module, keys: module.seen.append(module.fc.weight.detach().clone()))
+
+
+@pytest.mark.parametrize("surface,theirs", SURFACES)
+def test_reads_run_beside_load_state_dict_only_when_nothing_looks(tmp_path, surface, theirs):
+    """The preads run while load_state_dict walks the model only when every
+    module loads with torch's own code and no post hook runs (mmengine's
+    load_state_dict runs them; one may read the bytes just loaded)."""
+    path = tmp_path / "model.pth"
+    torch.save(_fresh(Model, 1).state_dict(), path)
+    before = dict(_direct.stats)
+    _both(surface, theirs, path, lambda: _fresh(Model, 2))
+    assert _direct.stats["overlapped"] - before["overlapped"] == 1
+    torch.save(_fresh(Recorder, 1).state_dict(), path)
+    before = dict(_direct.stats)
+    ours_model, their_model, direct = _both(surface, theirs, path, lambda: _fresh(Recorder, 2))
+    assert direct == 2 and _direct.stats["overlapped"] == before["overlapped"]
+    assert len(ours_model.seen) == len(their_model.seen)
+    for a, b in zip(ours_model.seen, their_model.seen):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("surface,theirs", SURFACES)
+@pytest.mark.parametrize("make", [Model, WithCustom], ids=["beside", "before"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_failed_read_falls_back_to_the_mapping(tmp_path, monkeypatch, surface, theirs, make,
+                                               strict):
+    """A pread that fails (here: after scribbling over its first target)
+    leaves no trace: the entries are copied from the mapping, as
+    load_state_dict would have copied them, with the same messages and, for
+    strict, the same error."""
+    path = tmp_path / "model.pth"
+    sd = _fresh(make, 1).state_dict()
+    if strict:
+        sd["extra.weight"] = torch.ones(2)
+    torch.save(sd, path)
+
+    def failing(fd, jobs, threads=2):
+        jobs[0][1][:] = 0
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_direct._native, "pread_into", failing)
+    before = dict(_direct.stats)
+    ours_model, _, direct = _both(surface, theirs, path, lambda: _fresh(make, 2), strict=strict)
+    assert direct == 0 and _direct.stats["normal"] - before["normal"] == 1
+    assert _direct.stats["calls"] - before["calls"] == 1

@@ -568,8 +568,8 @@ def load_checkpoint(
         raise RuntimeError(f"No state_dict found in checkpoint file {filename}")
     state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
     state_dict = _revise(state_dict, revise_keys)
-    state_dict = _direct.prepare(model, state_dict, seen, is_module_wrapper)
-    load_state_dict(model, state_dict, strict, logger)
+    with _direct.into(model, state_dict, seen, is_module_wrapper) as state_dict:
+        load_state_dict(model, state_dict, strict, logger)
     return checkpoint
 
 

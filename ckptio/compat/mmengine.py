@@ -277,8 +277,8 @@ def _load_checkpoint_to_model(
     """Loads a checkpoint already in memory into model (revise_keys in C)."""
     state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
     state_dict = _revise(state_dict, revise_keys)
-    state_dict = _direct.prepare(model, state_dict, _direct.pending(), _unwrap)
-    load_state_dict(model, state_dict, strict, logger)
+    with _direct.into(model, state_dict, _direct.pending(), _unwrap) as state_dict:
+        load_state_dict(model, state_dict, strict, logger)
     return checkpoint
 
 
