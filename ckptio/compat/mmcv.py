@@ -41,7 +41,6 @@ import os.path as osp
 import re
 import warnings
 from collections import OrderedDict
-from tempfile import TemporaryDirectory
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -49,7 +48,18 @@ import torch.nn as nn
 
 from .. import _direct, _native, patching
 from .mmcv_save import _save_to_state_dict, get_state_dict, save_checkpoint, weights_to_cpu
-from .base import get_dist_info, is_module_wrapper, mkdir_or_exist, print_log, version_before
+from .base import (
+    SHARED_NAMES,
+    from_openmmlab,
+    from_pavi,
+    get_dist_info,
+    is_module_wrapper,
+    load_walk,
+    mkdir_or_exist,
+    print_log,
+    version_before,
+    with_prefix,
+)
 from .._allow import OPENMMLAB
 from ..hub import load_url  # torch.hub's 7 positional parameters; a module global, as tests patch it
 from ..serialization import load as _ckptio_load
@@ -110,45 +120,13 @@ def load_state_dict(
     print; strict raises RuntimeError with the same text. Module wrappers
     are unwrapped at every level; _metadata versions reach
     _load_from_state_dict."""
-    unexpected_keys: List[str] = []
-    all_missing_keys: List[str] = []
-    err_msg: List[str] = []
-
-    metadata = getattr(state_dict, "_metadata", None)
-    state_dict = state_dict.copy()
-    if metadata is not None:
-        state_dict._metadata = metadata
-
-    def load(module, prefix=""):
-        if is_module_wrapper(module):
-            module = module.module
-        local_metadata = {} if metadata is None else metadata.get(prefix[:-1], {})
-        module._load_from_state_dict(
-            state_dict, prefix, local_metadata, True, all_missing_keys, unexpected_keys, err_msg
-        )
-        for name, child in module._modules.items():
-            if child is not None:
-                load(child, prefix + name + ".")
-
-    load(module)
-    load = None  # the closure refers to itself: break the cycle
-
-    missing_keys = [key for key in all_missing_keys if "num_batches_tracked" not in key]
-    if unexpected_keys:
-        err_msg.append(f'unexpected key in source state_dict: {", ".join(unexpected_keys)}\n')
-    if missing_keys:
-        err_msg.append(f'missing keys in source state_dict: {", ".join(missing_keys)}\n')
-
-    rank, _ = _resolve("get_dist_info")()
-    if len(err_msg) > 0 and rank == 0:
-        err_msg.insert(0, "The model and loaded state dict do not match exactly\n")
-        text = "\n".join(err_msg)
-        if strict:
-            raise RuntimeError(text)
-        elif logger is not None:
-            logger.warning(text)
-        else:
-            print(text)
+    text = load_walk(module, state_dict, is_module_wrapper, _resolve("get_dist_info"), strict)
+    if text is None:
+        return
+    if logger is not None:
+        logger.warning(text)
+    else:
+        print(text)
 
 
 def get_torchvision_models():
@@ -382,20 +360,7 @@ def load_from_pavi(
 ) -> Union[dict, OrderedDict]:
     """The checkpoint at pavi://<model path> (needs the pavi client),
     downloaded to a temporary directory."""
-    assert filename.startswith(
-        "pavi://"
-    ), f"Expected filename startswith `pavi://`, but get {filename}"
-    model_path = filename[7:]
-    try:
-        from pavi import modelcloud
-    except ImportError:
-        raise ImportError("Please install pavi to load checkpoint from modelcloud.")
-    model = modelcloud.get(model_path)
-    with TemporaryDirectory() as tmp_dir:
-        downloaded_file = osp.join(tmp_dir, model.name)
-        model.download(downloaded_file)
-        checkpoint = _load_file(downloaded_file, map_location)
-    return checkpoint
+    return from_pavi(filename, map_location, _load_file)
 
 
 @_builtin_scheme(r"(\S+\:)?s3://")
@@ -475,30 +440,13 @@ def load_from_openmmlab(
 ) -> Union[dict, OrderedDict]:
     """open-mmlab://<name>: a URL from the open_mmlab table (extended by
     $MMCV_HOME/open_mmlab.json), or a file relative to $MMCV_HOME."""
-    model_urls = get_external_models()
-    prefix_str = "open-mmlab://"
-    if filename.startswith(prefix_str):
-        model_name = filename[13:]
-    else:
-        model_name = filename[12:]
-        prefix_str = "openmmlab://"
-    deprecated_urls = get_deprecated_model_names()
-    if model_name in deprecated_urls:
-        warnings.warn(
-            f"{prefix_str}{model_name} is deprecated in favor "
-            f"of {prefix_str}{deprecated_urls[model_name]}",
-            DeprecationWarning,
-        )
-        model_name = deprecated_urls[model_name]
-    model_url = model_urls[model_name]
-    if model_url.startswith(("http://", "https://")):
-        checkpoint = _resolve("load_from_http")(model_url, map_location=map_location)
-    else:
-        filename = osp.join(_get_mmcv_home(), model_url)
-        if not osp.isfile(filename):
-            raise FileNotFoundError(f"{filename} can not be found.")
-        checkpoint = _load_file(filename, map_location)
-    return checkpoint
+    tables = get_external_models(), get_deprecated_model_names()
+
+    def warn(text):  # a deprecated name
+        warnings.warn(text, DeprecationWarning)
+
+    return from_openmmlab(filename, map_location, *tables, warn, _get_mmcv_home,
+                          _resolve("load_from_http"), _load_file)
 
 
 @_builtin_scheme("mmcls://")
@@ -527,14 +475,7 @@ def _load_checkpoint_with_prefix(
 ) -> Union[dict, OrderedDict]:
     """The weights of the sub-module named prefix, with the prefix removed;
     AssertionError when there are none."""
-    checkpoint = _load_checkpoint(filename, map_location=map_location)
-    state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
-    if not prefix.endswith("."):
-        prefix += "."
-    prefix_len = len(prefix)
-    state_dict = {k[prefix_len:]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    assert state_dict, f"{prefix} is not in the pretrained model"
-    return state_dict
+    return with_prefix(_load_checkpoint(filename, map_location=map_location), prefix)
 
 
 def _revise(state_dict, revise_keys):
@@ -577,25 +518,4 @@ def load_checkpoint(
 _SAVE_NAMES = ("weights_to_cpu", "_save_to_state_dict", "get_state_dict", "save_checkpoint")
 
 
-__all__ = [
-    "ENV_MMCV_HOME",
-    "ENV_XDG_CACHE_HOME",
-    "DEFAULT_CACHE_DIR",
-    "CheckpointLoader",
-    "load_state_dict",
-    "get_torchvision_models",
-    "get_external_models",
-    "get_mmcls_models",
-    "get_deprecated_model_names",
-    "load_from_local",
-    "load_from_http",
-    "load_from_pavi",
-    "load_from_ceph",
-    "load_from_torchvision",
-    "load_from_openmmlab",
-    "load_from_mmcls",
-    "load_checkpoint",
-    "weights_to_cpu",
-    "get_state_dict",
-    "save_checkpoint",
-]
+__all__ = ["ENV_MMCV_HOME", *SHARED_NAMES]

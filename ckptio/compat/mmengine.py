@@ -27,7 +27,6 @@ import logging
 import os
 import os.path as osp
 from collections import OrderedDict
-from tempfile import TemporaryDirectory
 from typing import Optional
 
 import torch
@@ -56,6 +55,13 @@ from .. import _direct, patching
 from .mmengine_save import save_checkpoint
 from .._allow import OPENMMLAB
 from ..hub import load_url  # torch.hub's 7 positional parameters; a module global, as tests patch it
+from .base import (
+    SHARED_NAMES,
+    from_openmmlab,
+    from_pavi,
+    load_walk,
+    with_prefix,
+)
 from .mmcv import _load_file, _revise
 
 
@@ -69,55 +75,10 @@ def load_state_dict(module, state_dict, strict=False, logger=None):
     """Loads state_dict into module as mmengine does: each child sees only
     its own keys, load-state-dict post hooks run, mismatches are reported on
     rank 0 through print_log at WARNING (strict: RuntimeError)."""
-    unexpected_keys = []
-    missing_keys = []
-    err_msg = []
-
-    metadata = getattr(state_dict, "_metadata", None)
-    state_dict = state_dict.copy()
-    if metadata is not None:
-        state_dict._metadata = metadata
-
-    def load(module, local_state_dict, prefix=""):
-        if is_model_wrapper(module) or isinstance(module, BaseTTAModel):
-            module = module.module
-        local_metadata = {} if metadata is None else metadata.get(prefix[:-1], {})
-        module._load_from_state_dict(
-            local_state_dict, prefix, local_metadata, True, missing_keys, unexpected_keys, err_msg
-        )
-        for name, child in module._modules.items():
-            if child is not None:
-                child_prefix = prefix + name + "."
-                child_state_dict = {
-                    k: v for k, v in local_state_dict.items() if k.startswith(child_prefix)
-                }
-                load(child, child_state_dict, child_prefix)
-        # hooks may change missing_keys and unexpected_keys in place
-        incompatible_keys = _IncompatibleKeys(missing_keys, unexpected_keys)
-        if hasattr(module, "_load_state_dict_post_hooks"):
-            for hook in module._load_state_dict_post_hooks.values():
-                out = hook(module, incompatible_keys)
-                assert out is None, (
-                    "Hooks registered with ``register_load_state_dict_post_hook`` are not "
-                    "expected to return new values, if incompatible_keys need to be "
-                    "modified, it should be done inplace."
-                )
-
-    load(module, state_dict)
-    load = None  # the closure refers to itself: break the cycle
-
-    missing_keys = [key for key in missing_keys if "num_batches_tracked" not in key]
-    if unexpected_keys:
-        err_msg.append(f'unexpected key in source state_dict: {", ".join(unexpected_keys)}\n')
-    if missing_keys:
-        err_msg.append(f'missing keys in source state_dict: {", ".join(missing_keys)}\n')
-
-    rank, _ = _resolve("get_dist_info")()
-    if len(err_msg) > 0 and rank == 0:
-        err_msg.insert(0, "The model and loaded state dict do not match exactly\n")
-        text = "\n".join(err_msg)
-        if strict:
-            raise RuntimeError(text)
+    text = load_walk(
+        module, state_dict, _unwrap, _resolve("get_dist_info"), strict, _IncompatibleKeys
+    )
+    if text is not None:
         _resolve("print_log")(text, logger=logger, level=logging.WARNING)
 
 
@@ -173,20 +134,7 @@ def load_from_http(filename, map_location=None, model_dir=None, progress=os.isat
 @_builtin_scheme("pavi://")
 def load_from_pavi(filename, map_location=None):
     """The checkpoint at pavi://<model path> (needs the pavi client)."""
-    assert filename.startswith(
-        "pavi://"
-    ), f"Expected filename startswith `pavi://`, but get {filename}"
-    model_path = filename[7:]
-    try:
-        from pavi import modelcloud
-    except ImportError:
-        raise ImportError("Please install pavi to load checkpoint from modelcloud.")
-    model = modelcloud.get(model_path)
-    with TemporaryDirectory() as tmp_dir:
-        downloaded_file = osp.join(tmp_dir, model.name)
-        model.download(downloaded_file)
-        checkpoint = _load_file(downloaded_file, map_location)
-    return checkpoint
+    return from_pavi(filename, map_location, _load_file)
 
 
 @_builtin_scheme([r"(\S+\:)?s3://", r"(\S+\:)?petrel://"])
@@ -218,31 +166,13 @@ def load_from_torchvision(filename, map_location=None):
 def load_from_openmmlab(filename, map_location=None):
     """open-mmlab://<name>: a URL from mmengine's table (extended by
     $MMENGINE_HOME/open_mmlab.json), or a file relative to $MMENGINE_HOME."""
-    model_urls = get_external_models()
-    prefix_str = "open-mmlab://"
-    if filename.startswith(prefix_str):
-        model_name = filename[13:]
-    else:
-        model_name = filename[12:]
-        prefix_str = "openmmlab://"
-    deprecated_urls = get_deprecated_model_names()
-    if model_name in deprecated_urls:
-        _resolve("print_log")(
-            f"{prefix_str}{model_name} is deprecated in favor "
-            f"of {prefix_str}{deprecated_urls[model_name]}",
-            logger="current",
-            level=logging.WARNING,
-        )
-        model_name = deprecated_urls[model_name]
-    model_url = model_urls[model_name]
-    if model_url.startswith(("http://", "https://")):
-        checkpoint = _resolve("load_from_http")(model_url, map_location=map_location)
-    else:
-        filename = osp.join(_get_mmengine_home(), model_url)
-        if not osp.isfile(filename):
-            raise FileNotFoundError(f"{filename} can not be found.")
-        checkpoint = _load_file(filename, map_location)
-    return checkpoint
+    tables = get_external_models(), get_deprecated_model_names()
+
+    def warn(text):  # a deprecated name
+        _resolve("print_log")(text, logger="current", level=logging.WARNING)
+
+    return from_openmmlab(filename, map_location, *tables, warn, _get_mmengine_home,
+                          _resolve("load_from_http"), _load_file)
 
 
 @_builtin_scheme("mmcls://")
@@ -260,15 +190,9 @@ def _load_checkpoint(filename, map_location=None, logger=None):
 
 
 def _load_checkpoint_with_prefix(prefix, filename, map_location=None):
-    """The weights of the sub-module named prefix, prefix removed."""
-    checkpoint = _load_checkpoint(filename, map_location=map_location)
-    state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
-    if not prefix.endswith("."):
-        prefix += "."
-    prefix_len = len(prefix)
-    state_dict = {k[prefix_len:]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    assert state_dict, f"{prefix} is not in the pretrained model"
-    return state_dict
+    """The weights of the sub-module named prefix, with the prefix removed;
+    AssertionError when there are none."""
+    return with_prefix(_load_checkpoint(filename, map_location=map_location), prefix)
 
 
 def _load_checkpoint_to_model(
@@ -314,26 +238,4 @@ def find_latest_checkpoint(path: str) -> Optional[str]:
 _SAVE_NAMES = ("weights_to_cpu", "_save_to_state_dict", "get_state_dict", "save_checkpoint")
 
 
-__all__ = [
-    "ENV_MMENGINE_HOME",
-    "ENV_XDG_CACHE_HOME",
-    "DEFAULT_CACHE_DIR",
-    "CheckpointLoader",
-    "load_state_dict",
-    "get_torchvision_models",
-    "get_external_models",
-    "get_mmcls_models",
-    "get_deprecated_model_names",
-    "load_from_local",
-    "load_from_http",
-    "load_from_pavi",
-    "load_from_ceph",
-    "load_from_torchvision",
-    "load_from_openmmlab",
-    "load_from_mmcls",
-    "load_checkpoint",
-    "find_latest_checkpoint",
-    "weights_to_cpu",
-    "get_state_dict",
-    "save_checkpoint",
-]
+__all__ = ["ENV_MMENGINE_HOME", *SHARED_NAMES, "find_latest_checkpoint"]
