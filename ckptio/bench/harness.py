@@ -98,7 +98,10 @@ class SpecModel:
                     mod.add_module(part, torch.nn.Module())
                 mod = getattr(mod, part)
             dtype = torch.long if leaf == "num_batches_tracked" else torch.float32
-            tensor = torch.zeros(shape, dtype=dtype)
+            # written, as a built model's initialised parameters are (torch.zeros
+            # of a large tensor is calloc: untouched pages, whose first-write
+            # faults would be timed as part of the load)
+            tensor = torch.ones(shape, dtype=dtype)
             if leaf.startswith(("running_", "num_batches")):
                 mod.register_buffer(leaf, tensor)
             else:
