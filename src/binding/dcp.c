@@ -7,6 +7,7 @@
 #include "budget.h"
 #include "errors.h"
 #include "globals.h"
+#include "heaptype.h"
 #include "load.h"
 #include "mapping.h"
 #include "tensors.h"
@@ -274,18 +275,11 @@ static PyType_Slot atomic_file_slots[] = {
     {0, NULL},
 };
 
-static PyType_Spec atomic_file_spec = {
-    .name = "ckptio._native.AtomicFile",
-    .basicsize = sizeof(atomic_file),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = atomic_file_slots,
-};
+static PyType_Spec atomic_file_spec =
+    CK_TYPE_SPEC("AtomicFile", sizeof(atomic_file), Py_TPFLAGS_IMMUTABLETYPE, atomic_file_slots);
 
 int ck_dcp_init(PyObject *m, ck_state *st) {
-    st->AtomicFileType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &atomic_file_spec, NULL);
-    if (st->AtomicFileType == NULL)
-        return -1;
-    return PyModule_AddObjectRef(m, "AtomicFile", (PyObject *)st->AtomicFileType);
+    return ck_new_module_type(m, &atomic_file_spec, &st->AtomicFileType);
 }
 
 static PyObject *py_atomic_file(PyObject *module, PyObject *args, PyObject *kwargs) {
