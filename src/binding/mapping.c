@@ -102,6 +102,13 @@ int ck_mapping_check(ck_state *st, PyObject *obj) {
     return Py_IS_TYPE(obj, st->MappingType);
 }
 
+int ck_mapping_arg(ck_state *st, PyObject *obj, const char *fn) {
+    if (ck_mapping_check(st, obj))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s: mapping must be a ckptio._native.Mapping", fn);
+    return -1;
+}
+
 typedef ck_status (*region_opener)(const char *, ck_region *, ck_error *);
 
 static PyObject *open_region(PyObject *module, PyObject *path, region_opener open_fn) {
