@@ -7,6 +7,7 @@
 #include "budget.h"
 #include "errors.h"
 #include "globals.h"
+#include "heaptype.h"
 #include "load.h"
 #include "mapping.h"
 #include "tensors.h"
@@ -35,13 +36,6 @@ static int session_options(ck_session *s, PyObject *user_globals) {
     return ck_user_globals_prepare(s);
 }
 
-static int check_mapping(ck_state *st, PyObject *mapping, const char *fn) {
-    if (ck_mapping_check(st, mapping))
-        return 0;
-    PyErr_Format(PyExc_TypeError, "%s: mapping must be a ckptio._native.Mapping", fn);
-    return -1;
-}
-
 /* ---- dcp_item ------------------------------------------------------------- */
 
 static PyObject *py_dcp_item(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -53,7 +47,7 @@ static PyObject *py_dcp_item(PyObject *module, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OKKU|$p:dcp_item", kwlist, &mapping, &offset,
                                      &length, &name, &aligned))
         return NULL;
-    if (ck_torch_ready(st) < 0 || check_mapping(st, mapping, "dcp_item") < 0)
+    if (ck_torch_ready(st) < 0 || ck_mapping_arg(st, mapping, "dcp_item") < 0)
         return NULL;
     size_t size = ((ck_mapping *)mapping)->region.len;
     if (offset > size || length > size - offset)
@@ -86,12 +80,9 @@ static PyObject *py_unpickle(PyObject *module, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OU|O$p:unpickle", kwlist, &mapping, &name,
                                      &user_globals, &weights_only))
         return NULL;
-    if (ck_torch_ready(st) < 0 || check_mapping(st, mapping, "unpickle") < 0)
+    if (ck_torch_ready(st) < 0 || ck_mapping_arg(st, mapping, "unpickle") < 0 ||
+        ck_user_globals_arg(user_globals, "unpickle") < 0)
         return NULL;
-    if (user_globals != Py_None && !PyDict_Check(user_globals)) {
-        PyErr_SetString(PyExc_TypeError, "unpickle: user_globals must be a dict");
-        return NULL;
-    }
     ck_session s;
     ck_session_begin(&s, st, name, mapping);
     PyObject *result = NULL;
@@ -274,18 +265,11 @@ static PyType_Slot atomic_file_slots[] = {
     {0, NULL},
 };
 
-static PyType_Spec atomic_file_spec = {
-    .name = "ckptio._native.AtomicFile",
-    .basicsize = sizeof(atomic_file),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = atomic_file_slots,
-};
+static PyType_Spec atomic_file_spec =
+    CK_TYPE_SPEC("AtomicFile", sizeof(atomic_file), Py_TPFLAGS_IMMUTABLETYPE, atomic_file_slots);
 
 int ck_dcp_init(PyObject *m, ck_state *st) {
-    st->AtomicFileType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &atomic_file_spec, NULL);
-    if (st->AtomicFileType == NULL)
-        return -1;
-    return PyModule_AddObjectRef(m, "AtomicFile", (PyObject *)st->AtomicFileType);
+    return ck_new_module_type(m, &atomic_file_spec, &st->AtomicFileType);
 }
 
 static PyObject *py_atomic_file(PyObject *module, PyObject *args, PyObject *kwargs) {

@@ -18,6 +18,14 @@ static int is_stat_name(PyObject *name) {
     return 0;
 }
 
+/* Refuses name, not one of stat_names: "<refusal> min, max, current and
+ * mean, not <repr of name>" (of a non-str name: its type). */
+static int refuse_stat_name(ck_why *why, const char *refusal, PyObject *name) {
+    int is_str = PyUnicode_CheckExact(name);
+    return ck_why_set(why, "%s min, max, current and mean, not %s%R", refusal,
+                      is_str ? "" : "a non-str ", is_str ? name : (PyObject *)Py_TYPE(name));
+}
+
 /* The function the class itself defines under name (borrowed), read from
  * its own __dict__: no descriptor or metaclass code runs. NULL if absent. */
 static PyObject *own_function(PyObject *cls, const char *name) {
@@ -88,11 +96,8 @@ int ck_hb_getattr(ck_session *s, PyObject *args, PyObject **out, ck_why *why) {
                           "(%s)",
                           what_is(obj), PyType_Check(obj) ? "a class" : "an object");
     if (!is_stat_name(name))
-        return ck_why_set(why,
-                          "getattr(HistoryBuffer, ...) is decoded only for its statistics "
-                          "methods min, max, current and mean, not %s%R",
-                          PyUnicode_CheckExact(name) ? "" : "a non-str ",
-                          PyUnicode_CheckExact(name) ? name : (PyObject *)Py_TYPE(name));
+        return refuse_stat_name(
+            why, "getattr(HistoryBuffer, ...) is decoded only for its statistics methods", name);
     PyObject *f = own_function(cls, PyUnicode_AsUTF8(name));
     if (f == NULL) {
         if (PyErr_Occurred())
@@ -134,11 +139,7 @@ static int methods_ok(PyObject *cls, PyObject *methods, ck_why *why) {
     PyObject *k, *v;
     while (PyDict_Next(methods, &pos, &k, &v)) {
         if (!is_stat_name(k))
-            return ck_why_set(why,
-                              "HistoryBuffer statistics_methods may name only min, max, current "
-                              "and mean, not %s%R",
-                              PyUnicode_CheckExact(k) ? "" : "a non-str ",
-                              PyUnicode_CheckExact(k) ? k : (PyObject *)Py_TYPE(k));
+            return refuse_stat_name(why, "HistoryBuffer statistics_methods may name only", k);
         if (v != own_function(cls, PyUnicode_AsUTF8(k)))
             return ck_why_set(why,
                               "HistoryBuffer statistics_methods[%R] must be HistoryBuffer.%U "

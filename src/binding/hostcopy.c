@@ -5,6 +5,7 @@
 #include "core/devcopy.h"
 #include "core/memcopy.h"
 #include "errors.h"
+#include "heaptype.h"
 
 /* ---- HostArena ---------------------------------------------------------------- */
 
@@ -70,18 +71,11 @@ static PyType_Slot arena_slots[] = {
     {0, NULL},
 };
 
-static PyType_Spec arena_spec = {
-    .name = "ckptio._native.HostArena",
-    .basicsize = sizeof(host_arena),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = arena_slots,
-};
+static PyType_Spec arena_spec =
+    CK_TYPE_SPEC("HostArena", sizeof(host_arena), Py_TPFLAGS_IMMUTABLETYPE, arena_slots);
 
 int ck_hostcopy_init(PyObject *m, ck_state *st) {
-    st->HostArenaType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &arena_spec, NULL);
-    if (st->HostArenaType == NULL)
-        return -1;
-    return PyModule_AddObjectRef(m, "HostArena", (PyObject *)st->HostArenaType);
+    return ck_new_module_type(m, &arena_spec, &st->HostArenaType);
 }
 
 /* ---- copy_to_host ---------------------------------------------------------------- */

@@ -75,6 +75,13 @@ PyObject *ck_load_any(ck_session *s) {
                     "not a PyTorch checkpoint: unknown format (first byte %s)", first);
 }
 
+int ck_user_globals_arg(PyObject *user_globals, const char *fn) {
+    if (user_globals == Py_None || PyDict_Check(user_globals))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s: user_globals must be a dict", fn);
+    return -1;
+}
+
 PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"mapping",      "filename", "weights_only",  "encoding",
                              "errors",       "map_kind", "map_location",  "restore",
@@ -88,12 +95,8 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
                                      &weights_only, &encoding, &errors, &map_kind, &map_location,
                                      &restore, &user_globals, &allow, &warn_proto))
         return NULL;
-    if (ck_torch_ready(st) < 0)
+    if (ck_torch_ready(st) < 0 || ck_mapping_arg(st, mapping, "load") < 0)
         return NULL;
-    if (!ck_mapping_check(st, mapping)) {
-        PyErr_SetString(PyExc_TypeError, "load: mapping must be a ckptio._native.Mapping");
-        return NULL;
-    }
     if (map_kind < CK_MAP_NONE || map_kind > CK_MAP_CALL) {
         PyErr_SetString(PyExc_ValueError, "load: invalid map_kind");
         return NULL;
@@ -103,10 +106,8 @@ PyObject *ck_py_load(PyObject *module, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_TypeError, "load: map_location and restore do not match map_kind");
         return NULL;
     }
-    if (user_globals != Py_None && !PyDict_Check(user_globals)) {
-        PyErr_SetString(PyExc_TypeError, "load: user_globals must be a dict");
+    if (ck_user_globals_arg(user_globals, "load") < 0)
         return NULL;
-    }
 
     ck_session s;
     ck_session_begin(&s, st, filename, mapping);

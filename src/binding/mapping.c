@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "errors.h"
+#include "heaptype.h"
 
 /* Heap buffers owned by Mappings are reported to tracemalloc under this
  * domain ('ckpt'), so that tests (and users) measuring a load with
@@ -76,18 +77,11 @@ static PyType_Slot mapping_slots[] = {
     {0, NULL},
 };
 
-static PyType_Spec mapping_spec = {
-    .name = "ckptio._native.Mapping",
-    .basicsize = sizeof(ck_mapping),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = mapping_slots,
-};
+static PyType_Spec mapping_spec =
+    CK_TYPE_SPEC("Mapping", sizeof(ck_mapping), Py_TPFLAGS_IMMUTABLETYPE, mapping_slots);
 
 int ck_mapping_init(PyObject *m, ck_state *st) {
-    st->MappingType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &mapping_spec, NULL);
-    if (st->MappingType == NULL)
-        return -1;
-    return PyModule_AddObjectRef(m, "Mapping", (PyObject *)st->MappingType);
+    return ck_new_module_type(m, &mapping_spec, &st->MappingType);
 }
 
 PyObject *ck_mapping_new(ck_state *st, ck_region *region) {
@@ -106,6 +100,13 @@ PyObject *ck_mapping_new(ck_state *st, ck_region *region) {
 
 int ck_mapping_check(ck_state *st, PyObject *obj) {
     return Py_IS_TYPE(obj, st->MappingType);
+}
+
+int ck_mapping_arg(ck_state *st, PyObject *obj, const char *fn) {
+    if (ck_mapping_check(st, obj))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s: mapping must be a ckptio._native.Mapping", fn);
+    return -1;
 }
 
 typedef ck_status (*region_opener)(const char *, ck_region *, ck_error *);

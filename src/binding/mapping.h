@@ -23,6 +23,10 @@ PyObject *ck_mapping_new(ck_state *st, ck_region *region);
 /* 1 if obj is a Mapping. */
 int ck_mapping_check(ck_state *st, PyObject *obj);
 
+/* The check of a function's mapping argument: 0 if obj is a Mapping, else
+ * -1 with TypeError "<fn>: mapping must be a ckptio._native.Mapping". */
+int ck_mapping_arg(ck_state *st, PyObject *obj, const char *fn);
+
 /* Module functions: map_file(path), read_file(path), copy_buffer(obj). */
 PyObject *ck_py_map_file(PyObject *module, PyObject *path);
 PyObject *ck_py_read_file(PyObject *module, PyObject *path);

@@ -17,37 +17,38 @@
 #define CK_SWAPPED '<'
 #endif
 
+/* The function obj.__reduce__() names (the first item of its result), a
+ * new reference, or NULL with an exception set. Steals obj, which may be
+ * NULL (its creation failed); what names obj in the error message. */
+static PyObject *reduce_function(PyObject *obj, const char *what) {
+    PyObject *red = obj ? PyObject_CallMethod(obj, "__reduce__", NULL) : NULL;
+    Py_XDECREF(obj);
+    if (red == NULL)
+        return NULL;
+    if (!PyTuple_Check(red) || PyTuple_GET_SIZE(red) < 1) {
+        Py_DECREF(red);
+        PyErr_Format(PyExc_RuntimeError, "numpy: unexpected %s.__reduce__ result", what);
+        return NULL;
+    }
+    PyObject *func = Py_NewRef(PyTuple_GET_ITEM(red, 0));
+    Py_DECREF(red);
+    return func;
+}
+
 int ck_np_init(ck_state *st) {
     /* the functions numpy's own __reduce__ names, whatever numpy.core is
      * called in this numpy */
     npy_intp zero = 0;
-    PyObject *arr = PyArray_SimpleNew(1, &zero, NPY_DOUBLE);
-    PyObject *red = arr ? PyObject_CallMethod(arr, "__reduce__", NULL) : NULL;
-    Py_XDECREF(arr);
-    if (red == NULL)
+    st->np_reconstruct = reduce_function(PyArray_SimpleNew(1, &zero, NPY_DOUBLE), "ndarray");
+    if (st->np_reconstruct == NULL)
         return -1;
-    if (!PyTuple_Check(red) || PyTuple_GET_SIZE(red) < 1) {
-        Py_DECREF(red);
-        PyErr_SetString(PyExc_RuntimeError, "numpy: unexpected ndarray.__reduce__ result");
-        return -1;
-    }
-    st->np_reconstruct = Py_NewRef(PyTuple_GET_ITEM(red, 0));
-    Py_DECREF(red);
     double one = 1.0;
     PyArray_Descr *f8 = PyArray_DescrFromType(NPY_DOUBLE);
     PyObject *sc = PyArray_Scalar(&one, f8, NULL); /* does not take f8's reference */
     Py_DECREF(f8);
-    red = sc ? PyObject_CallMethod(sc, "__reduce__", NULL) : NULL;
-    Py_XDECREF(sc);
-    if (red == NULL)
+    st->np_scalar = reduce_function(sc, "scalar");
+    if (st->np_scalar == NULL)
         return -1;
-    if (!PyTuple_Check(red) || PyTuple_GET_SIZE(red) < 1) {
-        Py_DECREF(red);
-        PyErr_SetString(PyExc_RuntimeError, "numpy: unexpected scalar.__reduce__ result");
-        return -1;
-    }
-    st->np_scalar = Py_NewRef(PyTuple_GET_ITEM(red, 0));
-    Py_DECREF(red);
     /* the method descriptor of the type: instances cannot override it */
     st->np_array_setstate = PyObject_GetAttrString((PyObject *)&PyArray_Type, "__setstate__");
     return st->np_array_setstate == NULL ? -1 : 0;

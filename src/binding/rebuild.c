@@ -203,6 +203,20 @@ static PyObject *build_tensor(ck_session *s, Py_ssize_t slot, int dtype, PyObjec
     return r;
 }
 
+/* *clean: the clean form (ck_clean) of obj, one of the pickle's objects,
+ * when it is given (neither NULL nor None) and true; NULL otherwise.
+ * Returns 0, or -1 with an exception set. */
+static int clean_if_true(ck_session *s, PyObject *obj, PyObject **clean) {
+    *clean = NULL;
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    int has = PyObject_IsTrue(obj);
+    if (has <= 0)
+        return has;
+    *clean = ck_clean(s, obj);
+    return *clean == NULL ? -1 : 0;
+}
+
 /* requires_grad, tensor metadata (conj/neg bits) and backward hooks, as
  * torch's _rebuild_tensor_v2/v3 apply them. Steals t; returns it or NULL.
  * hooks and metadata are the pickle's objects: what reaches torch is their
@@ -210,41 +224,31 @@ static PyObject *build_tensor(ck_session *s, Py_ssize_t slot, int dtype, PyObjec
 static PyObject *finish_tensor(ck_session *s, PyObject *t, PyObject *requires_grad, PyObject *hooks,
                                PyObject *metadata) {
     ck_state *st = s->st;
-    PyObject *clean = NULL;
+    PyObject *clean;
     if (requires_grad == Py_True) {
         PyObject *r = PyObject_CallMethodOneArg(t, st->s_requires_grad_, Py_True);
         if (r == NULL)
             goto fail;
         Py_DECREF(r);
     }
-    if (metadata != NULL && metadata != Py_None) {
-        int has = PyObject_IsTrue(metadata);
-        if (has < 0)
+    if (clean_if_true(s, metadata, &clean) < 0)
+        goto fail;
+    if (clean != NULL) {
+        PyObject *r = PyObject_CallFunctionObjArgs(st->set_tensor_metadata, t, clean, NULL);
+        Py_DECREF(clean);
+        if (r == NULL)
             goto fail;
-        if (has) {
-            if ((clean = ck_clean(s, metadata)) == NULL)
-                goto fail;
-            PyObject *r = PyObject_CallFunctionObjArgs(st->set_tensor_metadata, t, clean, NULL);
-            Py_CLEAR(clean);
-            if (r == NULL)
-                goto fail;
-            Py_DECREF(r);
-        }
+        Py_DECREF(r);
     }
     /* torch attaches the (always empty) backward-hook dict it unpickled; an
      * empty one changes nothing, so only a non-empty one is attached. */
-    if (hooks != NULL && hooks != Py_None) {
-        int has = PyObject_IsTrue(hooks);
-        if (has < 0)
+    if (clean_if_true(s, hooks, &clean) < 0)
+        goto fail;
+    if (clean != NULL) {
+        int rc = PyObject_SetAttrString(t, "_backward_hooks", clean);
+        Py_DECREF(clean);
+        if (rc < 0)
             goto fail;
-        if (has) {
-            if ((clean = ck_clean(s, hooks)) == NULL)
-                goto fail;
-            int rc = PyObject_SetAttrString(t, "_backward_hooks", clean);
-            Py_CLEAR(clean);
-            if (rc < 0)
-                goto fail;
-        }
     }
     return t;
 fail:

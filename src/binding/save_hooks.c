@@ -1,5 +1,7 @@
 #include "save_hooks.h"
 
+#include "heaptype.h"
+
 /* The module state of a SaveState's module, or NULL with RuntimeError
  * when the state's save has ended. */
 static ck_state *live_state(ck_save_state *self) {
@@ -299,16 +301,11 @@ static PyType_Slot state_slots[] = {
     {0, NULL},
 };
 
-static PyType_Spec state_spec = {
-    .name = "ckptio._native.SaveState",
-    .basicsize = sizeof(ck_save_state),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = state_slots,
-};
+static PyType_Spec state_spec =
+    CK_TYPE_SPEC("SaveState", sizeof(ck_save_state), Py_TPFLAGS_HAVE_GC, state_slots);
 
 int ck_save_hooks_init(PyObject *m, ck_state *st) {
-    st->SaveStateType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &state_spec, NULL);
-    if (st->SaveStateType == NULL)
+    if (ck_new_type(m, &state_spec, NULL, &st->SaveStateType) < 0)
         return -1;
     /* the pickler class: a plain subclass of the C pickler, whose instances
      * have a __dict__ for the two hooks of their save */
@@ -326,7 +323,7 @@ int ck_save_hooks_init(PyObject *m, ck_state *st) {
     if (st->SavePickler == NULL)
         return -1;
     if (PyModule_AddObjectRef(m, "SavePickler", st->SavePickler) < 0 ||
-        PyModule_AddObjectRef(m, "SaveState", (PyObject *)st->SaveStateType) < 0)
+        ck_add_type(m, &state_spec, st->SaveStateType) < 0)
         return -1;
     return 0;
 }

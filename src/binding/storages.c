@@ -4,6 +4,7 @@
 
 #include "budget.h"
 #include "errors.h"
+#include "heaptype.h"
 #include "mapping.h"
 #include "npy.h"
 
@@ -24,12 +25,8 @@ static PyType_Slot storage_ref_slots[] = {
     {0, NULL},
 };
 
-static PyType_Spec storage_ref_spec = {
-    .name = "ckptio._native.StorageRef",
-    .basicsize = sizeof(ck_storage_ref),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = storage_ref_slots,
-};
+static PyType_Spec storage_ref_spec =
+    CK_TYPE_SPEC("StorageRef", sizeof(ck_storage_ref), Py_TPFLAGS_IMMUTABLETYPE, storage_ref_slots);
 
 /* A tuple whose items include a StorageRef or another RefTuple: the
  * arguments of torch's rebuild functions, built by the pickle machine. It
@@ -41,24 +38,19 @@ static PyType_Slot ref_tuple_slots[] = {
     {0, NULL},
 };
 
-static PyType_Spec ref_tuple_spec = {
-    .name = "ckptio._native.RefTuple",
-    .basicsize = 0, /* tuple's */
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
-    .slots = ref_tuple_slots,
-};
+static PyType_Spec ref_tuple_spec =
+    CK_TYPE_SPEC("RefTuple", 0 /* tuple's */, Py_TPFLAGS_IMMUTABLETYPE, ref_tuple_slots);
 
 int ck_tensors_init(PyObject *m, ck_state *st) {
-    st->StorageRefType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &storage_ref_spec, NULL);
-    if (st->StorageRefType == NULL)
+    if (ck_new_type(m, &storage_ref_spec, NULL, &st->StorageRefType) < 0)
         return -1;
     /* bases as a tuple: Python 3.9 takes no single type there */
     PyObject *bases = PyTuple_Pack(1, (PyObject *)&PyTuple_Type);
     if (bases == NULL)
         return -1;
-    st->RefTupleType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &ref_tuple_spec, bases);
+    int rc = ck_new_type(m, &ref_tuple_spec, bases, &st->RefTupleType);
     Py_DECREF(bases);
-    return st->RefTupleType == NULL ? -1 : 0;
+    return rc;
 }
 
 int ck_is_storage_ref(ck_state *st, PyObject *obj) {
