@@ -127,11 +127,15 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         return NULL;
     }
     st->torch_ready = 0;
+    /* the state's slots by their keys: O any object, D a dict */
     static const struct {
         const char *key;
         size_t offset;
-    } objects[] = {
-#define O(k, f) {k, offsetof(ck_state, f)}
+        int is_dict;
+    } slots[] = {
+#define O(k, f) {k, offsetof(ck_state, f), 0}
+#define D(k, f)                                                                                    \
+    { k, offsetof(ck_state, f), 1 }
         O("from_numpy", from_numpy),
         O("empty", torch_empty),
         O("Tensor", Tensor),
@@ -156,16 +160,6 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         O("get_tensor_metadata", get_tensor_metadata),
         O("strided", strided),
         O("save_new_dtypes", save_new_dtypes),
-#undef O
-    };
-    for (size_t i = 0; i < sizeof objects / sizeof objects[0]; i++)
-        if (take(config, objects[i].key, (PyObject **)((char *)st + objects[i].offset)) < 0)
-            return NULL;
-    static const struct {
-        const char *key;
-        size_t offset;
-    } dicts[] = {
-#define D(k, f) {k, offsetof(ck_state, f)}
         D("storage_dtype", storage_dtype),
         D("storage_by_name", storage_by_name),
         D("allowed", allowed),
@@ -175,11 +169,14 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         D("compat_import_mapping", compat_import_mapping),
         D("extension_registry", extension_registry),
         D("save_legacy", save_legacy),
+#undef O
 #undef D
     };
-    for (size_t i = 0; i < sizeof dicts / sizeof dicts[0]; i++)
-        if (take_dict(config, dicts[i].key, (PyObject **)((char *)st + dicts[i].offset)) < 0)
+    for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++) {
+        PyObject **slot = (PyObject **)((char *)st + slots[i].offset);
+        if ((slots[i].is_dict ? take_dict : take)(config, slots[i].key, slot) < 0)
             return NULL;
+    }
     if (!PyAnySet_Check(st->save_new_dtypes)) {
         PyErr_SetString(PyExc_TypeError, "configure: save_new_dtypes must be a set");
         return NULL;
@@ -324,21 +321,26 @@ static int module_exec(PyObject *m) {
     return rc;
 }
 
+/* Every reference the state `st` holds, each as REF(its slot): traverse and
+ * clear each define REF (Py_VISIT, Py_CLEAR) around it. */
+#define STATE_REF(f) REF(st->f);
+#define STATE_NAME_REF(f, text) REF(st->f);
+#define FOR_STATE_REFS                                                                             \
+    CK_STATE_OBJECTS(STATE_REF)                                                                    \
+    CK_STATE_TYPES(STATE_REF)                                                                      \
+    CK_STATE_NAMES(STATE_NAME_REF)                                                                 \
+    for (int i = 0; i < CK_DT_COUNT; i++) {                                                        \
+        REF(st->dtypes[i].dtype);                                                                  \
+        REF(st->dtypes[i].cpu_template);                                                           \
+    }
+
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     ck_state *st = ck_get_state(m);
     if (st == NULL)
         return 0;
-#define VISIT(f) Py_VISIT(st->f);
-#define VISIT_NAME(f, text) Py_VISIT(st->f);
-    CK_STATE_OBJECTS(VISIT)
-    CK_STATE_TYPES(VISIT)
-    CK_STATE_NAMES(VISIT_NAME)
-#undef VISIT
-#undef VISIT_NAME
-    for (int i = 0; i < CK_DT_COUNT; i++) {
-        Py_VISIT(st->dtypes[i].dtype);
-        Py_VISIT(st->dtypes[i].cpu_template);
-    }
+#define REF Py_VISIT
+    FOR_STATE_REFS
+#undef REF
     return 0;
 }
 
@@ -346,17 +348,9 @@ static int module_clear(PyObject *m) {
     ck_state *st = ck_get_state(m);
     if (st == NULL)
         return 0;
-#define CLEAR(f) Py_CLEAR(st->f);
-#define CLEAR_NAME(f, text) Py_CLEAR(st->f);
-    CK_STATE_OBJECTS(CLEAR)
-    CK_STATE_TYPES(CLEAR)
-    CK_STATE_NAMES(CLEAR_NAME)
-#undef CLEAR
-#undef CLEAR_NAME
-    for (int i = 0; i < CK_DT_COUNT; i++) {
-        Py_CLEAR(st->dtypes[i].dtype);
-        Py_CLEAR(st->dtypes[i].cpu_template);
-    }
+#define REF Py_CLEAR
+    FOR_STATE_REFS
+#undef REF
     st->torch_ready = 0;
     return 0;
 }

@@ -374,6 +374,17 @@ static int read_uint(vm *v, int width, uint64_t *out) {
     return 0;
 }
 
+/* A counted argument: a count of width 1, 2, 4 or 8 bytes, then that many
+ * bytes (*n and *p). `what` names an opcode whose 4-byte count is signed
+ * (NULL: unsigned). */
+static int take_counted(vm *v, int width, const char *what, uint64_t *n, const uint8_t **p) {
+    if (read_uint(v, width, n) < 0)
+        return -1;
+    if (what != NULL && width == 4 && (int32_t)(uint32_t)*n < 0)
+        return fail(v, v->st->UnpicklingError, "%s pickle has negative byte count", what);
+    return take(v, *n, p);
+}
+
 /* A line ending in '\n' (not included): sets *line and *n. */
 static int read_line(vm *v, const char **line, size_t *n) {
     const uint8_t *nl = memchr(v->p, '\n', (size_t)(v->end - v->p));
@@ -573,6 +584,15 @@ static int refuse(vm *v, const char *fmt, PyObject *obj) {
     return rc;
 }
 
+/* weights_only: 0 when obj is allowlisted, else -1, refused by fmt (see
+ * refuse()) or with the lookup's error. */
+static int require_allowed(vm *v, PyObject *obj, const char *fmt) {
+    int ok = ck_is_allowed_object(v->s, obj);
+    if (ok > 0)
+        return 0;
+    return ok < 0 ? -1 : refuse(v, fmt, obj);
+}
+
 /* A data-set builder refused the opcode (dataset.h). */
 static int data_refused(vm *v, const ck_why *why) {
     return fail(v, v->st->UnpicklingError,
@@ -617,16 +637,12 @@ static int do_reduce(vm *v) {
             return -1;
         }
         func = v->stack[v->sp - 1];
-        if (v->s->weights_only && func != v->st->OrderedDict) {
-            int ok = ck_is_allowed_object(v->s, func);
-            if (ok <= 0) {
-                Py_DECREF(args);
-                return ok < 0 ? -1
-                              : refuse(v,
-                                       "weights-only load refused to call %s: only allowlisted "
-                                       "functions may be called",
-                                       func);
-            }
+        if (v->s->weights_only && func != v->st->OrderedDict &&
+            require_allowed(v, func,
+                            "weights-only load refused to call %s: only allowlisted functions "
+                            "may be called") < 0) {
+            Py_DECREF(args);
+            return -1;
         }
         PyObject *a = ready_args(v, args);
         if (a != NULL && ck_charge_call(v->s, func, a, NULL, 0) < 0) {
@@ -722,17 +738,12 @@ static int do_newobj(vm *v, int ex) {
             goto out;
         }
     } else {
-        if (v->s->weights_only) {
-            int ok = ck_is_allowed_object(v->s, cls);
-            if (ok <= 0) {
-                Py_DECREF(a);
-                if (ok == 0)
-                    refuse(v,
-                           "weights-only load refused to create an instance of %s: only "
-                           "nn.Parameter and allowlisted classes may be created",
-                           cls);
-                goto out;
-            }
+        if (v->s->weights_only &&
+            require_allowed(v, cls,
+                            "weights-only load refused to create an instance of %s: only "
+                            "nn.Parameter and allowlisted classes may be created") < 0) {
+            Py_DECREF(a);
+            goto out;
         }
         r = call_new(v, cls, a, kwargs);
     }
@@ -753,15 +764,10 @@ out:
 static int instantiate(vm *v, PyObject *cls, PyObject *args, uint32_t depth) {
     if (v->scan)
         return push(v, Py_NewRef(Py_None));
-    if (v->s->weights_only) {
-        int ok = ck_is_allowed_object(v->s, cls);
-        if (ok <= 0)
-            return ok < 0 ? -1
-                          : refuse(v,
-                                   "weights-only load refused to instantiate %s: only "
-                                   "allowlisted classes may be created",
-                                   cls);
-    }
+    if (v->s->weights_only && require_allowed(v, cls,
+                                              "weights-only load refused to instantiate %s: "
+                                              "only allowlisted classes may be created") < 0)
+        return -1;
     PyObject *a = ready_args(v, args);
     if (a == NULL)
         return -1;
@@ -913,17 +919,13 @@ static int do_build(vm *v) {
             if (data == CK_DATA_REFUSED)
                 return data_refused(v, &why);
             return data == CK_DATA_DONE ? 0 : fail_call(v);
+        } else if (require_allowed(v, type,
+                                   "weights-only load refused to BUILD an instance of %s: only "
+                                   "Tensor, Parameter, OrderedDict and allowlisted types may be "
+                                   "built") < 0) {
+            Py_DECREF(st_ready);
+            return -1;
         } else {
-            int ok = ck_is_allowed_object(v->s, type);
-            if (ok <= 0) {
-                Py_DECREF(st_ready);
-                return ok < 0 ? -1
-                              : refuse(v,
-                                       "weights-only load refused to BUILD an instance of %s: "
-                                       "only Tensor, Parameter, OrderedDict and allowlisted "
-                                       "types may be built",
-                                       type);
-            }
             rc = build_generic(v, inst, st_ready);
         }
     } else {
@@ -954,15 +956,22 @@ static int fill_target(vm *v, Py_ssize_t k) {
     return charge(v, n * ck_item_cost(v->stack[k - 1]));
 }
 
-/* SETITEM(S): the pairs stack[k .. sp) into stack[k - 1]. */
-static int set_items(vm *v, Py_ssize_t k) {
+typedef int (*items_fn)(vm *, Py_ssize_t, PyObject *);
+
+/* stack[k .. sp) go into stack[k - 1] by `add` (set_items, append_items or
+ * add_items); a scan drops them. */
+static int put_items(vm *v, Py_ssize_t k, items_fn add) {
     if (v->scan) {
         drop_from(v, k);
         return 0;
     }
     if (fill_target(v, k) < 0)
         return -1;
-    PyObject *target = v->stack[k - 1];
+    return add(v, k, v->stack[k - 1]);
+}
+
+/* SETITEM(S): the pairs stack[k .. sp) into target, stack[k - 1]. */
+static int set_items(vm *v, Py_ssize_t k, PyObject *target) {
     if (v->s->weights_only && !is_setitem_target(v, target))
         return fail(v, v->st->UnpicklingError,
                     "weights-only load can only set items of dict, OrderedDict or Counter, "
@@ -983,15 +992,8 @@ static int set_items(vm *v, Py_ssize_t k) {
     return 0;
 }
 
-/* APPEND(S): stack[k .. sp) onto stack[k - 1]. */
-static int append_items(vm *v, Py_ssize_t k) {
-    if (v->scan) {
-        drop_from(v, k);
-        return 0;
-    }
-    if (fill_target(v, k) < 0)
-        return -1;
-    PyObject *target = v->stack[k - 1];
+/* APPEND(S): stack[k .. sp) onto target, stack[k - 1]. */
+static int append_items(vm *v, Py_ssize_t k, PyObject *target) {
     if (PyList_CheckExact(target)) {
         for (Py_ssize_t i = k; i < v->sp; i++)
             if (PyList_Append(target, v->stack[i]) < 0)
@@ -1024,15 +1026,8 @@ static int append_items(vm *v, Py_ssize_t k) {
     return rc < 0 ? fail_call(v) : 0;
 }
 
-/* ADDITEMS: stack[k .. sp) into the set stack[k - 1]. */
-static int add_items(vm *v, Py_ssize_t k) {
-    if (v->scan) {
-        drop_from(v, k);
-        return 0;
-    }
-    if (fill_target(v, k) < 0)
-        return -1;
-    PyObject *target = v->stack[k - 1];
+/* ADDITEMS: stack[k .. sp) into target, the set stack[k - 1]. */
+static int add_items(vm *v, Py_ssize_t k, PyObject *target) {
     if (PySet_Check(target) && !PyFrozenSet_Check(target)) {
         if (ck_count_keys(v->s, span_items(v, k), v->sp - k, 1) < 0)
             return -1;
@@ -1193,11 +1188,7 @@ static int load_binint(vm *v, int width) {
 static int load_binlong(vm *v, int width) {
     uint64_t u = 0;
     const uint8_t *p = NULL;
-    if (read_uint(v, width, &u) < 0)
-        return -1;
-    if (width == 4 && (int32_t)(uint32_t)u < 0)
-        return fail(v, v->st->UnpicklingError, "LONG pickle has negative byte count");
-    if (take(v, u, &p) < 0)
+    if (take_counted(v, width, "LONG", &u, &p) < 0)
         return -1;
     /* LONG4 charges the digits, and from_bytes' bytes */
     if (charge(v, width == 4 ? 2 * u : u) < 0)
@@ -1250,7 +1241,7 @@ static int load_binfloat(vm *v) {
 static int load_counted_unicode(vm *v, int width) {
     uint64_t n = 0;
     const uint8_t *p = NULL;
-    if (read_uint(v, width, &n) < 0 || take(v, n, &p) < 0)
+    if (take_counted(v, width, NULL, &n, &p) < 0)
         return -1;
     PyObject *x = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, "surrogatepass");
     return x ? push(v, x) : fail_call(v);
@@ -1260,11 +1251,7 @@ static int load_counted_unicode(vm *v, int width) {
 static int load_counted_string(vm *v, int width) {
     uint64_t n = 0;
     const uint8_t *p = NULL;
-    if (read_uint(v, width, &n) < 0)
-        return -1;
-    if (width == 4 && (int32_t)(uint32_t)n < 0)
-        return fail(v, v->st->UnpicklingError, "BINSTRING pickle has negative byte count");
-    if (take(v, n, &p) < 0)
+    if (take_counted(v, width, "BINSTRING", &n, &p) < 0)
         return -1;
     PyObject *x = decode_string(v, (const char *)p, (Py_ssize_t)n);
     return x ? push(v, x) : fail_call(v);
@@ -1274,7 +1261,7 @@ static int load_counted_string(vm *v, int width) {
 static int load_counted_bytes(vm *v, int width, PyObject *(*make)(const char *, Py_ssize_t)) {
     uint64_t n = 0;
     const uint8_t *p = NULL;
-    if (read_uint(v, width, &n) < 0 || take(v, n, &p) < 0)
+    if (take_counted(v, width, NULL, &n, &p) < 0)
         return -1;
     return push(v, make((const char *)p, (Py_ssize_t)n));
 }
@@ -1335,16 +1322,25 @@ static int load_list(vm *v) {
     return push_new(v, take_list(v, k), d);
 }
 
+/* DICT and FROZENSET: stack[k .. sp), `per` items a key, made clean and
+ * counted as keys; *depth: how deep their container nests. */
+static int ready_keys(vm *v, Py_ssize_t k, Py_ssize_t per, uint32_t *depth) {
+    *depth = span_depth(v, k);
+    if (*depth > CK_MAX_DEPTH)
+        return too_deep(v);
+    if (clean_span(v, k) < 0 || ck_count_keys(v->s, span_items(v, k), v->sp - k, per) < 0)
+        return -1;
+    return 0;
+}
+
 static int load_dict(vm *v) {
     Py_ssize_t k = pop_mark(v);
     if (k < 0)
         return -1;
     if ((v->sp - k) % 2 != 0)
         return fail(v, v->st->UnpicklingError, "odd number of items for DICT");
-    uint32_t depth = span_depth(v, k);
-    if (depth > CK_MAX_DEPTH)
-        return too_deep(v);
-    if (clean_span(v, k) < 0 || ck_count_keys(v->s, span_items(v, k), v->sp - k, 2) < 0)
+    uint32_t depth = 0;
+    if (ready_keys(v, k, 2, &depth) < 0)
         return -1;
     PyObject *d = PyDict_New();
     if (d == NULL)
@@ -1363,10 +1359,8 @@ static int load_frozenset(vm *v) {
     Py_ssize_t k = pop_mark(v);
     if (k < 0)
         return -1;
-    uint32_t depth = span_depth(v, k);
-    if (depth > CK_MAX_DEPTH)
-        return too_deep(v);
-    if (clean_span(v, k) < 0 || ck_count_keys(v->s, span_items(v, k), v->sp - k, 1) < 0)
+    uint32_t depth = 0;
+    if (ready_keys(v, k, 1, &depth) < 0)
         return -1;
     PyObject *items = take_tuple(v, k);
     PyObject *fs = items ? PyFrozenSet_New(items) : NULL;
@@ -1385,23 +1379,23 @@ static int load_append(vm *v) {
     }
     if (push_d(v, item, v->depth[v->sp]) < 0)
         return -1;
-    return append_items(v, v->sp - 1);
+    return put_items(v, v->sp - 1, append_items);
 }
 
 /* APPENDS, SETITEMS, ADDITEMS: the items since the mark go into the object below it. */
-static int load_marked_items(vm *v, int (*add)(vm *, Py_ssize_t)) {
+static int load_marked_items(vm *v, items_fn add) {
     Py_ssize_t k = pop_mark(v);
     if (k < 0)
         return -1;
     if (k <= fence(v))
         return underflow(v);
-    return add(v, k);
+    return put_items(v, k, add);
 }
 
 static int load_setitem(vm *v) {
     if (v->sp - fence(v) < 3)
         return underflow(v);
-    return set_items(v, v->sp - 2);
+    return put_items(v, v->sp - 2, set_items);
 }
 
 /* A memo index: a decimal line (width 0), or 1 or 4 bytes. */

@@ -1,5 +1,6 @@
 #define CK_CURLSHIM_IMPL
 #include "curlshim.h"
+#include "dynlib.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
@@ -71,58 +72,52 @@ static CURL *easy_init_with_ca(void) {
     return c;
 }
 
+/* Takes the libcurl at h (ck_dl_open_first) when it has what ckptio needs. */
+static int accept_curl(void *h, const char *name) {
+    ck_curl_api api;
+    *(void **)&api.global_init = dlsym(h, "curl_global_init");
+    *(void **)&api.easy_init = dlsym(h, "curl_easy_init");
+    *(void **)&api.easy_setopt = dlsym(h, "curl_easy_setopt");
+    *(void **)&api.easy_perform = dlsym(h, "curl_easy_perform");
+    *(void **)&api.easy_getinfo = dlsym(h, "curl_easy_getinfo");
+    *(void **)&api.easy_cleanup = dlsym(h, "curl_easy_cleanup");
+    *(void **)&api.easy_strerror = dlsym(h, "curl_easy_strerror");
+    *(void **)&api.slist_append = dlsym(h, "curl_slist_append");
+    *(void **)&api.slist_free_all = dlsym(h, "curl_slist_free_all");
+    *(void **)&api.version_info = dlsym(h, "curl_version_info");
+    if (!api.global_init || !api.easy_init || !api.easy_setopt || !api.easy_perform ||
+        !api.easy_getinfo || !api.easy_cleanup || !api.easy_strerror || !api.slist_append ||
+        !api.slist_free_all || !api.version_info) {
+        load_why = "the libcurl found lacks functions ckptio needs";
+        return 0;
+    }
+    /* the options ckptio sets (CURLOPT_PROTOCOLS_STR) need 7.85 */
+    curl_version_info_data *v = api.version_info(CURLVERSION_NOW);
+    if (v == NULL || v->version_num < 0x075500) {
+        load_why = "the system's libcurl is older than 7.85, which ckptio needs";
+        return 0;
+    }
+    const char *cainfo = v->age >= CURLVERSION_NINTH ? v->cainfo : NULL;
+    const char *capath = v->age >= CURLVERSION_NINTH ? v->capath : NULL;
+    ca_bundle = ck_curl_pick_ca("", cainfo, capath);
+    real_easy_init = api.easy_init;
+    api.easy_init = easy_init_with_ca;
+    snprintf(described, sizeof described, "%s %s%s%s", name, v->version, v->ssl_version ? " " : "",
+             v->ssl_version ? v->ssl_version : "");
+    ck_curl = api;
+    load_why = NULL;
+    return 1;
+}
+
 static void load(void) {
     /* CKPTIO_LIBCURL, when set, is the only file tried */
-    const char *chosen = getenv("CKPTIO_LIBCURL");
-    const char *names[] = {"libcurl.so.4", "libcurl-gnutls.so.4"};
-    if (chosen != NULL && chosen[0] != 0)
-        names[0] = chosen, names[1] = NULL;
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        if (names[i] == NULL || names[i][0] == 0)
-            continue;
-        void *h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-        if (h == NULL)
-            continue;
-        ck_curl_api api;
-        *(void **)&api.global_init = dlsym(h, "curl_global_init");
-        *(void **)&api.easy_init = dlsym(h, "curl_easy_init");
-        *(void **)&api.easy_setopt = dlsym(h, "curl_easy_setopt");
-        *(void **)&api.easy_perform = dlsym(h, "curl_easy_perform");
-        *(void **)&api.easy_getinfo = dlsym(h, "curl_easy_getinfo");
-        *(void **)&api.easy_cleanup = dlsym(h, "curl_easy_cleanup");
-        *(void **)&api.easy_strerror = dlsym(h, "curl_easy_strerror");
-        *(void **)&api.slist_append = dlsym(h, "curl_slist_append");
-        *(void **)&api.slist_free_all = dlsym(h, "curl_slist_free_all");
-        *(void **)&api.version_info = dlsym(h, "curl_version_info");
-        if (!api.global_init || !api.easy_init || !api.easy_setopt || !api.easy_perform ||
-            !api.easy_getinfo || !api.easy_cleanup || !api.easy_strerror || !api.slist_append ||
-            !api.slist_free_all || !api.version_info) {
-            dlclose(h);
-            load_why = "the libcurl found lacks functions ckptio needs";
-            continue;
-        }
-        /* the options ckptio sets (CURLOPT_PROTOCOLS_STR) need 7.85 */
-        curl_version_info_data *v = api.version_info(CURLVERSION_NOW);
-        if (v == NULL || v->version_num < 0x075500) {
-            dlclose(h);
-            load_why = "the system's libcurl is older than 7.85, which ckptio needs";
-            continue;
-        }
-        const char *cainfo = v->age >= CURLVERSION_NINTH ? v->cainfo : NULL;
-        const char *capath = v->age >= CURLVERSION_NINTH ? v->capath : NULL;
-        ca_bundle = ck_curl_pick_ca("", cainfo, capath);
-        real_easy_init = api.easy_init;
-        api.easy_init = easy_init_with_ca;
-        snprintf(described, sizeof described, "%s %s%s%s", names[i], v->version,
-                 v->ssl_version ? " " : "", v->ssl_version ? v->ssl_version : "");
-        ck_curl = api;
-        load_why = NULL;
-        return; /* kept open for the life of the process */
-    }
+    static const char *const names[] = {"libcurl.so.4", "libcurl-gnutls.so.4"};
+    int from_env = 0;
+    if (ck_dl_open_first("CKPTIO_LIBCURL", names, sizeof names / sizeof names[0], accept_curl,
+                         &from_env))
+        return;
     if (load_why == NULL)
-        load_why = chosen != NULL && chosen[0] != 0
-                       ? "libcurl could not be opened from CKPTIO_LIBCURL"
-                       : MISSING;
+        load_why = from_env ? "libcurl could not be opened from CKPTIO_LIBCURL" : MISSING;
 }
 
 int ck_curl_load(const char **why) {

@@ -8,8 +8,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* Opens path for reading and checks that it is a regular file. */
-static int open_regular(const char *path, struct stat *st, ck_error *err) {
+/* Clears `out` (the region the file will fill), opens path for reading and
+ * checks that it is a regular file that fits in memory: the descriptor (the
+ * file's size in *len), or -1. */
+static int open_regular(const char *path, ck_region *out, size_t *len, ck_error *err) {
+    memset(out, 0, sizeof *out);
+    struct stat st;
     int fd;
     do {
         fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -18,31 +22,30 @@ static int open_regular(const char *path, struct stat *st, ck_error *err) {
         ck_fail_errno(err, errno, "cannot open the file");
         return -1;
     }
-    if (fstat(fd, st) != 0) {
+    if (fstat(fd, &st) != 0) {
         ck_fail_errno(err, errno, "cannot stat the file");
         close(fd);
         return -1;
     }
-    if (!S_ISREG(st->st_mode)) {
-        ck_fail_errno(err, S_ISDIR(st->st_mode) ? EISDIR : EINVAL, "not a regular file");
+    if (!S_ISREG(st.st_mode)) {
+        ck_fail_errno(err, S_ISDIR(st.st_mode) ? EISDIR : EINVAL, "not a regular file");
         close(fd);
         return -1;
     }
-    if ((uint64_t)st->st_size > (uint64_t)SIZE_MAX) {
+    if ((uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
         ck_fail(err, CK_E_LIMIT, "the file is too large for this address space");
         close(fd);
         return -1;
     }
+    *len = (size_t)st.st_size;
     return fd;
 }
 
 ck_status ck_region_map_file(const char *path, ck_region *out, ck_error *err) {
-    memset(out, 0, sizeof *out);
-    struct stat st;
-    int fd = open_regular(path, &st, err);
+    size_t len = 0;
+    int fd = open_regular(path, out, &len, err);
     if (fd < 0)
         return err ? err->status : CK_E_IO;
-    size_t len = (size_t)st.st_size;
     if (len == 0) {
         close(fd);
         return CK_OK;
@@ -83,12 +86,10 @@ ck_status ck_region_alloc(size_t len, ck_region *out, ck_error *err) {
 }
 
 ck_status ck_region_read_file(const char *path, ck_region *out, ck_error *err) {
-    memset(out, 0, sizeof *out);
-    struct stat st;
-    int fd = open_regular(path, &st, err);
+    size_t len = 0;
+    int fd = open_regular(path, out, &len, err);
     if (fd < 0)
         return err ? err->status : CK_E_IO;
-    size_t len = (size_t)st.st_size;
     ck_status rc = ck_region_alloc(len, out, err);
     if (rc != CK_OK) {
         close(fd);

@@ -1,4 +1,5 @@
 #include "sha256.h"
+#include "dynlib.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
@@ -24,31 +25,27 @@ static struct {
 
 static pthread_once_t evp_once = PTHREAD_ONCE_INIT;
 
+/* Takes the libcrypto at h (ck_dl_open_first) when it has the EVP digest API. */
+static int accept_crypto(void *h, const char *name) {
+    *(void **)&evp.ctx_new = dlsym(h, "EVP_MD_CTX_new");
+    *(void **)&evp.ctx_free = dlsym(h, "EVP_MD_CTX_free");
+    *(void **)&evp.sha256 = dlsym(h, "EVP_sha256");
+    *(void **)&evp.init = dlsym(h, "EVP_DigestInit_ex");
+    *(void **)&evp.update = dlsym(h, "EVP_DigestUpdate");
+    *(void **)&evp.final = dlsym(h, "EVP_DigestFinal_ex");
+    if (evp.ctx_new && evp.ctx_free && evp.sha256 && evp.init && evp.update && evp.final) {
+        evp.name = name;
+        return 1;
+    }
+    memset(&evp, 0, sizeof evp);
+    return 0;
+}
+
 static void evp_load(void) {
     /* CKPTIO_LIBCRYPTO, when set, is the only file tried */
-    const char *chosen = getenv("CKPTIO_LIBCRYPTO");
-    const char *names[] = {"libcrypto.so.3", "libcrypto.so.1.1"};
-    if (chosen != NULL && chosen[0] != 0)
-        names[0] = chosen, names[1] = NULL;
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        if (names[i] == NULL || names[i][0] == 0)
-            continue;
-        void *h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-        if (h == NULL)
-            continue;
-        *(void **)&evp.ctx_new = dlsym(h, "EVP_MD_CTX_new");
-        *(void **)&evp.ctx_free = dlsym(h, "EVP_MD_CTX_free");
-        *(void **)&evp.sha256 = dlsym(h, "EVP_sha256");
-        *(void **)&evp.init = dlsym(h, "EVP_DigestInit_ex");
-        *(void **)&evp.update = dlsym(h, "EVP_DigestUpdate");
-        *(void **)&evp.final = dlsym(h, "EVP_DigestFinal_ex");
-        if (evp.ctx_new && evp.ctx_free && evp.sha256 && evp.init && evp.update && evp.final) {
-            evp.name = names[i];
-            return; /* kept open for the life of the process */
-        }
-        dlclose(h);
-        memset(&evp, 0, sizeof evp);
-    }
+    static const char *const names[] = {"libcrypto.so.3", "libcrypto.so.1.1"};
+    ck_dl_open_first("CKPTIO_LIBCRYPTO", names, sizeof names / sizeof names[0], accept_crypto,
+                     NULL);
 }
 
 /* ---- the portable implementation (FIPS 180-4) ----------------------------- */

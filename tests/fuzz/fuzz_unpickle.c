@@ -52,6 +52,21 @@ typedef struct rec {
 
 static uint8_t storage_bytes[STORAGE_BYTES];
 
+/* What a local header and its central entry share: version 2.0 needed, no
+ * flags, stored, no time or date, the CRC and both sizes, the name's length
+ * and no extra field. */
+static void shared_fields(out *o, const rec *r, size_t nl) {
+    le(o, 20, 2);
+    le(o, 0, 2);
+    le(o, 0, 2);
+    le(o, 0, 4);
+    le(o, r->crc, 4);
+    le(o, r->len, 4);
+    le(o, r->len, 4);
+    le(o, nl, 2);
+    le(o, 0, 2);
+}
+
 static void build(out *o, const uint8_t *pkl, size_t pkl_len) {
     rec recs[3 + N_STORAGES];
     size_t n = 0;
@@ -76,15 +91,7 @@ static void build(out *o, const uint8_t *pkl, size_t pkl_len) {
         r->offset = o->len;
         r->crc = (uint32_t)crc32(0, r->data, (uInt)r->len);
         le(o, 0x04034b50u, 4);
-        le(o, 20, 2);
-        le(o, 0, 2);
-        le(o, 0, 2);
-        le(o, 0, 4);
-        le(o, r->crc, 4);
-        le(o, r->len, 4);
-        le(o, r->len, 4);
-        le(o, nl, 2);
-        le(o, 0, 2);
+        shared_fields(o, r, nl);
         put(o, r->name, nl);
         put(o, r->data, r->len);
     }
@@ -93,16 +100,8 @@ static void build(out *o, const uint8_t *pkl, size_t pkl_len) {
         rec *r = &recs[i];
         size_t nl = strlen(r->name);
         le(o, 0x02014b50u, 4);
-        le(o, 20, 2);
-        le(o, 20, 2);
-        le(o, 0, 2);
-        le(o, 0, 2);
-        le(o, 0, 4);
-        le(o, r->crc, 4);
-        le(o, r->len, 4);
-        le(o, r->len, 4);
-        le(o, nl, 2);
-        le(o, 0, 2);
+        le(o, 20, 2); /* made by version 2.0 */
+        shared_fields(o, r, nl);
         le(o, 0, 2);
         le(o, 0, 2);
         le(o, 0, 2);
