@@ -247,21 +247,27 @@ int ck_is_allowed_object(ck_session *s, PyObject *obj) {
     return id_in(s->user_ids, obj);
 }
 
-int ck_user_globals_prepare(ck_session *s) {
-    if (s->user_globals == NULL || PyDict_GET_SIZE(s->user_globals) == 0)
-        return 0;
-    s->user_ids = PySet_New(NULL);
-    if (s->user_ids == NULL)
-        return -1;
+PyObject *ck_ids_of_values(PyObject *dict) {
+    PyObject *ids = PySet_New(NULL);
+    if (ids == NULL)
+        return NULL;
     Py_ssize_t pos = 0;
     PyObject *key, *value;
-    while (PyDict_Next(s->user_globals, &pos, &key, &value)) {
+    while (PyDict_Next(dict, &pos, &key, &value)) {
         PyObject *id = PyLong_FromVoidPtr(value);
-        if (id == NULL || PySet_Add(s->user_ids, id) < 0) {
+        if (id == NULL || PySet_Add(ids, id) < 0) {
             Py_XDECREF(id);
-            return -1;
+            Py_DECREF(ids);
+            return NULL;
         }
         Py_DECREF(id);
     }
-    return 0;
+    return ids;
+}
+
+int ck_user_globals_prepare(ck_session *s) {
+    if (s->user_globals == NULL || PyDict_GET_SIZE(s->user_globals) == 0)
+        return 0;
+    s->user_ids = ck_ids_of_values(s->user_globals);
+    return s->user_ids == NULL ? -1 : 0;
 }

@@ -24,6 +24,10 @@ PyObject *ck_resolve_global(ck_session *s, PyObject *module, PyObject *name, int
  * instance of it) under weights_only: it is one of the allowlisted objects. */
 int ck_is_allowed_object(ck_session *s, PyObject *obj);
 
+/* A new set of the ids (PyLong_FromVoidPtr) of dict's values; NULL with an
+ * exception set. */
+PyObject *ck_ids_of_values(PyObject *dict);
+
 /* Builds s->user_ids from s->user_globals. */
 int ck_user_globals_prepare(ck_session *s);
 

@@ -7,6 +7,7 @@
 #include "dataset.h"
 #include "dcp.h"
 #include "errors.h"
+#include "globals.h"
 #include "hostcopy.h"
 #include "keys.h"
 #include "readinto.h"
@@ -219,19 +220,9 @@ static PyObject *py_configure(PyObject *module, PyObject *config) {
         }
         Py_DECREF(code);
     }
-    Py_XSETREF(st->allowed_ids, PySet_New(NULL));
+    Py_XSETREF(st->allowed_ids, ck_ids_of_values(st->allowed));
     if (st->allowed_ids == NULL)
         return NULL;
-    Py_ssize_t pos = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(st->allowed, &pos, &key, &value)) {
-        PyObject *id = PyLong_FromVoidPtr(value);
-        if (id == NULL || PySet_Add(st->allowed_ids, id) < 0) {
-            Py_XDECREF(id);
-            return NULL;
-        }
-        Py_DECREF(id);
-    }
     if (ck_budget_configure(st) < 0)
         return NULL;
     st->torch_ready = 1;

@@ -15,15 +15,9 @@
  * the CRC and container checks; legacy streams get token swaps and long
  * view chains; one mutation in four is libFuzzer's own on the whole file. */
 #define CK_FUZZ_VERIFY 1
+#define CK_FUZZ_PLAIN_INIT 1
 #include "pyembed.h"
 #include "replay.h"
-
-int LLVMFuzzerInitialize(int *argc, char ***argv) {
-    (void)argc;
-    (void)argv;
-    ck_fuzz_python_init();
-    return 0;
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     ck_fuzz_python_load(data, size);

@@ -11,16 +11,10 @@
  * tested exhaustively against torch.load by tests/test_rebuild_table.py.
  * Built with -DCK_FUZZ_REPLAY, main() replays files. */
 #define CK_FUZZ_VERIFY 1
+#define CK_FUZZ_PLAIN_INIT 1
 #define CK_FUZZ_TRANSFORM "torchspace.from_bytes"
 #include "pyembed.h"
 #include "replay.h"
-
-int LLVMFuzzerInitialize(int *argc, char ***argv) {
-    (void)argc;
-    (void)argv;
-    ck_fuzz_python_init();
-    return 0;
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size > (1 << 16))

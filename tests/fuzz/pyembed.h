@@ -132,4 +132,15 @@ static void ck_fuzz_python_load(const uint8_t *data, size_t size) {
     Py_DECREF(r);
 }
 
+/* With CK_FUZZ_PLAIN_INIT, the harness's LLVMFuzzerInitialize is this:
+ * start Python, nothing else (fuzz_legacy, fuzz_struct). */
+#ifdef CK_FUZZ_PLAIN_INIT
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc;
+    (void)argv;
+    ck_fuzz_python_init();
+    return 0;
+}
+#endif
+
 #endif
