@@ -10,6 +10,7 @@ import copyreg
 import warnings
 
 from . import _native
+from ._inspect import _ELEMENT_SIZES, _STORAGE_DTYPES
 from ._torch import require as _require_torch
 
 torch = None  # imported by ensure_configured
@@ -184,20 +185,10 @@ def ensure_configured():
 
 # ---- without torch: the tables the scan (ckptio.verify's pickle walk) needs
 
-# torch.storage._dtype_to_storage_type_map(), the same in torch 1.13 to 2.14
-_STORAGE_NAMES = {
-    "float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
-    "int64": "LongStorage", "int32": "IntStorage", "int16": "ShortStorage",
-    "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
-    "bfloat16": "BFloat16Storage", "complex128": "ComplexDoubleStorage",
-    "complex64": "ComplexFloatStorage", "qint8": "QInt8Storage", "qint32": "QInt32Storage",
-    "quint8": "QUInt8Storage", "quint4x2": "QUInt4x2Storage", "quint2x4": "QUInt2x4Storage",
-}
-_ELEMENT_SIZES = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
-    "complex32": 4, "int64": 8, "int32": 4, "int16": 2, "uint16": 2, "uint32": 4, "uint64": 8,
-    "qint32": 4, "bits16": 2,
-}  # every other dtype ckptio knows has 1-byte elements
+# dtype name -> storage class (torch.storage._dtype_to_storage_type_map(), the
+# same in torch 1.13 to 2.14): _inspect's table, inverted
+_STORAGE_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()
+                  if name != "UntypedStorage"}
 
 
 class _StandIn:

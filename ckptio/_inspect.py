@@ -50,7 +50,7 @@ _ELEMENT_SIZES = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
     "complex32": 4, "int64": 8, "int32": 4, "int16": 2, "uint16": 2, "uint32": 4, "uint64": 8,
     "qint32": 4, "bits16": 2,
-}
+}  # every other dtype ckptio knows has 1-byte elements
 _DTYPE_NAMES = set(_ELEMENT_SIZES) | {
     "int8", "uint8", "bool", "float8_e5m2", "float8_e4m3fn", "float8_e5m2fnuz",
     "float8_e4m3fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2", "qint8", "quint8", "quint4x2",

@@ -372,7 +372,24 @@ class _ByteCopies:
 # --------------------------------------------------------------------- reader
 
 
-class StorageReader(_StorageReaderBase):
+class _CheckpointDir:
+    """What StorageReader and StorageWriter share: a checkpoint directory
+    (self.path, on self.fs) as torch's FileSystemReader/Writer name it."""
+
+    def _get_metadata_path(self, rank=None):
+        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
+        return self.fs.concat_path(self.path, name)
+
+    @property
+    def checkpoint_id(self):
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id):
+        return FileSystem.validate_checkpoint_id(checkpoint_id)
+
+
+class StorageReader(_CheckpointDir, _StorageReaderBase):
     """torch.distributed.checkpoint StorageReader for FileSystemWriter's
     layout (and StorageWriter's), decoding items in C.
 
@@ -402,10 +419,6 @@ class StorageReader(_StorageReaderBase):
         if checkpoint_id:
             self.path = self.fs.init_path(checkpoint_id)
         self.load_id = _generate_uuid()
-
-    def _get_metadata_path(self, rank=None):
-        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
-        return self.fs.concat_path(self.path, name)
 
     def read_metadata(self, *args, **kwargs):
         md = read_metadata(self._get_metadata_path(kwargs.get("rank")),
@@ -468,14 +481,6 @@ class StorageReader(_StorageReaderBase):
         fut = Future()
         fut.set_result(None)
         return fut
-
-    @property
-    def checkpoint_id(self):
-        return self.path
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
 
 
 # --------------------------------------------------------------------- writer
@@ -631,7 +636,7 @@ def _write_file(path, storage_key, items, planner, transforms, sync, fmt):
     return results
 
 
-class StorageWriter(_StorageWriterBase, BlockingAsyncStager):
+class StorageWriter(_CheckpointDir, _StorageWriterBase, BlockingAsyncStager):
     """torch.distributed.checkpoint StorageWriter for FileSystemReader's
     layout, encoding items with ckptio.save's C writer.
 
@@ -668,10 +673,6 @@ class StorageWriter(_StorageWriterBase, BlockingAsyncStager):
     def set_up_storage_writer(self, is_coordinator, *args, **kwargs):
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
-
-    def _get_metadata_path(self, rank=None):
-        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
-        return self.fs.concat_path(self.path, name)
 
     def _metadata_exists(self):
         return self.fs.exists(self._get_metadata_path(None if self.use_collectives else 0))
@@ -760,14 +761,6 @@ class StorageWriter(_StorageWriterBase, BlockingAsyncStager):
 
     def storage_meta(self):
         return _md.StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
-
-    @property
-    def checkpoint_id(self):
-        return self.path
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
 
     def stage(self, state_dict):
         """AsyncStager.stage, as torch's FileSystemWriter (dcp.async_save)."""

@@ -5,11 +5,15 @@ at module level: a stand-in `torchvision` goes into sys.modules before any
 test imports mmcv.runner. It carries what mmcv's and ckptio's model-zoo code
 reads (a version >= 0.14, list_models, get_model_weights and weights enums
 with a DEFAULT alias) and torchvision's URLs for them (nothing is downloaded).
+
+The fixture `patched`: the test runs with ckptio.patch() in place.
 """
 
 import enum
 import sys
 import types
+
+import pytest
 
 
 def _stand_in_torchvision():
@@ -47,6 +51,15 @@ except Exception:
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
         del sys.modules[name]
     sys.modules["torchvision"], sys.modules["torchvision.models"] = _stand_in_torchvision()
+
+
+@pytest.fixture
+def patched():
+    import ckptio
+
+    ckptio.patch()
+    yield
+    ckptio.unpatch()
 
 
 # CKPTIO_EXPECT_INSTALLED=1 (CI's run against the wheel): the suite must be

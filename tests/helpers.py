@@ -9,6 +9,7 @@ same dtype; everything else ==.
 import collections
 import contextlib
 import io
+import logging
 import math
 import os
 import warnings
@@ -168,6 +169,75 @@ def same_exception(mine, theirs):
         assert os.path.basename(mine.filename) == os.path.basename(theirs.filename)
     else:
         assert str(mine) == str(theirs)
+
+
+def same_outcome(mine, theirs):
+    """Asserts that two run() results agree: printed text, warnings, and the
+    value returned (same_values) or the exception raised (same_exception)."""
+    assert mine[1] == theirs[1], "printed text differs"
+    assert mine[2] == theirs[2], "warnings differ"
+    assert mine[0][0] == theirs[0][0], (mine[0], theirs[0])
+    if theirs[0][0] == "raised":
+        same_exception(mine[0][1], theirs[0][1])
+    else:
+        assert same_values(theirs[0][1], mine[0][1])
+
+
+def side_by_side(oracle, ours, name, *args, **kwargs):
+    """Calls the oracle module's function `name` and ours; asserts the same
+    outcome (same_outcome). Returns ours' result."""
+    theirs = run(getattr(oracle, name), *args, **kwargs)
+    mine = run(getattr(ours, name), *args, **kwargs)
+    same_outcome(mine, theirs)
+    return mine[0][1]
+
+
+def load_both(oracle, ours, path, make, seed=0, **kwargs):
+    """load_checkpoint (the oracle module's and ours) into two equal fresh
+    models; asserts the same outcome and the same weights afterwards.
+    Returns ours' run() result."""
+    m1, m2 = fresh(make, seed), fresh(make, seed)
+    theirs = run(oracle.load_checkpoint, m1, path, **kwargs)
+    mine = run(ours.load_checkpoint, m2, path, **kwargs)
+    same_outcome(mine, theirs)
+    assert params_equal(m1, m2)
+    return mine
+
+
+@contextlib.contextmanager
+def log_records(name):
+    """Logger `name` at level INFO, and the list of (levelname, message) of
+    each record it emits inside the block."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append((record.levelname, record.getMessage()))
+    logger.addHandler(handler)
+    try:
+        yield logger, records
+    finally:
+        logger.removeHandler(handler)
+
+
+def fds_into(pid, directory):
+    """(/proc/<pid>/fd/<n>, link text) of each descriptor of process pid that
+    points into directory; [] once the process is gone."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return []
+    found = []
+    for fd in fds:
+        fd_path = os.path.join(fd_dir, fd)
+        try:
+            link = os.readlink(fd_path)
+        except OSError:
+            continue
+        if link.startswith(directory + "/"):
+            found.append((fd_path, link))
+    return found
 
 
 def fresh(cls, seed):

@@ -76,9 +76,26 @@ def _data():
 # ---- mmengine ------------------------------------------------------------------
 
 
-def _collate(batch):
+def collate(batch):
+    """The collate_fn of the mmengine runs: (x, y) pairs as {"x": ..., "y": ...}."""
     x, y = zip(*batch)
     return {"x": torch.stack(x), "y": torch.stack(y)}
+
+
+def mmengine_linear_net_class():
+    """A new mmengine BaseModel class of one Linear(4, 2), whose loss is the
+    mse of a batch from collate (mmengine is imported when called)."""
+    from mmengine.model import BaseModel
+
+    class Net(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, y, mode="loss"):
+            return {"loss": nn.functional.mse_loss(self.fc(x), y)}
+
+    return Net
 
 
 def mmengine_runner(work_dir, name, optimizer, by_epoch, ema, val, seed=0, **kw):
@@ -113,7 +130,7 @@ def mmengine_runner(work_dir, name, optimizer, by_epoch, ema, val, seed=0, **kw)
     extra = {}
     if val:
         extra = dict(
-            val_dataloader=DataLoader(ds, batch_size=4, collate_fn=_collate),
+            val_dataloader=DataLoader(ds, batch_size=4, collate_fn=collate),
             val_cfg=dict(),
             val_evaluator=[Mse()],
         )
@@ -128,7 +145,7 @@ def mmengine_runner(work_dir, name, optimizer, by_epoch, ema, val, seed=0, **kw)
     return Runner(
         model=Net(),
         work_dir=str(work_dir),
-        train_dataloader=DataLoader(ds, batch_size=4, collate_fn=_collate),
+        train_dataloader=DataLoader(ds, batch_size=4, collate_fn=collate),
         optim_wrapper=dict(optimizer=optimizer),
         param_scheduler=[
             dict(type="LinearLR", start_factor=0.5, by_epoch=by_epoch, begin=0, end=2),

@@ -21,7 +21,8 @@ import torch.nn as nn
 import ckptio
 from ckptio import asyncsave as _async
 
-from helpers import assert_same
+from helpers import assert_same, fds_into
+from openmmlab_runs import collate, mmengine_linear_net_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,19 +192,10 @@ def test_interpreter_exit_waits_for_pending_saves(tmp_path):
 def temp_file_of(pid, directory):
     """The size of the temporary file the process is writing in directory
     (an O_TMPFILE inode or a .ckptio- named file), or None."""
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        fds = os.listdir(fd_dir)
-    except OSError:
-        return None
-    for fd in fds:
-        try:
-            link = os.readlink(os.path.join(fd_dir, fd))
-        except OSError:
-            continue
-        if link.startswith(directory + "/") and ("(deleted)" in link or ".ckptio-" in link):
+    for fd_path, link in fds_into(pid, directory):
+        if "(deleted)" in link or ".ckptio-" in link:
             try:
-                return os.stat(os.path.join(fd_dir, fd)).st_size
+                return os.stat(fd_path).st_size
             except OSError:
                 return None
     return None
@@ -259,7 +251,6 @@ def patched_async():
 def test_mmengine_checkpoint_hook_saves_asynchronously(patched_async, tmp_path, monkeypatch):
     mm_runner = pytest.importorskip("mmengine.runner")
     from mmengine.hooks import Hook
-    from mmengine.model import BaseModel
     from torch.utils.data import DataLoader, TensorDataset
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -267,13 +258,7 @@ def test_mmengine_checkpoint_hook_saves_asynchronously(patched_async, tmp_path, 
     real = _async.async_save
     monkeypatch.setattr(_async, "async_save", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
 
-    class Net(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x, y, mode="loss"):
-            return {"loss": nn.functional.mse_loss(self.fc(x), y)}
+    Net = mmengine_linear_net_class()
 
     states = {}
 
@@ -283,10 +268,6 @@ def test_mmengine_checkpoint_hook_saves_asynchronously(patched_async, tmp_path, 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
             # CheckpointHook names this save iter_{runner.iter + 1}
             states[runner.iter + 1] = {k: v.clone() for k, v in runner.model.state_dict().items()}
-
-    def collate(batch):
-        x, y = zip(*batch)
-        return {"x": torch.stack(x), "y": torch.stack(y)}
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

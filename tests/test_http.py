@@ -364,38 +364,43 @@ class FakeTqdm:
         self.closed = True
 
 
-def test_tqdm_bar_when_stderr_is_a_tty(server, dst, monkeypatch):
+@pytest.fixture
+def fake_tqdm(monkeypatch):
+    """FakeTqdm as the tqdm that `import tqdm` finds; the list of the bars it
+    makes (none yet)."""
     FakeTqdm.instances = []
     monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    ckptio.download_url_to_file(server.url(), dst, progress=True)
-    (bar,) = FakeTqdm.instances
+    return FakeTqdm.instances
+
+
+def download_on_stderr(server, dst, monkeypatch, tty, progress=True):
+    """download_url_to_file with stderr a terminal (tty) or not."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    ckptio.download_url_to_file(server.url(), dst, progress=progress)
+
+
+def test_tqdm_bar_when_stderr_is_a_tty(server, dst, monkeypatch, fake_tqdm):
+    download_on_stderr(server, dst, monkeypatch, tty=True)
+    (bar,) = fake_tqdm
     assert bar.total == len(DATA) and bar.n == len(DATA) and bar.closed
     assert bar.kw["unit"] == "B"
 
 
-def test_no_bar_when_disabled(server, dst, monkeypatch):
-    FakeTqdm.instances = []
-    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    ckptio.download_url_to_file(server.url(), dst, progress=False)
-    assert FakeTqdm.instances == []
+def test_no_bar_when_disabled(server, dst, monkeypatch, fake_tqdm):
+    download_on_stderr(server, dst, monkeypatch, tty=True, progress=False)
+    assert fake_tqdm == []
 
 
-def test_tqdm_bar_also_when_stderr_is_not_a_tty(server, dst, monkeypatch):
+def test_tqdm_bar_also_when_stderr_is_not_a_tty(server, dst, monkeypatch, fake_tqdm):
     """As torch.hub: progress=True shows tqdm's bar in logs too."""
-    FakeTqdm.instances = []
-    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeTqdm))
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    ckptio.download_url_to_file(server.url(), dst, progress=True)
-    (bar,) = FakeTqdm.instances
+    download_on_stderr(server, dst, monkeypatch, tty=False)
+    (bar,) = fake_tqdm
     assert bar.n == len(DATA) and bar.closed
 
 
 def test_own_bar_without_tqdm_and_without_a_tty(server, dst, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    ckptio.download_url_to_file(server.url(), dst, progress=True)
+    download_on_stderr(server, dst, monkeypatch, tty=False)
     lines = capsys.readouterr().err.splitlines()
     assert lines and "\r" not in "".join(lines)
     assert lines[-1].startswith("100.0%") and "MiB of" in lines[-1]
@@ -404,8 +409,7 @@ def test_own_bar_without_tqdm_and_without_a_tty(server, dst, monkeypatch, capsys
 
 def test_own_bar_on_a_tty_redraws_one_line(server, dst, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    ckptio.download_url_to_file(server.url(), dst, progress=True)
+    download_on_stderr(server, dst, monkeypatch, tty=True)
     err = capsys.readouterr().err
     assert err.startswith("\r") and err.endswith("\n") and err.count("\n") == 1
     assert "100.0%" in err.rsplit("\r", 1)[-1]
@@ -603,18 +607,6 @@ def test_waiting_for_the_lock_can_be_interrupted(server, dst):
             _native.download(server.url(), dst, progress=progress, **FAST)
     assert server.log == []  # it never got as far as a request
     assert not os.path.exists(dst)
-
-
-def test_partial_that_is_a_symlink_is_replaced_not_followed(server, dst, tmp_path):
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"keep me")
-    os.chmod(victim, 0o600)
-    os.symlink(victim, dst + ".partial")
-    write_meta(dst, server.etag, server.url(), len(DATA))
-    _native.download(server.url(), dst, **FAST)
-    assert victim.read_bytes() == b"keep me" and read(dst) == DATA
-    assert [e["range"] for e in server.log] == [None]
-    assert leftovers(dst) == ["victim"]
 
 
 def test_proxy_from_the_environment(server, dst, monkeypatch):
@@ -980,17 +972,20 @@ def test_partial_readable_by_others_is_not_ours(server, dst):
     assert read(dst) == DATA and ranges_and_statuses(server) == [(None, 200)]
 
 
-def test_partial_hard_linked_to_another_file_is_not_written(server, dst, tmp_path):
-    """A hard link planted at the partial's path to a file of ours elsewhere:
-    resuming or truncating it would destroy that file."""
+@pytest.mark.parametrize("make_link", [os.symlink, os.link], ids=["symlink", "hard_link"])
+def test_partial_linked_to_another_file_is_replaced_not_written(server, dst, tmp_path, make_link):
+    """A link (symbolic or hard) planted at the partial's path to a file of
+    ours elsewhere: resuming or truncating through it would destroy that
+    file; the link is replaced, not followed."""
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
     os.chmod(victim, 0o600)
-    os.link(victim, dst + ".partial")
+    make_link(victim, dst + ".partial")
     write_meta(dst, server.etag, server.url(), len(DATA))
     _native.download(server.url(), dst, **FAST)
     assert victim.read_bytes() == b"keep me" and read(dst) == DATA
     assert ranges_and_statuses(server) == [(None, 200)]
+    assert leftovers(dst) == ["victim"]
 
 
 def test_partials_are_private_until_the_file_is_in_place(server, dst):

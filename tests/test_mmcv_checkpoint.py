@@ -3,10 +3,10 @@ the oracle: the same inputs give the same results, printed and logged text,
 warnings and exceptions."""
 
 import contextlib
+import functools
 import importlib
 import io
 import json
-import logging
 import os
 import pickle
 import sys
@@ -23,6 +23,7 @@ import torch.nn as nn
 import ckptio
 import ckptio.checkpoint as ours
 
+import helpers  # noqa: E402
 from helpers import (  # noqa: E402  (shared with test_mmengine_checkpoint.py)
     ROUTES,
     Block,
@@ -30,28 +31,17 @@ from helpers import (  # noqa: E402  (shared with test_mmengine_checkpoint.py)
     Opaque,
     Other,
     fresh,
+    log_records,
     params_equal,
     run,
     same_exception,
-    same_values,
 )
 
 mmcv_ckpt = pytest.importorskip("mmcv.runner.checkpoint")
 
 
-def side_by_side(name, *args, **kwargs):
-    """Calls mmcv's and ckptio's function `name`; asserts the same outcome."""
-    theirs = run(getattr(mmcv_ckpt, name), *args, **kwargs)
-    mine = run(getattr(ours, name), *args, **kwargs)
-    assert mine[1] == theirs[1], "printed text differs"
-    assert mine[2] == theirs[2], "warnings differ"
-    kind, value = theirs[0]
-    assert mine[0][0] == kind, (mine[0], theirs[0])
-    if kind == "raised":
-        same_exception(mine[0][1], value)
-    else:
-        assert same_values(value, mine[0][1])
-    return mine[0][1]
+side_by_side = functools.partial(helpers.side_by_side, mmcv_ckpt, ours)
+load_both = functools.partial(helpers.load_both, mmcv_ckpt, ours)
 
 
 @pytest.fixture
@@ -61,23 +51,6 @@ def schemes():
     yield
     mmcv_ckpt.CheckpointLoader._schemes = OrderedDict(saved[0])
     ours.CheckpointLoader._schemes = OrderedDict(saved[1])
-
-
-def load_both(path, make, seed=0, **kwargs):
-    """load_checkpoint into two equal fresh models; asserts same outcome and
-    the same weights afterwards. Returns ckptio's result."""
-    m1, m2 = fresh(make, seed), fresh(make, seed)
-    theirs = run(mmcv_ckpt.load_checkpoint, m1, path, **kwargs)
-    mine = run(ours.load_checkpoint, m2, path, **kwargs)
-    assert mine[1] == theirs[1]
-    assert mine[2] == theirs[2]
-    assert mine[0][0] == theirs[0][0], (mine[0], theirs[0])
-    if theirs[0][0] == "raised":
-        same_exception(mine[0][1], theirs[0][1])
-    else:
-        assert same_values(theirs[0][1], mine[0][1])
-    assert params_equal(m1, m2)
-    return mine
 
 
 # ---- local files and load_checkpoint --------------------------------------
@@ -108,16 +81,8 @@ def test_mismatches_print_log_and_raise(tmp_path):
     load_both(path, Other)
     load_both(path, Other, strict=True)
     load_both(path, Model, revise_keys=[(r"^", "backbone.")])
-    logger = logging.getLogger("ckptio-test")
-    logger.setLevel(logging.INFO)
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append((record.levelname, record.getMessage()))
-    logger.addHandler(handler)
-    try:
+    with log_records("ckptio-test") as (logger, records):
         load_both(path, Other, logger=logger)
-    finally:
-        logger.removeHandler(handler)
     assert len(records) == 4  # load line + warning, from each side
     assert records[:2] == records[2:]
     assert records[0][1] == f"load checkpoint from local path: {path}"

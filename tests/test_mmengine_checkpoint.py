@@ -1,6 +1,7 @@
 """ckptio.mmengine side by side with mmengine 0.10.7's runner/checkpoint.py,
 the oracle: same results, printed text, warnings and exceptions."""
 
+import functools
 import logging
 import sys
 from collections import OrderedDict
@@ -14,44 +15,21 @@ import torch.nn as nn
 
 mm_ckpt = pytest.importorskip("mmengine.runner.checkpoint")
 import ckptio.mmengine as ours  # noqa: E402
+import helpers  # noqa: E402
 from helpers import (  # noqa: E402
     ROUTES,
     Model,
     Opaque,
     Other,
     fresh,
+    log_records,
     params_equal,
     run,
-    same_exception,
-    same_values,
 )
 
 
-def side_by_side(name, *args, **kwargs):
-    theirs = run(getattr(mm_ckpt, name), *args, **kwargs)
-    mine = run(getattr(ours, name), *args, **kwargs)
-    assert mine[1] == theirs[1], "printed text differs"
-    assert mine[2] == theirs[2], "warnings differ"
-    assert mine[0][0] == theirs[0][0], (mine[0], theirs[0])
-    if theirs[0][0] == "raised":
-        same_exception(mine[0][1], theirs[0][1])
-    else:
-        assert same_values(theirs[0][1], mine[0][1])
-    return mine[0][1]
-
-
-def load_both(path, make, seed=0, **kwargs):
-    m1, m2 = fresh(make, seed), fresh(make, seed)
-    theirs = run(mm_ckpt.load_checkpoint, m1, path, **kwargs)
-    mine = run(ours.load_checkpoint, m2, path, **kwargs)
-    assert mine[1] == theirs[1]
-    assert mine[2] == theirs[2]
-    assert mine[0][0] == theirs[0][0], (mine[0], theirs[0])
-    if theirs[0][0] == "raised":
-        same_exception(mine[0][1], theirs[0][1])
-    else:
-        assert same_values(theirs[0][1], mine[0][1])
-    assert params_equal(m1, m2)
+side_by_side = functools.partial(helpers.side_by_side, mm_ckpt, ours)
+load_both = functools.partial(helpers.load_both, mm_ckpt, ours)
 
 
 def test_load_checkpoint_cases(tmp_path):
@@ -76,16 +54,8 @@ def test_load_checkpoint_cases(tmp_path):
 def test_logged_lines_match(tmp_path):
     path = str(tmp_path / "m.pth")
     torch.save(fresh(Model, 2).state_dict(), path)
-    logger = logging.getLogger("ckptio-mmengine-test")
-    logger.setLevel(logging.INFO)
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append((record.levelname, record.getMessage()))
-    logger.addHandler(handler)
-    try:
+    with log_records("ckptio-mmengine-test") as (logger, records):
         load_both(path, Other, logger=logger)
-    finally:
-        logger.removeHandler(handler)
     assert len(records) == 4 and records[:2] == records[2:]
     assert records[0] == ("INFO", f"Loads checkpoint by local backend from path: {path}")
     assert records[1][0] == "WARNING"

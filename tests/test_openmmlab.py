@@ -44,13 +44,6 @@ def no_weights_only_env():
     assert not any(os.environ.get(v) for v in ENV_VARS)
 
 
-@pytest.fixture
-def patched():
-    ckptio.patch()
-    yield
-    ckptio.unpatch()
-
-
 def _same_history_buffers(ours, theirs):
     pairs = list(zip(omm.history_buffers(ours), omm.history_buffers(theirs)))
     for (path, a), (_, b) in pairs:

@@ -10,19 +10,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ckptio
 import ckptio.checkpoint as ours
-from openmmlab_runs import MmcvNet  # the model of the mmcv training runs
+from openmmlab_runs import MmcvNet, collate, mmengine_linear_net_class  # of the training runs
 
 mmcv_runner = pytest.importorskip("mmcv.runner")
 import mmcv.runner.base_runner as base_runner  # noqa: E402
 import mmcv.runner.checkpoint as mmcv_ckpt  # noqa: E402
 import mmcv.runner.epoch_based_runner as epoch_runner  # noqa: E402
-
-
-@pytest.fixture
-def patched():
-    ckptio.patch()
-    yield
-    ckptio.unpatch()
 
 
 def make_runner(work_dir, seed):
@@ -144,7 +137,6 @@ def test_mmengine_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
     and a run saved by it resumes through them."""
     mm_runner = pytest.importorskip("mmengine.runner")
     import mmengine.runner.runner as runner_module
-    from mmengine.model import BaseModel
 
     import ckptio.mmengine as ours_mmengine
 
@@ -155,20 +147,10 @@ def test_mmengine_runner_saves_and_resumes(patched, tmp_path, monkeypatch):
     # which torch's weights-only default refuses; ckptio's mmengine surface
     # decodes them data-only (allow='openmmlab'), with no environment variable
 
-    class Net(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x, y, mode="loss"):
-            return {"loss": nn.functional.mse_loss(self.fc(x), y)}
+    Net = mmengine_linear_net_class()
 
     calls = record_calls(monkeypatch, runner_module, "_load_checkpoint",
                          ours_mmengine._load_checkpoint, 0)
-
-    def collate(batch):
-        x, y = zip(*batch)
-        return {"x": torch.stack(x), "y": torch.stack(y)}
 
     def make(seed, **kw):
         torch.manual_seed(seed)

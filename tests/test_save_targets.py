@@ -4,6 +4,7 @@ system has it, a named temporary otherwise, stale temporaries of killed
 saves cleared by the next save in the directory, and targets that are not
 regular files (links, loops, FIFOs, devices, directories) handled as
 torch.save handles them."""
+import contextlib
 import errno
 import os
 import re
@@ -21,6 +22,7 @@ import torch
 
 import ckptio
 from ckptio.saving import save_with
+from helpers import fds_into
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the ckptio under test (the in-place build, or build/asan under make asan)
@@ -57,20 +59,7 @@ class Saver:
     def open_files_in_dir(self):
         """readlink of each descriptor of the child that points into the
         target's directory."""
-        found = []
-        fd_dir = f"/proc/{self.proc.pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except FileNotFoundError:
-            return found
-        for fd in fds:
-            try:
-                link = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if link.startswith(self.directory + "/"):
-                found.append(link)
-        return found
+        return [link for _, link in fds_into(self.proc.pid, self.directory)]
 
     def start_and_stop_mid_write(self, timeout=60):
         """Starts the save and SIGSTOPs the child as soon as it has a file
@@ -86,6 +75,16 @@ class Saver:
             if self.proc.poll() is not None:
                 break
         raise AssertionError("the save was never seen with its file open")
+
+    @contextlib.contextmanager
+    def stopped_mid_write(self):
+        """start_and_stop_mid_write; the block gets the link text, and the
+        save is resumed when it ends, whatever happens in it."""
+        link = self.start_and_stop_mid_write()
+        try:
+            yield link
+        finally:
+            self.resume()
 
     def resume(self):
         os.kill(self.proc.pid, signal.SIGCONT)
@@ -122,13 +121,10 @@ def test_save_writes_an_unnamed_o_tmpfile_inode(tmp_path):
     target = tmp_path / "ckpt.pth"
     ckptio.save({"seed": -1}, target)
     saver = Saver(target, seed=1)
-    link = saver.start_and_stop_mid_write()
-    try:
+    with saver.stopped_mid_write() as link:
         assert re.fullmatch(re.escape(str(tmp_path)) + r"/#\d+ \(deleted\)", link), link
         assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]
         assert seed_of(target) == -1
-    finally:
-        saver.resume()
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]
     assert seed_of(target) == 1
 
@@ -150,14 +146,11 @@ def test_named_fallback_writes_a_dot_temporary(tmp_path):
     save_with({"seed": -1}, target, named_temp=True)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]
     saver = Saver(target, named_temp=True, seed=2)
-    link = saver.start_and_stop_mid_write()
-    try:
+    with saver.stopped_mid_write() as link:
         names = temporaries(tmp_path)
         assert names == [f".ckpt.pth.ckptio-{saver.proc.pid}-0"]
         assert link == str(tmp_path / names[0])
         assert seed_of(target) == -1
-    finally:
-        saver.resume()
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]
     assert seed_of(target) == 2
 
@@ -184,15 +177,12 @@ def test_temporary_of_a_live_save_is_left_alone(tmp_path):
     then completes."""
     target = tmp_path / "epoch_1.pth"
     saver = Saver(target, named_temp=True, seed=3)
-    saver.start_and_stop_mid_write()
-    try:
+    with saver.stopped_mid_write():
         before = temporaries(tmp_path)
         assert len(before) == 1
         ckptio.save({"seed": 6}, tmp_path / "epoch_2.pth")
         save_with({"seed": 7}, tmp_path / "epoch_3.pth", named_temp=True)
         assert temporaries(tmp_path) == before
-    finally:
-        saver.resume()
     assert temporaries(tmp_path) == []
     assert seed_of(target) == 3
 

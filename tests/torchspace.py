@@ -16,6 +16,9 @@ import struct
 import zipfile
 
 import torch
+from pickleops import binunicode as text
+from pickleops import int_tuple as ints
+from pickleops import pickle_int as num
 
 ELSIZE_MAX = 16
 RECORD = 64  # bytes of every storage record (a multiple of every element size)
@@ -65,24 +68,6 @@ def element_size(dtype):
 
 def g(module, name):
     return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def text(s):
-    b = s.encode()
-    return b"X" + struct.pack("<I", len(b)) + b
-
-
-def num(n):
-    if 0 <= n < 256:
-        return b"K" + bytes([n])
-    if -(2**31) <= n < 2**31:
-        return b"J" + struct.pack("<i", n)
-    b = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(b)]) + b
-
-
-def ints(values):
-    return b"(" + b"".join(num(v) for v in values) + b"t"
 
 
 def dtype_global(dtype):

@@ -22,6 +22,8 @@ import sys
 import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from pickleops import binunicode, int_tuple, pickle_int  # noqa: E402
 SENTINEL = "CKPTIO_PWNED"
 SHELL = f"touch {SENTINEL}".encode()
 PY = f"open({SENTINEL!r}, 'w').close()".encode()
@@ -35,11 +37,6 @@ def case(name, data, error="CheckpointError", match=None, why=""):
 
 
 # ---- pickle pieces ---------------------------------------------------------
-
-
-def binunicode(s):
-    b = s.encode() if isinstance(s, str) else s
-    return b"X" + struct.pack("<I", len(b)) + b
 
 
 def short_binunicode(s):
@@ -58,19 +55,6 @@ def storage_pid(stype="FloatStorage", key="0", numel=4, location="cpu"):
         b"(" + binunicode("storage") + b"ctorch\n" + stype.encode() + b"\n"
         + binunicode(key) + binunicode(location) + pickle_int(numel) + b"tQ"
     )
-
-
-def pickle_int(n):
-    if 0 <= n < 256:
-        return b"K" + bytes([n])
-    if -(2**31) <= n < 2**31:
-        return b"J" + struct.pack("<i", n)
-    b = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(b)]) + b
-
-
-def int_tuple(values):
-    return b"(" + b"".join(pickle_int(v) for v in values) + b"t"
 
 
 def tensor(stype="FloatStorage", key="0", numel=4, offset=0, size=(4,), stride=(1,)):
