@@ -277,3 +277,15 @@ def same_values(a, b):
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(same_values, a, b))
     return a == b
+
+
+def same_routes(theirs, ours, routes):
+    """Each filename of routes goes to the loader named for it, in their
+    CheckpointLoader and in ours (ours: the surface's own function), and the
+    two registries list their schemes in the same order."""
+    for filename, fn_name in routes.items():
+        their_fn = theirs.CheckpointLoader._get_checkpoint_loader(filename)
+        mine = ours.CheckpointLoader._get_checkpoint_loader(filename)
+        assert their_fn.__name__ == mine.__name__ == fn_name
+        assert mine is getattr(ours, fn_name)
+    assert list(theirs.CheckpointLoader._schemes) == list(ours.CheckpointLoader._schemes)

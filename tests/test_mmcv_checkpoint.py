@@ -24,18 +24,9 @@ import ckptio
 import ckptio.checkpoint as ours
 
 import helpers  # noqa: E402
-from helpers import (  # noqa: E402  (shared with test_mmengine_checkpoint.py)
-    ROUTES,
-    Block,
-    Model,
-    Opaque,
-    Other,
-    fresh,
-    log_records,
-    params_equal,
-    run,
-    same_exception,
-)
+# shared with test_mmengine_checkpoint.py
+from helpers import ROUTES, Block, Model, Opaque, Other, fresh, log_records  # noqa: E402
+from helpers import params_equal, run, same_exception, same_routes  # noqa: E402
 
 mmcv_ckpt = pytest.importorskip("mmcv.runner.checkpoint")
 
@@ -196,12 +187,7 @@ def test_mocked_torch_load_is_honoured(tmp_path, monkeypatch):
 
 
 def test_routes_match_mmcv():
-    for filename, fn_name in ROUTES.items():
-        theirs = mmcv_ckpt.CheckpointLoader._get_checkpoint_loader(filename)
-        mine = ours.CheckpointLoader._get_checkpoint_loader(filename)
-        assert theirs.__name__ == mine.__name__ == fn_name
-        assert mine is getattr(ours, fn_name)
-    assert list(mmcv_ckpt.CheckpointLoader._schemes) == list(ours.CheckpointLoader._schemes)
+    same_routes(mmcv_ckpt, ours, ROUTES)
 
 
 def test_register_scheme_rules(schemes):

@@ -16,16 +16,8 @@ import torch.nn as nn
 mm_ckpt = pytest.importorskip("mmengine.runner.checkpoint")
 import ckptio.mmengine as ours  # noqa: E402
 import helpers  # noqa: E402
-from helpers import (  # noqa: E402
-    ROUTES,
-    Model,
-    Opaque,
-    Other,
-    fresh,
-    log_records,
-    params_equal,
-    run,
-)
+from helpers import ROUTES, Model, Opaque, Other, fresh, log_records, params_equal, run  # noqa
+from helpers import same_routes  # noqa: E402
 
 
 side_by_side = functools.partial(helpers.side_by_side, mm_ckpt, ours)
@@ -94,12 +86,7 @@ def test_routes_and_registry():
     routes = dict(
         ROUTES, **{"petrel://b/x.pth": "load_from_ceph", "a:petrel://b/x": "load_from_ceph"}
     )
-    for filename, fn_name in routes.items():
-        theirs = mm_ckpt.CheckpointLoader._get_checkpoint_loader(filename)
-        mine = ours.CheckpointLoader._get_checkpoint_loader(filename)
-        assert theirs.__name__ == mine.__name__ == fn_name
-        assert mine is getattr(ours, fn_name)
-    assert list(mm_ckpt.CheckpointLoader._schemes) == list(ours.CheckpointLoader._schemes)
+    same_routes(mm_ckpt, ours, routes)
     # the mmcv surface's registry is a separate one
     import ckptio.checkpoint
 

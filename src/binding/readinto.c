@@ -110,11 +110,46 @@ static int read_pieces(int fd, const piece *pieces, size_t n, int threads) {
     return a.err != 0 ? a.err : b.err;
 }
 
-/* Releases views[0..held) and frees the array. */
-static void release_views(Py_buffer *views, Py_ssize_t held) {
-    for (Py_ssize_t i = 0; i < held; i++)
-        PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
+/* The buffers of one call's jobs (pread_into, copy_buffers): the jobs as a
+ * fast sequence, and the views taken of their buffers, views[0..held). */
+typedef struct {
+    PyObject *seq; /* strong */
+    Py_buffer *views;
+    Py_ssize_t n, held;
+} job_views;
+
+/* Opens jobs with room for per_job views a job, and *out: a zeroed array
+ * of one item_size item a job (the caller's to free, NULL at first); -1
+ * with an exception set (job_views_close still to be called). */
+static int job_views_open(job_views *j, PyObject *jobs, size_t per_job, const char *not_seq,
+                          void **out, size_t item_size) {
+    *j = (job_views){0};
+    if ((j->seq = PySequence_Fast(jobs, not_seq)) == NULL)
+        return -1;
+    j->n = PySequence_Fast_GET_SIZE(j->seq);
+    j->views = PyMem_Calloc(per_job * (size_t)j->n + 1, sizeof *j->views);
+    *out = PyMem_Calloc((size_t)j->n + 1, item_size);
+    if (j->views == NULL || *out == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* obj's buffer (PyBUF_C_CONTIGUOUS | flags) as the next view; NULL with an
+ * exception set. */
+static Py_buffer *job_view(job_views *j, PyObject *obj, int flags) {
+    if (PyObject_GetBuffer(obj, &j->views[j->held], PyBUF_C_CONTIGUOUS | flags) < 0)
+        return NULL;
+    return &j->views[j->held++];
+}
+
+/* Releases the views taken, the array and the sequence. */
+static void job_views_close(job_views *j) {
+    for (Py_ssize_t i = 0; i < j->held; i++)
+        PyBuffer_Release(&j->views[i]);
+    PyMem_Free(j->views);
+    Py_XDECREF(j->seq);
 }
 
 static PyObject *raise_read(int err, const char *what) {
@@ -137,25 +172,20 @@ static PyObject *py_pread_into(PyObject *module, PyObject *args, PyObject *kwarg
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|i:pread_into", kwlist, &fd, &jobs_obj,
                                      &threads))
         return NULL;
-    PyObject *jobs = PySequence_Fast(jobs_obj, "pread_into: jobs must be a sequence");
-    if (jobs == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(jobs);
-    Py_buffer *views = PyMem_Calloc((size_t)n + 1, sizeof *views);
-    piece *pieces = PyMem_Calloc((size_t)n + 1, sizeof *pieces);
-    Py_ssize_t held = 0;
+    job_views j;
+    piece *pieces = NULL;
     PyObject *result = NULL;
-    if (views == NULL || pieces == NULL) {
-        PyErr_NoMemory();
+    if (job_views_open(&j, jobs_obj, 1, "pread_into: jobs must be a sequence", (void **)&pieces,
+                       sizeof *pieces) < 0)
         goto done;
-    }
+    Py_ssize_t n = j.n;
     struct stat st;
     if (fstat(fd, &st) != 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *job = PySequence_Fast_GET_ITEM(jobs, i);
+        PyObject *job = PySequence_Fast_GET_ITEM(j.seq, i);
         unsigned long long off;
         PyObject *buf;
         if (!PyTuple_Check(job) || !PyArg_ParseTuple(job, "KO:pread_into job", &off, &buf)) {
@@ -163,17 +193,17 @@ static PyObject *py_pread_into(PyObject *module, PyObject *args, PyObject *kwarg
                 PyErr_SetString(PyExc_TypeError, "pread_into: each job is (offset, buffer)");
             goto done;
         }
-        if (PyObject_GetBuffer(buf, &views[i], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        const Py_buffer *view = job_view(&j, buf, PyBUF_WRITABLE);
+        if (view == NULL)
             goto done;
-        held = i + 1;
-        uint64_t len = (uint64_t)views[i].len;
+        uint64_t len = (uint64_t)view->len;
         if (off > (uint64_t)st.st_size || len > (uint64_t)st.st_size - off) {
             PyErr_Format(PyExc_ValueError,
                          "pread_into: bytes %llu..%llu lie outside the file (%lld bytes)", off,
                          (unsigned long long)(off + len), (long long)st.st_size);
             goto done;
         }
-        pieces[i] = (piece){off, views[i].buf, (size_t)len};
+        pieces[i] = (piece){off, view->buf, (size_t)len};
     }
     int err;
     Py_BEGIN_ALLOW_THREADS
@@ -185,9 +215,8 @@ static PyObject *py_pread_into(PyObject *module, PyObject *args, PyObject *kwarg
     }
     result = Py_NewRef(Py_None);
 done:
-    release_views(views, held);
+    job_views_close(&j);
     PyMem_Free(pieces);
-    Py_DECREF(jobs);
     return result;
 }
 
@@ -272,33 +301,25 @@ static PyObject *py_copy_buffers(PyObject *module, PyObject *args, PyObject *kwa
     int threads = 2;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|i:copy_buffers", kwlist, &jobs_obj, &threads))
         return NULL;
-    PyObject *jobs = PySequence_Fast(jobs_obj, "copy_buffers: jobs must be a sequence");
-    if (jobs == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(jobs);
-    Py_buffer *views = PyMem_Calloc(2 * (size_t)n + 1, sizeof *views);
-    ck_memcopy_run *runs = PyMem_Calloc((size_t)n + 1, sizeof *runs);
-    Py_ssize_t held = 0; /* views[0..held) are acquired */
+    job_views j;
+    ck_memcopy_run *runs = NULL;
     PyObject *result = NULL;
-    if (views == NULL || runs == NULL) {
-        PyErr_NoMemory();
+    if (job_views_open(&j, jobs_obj, 2, "copy_buffers: jobs must be a sequence", (void **)&runs,
+                       sizeof *runs) < 0)
         goto done;
-    }
+    Py_ssize_t n = j.n;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *job = PySequence_Fast_GET_ITEM(jobs, i);
+        PyObject *job = PySequence_Fast_GET_ITEM(j.seq, i);
         PyObject *src, *dst;
         if (!PyTuple_Check(job) || !PyArg_ParseTuple(job, "OO:copy_buffers job", &src, &dst)) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "copy_buffers: each job is (source, destination)");
             goto done;
         }
-        if (PyObject_GetBuffer(src, &views[held], PyBUF_C_CONTIGUOUS) < 0)
+        const Py_buffer *a = job_view(&j, src, 0);
+        const Py_buffer *b = a == NULL ? NULL : job_view(&j, dst, PyBUF_WRITABLE);
+        if (b == NULL)
             goto done;
-        held++;
-        if (PyObject_GetBuffer(dst, &views[held], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
-            goto done;
-        held++;
-        const Py_buffer *a = &views[held - 2], *b = &views[held - 1];
         if (a->len != b->len) {
             PyErr_Format(PyExc_ValueError,
                          "copy_buffers: job %zd copies %zd bytes into a buffer of %zd", i, a->len,
@@ -319,9 +340,8 @@ static PyObject *py_copy_buffers(PyObject *module, PyObject *args, PyObject *kwa
     }
     result = Py_NewRef(Py_None);
 done:
-    release_views(views, held);
+    job_views_close(&j);
     PyMem_Free(runs);
-    Py_DECREF(jobs);
     return result;
 }
 
