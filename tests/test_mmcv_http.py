@@ -14,7 +14,7 @@ import ckptio.checkpoint as ours
 mmcv_ckpt = pytest.importorskip("mmcv.runner.checkpoint")
 sys.path.insert(0, os.path.dirname(__file__))
 from faultserver import FaultServer  # noqa: E402
-from test_mmcv_checkpoint import Model, fresh, params_equal, run, same_values  # noqa: E402
+from helpers import Model, fresh, params_equal, run, same_values  # noqa: E402
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import ckptio.mmengine as ours  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from faultserver import FaultServer  # noqa: E402
-from test_mmcv_checkpoint import Model, fresh, params_equal, run, same_values  # noqa: E402
+from helpers import Model, fresh, params_equal, run, same_values  # noqa: E402
 
 
 def test_http_checkpoint_loads_as_mmengine(tmp_path, monkeypatch):
