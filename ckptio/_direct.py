@@ -151,13 +151,21 @@ def _swap_on():
 
 
 def _plan(model, state_dict, unwrap, span, torch):
-    """[(key, target tensor, file offset)] for the entries that can be read
-    directly; the rest is left to load_state_dict."""
+    """([(key, target tensor, file offset)] for the entries that can be read
+    directly, the rest being left to load_state_dict; and whether the reads
+    may run beside load_state_dict: nothing it runs can look at a
+    parameter's bytes, as every module loads with torch's own
+    _load_from_state_dict (which only compares shapes and copies; a directly
+    read entry is a self-copy) and none has load-state-dict post hooks
+    (mmengine runs them; one may read what was loaded))."""
     addr, size, _ = span
     metadata = getattr(state_dict, "_metadata", None) or {}
     candidates = []
     targets = {}  # storage address -> how many keys write into it
+    beside = True
     for prefix, module, plain in _walk(model, unwrap, torch):
+        if not plain or getattr(module, "_load_state_dict_post_hooks", None):
+            beside = False
         persistent = [
             (n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set
         ]
@@ -189,24 +197,12 @@ def _plan(model, state_dict, unwrap, span, torch):
         if not (addr <= start and start + nbytes <= addr + size):
             continue  # a copy (misaligned, byte-swapped, inflated, moved by map_location)
         plan.append((key, param, start - addr))
-    return plan
+    return plan, beside
 
 
 def _bytes_of(t):
     """A writable buffer over tensor t's memory (its bytes, no copy)."""
     return t.detach().reshape(-1).view(__import__("torch").uint8).numpy()
-
-
-def _overlap_safe(model, unwrap, torch):
-    """True when nothing that load_state_dict runs can look at a parameter's
-    bytes: every module loads with torch's own _load_from_state_dict (which
-    only compares shapes and copies; a directly read entry is a self-copy)
-    and none has load-state-dict post hooks (mmengine runs them; one may
-    read what was loaded). Then the preads may run while it walks."""
-    for _, module, plain in _walk(model, unwrap, torch):
-        if not plain or getattr(module, "_load_state_dict_post_hooks", None):
-            return False
-    return True
 
 
 class _Reads:
@@ -251,18 +247,18 @@ def into(model, state_dict, seen, unwrap):
     """Yields the state dict to hand to load_state_dict: state_dict itself,
     or a copy (same class and _metadata) whose directly read entries are the
     model's own tensors. Their bytes are read from the file before the body
-    runs, or while it runs when _overlap_safe (joined on exit, before any
-    exception leaves). Should a read fail, those entries are copied from
+    runs, or while it runs when _plan says they may (joined on exit, before
+    any exception leaves). Should a read fail, those entries are copied from
     the mapping instead, as load_state_dict would have copied them."""
     import torch
 
     stats["calls"] += 1
-    plan = []
+    plan, beside = [], False
     if len(seen) == 1 and not _swap_on() and isinstance(model, torch.nn.Module):
         path, before, mapping = seen[0]
         span = _native.mapping_span(mapping)
         if span[2] == "mmap" and span[1] == before.st_size:
-            plan = _plan(model, state_dict, unwrap, span, torch)
+            plan, beside = _plan(model, state_dict, unwrap, span, torch)
     fd = _open_same(path, before) if plan else None
     if fd is None:
         stats["normal"] += 1
@@ -271,7 +267,7 @@ def into(model, state_dict, seen, unwrap):
     try:
         plan.sort(key=lambda p: p[2])
         reads = _Reads(fd, [(offset, _bytes_of(param)) for _, param, offset in plan])
-        if _overlap_safe(model, unwrap, torch):
+        if beside:
             reads.start()
             stats["overlapped"] += 1
         else:
