@@ -10,105 +10,9 @@
 #include <unistd.h>
 
 #include "core/memcopy.h"
+#include "core/preads.h"
 #include "errors.h"
 #include "mapping.h"
-
-/* One pread() asks for at most this much (Linux caps a call at 0x7ffff000). */
-#define CK_PREAD_MAX ((size_t)1 << 30)
-/* Below this many bytes in all, a second thread costs more than it gives. */
-#define CK_TWO_THREADS_MIN ((uint64_t)64 << 20)
-
-typedef struct piece {
-    uint64_t off; /* in the file */
-    uint8_t *dst;
-    size_t len;
-} piece;
-
-typedef struct reader {
-    int fd;
-    const piece *pieces;
-    size_t n;
-    size_t first_len; /* bytes of pieces[0] this reader skips (it starts part way in) */
-    size_t last_len;  /* bytes of pieces[n-1] it reads (0: the whole piece) */
-    int err;          /* errno, or -1: the file ended early */
-} reader;
-
-/* Reads len bytes at off into dst, retrying short reads and EINTR. */
-static int pread_all(int fd, uint8_t *dst, size_t len, uint64_t off) {
-    while (len > 0) {
-        size_t ask = len < CK_PREAD_MAX ? len : CK_PREAD_MAX;
-        ssize_t n = pread(fd, dst, ask, (off_t)off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno != 0 ? errno : EIO;
-        }
-        if (n == 0)
-            return -1;
-        dst += n;
-        off += (uint64_t)n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-static void *reader_run(void *arg) {
-    reader *r = arg;
-    for (size_t i = 0; i < r->n && r->err == 0; i++) {
-        piece p = r->pieces[i];
-        if (i == 0) {
-            p.off += r->first_len;
-            p.dst += r->first_len;
-            p.len -= r->first_len;
-        }
-        if (i == r->n - 1 && r->last_len != 0)
-            p.len = r->last_len - (i == 0 ? r->first_len : 0);
-        r->err = pread_all(r->fd, p.dst, p.len, p.off);
-    }
-    return NULL;
-}
-
-/* Reads every piece, on two threads when there is enough to read: the
- * pieces (in file order) are cut in two runs of about equal bytes, each read
- * in order by one thread. Returns 0, an errno, or -1 (the file ended). */
-static int read_pieces(int fd, const piece *pieces, size_t n, int threads) {
-    uint64_t total = 0;
-    for (size_t i = 0; i < n; i++)
-        total += pieces[i].len;
-    reader a = {fd, pieces, n, 0, 0, 0};
-    if (threads < 2 || total < CK_TWO_THREADS_MIN || n == 0) {
-        reader_run(&a);
-        return a.err;
-    }
-    /* cut at total/2: pieces[k] is split at byte `at` */
-    uint64_t half = total / 2, seen = 0;
-    size_t k = 0;
-    while (k < n && seen + pieces[k].len <= half)
-        seen += pieces[k++].len;
-    size_t at = (size_t)(half - seen);
-    reader b;
-    if (k == n) { /* cannot happen with total > 0; read on one thread */
-        reader_run(&a);
-        return a.err;
-    }
-    a.n = at == 0 ? k : k + 1;
-    a.last_len = at; /* 0 when the cut falls on a boundary: pieces[k-1] whole */
-    b = (reader){fd, pieces + k, n - k, at, 0, 0};
-    if (a.n == 0) {
-        reader_run(&b);
-        return b.err;
-    }
-    pthread_t tid;
-    if (pthread_create(&tid, NULL, reader_run, &b) != 0) {
-        reader_run(&a);
-        if (a.err == 0)
-            reader_run(&b);
-        return a.err != 0 ? a.err : b.err;
-    }
-    reader_run(&a);
-    pthread_join(tid, NULL);
-    return a.err != 0 ? a.err : b.err;
-}
 
 /* The buffers of one call's jobs (pread_into, copy_buffers): the jobs as a
  * fast sequence, and the views taken of their buffers, views[0..held). */
@@ -173,7 +77,7 @@ static PyObject *py_pread_into(PyObject *module, PyObject *args, PyObject *kwarg
                                      &threads))
         return NULL;
     job_views j;
-    piece *pieces = NULL;
+    ck_piece *pieces = NULL;
     PyObject *result = NULL;
     if (job_views_open(&j, jobs_obj, 1, "pread_into: jobs must be a sequence", (void **)&pieces,
                        sizeof *pieces) < 0)
@@ -203,11 +107,11 @@ static PyObject *py_pread_into(PyObject *module, PyObject *args, PyObject *kwarg
                          (unsigned long long)(off + len), (long long)st.st_size);
             goto done;
         }
-        pieces[i] = (piece){off, view->buf, (size_t)len};
+        pieces[i] = (ck_piece){off, view->buf, (size_t)len};
     }
     int err;
     Py_BEGIN_ALLOW_THREADS
-        err = read_pieces(fd, pieces, (size_t)n, threads);
+        err = ck_pread_pieces(fd, pieces, (size_t)n, threads);
     Py_END_ALLOW_THREADS
     if (err != 0) {
         raise_read(err, "pread_into");
@@ -267,8 +171,8 @@ static PyObject *py_pread_file(PyObject *module, PyObject *args, PyObject *kwarg
         }
 #endif
         (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-        piece whole = {0, region.data, region.len};
-        err = read_pieces(fd, &whole, 1, threads);
+        ck_piece whole = {0, region.data, region.len};
+        err = ck_pread_pieces(fd, &whole, 1, threads);
         if (err == 0) {
             do {
                 more = pread(fd, &extra, 1, (off_t)region.len);

@@ -19,9 +19,11 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "core/ahead.h"
 #include "core/crc.h"
 #include "core/legacy.h"
 #include "core/memcopy.h"
+#include "core/preads.h"
 #include "core/region.h"
 #include "core/status.h"
 #include "core/zipread.h"
@@ -1288,6 +1290,137 @@ static void test_zip_pread_base(void) {
     zfree(&z);
 }
 
+/* ---- preads and read-ahead ------------------------------------------------ */
+
+/* The byte at offset off of the pread test file. */
+static uint8_t pattern_at(uint64_t off) {
+    return (uint8_t)((off * 2654435761u) >> 13);
+}
+
+/* A file of len pattern bytes in tmpdir, open read-only; -1 on failure. */
+static int pattern_file(const char *name, size_t len) {
+    char path[128];
+    snprintf(path, sizeof path, "%s/%s", tmpdir, name);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0)
+        return -1;
+    uint8_t *chunk = malloc(1 << 20);
+    size_t done = 0;
+    while (chunk != NULL && done < len) {
+        size_t n = len - done < (1u << 20) ? len - done : (1u << 20);
+        for (size_t i = 0; i < n; i++)
+            chunk[i] = pattern_at(done + i);
+        if (write(fd, chunk, n) != (ssize_t)n)
+            break;
+        done += n;
+    }
+    free(chunk);
+    unlink(path);
+    if (done != len || fsync(fd) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Whether piece p holds the file's bytes. */
+static int piece_ok(const ck_piece *p) {
+    for (size_t i = 0; i < p->len; i++)
+        if (p->dst[i] != pattern_at(p->off + i))
+            return 0;
+    return 1;
+}
+
+/* The fraction (0..1) of [0, len) of fd in the page cache. */
+static double resident_part(int fd, size_t len) {
+    long page = sysconf(_SC_PAGESIZE);
+    size_t pages = (len + (size_t)page - 1) / (size_t)page, in = 0;
+    unsigned char *vec = malloc(pages);
+    void *map = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+    if (vec != NULL && map != MAP_FAILED && mincore(map, len, vec) == 0)
+        for (size_t i = 0; i < pages; i++)
+            in += vec[i] & 1;
+    if (map != MAP_FAILED)
+        munmap(map, len);
+    free(vec);
+    return pages ? (double)in / (double)pages : 0.0;
+}
+
+static void test_preads(void) {
+    const size_t flen = ((size_t)72 << 20) + 12345;
+    int fd = pattern_file("preads", flen);
+    CHECK(fd >= 0);
+    if (fd < 0)
+        return;
+    uint8_t *dst = malloc(flen);
+    CHECK(dst != NULL);
+    if (dst == NULL) {
+        close(fd);
+        return;
+    }
+    /* pieces in file order with gaps, a tiny one, an empty one, and one
+     * that the half of the bytes falls inside */
+    const uint64_t offs[] = {0, 100, 4096, 4200, (uint64_t)30 << 20, (uint64_t)60 << 20};
+    const size_t lens[] = {
+        64, 3, 0, ((size_t)30 << 20) - 4300, (size_t)29 << 20, ((size_t)12 << 20) + 12345};
+    ck_piece pieces[6];
+    for (int threads = 1; threads <= 2; threads++) {
+        size_t at = 0;
+        memset(dst, 0, flen);
+        for (int i = 0; i < 6; i++) {
+            pieces[i] = (ck_piece){offs[i], dst + at, lens[i]};
+            at += lens[i];
+        }
+        CHECK(ck_pread_pieces(fd, pieces, 6, threads) == 0);
+        int ok = 1;
+        for (int i = 0; i < 6; i++)
+            ok &= piece_ok(&pieces[i]);
+        CHECK(ok);
+        /* the whole file as one piece: cut inside it */
+        ck_piece whole = {0, dst, flen};
+        memset(dst, 0, flen);
+        CHECK(ck_pread_pieces(fd, &whole, 1, threads) == 0 && piece_ok(&whole));
+        /* a piece past the end of the file: -1, on either path */
+        ck_piece past[2] = {{0, dst, (size_t)40 << 20}, {(uint64_t)40 << 20, dst, flen}};
+        CHECK(ck_pread_pieces(fd, past, 2, threads) == -1);
+        CHECK(ck_pread_pieces(-1, pieces, 6, threads) == EBADF);
+    }
+    /* the read-ahead thread, run to its end: on a warm file it asks nothing */
+    ck_ahead a;
+    ck_piece whole = {0, dst, flen};
+    CHECK(ck_pread_pieces(fd, &whole, 1, 1) == 0);
+    CHECK(ck_ahead_start(&a, fd, &whole, 1) == 0);
+    pthread_join(a.thread, NULL);
+    a.started = 0;
+    CHECK(a.warm == 1 && a.asked == 0 && a.cached == 0);
+    ck_ahead_stop(&a); /* joined already: nothing to do */
+    /* cold (where this file system lets its pages be dropped): every step is
+     * asked for or found cached, and the pages come in */
+    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    if (resident_part(fd, flen) < 0.5) {
+        CHECK(ck_ahead_start(&a, fd, &whole, 1) == 0);
+        pthread_join(a.thread, NULL);
+        a.started = 0;
+        size_t steps = (flen + CK_AHEAD_STEP - 1) / CK_AHEAD_STEP;
+        CHECK(a.warm == 0 && a.asked > 0 && a.asked + a.cached == steps);
+        for (int i = 0; i < 200 && resident_part(fd, flen) < 0.99; i++)
+            usleep(10000);
+        CHECK(resident_part(fd, flen) >= 0.99);
+    } else {
+        printf("test_preads: pages of %s stay resident; cold read-ahead not checked\n", tmpdir);
+    }
+    /* stopped at once: joins, whatever it had done */
+    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    CHECK(ck_ahead_start(&a, fd, &whole, 1) == 0);
+    ck_ahead_stop(&a);
+    CHECK(a.started == 0);
+    /* a read on two threads of a dropped file gives the same bytes */
+    memset(dst, 0, flen);
+    CHECK(ck_pread_pieces(fd, &whole, 1, 2) == 0 && piece_ok(&whole));
+    free(dst);
+    close(fd);
+}
+
 int main(void) {
     if (mkdtemp(tmpdir) == NULL) {
         perror("mkdtemp");
@@ -1312,6 +1445,7 @@ int main(void) {
     test_legacy_walk();
     test_zip_pread();
     test_zip_pread_base();
+    test_preads();
     rmdir(tmpdir);
     return check_report("test_core");
 }
