@@ -267,3 +267,35 @@ def test_globals_outside_the_allowlist_are_a_problem_unless_trusted(tmp_path):
     torch.save({"cfg": argparse.Namespace(lr=0.1)}, other)
     assert cli.main(["verify", "-q", str(other)]) == 1
     assert cli.main(["verify", "-q", "--unsafe", str(other)]) == 0
+
+
+def test_large_mapped_file_read_ahead_keeps_every_finding(tmp_path):
+    """A file past the read-ahead threshold (64 MiB of records, mapped):
+    verify runs a read-ahead thread beside its CRCs (core/ahead.c), from a
+    cold page cache too; the counts and a damaged last record's finding are
+    those of the same bytes verified from memory (no read-ahead there)."""
+    import os
+
+    torch.manual_seed(1)
+    obj = {"a": torch.randn(17, 1 << 20), "b": torch.randn(1 << 20), "c": torch.arange(3)}
+    data = saved(obj)
+    path = tmp_path / "big.pth"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    report = ckptio.verify(path)
+    assert report.ok and report.counts == ckptio.verify(data).counts
+    info = max((i for n, i in records(data).items() if "/data/" in n), key=lambda i: i.header_offset)
+    start = data_offset(data, info)
+    bad = bytearray(data)
+    bad[start + info.file_size - 1] ^= 0x80
+    path.write_bytes(bytes(bad))
+    from_file, from_memory = ckptio.verify(path), ckptio.verify(bytes(bad))
+    assert [(p.kind, p.record, p.offset) for p in from_file.problems] == [
+        ("crc", info.filename, start)
+    ]
+    assert from_file.problems == from_memory.problems

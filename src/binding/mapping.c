@@ -102,6 +102,13 @@ int ck_mapping_check(ck_state *st, PyObject *obj) {
     return Py_IS_TYPE(obj, st->MappingType);
 }
 
+const uint8_t *ck_mapping_file_pages(ck_state *st, PyObject *obj) {
+    if (obj == NULL || !ck_mapping_check(st, obj))
+        return NULL;
+    const ck_region *r = &((ck_mapping *)obj)->region;
+    return r->kind == CK_REGION_MMAP && r->len > 0 ? r->data : NULL;
+}
+
 int ck_mapping_arg(ck_state *st, PyObject *obj, const char *fn) {
     if (ck_mapping_check(st, obj))
         return 0;

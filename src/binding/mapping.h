@@ -27,6 +27,10 @@ int ck_mapping_check(ck_state *st, PyObject *obj);
  * -1 with TypeError "<fn>: mapping must be a ckptio._native.Mapping". */
 int ck_mapping_arg(ck_state *st, PyObject *obj, const char *fn);
 
+/* The start of the file mapping (page aligned) that Mapping obj holds, or
+ * NULL when it holds a heap buffer or nothing: for read-ahead (core/ahead.h). */
+const uint8_t *ck_mapping_file_pages(ck_state *st, PyObject *obj);
+
 /* Module functions: map_file(path), read_file(path), copy_buffer(obj). */
 PyObject *ck_py_map_file(PyObject *module, PyObject *path);
 PyObject *ck_py_read_file(PyObject *module, PyObject *path);

@@ -42,6 +42,15 @@ static int sampled_resident(const ck_ahead *a, const uint8_t *map, uint64_t base
     return 1;
 }
 
+/* Asks for [off, off + len) (off on a page): from the file, or for the
+ * pages of a caller's mapping of it. */
+static void ask(const ck_ahead *a, uint64_t off, size_t len) {
+    if (a->map != NULL)
+        (void)madvise(a->map + off, len, MADV_WILLNEED);
+    else
+        (void)posix_fadvise(a->fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+}
+
 static void *ahead_run(void *arg) {
     ck_ahead *a = arg;
     long pg = sysconf(_SC_PAGESIZE);
@@ -55,12 +64,18 @@ static void *ahead_run(void *arg) {
     }
     if (lo >= hi)
         return NULL;
-    /* a mapping only for mincore: never read, so it faults nothing in */
-    uint64_t base = lo - lo % page;
-    uint8_t *map = MAP_FAILED;
-    if (hi - base <= SIZE_MAX)
-        map = mmap(NULL, (size_t)(hi - base), PROT_READ, MAP_SHARED, a->fd, (off_t)base);
-    if (map != MAP_FAILED && sampled_resident(a, map, base, page))
+    /* mincore looks at map, which holds the file from offset base: the
+     * caller's mapping (base 0), or one made here for mincore only, never
+     * read, so that it faults nothing in */
+    uint64_t base = 0;
+    uint8_t *map = a->map, *own = MAP_FAILED;
+    if (map == NULL) {
+        base = lo - lo % page;
+        if (hi - base <= SIZE_MAX)
+            own = mmap(NULL, (size_t)(hi - base), PROT_READ, MAP_SHARED, a->fd, (off_t)base);
+        map = own == MAP_FAILED ? NULL : own;
+    }
+    if (map != NULL && sampled_resident(a, map, base, page))
         a->warm = 1;
     for (size_t i = 0; i < a->n && !a->warm && !atomic_load(&a->stop); i++) {
         if (a->pieces[i].len == 0)
@@ -70,22 +85,23 @@ static void *ahead_run(void *arg) {
         uint64_t end = a->pieces[i].off + a->pieces[i].len;
         while (off < end && !atomic_load(&a->stop)) {
             size_t len = end - off < CK_AHEAD_STEP ? (size_t)(end - off) : CK_AHEAD_STEP;
-            if (map != MAP_FAILED && resident(map + (off - base), len, page)) {
+            if (map != NULL && resident(map + (off - base), len, page)) {
                 a->cached++;
             } else {
-                (void)posix_fadvise(a->fd, (off_t)off, (off_t)len, POSIX_FADV_WILLNEED);
+                ask(a, off, len);
                 a->asked++;
             }
             off += len;
         }
     }
-    if (map != MAP_FAILED)
-        munmap(map, (size_t)(hi - base));
+    if (own != MAP_FAILED)
+        munmap(own, (size_t)(hi - base));
     return NULL;
 }
 
-int ck_ahead_start(ck_ahead *a, int fd, const ck_piece *pieces, size_t n) {
+static int start(ck_ahead *a, int fd, uint8_t *map, const ck_piece *pieces, size_t n) {
     a->fd = fd;
+    a->map = map;
     a->pieces = pieces;
     a->n = n;
     a->asked = a->cached = 0;
@@ -93,6 +109,18 @@ int ck_ahead_start(ck_ahead *a, int fd, const ck_piece *pieces, size_t n) {
     atomic_init(&a->stop, 0);
     a->started = pthread_create(&a->thread, NULL, ahead_run, a) == 0;
     return a->started ? 0 : -1;
+}
+
+int ck_ahead_start(ck_ahead *a, int fd, const ck_piece *pieces, size_t n) {
+    return start(a, fd, NULL, pieces, n);
+}
+
+int ck_ahead_start_map(ck_ahead *a, const uint8_t *map, const ck_piece *pieces, size_t n) {
+    if (map == NULL || (uintptr_t)map % 4096 != 0) {
+        a->started = 0;
+        return -1;
+    }
+    return start(a, -1, (uint8_t *)map, pieces, n);
 }
 
 void ck_ahead_stop(ck_ahead *a) {

@@ -1,5 +1,5 @@
 /* A read-ahead thread: while other threads read a file's byte ranges with
- * pread(), it asks the kernel for those bytes in order (posix_fadvise
+ * pread() (or through a mapping of it), it asks the kernel for those bytes in order (posix_fadvise
  * WILLNEED, which starts the reads and does not wait for them), skipping the
  * steps already in the page cache (mincore over a mapping nobody touches),
  * and stopping at once when a sample of pages says the file is warm.
@@ -24,6 +24,7 @@
 
 typedef struct ck_ahead {
     int fd;
+    uint8_t *map; /* ck_ahead_start_map's mapping, or NULL */
     const ck_piece *pieces;
     size_t n;
     atomic_int stop;
@@ -37,6 +38,13 @@ typedef struct ck_ahead {
 /* Starts the thread over pieces[0..n) (kept until ck_ahead_stop); returns 0,
  * or -1 when it could not be started (nothing to stop then). */
 int ck_ahead_start(ck_ahead *a, int fd, const ck_piece *pieces, size_t n);
+
+/* The same for a caller's read-only shared mapping of the file (map, page
+ * aligned; piece offsets count from it, their dst unused): the pages are
+ * asked for with madvise(MADV_WILLNEED), for a consumer that reads the
+ * mapping in file order (verify's CRCs, an export). The mapping must stay
+ * until ck_ahead_stop. -1 when map is not page aligned or no thread starts. */
+int ck_ahead_start_map(ck_ahead *a, const uint8_t *map, const ck_piece *pieces, size_t n);
 
 /* Tells the thread to stop after its current step and joins it. */
 void ck_ahead_stop(ck_ahead *a);
