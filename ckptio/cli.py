@@ -21,6 +21,7 @@ info reads the pickle without torch and without running anything
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -400,7 +401,10 @@ def convert(args):
         else "torch")
     start = time.perf_counter()
     _say(args, f"loading {args.input}")
-    obj, fmt = _load(args.input, args.unsafe, _allow(args))
+    from . import _direct
+
+    with _direct.capture() as seen:  # the file's mapping, for read-ahead while it is written out
+        obj, fmt = _load(args.input, args.unsafe, _allow(args))
     n = sum(1 for _ in _tensors(obj))
     _say(args, f"loaded {fmt} format, {n} tensors ({time.perf_counter() - start:.2f} s)")
     if rules or out_fmt == "safetensors":
@@ -423,24 +427,30 @@ def convert(args):
         else:
             obj = state
     _say(args, f"writing {args.output} ({out_fmt})")
+    ahead = (_direct.read_ahead(seen[0][2], (t for _, t in _tensors(obj))) if len(seen) == 1
+             else contextlib.nullcontext())
+    with ahead:  # the tensors are read from the mapping in about file order
+        _write(obj, args.output, out_fmt)
+    _say(args, f"done in {time.perf_counter() - start:.2f} s")
+    return OK
+
+
+def _write(obj, output, out_fmt):
     if out_fmt == "dcp":
         from .dcp import save_dir
 
-        save_dir(obj, args.output)  # each file atomic, .metadata last
-        _say(args, f"done in {time.perf_counter() - start:.2f} s")
-        return OK
-    tmp = args.output + ".ckptio-tmp"
+        save_dir(obj, output)  # each file atomic, .metadata last
+        return
+    tmp = output + ".ckptio-tmp"
     try:
         if out_fmt == "safetensors":
             _save_safetensors(obj, tmp)
         else:
             _save_torch(obj, tmp)
-        os.replace(tmp, args.output)
+        os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _say(args, f"done in {time.perf_counter() - start:.2f} s")
-    return OK
 
 
 ALLOW_HELP = ("data decoded beyond torch's allowlist: 'openmmlab' (default: numpy values and "

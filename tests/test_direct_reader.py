@@ -194,3 +194,84 @@ def test_mmap_false_matches_torch(tmp_path):
     got = ckptio.load(f, mmap=False)
     for k in sd:
         assert torch.equal(got[k], sd[k])
+
+
+def _drop(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_read_ahead_handle(tmp_path):
+    """_native.read_ahead: a handle for a file mapping's ranges of 64 MiB or
+    more, None for less or for a heap buffer; its ranges checked; stopping
+    twice, or only dropping the handle, is fine; after a run on a cold file
+    the pages are in the page cache."""
+    from ckptio.bench.cold import resident_fraction
+
+    f = tmp_path / "raw"
+    f.write_bytes(os.urandom(1 << 20) * 70)
+    _drop(f)
+    m = _native.map_file(os.fspath(f))
+    assert _native.read_ahead(m, [(0, 1 << 20)]) is None  # little to read
+    assert _native.read_ahead(_native.pread_file(os.fspath(f)), [(0, 70 << 20)]) is None
+    with pytest.raises(ValueError, match="outside the mapping"):
+        _native.read_ahead(m, [(1, 70 << 20)])
+    with pytest.raises(TypeError):
+        _native.read_ahead(m, [(0,)])
+    with pytest.raises(TypeError):
+        _native.read_ahead(b"x" * 10, [])
+    with pytest.raises(TypeError):
+        _native.read_ahead_stop(object())
+    _drop(f)  # pread_file read it
+    assert resident_fraction(f) < 0.5
+    h = _native.read_ahead(m, [(0, 35 << 20), (35 << 20, 35 << 20)])
+    assert h is not None
+    for _ in range(300):  # the reads it started finish on their own
+        if resident_fraction(f) > 0.99:
+            break
+        import time
+
+        time.sleep(0.01)
+    _native.read_ahead_stop(h)
+    _native.read_ahead_stop(h)
+    _native.read_ahead_stop(None)
+    assert resident_fraction(f) > 0.99
+    assert bytes(memoryview(m)[:16]) == f.read_bytes()[:16]
+    h2 = _native.read_ahead(m, [(0, 70 << 20)])
+    del h2, m  # the handle's end stops its thread and lets the mapping go
+
+
+class Doubled(nn.Module):
+    """A model no entry of which is read directly (its own loader)."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Linear(4096, 4224, bias=False)  # 69 MB of float32
+
+    def _load_from_state_dict(self, sd, prefix, *args):
+        super()._load_from_state_dict(sd, prefix, *args)
+
+
+@pytest.mark.parametrize("theirs,mine", SURFACES)
+def test_normal_path_reads_ahead_and_equals_load_state_dict(tmp_path, theirs, mine, monkeypatch):
+    """When nothing can be read straight into the model, load_state_dict
+    copies from the mapping with a read-ahead thread beside it (from a cold
+    cache here): the same parameters and messages as mmcv/mmengine."""
+    f = tmp_path / "big.pth"
+    torch.save({"state_dict": _source(Doubled).state_dict()}, f)
+    handles = []
+    real = _native.read_ahead
+
+    def counted(mapping, ranges):
+        h = real(mapping, ranges)
+        handles.append((sum(n for _, n in ranges), h))
+        return h
+
+    monkeypatch.setattr(_native, "read_ahead", counted)
+    _drop(f)
+    assert _compare(theirs, mine, Doubled, f) == 0
+    assert len(handles) == 1 and handles[0][0] == 4096 * 4224 * 4 and handles[0][1] is not None

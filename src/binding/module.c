@@ -10,6 +10,7 @@
 #include "globals.h"
 #include "hostcopy.h"
 #include "keys.h"
+#include "readahead.h"
 #include "readinto.h"
 #include "libs.h"
 #include "http.h"
@@ -266,6 +267,7 @@ static PyMethodDef *const method_groups[] = {
     ck_libs_methods,
     ck_dcp_methods,
     ck_readinto_methods,
+    ck_readahead_methods,
     NULL, /* sentinel: units add their tables before it */
 };
 /* clang-format on */
