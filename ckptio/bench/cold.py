@@ -1,8 +1,9 @@
 """Cold page cache: loading a file none of whose pages are in memory (as
 after a reboot, a fresh download, or a file written on another node), side
-by side with a sequential read of it, torch.load, torch.load(mmap=True) and
-safetensors; end to end into a model, alone and as N ranks at once; and the
-warm end-to-end rows against one memcpy of the bytes.
+by side with a sequential read of it, torch.load, torch.load(mmap=True),
+safetensors and ckptio.load (mapped, and mmap=False: the whole file read by
+the two-thread pread reader); end to end into a model, alone and as N ranks
+at once; and the warm end-to-end rows against one memcpy of the bytes.
 
 Each measurement is a fresh child process that imports everything and
 builds its model first, then says "ready" and waits. The parent then drops
@@ -36,6 +37,7 @@ COLD = (
     "torch.load(mmap=True)",
     "safetensors load_file",
     "ckptio.load",
+    "ckptio.load(mmap=False)",
     "end to end: torch.load + load_state_dict",
     "end to end: torch.load(mmap=True) + load_state_dict",
     "end to end: ckptio load_checkpoint",
@@ -135,12 +137,13 @@ def _prepare(method, path, st_path):
         import safetensors.torch
 
         return lambda: safetensors.torch.load_file(st_path)
-    if method == "ckptio.load":
+    if method in ("ckptio.load", "ckptio.load(mmap=False)"):
         import ckptio
         from ckptio._config import ensure_configured
 
         ensure_configured()  # what torch's side has done by importing torch
-        return lambda: ckptio.load(path)
+        mapped = method == "ckptio.load"  # else the whole file read into memory (preads.c)
+        return lambda: ckptio.load(path, mmap=mapped)
     from .mmcv import _model_for
 
     model = _model_for(path)
