@@ -125,8 +125,10 @@ done:
 }
 
 /* pread_file(path, threads=2) -> Mapping: the whole regular file read into
- * one 64-byte aligned heap buffer (transparent huge pages asked for, so the
- * fresh memory takes few faults) with large preads on up to two threads.
+ * one 64-byte aligned heap buffer with large preads on two threads and a
+ * read-ahead thread (core/preads.c). Huge pages are not asked for: on this
+ * build machine, with memory fragmented by the page cache, MADV_HUGEPAGE's
+ * compaction made a 1.25 GB read 1.6x slower warm and cold (C harness).
  * Anything but a regular file, and every open or fstat error, is left to
  * read_file, whose errors are the loader's. */
 static PyObject *py_pread_file(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -160,17 +162,8 @@ static PyObject *py_pread_file(PyObject *module, PyObject *args, PyObject *kwarg
     int err;
     char extra;
     ssize_t more = 0;
-    Py_BEGIN_ALLOW_THREADS
-#ifdef MADV_HUGEPAGE
-        {
-            /* the page-aligned interior of the buffer: huge pages where THP allows */
-            uintptr_t lo = ((uintptr_t)region.data + 4095) & ~(uintptr_t)4095;
-            uintptr_t hi = ((uintptr_t)region.data + region.len) & ~(uintptr_t)4095;
-            if (hi > lo + ((uintptr_t)2 << 20))
-                (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
-        }
-#endif
-        (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    Py_BEGIN_ALLOW_THREADS(void)
+        posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
         ck_piece whole = {0, region.data, region.len};
         err = ck_pread_pieces(fd, &whole, 1, threads);
         if (err == 0) {
@@ -272,7 +265,7 @@ PyMethodDef ck_readinto_methods[] = {
      "file's bytes at offset, with large preads, the GIL released."},
     {"pread_file", (PyCFunction)(void (*)(void))py_pread_file, METH_VARARGS | METH_KEYWORDS,
      "pread_file(path, threads=2) -> Mapping: the file read into one heap buffer with large "
-     "preads (huge pages where the kernel allows), the GIL released."},
+     "preads on two threads, the GIL released."},
     {"copy_buffers", (PyCFunction)(void (*)(void))py_copy_buffers, METH_VARARGS | METH_KEYWORDS,
      "copy_buffers(jobs, threads=2): each (source, writable destination) pair of equal-length "
      "C-contiguous buffers in jobs copied, on two threads for large batches, the GIL released."},
