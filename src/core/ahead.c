@@ -116,7 +116,8 @@ int ck_ahead_start(ck_ahead *a, int fd, const ck_piece *pieces, size_t n) {
 }
 
 int ck_ahead_start_map(ck_ahead *a, const uint8_t *map, const ck_piece *pieces, size_t n) {
-    if (map == NULL || (uintptr_t)map % 4096 != 0) {
+    long page = sysconf(_SC_PAGESIZE);
+    if (map == NULL || page <= 0 || (uintptr_t)map % (uintptr_t)page != 0) {
         a->started = 0;
         return -1;
     }
