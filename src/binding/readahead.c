@@ -31,7 +31,7 @@ static void job_end(PyObject *capsule) {
 
 /* The ranges argument: (offset, length) pairs inside the mapping's len
  * bytes, as pieces (dst unused); -1 with an exception set. */
-static int ranges_arg(PyObject *ranges, size_t len, ck_piece **out, size_t *n, uint64_t *total) {
+static int ranges_arg(PyObject *ranges, size_t len, ck_piece **out, size_t *n) {
     PyObject *seq = PySequence_Fast(ranges, "read_ahead: ranges must be a sequence");
     if (seq == NULL)
         return -1;
@@ -42,7 +42,6 @@ static int ranges_arg(PyObject *ranges, size_t len, ck_piece **out, size_t *n, u
         PyErr_NoMemory();
         return -1;
     }
-    *total = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         unsigned long long off, nbytes;
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
@@ -58,7 +57,6 @@ static int ranges_arg(PyObject *ranges, size_t len, ck_piece **out, size_t *n, u
             goto fail;
         }
         pieces[i] = (ck_piece){off, NULL, (size_t)nbytes};
-        *total += nbytes;
     }
     Py_DECREF(seq);
     *out = pieces;
@@ -81,12 +79,10 @@ static PyObject *py_read_ahead(PyObject *module, PyObject *args) {
     const uint8_t *pages = ck_mapping_file_pages(st, mapping);
     ck_piece *pieces;
     size_t n;
-    uint64_t total;
-    if (ranges_arg(ranges, ((ck_mapping *)mapping)->region.len, &pieces, &n, &total) < 0)
+    if (ranges_arg(ranges, ((ck_mapping *)mapping)->region.len, &pieces, &n) < 0)
         return NULL;
     ahead_job *job = NULL;
-    if (pages == NULL || total < CK_PREADS_PARALLEL_MIN ||
-        (job = PyMem_Calloc(1, sizeof *job)) == NULL ||
+    if (pages == NULL || (job = PyMem_Calloc(1, sizeof *job)) == NULL ||
         ck_ahead_start_map(&job->ahead, pages, pieces, n) != 0) {
         PyMem_Free(job); /* a heap buffer, little to read, or no thread: nothing to ask */
         PyMem_Free(pieces);

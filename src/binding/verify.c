@@ -109,17 +109,14 @@ static int add_pending(report *r, const char *kind, const char *record, long lon
 }
 
 /* Starts a read-ahead thread over every record's data (core/ahead.h), when
- * the archive is the start of a file mapping and its records hold at least
- * CK_PREADS_PARALLEL_MIN bytes: on a cold page cache the disk then runs
+ * the archive is the start of a file mapping (and its records hold enough
+ * bytes for ck_ahead_start_map to start one): on a cold page cache the disk then runs
  * ahead of the CRCs, which read the mapping in file order. Returns the
  * pieces to free after ck_ahead_stop, or NULL (no thread; a->started 0). */
 static ck_piece *ahead_of_records(const ck_session *s, ck_ahead *a) {
     a->started = 0;
     const uint8_t *pages = ck_mapping_file_pages(s->st, s->owner);
-    uint64_t total = 0;
-    for (size_t i = 0; i < s->zip.n_entries; i++)
-        total += s->zip.entries[i].comp_size;
-    if (pages == NULL || pages != s->buf || total < CK_PREADS_PARALLEL_MIN)
+    if (pages == NULL || pages != s->buf)
         return NULL;
     ck_piece *pieces = PyMem_RawCalloc(s->zip.n_entries, sizeof *pieces);
     if (pieces == NULL)

@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "preads.h"
 
@@ -27,6 +28,7 @@ typedef struct ck_ahead {
     uint8_t *map; /* ck_ahead_start_map's mapping, or NULL */
     const ck_piece *pieces;
     size_t n;
+    uint64_t total; /* the pieces' bytes */
     atomic_int stop;
     int started;
     pthread_t thread;
@@ -36,14 +38,16 @@ typedef struct ck_ahead {
 } ck_ahead;
 
 /* Starts the thread over pieces[0..n) (kept until ck_ahead_stop); returns 0,
- * or -1 when it could not be started (nothing to stop then). */
+ * or -1 (nothing to stop then) when the pieces hold fewer than
+ * CK_PREADS_PARALLEL_MIN bytes (too little to be worth a thread) or no
+ * thread could be started. */
 int ck_ahead_start(ck_ahead *a, int fd, const ck_piece *pieces, size_t n);
 
 /* The same for a caller's read-only shared mapping of the file (map, page
  * aligned; piece offsets count from it, their dst unused): the pages are
  * asked for with madvise(MADV_WILLNEED), for a consumer that reads the
  * mapping in file order (verify's CRCs, an export). The mapping must stay
- * until ck_ahead_stop. -1 when map is not page aligned or no thread starts. */
+ * until ck_ahead_stop. -1 as ck_ahead_start, or when map is not page aligned. */
 int ck_ahead_start_map(ck_ahead *a, const uint8_t *map, const ck_piece *pieces, size_t n);
 
 /* Tells the thread to stop after its current step and joins it. */

@@ -1388,6 +1388,10 @@ static void test_preads(void) {
     /* the read-ahead thread, run to its end: on a warm file it asks nothing */
     ck_ahead a;
     ck_piece whole = {0, dst, flen};
+    /* under CK_PREADS_PARALLEL_MIN bytes, no thread is started */
+    ck_piece little = {0, dst, (size_t)CK_PREADS_PARALLEL_MIN - 1};
+    CHECK(ck_ahead_start(&a, fd, &little, 1) == -1 && a.started == 0);
+    ck_ahead_stop(&a); /* nothing to stop */
     CHECK(ck_pread_pieces(fd, &whole, 1, 1) == 0);
     CHECK(ck_ahead_start(&a, fd, &whole, 1) == 0);
     pthread_join(a.thread, NULL);
