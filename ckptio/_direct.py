@@ -222,17 +222,19 @@ def _mapped_ranges(tensors, span, torch):
 
 
 @contextmanager
-def read_ahead(mapping, tensors):
-    """While the body reads the tensors that are views of mapping (in about
-    file order), a thread asks the kernel for their pages ahead of it
-    (_native.read_ahead: madvise WILLNEED in 2 MiB steps, skipping cached
-    ones, ending at once on a warm file; nothing for a heap buffer or under
-    64 MiB). Stopped and joined on exit."""
-    import torch
-
+def read_ahead(seen, tensors):
+    """While the body reads the tensors that are views of the file capture()
+    saw mapped (seen; nothing unless exactly one was), in about file order,
+    a thread asks the kernel for their pages ahead of it (_native.read_ahead:
+    madvise WILLNEED in 2 MiB steps, skipping cached ones, ending at once on
+    a warm file; nothing for a heap buffer or under 64 MiB). Stopped and
+    joined on exit."""
     handle = None
-    span = _native.mapping_span(mapping)
-    if span[2] == "mmap":
+    mapping = seen[0][2] if len(seen) == 1 else None
+    span = _native.mapping_span(mapping) if mapping is not None else None
+    if span is not None and span[2] == "mmap":
+        import torch
+
         handle = _native.read_ahead(mapping, _mapped_ranges(tensors, span, torch))
     try:
         yield
@@ -302,10 +304,7 @@ def into(model, state_dict, seen, unwrap):
     fd = _open_same(path, before) if plan else None
     if fd is None:
         stats["normal"] += 1
-        if len(seen) == 1:  # load_state_dict copies from the mapping: its pages asked for ahead
-            with read_ahead(seen[0][2], state_dict.values()):
-                yield state_dict
-        else:
+        with read_ahead(seen, state_dict.values()):  # load_state_dict copies from the mapping
             yield state_dict
         return
     try:

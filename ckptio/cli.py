@@ -21,7 +21,6 @@ info reads the pickle without torch and without running anything
 """
 import argparse
 import collections
-import contextlib
 import json
 import os
 import re
@@ -427,9 +426,7 @@ def convert(args):
         else:
             obj = state
     _say(args, f"writing {args.output} ({out_fmt})")
-    ahead = (_direct.read_ahead(seen[0][2], (t for _, t in _tensors(obj))) if len(seen) == 1
-             else contextlib.nullcontext())
-    with ahead:  # the tensors are read from the mapping in about file order
+    with _direct.read_ahead(seen, (t for _, t in _tensors(obj))):  # read in about file order
         _write(obj, args.output, out_fmt)
     _say(args, f"done in {time.perf_counter() - start:.2f} s")
     return OK
