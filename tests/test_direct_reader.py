@@ -7,6 +7,7 @@ tests/test_direct.py holds the module-structure cases."""
 import contextlib
 import io
 import os
+import time
 from collections import OrderedDict
 
 import pytest
@@ -17,6 +18,7 @@ import ckptio
 from ckptio import _direct, _native
 import ckptio.checkpoint as ours
 import ckptio.mmengine as ours_me
+from ckptio.bench.cold import drop_pages, resident_fraction  # fsync + fadvise(DONTNEED); mincore
 
 mmcv_ckpt = pytest.importorskip("mmcv.runner.checkpoint")
 me_ckpt = pytest.importorskip("mmengine.runner.checkpoint")
@@ -196,25 +198,14 @@ def test_mmap_false_matches_torch(tmp_path):
         assert torch.equal(got[k], sd[k])
 
 
-def _drop(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_read_ahead_handle(tmp_path):
     """_native.read_ahead: a handle for a file mapping's ranges of 64 MiB or
     more, None for less or for a heap buffer; its ranges checked; stopping
     twice, or only dropping the handle, is fine; after a run on a cold file
     the pages are in the page cache."""
-    from ckptio.bench.cold import resident_fraction
-
     f = tmp_path / "raw"
     f.write_bytes(os.urandom(1 << 20) * 70)
-    _drop(f)
+    drop_pages(f)
     m = _native.map_file(os.fspath(f))
     assert _native.read_ahead(m, [(0, 1 << 20)]) is None  # little to read
     assert _native.read_ahead(_native.pread_file(os.fspath(f)), [(0, 70 << 20)]) is None
@@ -226,15 +217,12 @@ def test_read_ahead_handle(tmp_path):
         _native.read_ahead(b"x" * 10, [])
     with pytest.raises(TypeError):
         _native.read_ahead_stop(object())
-    _drop(f)  # pread_file read it
-    assert resident_fraction(f) < 0.5
+    assert drop_pages(f) < 0.5  # pread_file read it
     h = _native.read_ahead(m, [(0, 35 << 20), (35 << 20, 35 << 20)])
     assert h is not None
     for _ in range(300):  # the reads it started finish on their own
         if resident_fraction(f) > 0.99:
             break
-        import time
-
         time.sleep(0.01)
     _native.read_ahead_stop(h)
     _native.read_ahead_stop(h)
@@ -272,6 +260,6 @@ def test_normal_path_reads_ahead_and_equals_load_state_dict(tmp_path, theirs, mi
         return h
 
     monkeypatch.setattr(_native, "read_ahead", counted)
-    _drop(f)
+    drop_pages(f)
     assert _compare(theirs, mine, Doubled, f) == 0
     assert len(handles) == 1 and handles[0][0] == 4096 * 4224 * 4 and handles[0][1] is not None

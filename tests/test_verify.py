@@ -274,19 +274,14 @@ def test_large_mapped_file_read_ahead_keeps_every_finding(tmp_path):
     verify runs a read-ahead thread beside its CRCs (core/ahead.c), from a
     cold page cache too; the counts and a damaged last record's finding are
     those of the same bytes verified from memory (no read-ahead there)."""
-    import os
+    from ckptio.bench.cold import drop_pages  # fsync + fadvise(DONTNEED)
 
     torch.manual_seed(1)
     obj = {"a": torch.randn(17, 1 << 20), "b": torch.randn(1 << 20), "c": torch.arange(3)}
     data = saved(obj)
     path = tmp_path / "big.pth"
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_pages(path)
     report = ckptio.verify(path)
     assert report.ok and report.counts == ckptio.verify(data).counts
     info = max((i for n, i in records(data).items() if "/data/" in n), key=lambda i: i.header_offset)
