@@ -131,24 +131,9 @@ static ck_piece *ahead_of_records(const ck_session *s, ck_ahead *a) {
     return pieces;
 }
 
-static int check_each_record(ck_session *s, report *r, uint64_t *budget, ptrdiff_t done);
-
 /* Checks every record's CRC-32; inflates compressed ones (within the
  * budget) to check theirs. Entry `done` (or -1) was inflated and checked
  * already. */
-static int check_records(ck_session *s, report *r, uint64_t *budget, ptrdiff_t done) {
-    ck_ahead ahead;
-    ck_piece *pieces = ahead_of_records(s, &ahead);
-    int rc = check_each_record(s, r, budget, done);
-    if (pieces != NULL) {
-        Py_BEGIN_ALLOW_THREADS
-            ck_ahead_stop(&ahead);
-        Py_END_ALLOW_THREADS
-        PyMem_RawFree(pieces);
-    }
-    return rc;
-}
-
 static int check_each_record(ck_session *s, report *r, uint64_t *budget, ptrdiff_t done) {
     ck_zip *zip = &s->zip;
     for (size_t i = 0; i < zip->n_entries; i++) {
@@ -206,6 +191,20 @@ static int check_each_record(ck_session *s, report *r, uint64_t *budget, ptrdiff
             return -1;
     }
     return 0;
+}
+
+/* check_each_record, with a read-ahead thread over the records beside it. */
+static int check_records(ck_session *s, report *r, uint64_t *budget, ptrdiff_t done) {
+    ck_ahead ahead;
+    ck_piece *pieces = ahead_of_records(s, &ahead);
+    int rc = check_each_record(s, r, budget, done);
+    if (pieces != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+            ck_ahead_stop(&ahead);
+        Py_END_ALLOW_THREADS
+        PyMem_RawFree(pieces);
+    }
+    return rc;
 }
 
 /* The name of entry idx relative to the archive folder, NUL-terminated into
